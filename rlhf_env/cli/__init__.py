@@ -1,0 +1,60 @@
+"""The ``rlhf-env`` console script.
+
+Each subcommand lives in its own module of this package and exposes
+``add_parser(subparsers)``, which registers the subcommand and sets ``func`` on it.
+Errors are printed as one line (``--debug`` shows the traceback) with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand modules, in the order --help lists them
+COMMAND_MODULES = ["train", "plot", "train_rm", "sft", "dpo", "demo", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-env",
+        description="RLHF of language models as a Gymnasium problem: train agents, "
+        "reward models, SFT and DPO; run the demo and the benchmarks.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"rlhf_env.cli.{name}")
+        except ModuleNotFoundError as exc:  # a subcommand not built in this checkout
+            if exc.name == f"rlhf_env.cli.{name}":
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the line, before or after the subcommand
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.debug = debug
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("rlhf-env: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for users, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"rlhf-env {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
