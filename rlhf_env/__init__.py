@@ -22,7 +22,8 @@ _LAZY = {
     "RewardModel": "rlhf_env.reward_model",
     "train_reward_model": "rlhf_env.reward_model",
     "load_preferences": "rlhf_env.data",
-    "load_prompts": "rlhf_env.data",
+    "load_prompts": "rlhf_env.prompts",
+    "encode_prompt": "rlhf_env.models",
     "train_sft": "rlhf_env.sft",
     "train_dpo": "rlhf_env.dpo",
 }
