@@ -1,0 +1,180 @@
+"""``LMActorCriticPolicy``: the language-model actor-critic of the text environments.
+
+The actor IS the env's actor module (the same ``nn.Module`` object, found through the
+observation space's ``core_key``), so an optimizer over ``policy.parameters()`` trains the
+model the env charges its KL with, and the reference stays outside the policy. The critic
+is a scalar value head on the trunk's last-layer hidden state at the last token of the
+observation. The action distribution is the categorical of the env's sampling
+distribution (logits / temperature, top-k), so the log-probability PPO stores for an
+action is exactly the one the env charges.
+
+No actor forward is computed twice per step: without gradients (rollout collection,
+``predict``) the policy first looks the observation up in the env's step cache, which
+holds the hidden state and logits the env already computed for that context; misses
+(and every forward with gradients, i.e. PPO's minibatches) run the actor once on the
+observation.
+
+Works with ``stable_baselines3.PPO(LMActorCriticPolicy, env)`` and
+``agents.PPO("LMPolicy", env)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from torch import nn
+
+from agents.distributions import CategoricalDistribution
+from agents.policies.base import BasePolicy, Schedule
+from envs.lm_core import LMCore, TextObservationSpace, core_from_spec, get_core, sampling_logits
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a Hugging Face causal LM."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
+            return module
+    raise TypeError(f"cannot find the transformer blocks of {type(model).__name__} (no ModuleList of num_hidden_layers)")
+
+
+def set_trainable(actor: nn.Module, train_layers: int | None) -> None:
+    """Choose which actor weights train: all (``None``) or the last ``train_layers`` blocks
+    and the final norm (embeddings and LM head frozen: with tied embeddings they are the
+    most expensive weights to train)."""
+    if train_layers is None:
+        for p in actor.parameters():
+            p.requires_grad_(True)
+        return
+    blocks = decoder_blocks(actor)
+    if not 0 <= train_layers <= len(blocks):
+        raise ValueError(f"train_layers must be in [0, {len(blocks)}] for this {len(blocks)}-block model, got {train_layers}")
+    for p in actor.parameters():
+        p.requires_grad_(False)
+    for block in list(blocks)[len(blocks) - train_layers :]:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    decoder = actor.get_decoder() if hasattr(actor, "get_decoder") else None
+    norm = getattr(decoder, "norm", None)
+    if train_layers > 0 and isinstance(norm, nn.Module):
+        for p in norm.parameters():
+            p.requires_grad_(True)
+
+
+class LMActorCriticPolicy(BasePolicy):
+    """Actor-critic policy over a text env's actor.
+
+    :param observation_space: the text env's observation space (a ``TextObservationSpace``)
+    :param action_space: ``Discrete(vocab_size)``
+    :param lr_schedule: learning rate schedule (the optimizer starts at ``lr_schedule(1)``)
+    :param train_layers: None trains every actor weight; ``k`` trains only the last ``k``
+        transformer blocks and the final norm (plus the value head)
+    :param detach_value: stop the value loss's gradient at the trunk (the critic then
+        trains only its head)
+    :param optimizer_class: optimizer class
+    :param optimizer_kwargs: extra optimizer arguments
+    :param use_sde: must be False (SB3 passes it)
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule | None = None,
+        train_layers: int | None = None,
+        detach_value: bool = False,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        use_sde: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(observation_space, action_space, lr_schedule, optimizer_class, optimizer_kwargs, use_sde=use_sde)
+        if not isinstance(observation_space, TextObservationSpace):
+            raise TypeError(
+                "LMActorCriticPolicy needs the observation space of a TextRLHF env "
+                f"(TextObservationSpace), got {type(observation_space).__name__}; make the env with gym.make('TextRLHF-v0')"
+            )
+        if not isinstance(action_space, spaces.Discrete):
+            raise TypeError(f"LMActorCriticPolicy needs a Discrete(vocab_size) action space, got {action_space}")
+        core = get_core(observation_space.core_key)
+        if core is None:
+            # a policy loaded from disk in a process without its env: rebuild from the description
+            core = core_from_spec(observation_space.lm_spec, device=observation_space.lm_spec.get("device", "cpu"))
+        if core.vocab_size != action_space.n:
+            raise ValueError(f"the model's vocabulary ({core.vocab_size}) differs from the action space ({action_space.n})")
+        self._core: LMCore = core  # plain attribute: not a module, not in state_dict
+        self.actor = core.actor
+        self.train_layers = train_layers
+        self.detach_value = detach_value
+        hidden = int(core.actor.get_input_embeddings().weight.shape[1])
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.orthogonal_(self.value_head.weight, gain=1.0 / hidden**0.5)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(core.device)
+        set_trainable(self.actor, train_layers)
+        self.build_optimizer(lr_schedule)
+
+    # sampling configuration of the distribution (the env's)
+    @property
+    def temperature(self) -> float:
+        return self._core.temperature
+
+    @property
+    def top_k(self) -> int:
+        return self._core.top_k
+
+    @property
+    def core(self) -> LMCore:
+        """The shared actor / reference machinery (step cache included)."""
+        return self._core
+
+    def set_training_mode(self, mode: bool) -> None:
+        """Train mode for the value head only: the actor keeps dropout off, so the
+        log-probabilities PPO optimises are those the env charged."""
+        self.train(mode)
+        self.actor.eval()
+
+    def _features(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, logits = self._core.actor_features(obs["input_ids"], obs["attention_mask"])
+        return hidden, sampling_logits(logits, self._core.temperature, self._core.top_k)
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden.detach() if self.detach_value else hidden
+        return self.value_head(hidden.to(self.value_head.weight.dtype))
+
+    def _distribution(self, logits: torch.Tensor) -> CategoricalDistribution:
+        return CategoricalDistribution(int(self.action_space.n)).proba_distribution(logits)
+
+    def forward(self, obs: dict[str, torch.Tensor], deterministic: bool = False):
+        """Sample tokens: ``(actions, values (B, 1), log_prob)``."""
+        hidden, logits = self._features(obs)
+        distribution = self._distribution(logits)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, self._values(hidden), distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs: dict[str, torch.Tensor], actions: torch.Tensor):
+        """``(values (B, 1), log_prob, entropy)`` of ``actions`` under the current actor."""
+        hidden, logits = self._features(obs)
+        distribution = self._distribution(logits)
+        return self._values(hidden), distribution.log_prob(actions.reshape(-1).long()), distribution.entropy()
+
+    def get_distribution(self, obs: dict[str, torch.Tensor]) -> CategoricalDistribution:
+        """The next-token distribution at each observation."""
+        return self._distribution(self._features(obs)[1])
+
+    def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """State values ``(B, 1)``."""
+        return self._values(self._features(obs)[0])
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return dict(
+            observation_space=self.observation_space,
+            action_space=self.action_space,
+            lr_schedule=self.lr_schedule,
+            train_layers=self.train_layers,
+            detach_value=self.detach_value,
+            optimizer_class=self.optimizer_class,
+            optimizer_kwargs=self.optimizer_kwargs,
+        )

@@ -1,0 +1,592 @@
+"""Shared language-model machinery of the text environments and the LM policy.
+
+:class:`LMCore` owns the trainable actor, the frozen reference, the tokenizer and the
+sampling configuration (temperature, top-k) that defines the policy's distribution.
+:class:`Contexts` holds ``N`` token contexts with one batched KV cache per model and
+advances all of them with ONE incremental forward of the actor and ONE of the
+reference; the single env uses it with ``N = 1`` and the vector env with ``N = num_envs``,
+so both charge bit-for-bit the same computation.
+
+Layout of the batched KV cache: rows are right-aligned (left padding). ``mask[i, j]`` is 1
+where column ``j`` of row ``i`` holds a real token; positions are passed explicitly
+(``position_ids`` = number of real tokens before the token), so a row's keys keep their
+rotary positions wherever its columns sit. A reset writes the prefilled KV of the new
+prompt into its row (the cache grows on the left when the prompt is longer than the
+others) and all-pad leading columns are trimmed.
+
+Sharing the actor forward with the policy: after every forward the env stores the
+actor's last hidden state and next-token logits of each new context in
+:attr:`LMCore.step_cache`, keyed by the exact token ids and stamped with the actor's
+parameter version (the sum of the parameters' in-place ``_version`` counters, which any
+optimizer step or ``load_state_dict`` bumps). The policy's no-grad forward on the same
+observation is then a lookup; a miss (training minibatches, a foreign observation, or a
+stale version) is a full forward without cache. Symmetrically, when the env sees that the
+actor's version changed since it built its actor KV cache (an update mid-episode), it
+re-prefills its contexts so the log-probabilities it charges stay exact for the current
+actor.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+import weakref
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from torch import nn
+
+KL_ESTIMATORS = ("k1", "k3", "full")
+
+# Masked (top-k) logits use the most negative finite float instead of -inf, so that
+# probabilities are exactly 0 while entropies and KL sums stay finite (0 * -inf is nan).
+_MASKED = torch.finfo(torch.float32).min
+
+# key -> live LMCore; weak so that a core dies with its last env / policy
+_CORES: "weakref.WeakValueDictionary[str, LMCore]" = weakref.WeakValueDictionary()
+# (model spec, device, dtype, temperature, top_k) -> key of a shared core
+_SHARED: dict[tuple, str] = {}
+
+
+# ---------------------------------------------------------------------------------------
+# sampling distribution
+
+
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Logits of the policy's sampling distribution: float32, divided by ``temperature``,
+    and, when ``top_k > 0``, every token outside the ``top_k`` largest set to the most
+    negative float (probability exactly 0).
+
+    :param logits: raw next-token logits, shape (..., vocab)
+    :param temperature: softmax temperature (> 0)
+    :param top_k: keep only the ``top_k`` most likely tokens; 0 keeps all
+    """
+    scaled = logits.float() / temperature
+    if top_k and 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, _MASKED)
+    return scaled
+
+
+def sampling_log_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """``log_softmax`` of :func:`sampling_logits` (the log-probabilities the env charges)."""
+    return torch.log_softmax(sampling_logits(logits, temperature, top_k), dim=-1)
+
+
+def kl_terms(
+    actor_logp: torch.Tensor, ref_logp: torch.Tensor, actions: torch.Tensor, estimator: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(logprob, ref_logprob, kl)`` of ``actions`` given full log-prob rows.
+
+    ``k1 = log pi(a) - log ref(a)``; ``k3 = (exp(r) - 1) - r`` with ``r = log ref(a) - log pi(a)``;
+    ``full = sum_v pi(v) (log pi(v) - log ref(v))`` (exact KL of the next-token distributions).
+    """
+    logprob = actor_logp.gather(-1, actions[:, None]).squeeze(-1)
+    ref_logprob = ref_logp.gather(-1, actions[:, None]).squeeze(-1)
+    if estimator == "k1":
+        kl = logprob - ref_logprob
+    elif estimator == "k3":
+        log_ratio = ref_logprob - logprob
+        kl = torch.expm1(log_ratio) - log_ratio
+    elif estimator == "full":
+        probs = actor_logp.exp()
+        # tokens outside the actor's top-k have probability 0 and contribute nothing
+        kl = torch.where(probs > 0, probs * (actor_logp - ref_logp), torch.zeros_like(probs)).sum(-1)
+    else:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    return logprob, ref_logprob, kl
+
+
+def params_version(module: nn.Module) -> int:
+    """Sum of the in-place version counters of ``module``'s parameters: changes whenever an
+    optimizer step, ``load_state_dict`` or any in-place write touches a weight."""
+    return sum(p._version for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# forwards
+
+
+def _padded_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(input_ids, attention_mask)`` of integer sequences."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def prefill(
+    model: nn.Module, seqs: Sequence[Sequence[int]], pad_id: int, use_cache: bool = True, hidden: bool = True
+) -> dict[str, Any]:
+    """One full forward of ``model`` over left-padded ``seqs`` (explicit positions).
+
+    :return: dict with ``logits`` (raw next-token logits of the last token, (n, vocab)),
+        ``hidden`` (last-layer hidden state of the last token, (n, H), if ``hidden``),
+        ``mask`` ((n, P) long) and, with ``use_cache``, ``kv``: per layer ``(keys, values)``
+        of shape (n, heads, P, head_dim) with the padding columns zeroed (a fully masked
+        query can produce non-finite states, which must not leak into the cache).
+    """
+    device = next(model.parameters()).device
+    ids, mask = _padded_batch(seqs, pad_id, device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=use_cache,
+        output_hidden_states=hidden,
+        logits_to_keep=1,
+    )
+    result: dict[str, Any] = {"logits": out.logits[:, -1], "mask": mask}
+    if hidden:
+        result["hidden"] = out.hidden_states[-1][:, -1]
+    if use_cache:
+        cache = _output_cache(out)
+        keep = mask[:, None, :, None].bool()
+        result["kv"] = [
+            (torch.where(keep, layer.keys, 0.0), torch.where(keep, layer.values, 0.0)) for layer in _cache_layers(cache)
+        ]
+    return result
+
+
+def _output_cache(out: Any):
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise RuntimeError("the model returned no KV cache; the text env needs a causal LM with use_cache support")
+    return cache
+
+
+def _cache_layers(cache: Any) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise RuntimeError(f"unsupported KV cache type {type(cache).__name__}: the text env needs a transformers DynamicCache")
+    for layer in layers:
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise NotImplementedError(
+                f"KV cache layer {type(layer).__name__} (sliding window or recurrent) is not supported by the batched "
+                "text env; use a model with full attention in every layer"
+            )
+    return layers
+
+
+# ---------------------------------------------------------------------------------------
+# core
+
+
+class LMCore:
+    """Actor, frozen reference, tokenizer and sampling configuration, shared by the text
+    envs of one process and the LM policy built on them.
+
+    :param actor: the trainable causal LM (a ``PreTrainedModel``)
+    :param reference: the frozen reference model (``requires_grad`` is switched off)
+    :param tokenizer: the tokenizer of both models (must define a pad token)
+    :param temperature: sampling temperature of the policy (applied to the reference too)
+    :param top_k: top-k of the policy's distribution (0 = off; not applied to the reference)
+    :param spec: serializable description of how to rebuild the actor (model name or
+        path, dtype), stored in the observation space for policies loaded from disk
+    """
+
+    def __init__(
+        self,
+        actor: nn.Module,
+        reference: nn.Module,
+        tokenizer: Any,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        spec: dict[str, Any] | None = None,
+    ):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        self.actor = actor
+        self.reference = reference
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.reference.eval()
+        self.tokenizer = tokenizer
+        self.temperature = float(temperature)
+        self.top_k = int(top_k)
+        self.spec = dict(spec or {})
+        self.vocab_size = int(actor.get_output_embeddings().weight.shape[0])
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(actor, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+        self.eos_ids = frozenset(int(e) for e in eos)
+        self.key = uuid.uuid4().hex
+        _CORES[self.key] = self
+        self.step_cache: OrderedDict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.cache_capacity = 16
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.actor.parameters()).device
+
+    def version(self) -> int:
+        """Current parameter version of the actor (see :func:`params_version`)."""
+        return params_version(self.actor)
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The policy's next-token log-probabilities from raw actor logits."""
+        return sampling_log_probs(logits, self.temperature, self.top_k)
+
+    def ref_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The reference's next-token log-probabilities: same temperature, no top-k (a
+        top-k on the reference would make ``log ref`` infinite for legal actions)."""
+        return sampling_log_probs(logits, self.temperature, 0)
+
+    def reserve(self, rows: int) -> None:
+        """Make room in :attr:`step_cache` for ``rows`` more live contexts."""
+        self.cache_capacity += 2 * rows
+
+    def store(self, keys: Sequence[tuple], version: int, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Remember the actor's last hidden state and raw logits of contexts ``keys``."""
+        for row, key in enumerate(keys):
+            self.step_cache[key] = (version, hidden[row].detach(), logits[row].detach())
+            self.step_cache.move_to_end(key)
+        while len(self.step_cache) > self.cache_capacity:
+            self.step_cache.popitem(last=False)
+
+    def lookup(self, key: tuple, version: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(hidden, logits)`` of context ``key`` if computed by the current actor, else None."""
+        entry = self.step_cache.get(key)
+        if entry is None or entry[0] != version:
+            return None
+        return entry[1], entry[2]
+
+    def actor_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden state and raw next-token logits of each observation row.
+
+        Rows are the env's observations: tokens left-aligned, then padding (mask 0). Without
+        gradients each row is first looked up in :attr:`step_cache`; misses (and every row
+        when gradients are on) get one batched forward without cache.
+
+        :return: ``(hidden (B, H), logits (B, vocab))``
+        """
+        ids = input_ids.long()
+        lengths = attention_mask.long().sum(-1).tolist()
+        ids_cpu = ids.cpu().numpy()
+        seqs = [tuple(ids_cpu[row, :n].tolist()) for row, n in enumerate(lengths)]
+        hidden: list[torch.Tensor | None] = [None] * len(seqs)
+        logits: list[torch.Tensor | None] = [None] * len(seqs)
+        missing = list(range(len(seqs)))
+        if not torch.is_grad_enabled():
+            version = self.version()
+            missing = []
+            for row, key in enumerate(seqs):
+                found = self.lookup(key, version)
+                if found is None:
+                    missing.append(row)
+                else:
+                    hidden[row], logits[row] = found
+            self.hits += len(seqs) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            if any(lengths[row] == 0 for row in missing):
+                raise ValueError("an observation row has an all-zero attention_mask: it holds no tokens")
+            out = prefill(self.actor, [seqs[row] for row in missing], self.pad_id, use_cache=False)
+            for j, row in enumerate(missing):
+                hidden[row], logits[row] = out["hidden"][j], out["logits"][j]
+        return torch.stack(hidden), torch.stack(logits)  # type: ignore[arg-type]
+
+
+def get_core(key: str | None) -> LMCore | None:
+    """The live core registered under ``key`` (None when it no longer exists)."""
+    return _CORES.get(key) if key else None
+
+
+def build_core(
+    model: Any,
+    reference: Any = None,
+    tokenizer: Any = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: Any = None,
+    shared: bool = True,
+) -> LMCore:
+    """Load (or reuse) the actor/reference pair of a text env.
+
+    :param model: a shipped model name, a local directory, a hub id, or a causal LM module
+        (then ``tokenizer`` is required)
+    :param reference: None (a frozen deep copy of the starting actor), a module, or a
+        name/path to load
+    :param shared: reuse the live core of an earlier env of this process made with the same
+        ``model`` name/path, device, dtype and sampling configuration, so that the N envs of
+        a ``DummyVecEnv`` act with ONE actor (the one the policy trains). Envs built from a
+        module always share the core of that module.
+    """
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise ValueError("model= is a module: pass its tokenizer too (tokenizer=...)")
+        share_key = ("module", id(model), id(reference), float(temperature), int(top_k))
+        spec = {"model": getattr(getattr(model, "config", None), "_name_or_path", None), "dtype": _dtype_name(dtype)}
+    else:
+        if not isinstance(model, (str, bytes)) and not hasattr(model, "__fspath__"):
+            raise TypeError(f"model must be a name, a path or a causal LM module, got {type(model).__name__}")
+        share_key = (str(model), str(device), _dtype_name(dtype), float(temperature), int(top_k),
+                     reference if isinstance(reference, str) else id(reference))
+        spec = {"model": str(model), "dtype": _dtype_name(dtype)}
+    if shared:
+        core = get_core(_SHARED.get(share_key))
+        if core is not None:
+            return core
+    if not isinstance(model, nn.Module):
+        from rlhf_env.models import load_lm
+
+        model, loaded_tokenizer = load_lm(model, device=device, dtype=dtype)
+        tokenizer = tokenizer or loaded_tokenizer
+    if reference is None:
+        reference = copy.deepcopy(model)
+    elif not isinstance(reference, nn.Module):
+        from rlhf_env.models import load_lm
+
+        reference, _ = load_lm(reference, device=device, dtype=dtype)
+    spec.update(temperature=float(temperature), top_k=int(top_k), device=str(next(model.parameters()).device))
+    core = LMCore(model, reference, tokenizer, temperature, top_k, spec=spec)
+    if shared:
+        _SHARED[share_key] = core.key
+    return core
+
+
+def core_from_spec(spec: dict[str, Any], device: str | torch.device = "cpu") -> LMCore:
+    """Rebuild a core from the serializable description an observation space carries
+    (used when a saved policy is loaded in a process without the env that made it)."""
+    if not spec.get("model"):
+        raise ValueError("the observation space does not say which model the policy acts with (spec has no 'model')")
+    return build_core(spec["model"], temperature=spec.get("temperature", 1.0), top_k=spec.get("top_k", 0),
+                      device=device, dtype=spec.get("dtype"), shared=True)
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------
+# observation space
+
+
+class TextObservationSpace(spaces.Dict):
+    """``Dict(input_ids=Box(0, vocab-1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))``
+    that also carries a serializable description of the model (``lm_spec``) and the key of
+    the live :class:`LMCore` in this process (``core_key``), so an LM policy built from the
+    space alone acts with the env's own actor (or reloads the model when that is gone).
+    Neither attribute holds a model, so the space pickles small."""
+
+    def __init__(self, length: int, vocab_size: int, core_key: str | None = None, lm_spec: dict | None = None):
+        super().__init__(
+            {
+                "input_ids": spaces.Box(0, vocab_size - 1, (length,), np.int64),
+                "attention_mask": spaces.Box(0, 1, (length,), np.int64),
+            }
+        )
+        self.core_key = core_key
+        self.lm_spec = dict(lm_spec or {})
+
+    def __reduce__(self):
+        return (_rebuild_space, (self["input_ids"].shape[0], int(self["input_ids"].high[0]) + 1, self.core_key, self.lm_spec))
+
+
+def _rebuild_space(length: int, vocab_size: int, core_key: str | None, lm_spec: dict) -> TextObservationSpace:
+    return TextObservationSpace(length, vocab_size, core_key, lm_spec)
+
+
+# ---------------------------------------------------------------------------------------
+# batched contexts
+
+
+class _ModelState:
+    """Batched KV cache of one model: per-layer (keys, values), mask, next-token logits."""
+
+    def __init__(self):
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+        self.version: int | None = None
+
+
+class Contexts:
+    """``n`` token contexts (prompt + response so far) with a batched KV cache of the actor
+    and of the reference.
+
+    :param core: the models
+    :param n: number of contexts (rows)
+    """
+
+    def __init__(self, core: LMCore, n: int):
+        self.core = core
+        self.n = n
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.prompt_len = [0] * n
+        self.actor = _ModelState()
+        self.ref = _ModelState()
+        core.reserve(n)
+
+    # -- cache surgery ---------------------------------------------------------------
+    @staticmethod
+    def _write_rows(state: _ModelState, model: nn.Module, rows: list[int], n: int, out: dict[str, Any]) -> None:
+        """Write prefilled KV of ``rows`` into the batched cache (right-aligned)."""
+        from transformers import DynamicCache
+
+        new_mask, kv = out["mask"], out["kv"]
+        width = new_mask.shape[1]
+        device = new_mask.device
+        idx = torch.as_tensor(rows, device=device)
+        if state.cache is None:
+            # first fill: every row gets this prefill (rows must then be all rows)
+            mask = torch.zeros((n, width), dtype=torch.long, device=device)
+            mask[idx] = new_mask
+            full = []
+            for k, v in kv:
+                fk = k.new_zeros((n, *k.shape[1:]))
+                fv = v.new_zeros((n, *v.shape[1:]))
+                fk[idx], fv[idx] = k, v
+                full.append((fk, fv))
+            state.cache = DynamicCache(ddp_cache_data=full)
+            state.mask = mask
+        else:
+            layers = _cache_layers(state.cache)
+            cur = state.mask.shape[1]
+            if width > cur:  # grow on the left
+                grow = width - cur
+                state.mask = torch.cat([state.mask.new_zeros((n, grow)), state.mask], dim=1)
+                for layer in layers:
+                    pad = layer.keys.new_zeros((n, layer.keys.shape[1], grow, layer.keys.shape[3]))
+                    layer.keys = torch.cat([pad, layer.keys], dim=2)
+                    layer.values = torch.cat([pad, layer.values], dim=2)
+            total = state.mask.shape[1]
+            state.mask[idx] = 0
+            state.mask[idx, total - width :] = new_mask
+            for layer, (k, v) in zip(layers, kv):
+                layer.keys[idx] = 0
+                layer.values[idx] = 0
+                layer.keys[idx, :, total - width :] = k
+                layer.values[idx, :, total - width :] = v
+        Contexts._trim(state)
+
+    @staticmethod
+    def _trim(state: _ModelState) -> None:
+        used = state.mask.any(0).nonzero()
+        first = int(used[0]) if len(used) else state.mask.shape[1]
+        if first > 0:
+            state.mask = state.mask[:, first:]
+            for layer in _cache_layers(state.cache):
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+
+    # -- operations ------------------------------------------------------------------
+    @torch.no_grad()
+    def set_prompts(self, rows: list[int], prompts: list[list[int]]) -> None:
+        """Start contexts ``rows`` at the given prompt token ids (prefill of both models)."""
+        for row, ids in zip(rows, prompts):
+            self.ids[row] = list(ids)
+            self.prompt_len[row] = len(ids)
+        if self.actor.cache is not None and self.actor.version != self.core.version():
+            self._rebuild_actor()  # every context, the new prompts included
+            self._prefill_rows(rows, actor=False, ref=True)
+        else:
+            self._prefill_rows(rows, actor=True, ref=True)
+
+    def _prefill_rows(self, rows: list[int], actor: bool, ref: bool) -> None:
+        core = self.core
+        seqs = [self.ids[row] for row in rows]
+        if actor:
+            version = core.version()
+            out = prefill(core.actor, seqs, core.pad_id)
+            self._write_rows(self.actor, core.actor, rows, self.n, out)
+            self._set_next(self.actor, rows, out["logits"], out["hidden"])
+            self.actor.version = version
+            core.store([tuple(s) for s in seqs], version, out["hidden"], out["logits"])
+        if ref:
+            out = prefill(core.reference, seqs, core.pad_id, hidden=False)
+            self._write_rows(self.ref, core.reference, rows, self.n, out)
+            self._set_next(self.ref, rows, out["logits"], None)
+
+    def _set_next(self, state: _ModelState, rows: list[int], logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        idx = torch.as_tensor(rows, device=logits.device)
+        if state.logits is None:
+            state.logits = logits.new_zeros((self.n, logits.shape[-1]))
+        state.logits[idx] = logits
+        if hidden is not None:
+            if state.hidden is None:
+                state.hidden = hidden.new_zeros((self.n, hidden.shape[-1]))
+            state.hidden[idx] = hidden
+
+    def _rebuild_actor(self) -> None:
+        """The actor's weights changed since its cache was built: re-prefill every context."""
+        self.actor.cache = None
+        self.actor.logits = self.actor.hidden = None
+        rows = [row for row in range(self.n) if self.ids[row]]
+        self._prefill_rows(rows, actor=True, ref=False)
+
+    @torch.no_grad()
+    def log_probs(self, rows: list[int], actions: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logprob, ref_logprob, kl)`` of ``actions`` (one per row in ``rows``) at the
+        current contexts, under the current actor (re-prefilled if its weights changed)."""
+        if self.actor.version != self.core.version():
+            self._rebuild_actor()
+        idx = torch.as_tensor(rows, device=self.actor.logits.device)
+        actor_logp = self.core.log_probs(self.actor.logits[idx])
+        ref_logp = self.core.ref_log_probs(self.ref.logits[idx].to(actor_logp.device))
+        return kl_terms(actor_logp, ref_logp, actions.to(actor_logp.device), estimator)
+
+    @torch.no_grad()
+    def advance(self, rows: list[int], tokens: list[int]) -> None:
+        """Append ``tokens`` to contexts ``rows`` with one incremental forward of each model
+        over all ``n`` rows (the other rows are fed a masked pad token)."""
+        if not rows:
+            return
+        for row, tok in zip(rows, tokens):
+            self.ids[row].append(int(tok))
+        core = self.core
+        version = core.version()
+        if self.actor.version != version:
+            # weights changed since the cache was built: rebuilding already includes the tokens
+            self._rebuild_actor()
+            self._step(self.ref, core.reference, rows, tokens, hidden=False)
+            return
+        self._step(self.actor, core.actor, rows, tokens, hidden=True)
+        core.store([tuple(self.ids[row]) for row in rows], version, self.actor.hidden[rows], self.actor.logits[rows])
+        self._step(self.ref, core.reference, rows, tokens, hidden=False)
+
+    def _step(self, state: _ModelState, model: nn.Module, rows: list[int], tokens: list[int], hidden: bool) -> None:
+        device = state.mask.device
+        feed = torch.full((self.n, 1), self.core.pad_id, dtype=torch.long, device=device)
+        live = torch.zeros((self.n, 1), dtype=torch.long, device=device)
+        idx = torch.as_tensor(rows, device=device)
+        feed[idx, 0] = torch.as_tensor([int(t) for t in tokens], device=device)
+        live[idx, 0] = 1
+        position_ids = state.mask.sum(-1, keepdim=True)
+        mask = torch.cat([state.mask, live], dim=1)
+        out = model(
+            input_ids=feed,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=state.cache,
+            use_cache=True,
+            output_hidden_states=hidden,
+        )
+        state.cache = _output_cache(out)
+        state.mask = mask
+        state.logits[idx] = out.logits[idx, -1].to(state.logits.dtype)
+        if hidden:
+            state.hidden[idx] = out.hidden_states[-1][idx, -1].to(state.hidden.dtype)
+        # rows fed a masked pad keep a dead column; columns dead in every row are dropped
+        self._trim(state)

@@ -1,0 +1,289 @@
+"""``TextRLHFEnv``: token generation by a language model as a Gymnasium environment.
+
+The token MDP (see ``DESIGN.md``): the state is the prompt plus the response so far, the
+action is the next token id, the episode ends (``terminated``) at EOS or after
+``max_new_tokens`` tokens, and the reward of step ``t`` is::
+
+    r_t = -kl_coef * kl_t + [t == T] * score(prompt, response)
+
+with ``kl_t`` the chosen estimator of the KL between the actor (the policy that acts,
+under its sampling distribution: logits / temperature, top-k) and the frozen reference
+(same temperature, no top-k): ``k1 = log pi(a_t|s_t) - log ref(a_t|s_t)``,
+``k3 = (exp(r) - 1) - r`` with ``r = log ref - log pi``, or ``full`` = the exact KL of the two
+next-token distributions.
+
+Observation layout (fixed shape ``L = max_prompt_tokens + max_new_tokens``, int64, so SB3
+does not one-hot it): ``input_ids`` holds the prompt tokens then the response tokens,
+left-aligned, followed by the tokenizer's pad id; ``attention_mask`` is 1 on real tokens
+and 0 on padding. SB3's rollout buffers store it as float32, which holds token ids
+exactly; cast back with ``.long()``.
+
+Prompts longer than ``max_prompt_tokens`` (after the chat template) are an error, raised
+when the env is built (for the prompt list) or at ``reset`` (for ``options["prompt"]``):
+truncating a chat-formatted prompt would silently cut its header.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from envs.lm_core import KL_ESTIMATORS, Contexts, LMCore, TextObservationSpace, build_core
+
+
+def resolve_reward_spec(spec: Any) -> Callable:
+    """A reward callable ``(prompts, responses) -> scores`` from a spec: a callable, a
+    name (``"sentiment"``, ``"tiny"``, ``"default"``) or a reward-model directory, resolved
+    by :func:`rlhf_env.rewards.resolve_reward`."""
+    try:
+        from rlhf_env.rewards import resolve_reward
+    except ImportError:
+        resolve_reward = None
+    if resolve_reward is not None:
+        return resolve_reward(spec)
+    if callable(spec):
+        return spec
+    raise ValueError(f"cannot resolve reward_model={spec!r}: rlhf_env.rewards is not available; pass a callable")
+
+
+def resolve_prompts(prompts: Any) -> list[str]:
+    """The prompt list from ``None`` (the shipped set), a list of strings or a file path."""
+    if prompts is not None and not isinstance(prompts, (str, os.PathLike)):
+        prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings")
+    else:
+        from rlhf_env.prompts import load_prompts
+
+        prompts = load_prompts(prompts)
+    if len(prompts) == 0:
+        raise ValueError("the prompt list is empty: pass prompts=[...] with at least one prompt (or a non-empty file)")
+    return list(prompts)
+
+
+def as_scores(values: Any, n: int) -> np.ndarray:
+    """Reward-model output as a float64 array of length ``n``."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().cpu().numpy()
+    scores = np.asarray(values, dtype=np.float64).reshape(-1)
+    if scores.shape[0] != n:
+        raise ValueError(f"the reward model returned {scores.shape[0]} scores for {n} responses")
+    return scores
+
+
+class TextRLHFEnv(gym.Env):
+    """One prompt at a time; the agent writes the response token by token.
+
+    :param model: shipped model name (``"smollm2-135m"``, ``"tiny"``), local Hugging Face
+        directory, hub id, or a causal LM module (then pass ``tokenizer``)
+    :param reward_model: a callable ``(prompts, responses) -> scores``, a name understood by
+        ``rlhf_env.rewards.resolve_reward`` (``"sentiment"``, ``"tiny"``, ``"default"``) or a
+        reward-model directory
+    :param prompts: None (the shipped prompt set), a list of strings, or a text / JSON Lines file
+    :param max_new_tokens: response length at which the episode ends
+    :param max_prompt_tokens: longest prompt in tokens (after the chat template); longer
+        prompts are an error
+    :param kl_coef: coefficient of the per-token KL penalty (settable between rollouts)
+    :param kl_estimator: ``"k1"`` (default), ``"k3"`` or ``"full"``
+    :param temperature: sampling temperature of the policy's distribution (the reference's
+        log-probabilities use the same temperature)
+    :param top_k: top-k of the policy's distribution (0 = off)
+    :param device: torch device of the models
+    :param dtype: model dtype (None = float32, or ``"bfloat16"`` ...)
+    :param render_mode: None, ``"ansi"`` (``render()`` returns the text) or ``"human"`` (prints it)
+    :param reference: None (a frozen deep copy of the starting model), a module or a name/path
+    :param tokenizer: the tokenizer when ``model`` is a module
+    :param shared_model: envs of one process built with the same model name, device, dtype
+        and sampling configuration share one actor and one reference (so the N copies in a
+        ``DummyVecEnv`` are one policy); False builds an independent copy
+    """
+
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+
+    def __init__(
+        self,
+        model: Any = "smollm2-135m",
+        reward_model: Any = "sentiment",
+        prompts: Sequence[str] | str | os.PathLike | None = None,
+        max_new_tokens: int = 32,
+        max_prompt_tokens: int = 64,
+        kl_coef: float = 0.05,
+        kl_estimator: str = "k1",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: Any = None,
+        render_mode: str | None = None,
+        reference: Any = None,
+        tokenizer: Any = None,
+        shared_model: bool = True,
+    ):
+        super().__init__()
+        _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"])
+        self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
+        self.reward_model = resolve_reward_spec(reward_model)
+        self.prompts = resolve_prompts(prompts)
+        self.max_new_tokens = int(max_new_tokens)
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        self.kl_coef = float(kl_coef)
+        self.kl_estimator = kl_estimator
+        self.render_mode = render_mode
+        self.prompt_ids = [self.encode(p, where=f"prompts[{i}]") for i, p in enumerate(self.prompts)]
+        length = self.max_prompt_tokens + self.max_new_tokens
+        self.observation_space = TextObservationSpace(length, self.core.vocab_size, self.core.key, self.core.spec)
+        self.action_space = gym.spaces.Discrete(self.core.vocab_size)
+        self.contexts = Contexts(self.core, 1)
+        self._prompt: str | None = None
+        self._response_ids: list[int] = []
+        self._done = True
+        self._last_response: str | None = None
+
+    # the models, as the design card names them
+    @property
+    def actor(self) -> torch.nn.Module:
+        """The trainable causal LM (the policy's actor module)."""
+        return self.core.actor
+
+    @property
+    def reference(self) -> torch.nn.Module:
+        """The frozen reference model."""
+        return self.core.reference
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the actor and the reference."""
+        return self.core.tokenizer
+
+    def encode(self, prompt: str, where: str = "prompt") -> list[int]:
+        """Prompt token ids (chat template where the model has one), checked against
+        ``max_prompt_tokens``."""
+        from rlhf_env.models import encode_prompt
+
+        ids = encode_prompt(self.core.tokenizer, prompt)
+        if not ids:
+            raise ValueError(f"{where} ({prompt!r}) encodes to zero tokens and the tokenizer has no BOS token")
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(
+                f"{where} is {len(ids)} tokens long (after the chat template), more than "
+                f"max_prompt_tokens={self.max_prompt_tokens}: shorten it or pass a larger max_prompt_tokens "
+                f"(prompt starts {prompt[:60]!r})"
+            )
+        return ids
+
+    # -- Gymnasium API -------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Start a new response. ``options={"prompt": text}`` sets the prompt; otherwise one is
+        drawn from the prompt list with the env's seeded generator.
+
+        :return: ``(observation, {"prompt": text, "prompt_ids": list of ids})``
+        """
+        super().reset(seed=seed)
+        if options and options.get("prompt") is not None:
+            prompt = options["prompt"]
+            ids = self.encode(prompt, where='options["prompt"]')
+        else:
+            i = int(self.np_random.integers(len(self.prompts)))
+            prompt, ids = self.prompts[i], self.prompt_ids[i]
+        self._prompt = prompt
+        self._response_ids = []
+        self._done = False
+        self.contexts.set_prompts([0], [ids])
+        if self.render_mode == "human":
+            self.render()
+        return self._observation(), {"prompt": prompt, "prompt_ids": list(ids)}
+
+    def step(self, action):
+        """Append token ``action``; see the module docstring for the reward.
+
+        :raises ValueError: for an action outside ``[0, vocab_size)`` or outside the policy's
+            top-k set
+        :raises RuntimeError: when called after the episode ended without ``reset``
+        """
+        if self._done:
+            raise RuntimeError(
+                "step() called after the episode ended (or before the first reset): call env.reset() first"
+            )
+        token = self._check_action(action)
+        logprob, ref_logprob, kl = self.contexts.log_probs([0], torch.tensor([token]), self.kl_estimator)
+        logprob, ref_logprob, kl = float(logprob[0]), float(ref_logprob[0]), float(kl[0])
+        if self.core.top_k and logprob < -1e30:
+            raise ValueError(
+                f"action {token} is outside the top_k={self.core.top_k} tokens of the policy's distribution "
+                "(probability 0): sample actions from the policy or build the env with top_k=0"
+            )
+        self._response_ids.append(token)
+        terminated = token in self.core.eos_ids or len(self._response_ids) >= self.max_new_tokens
+        reward = -self.kl_coef * kl
+        info: dict[str, Any] = {"logprob": logprob, "ref_logprob": ref_logprob, "kl": kl}
+        if terminated:
+            response = self.decode(self._response_ids)
+            score = float(as_scores(self.reward_model([self._prompt], [response]), 1)[0])
+            reward += score
+            info.update(score=score, prompt=self._prompt, response=response)
+            self._done = True
+            self._last_response = response
+            # the context is complete; no forward is needed for a next state
+            self.contexts.ids[0].append(token)
+        else:
+            self.contexts.advance([0], [token])
+        if self.render_mode == "human":
+            self.render()
+        return self._observation(), float(reward), terminated, False, info
+
+    def render(self) -> str | None:
+        """The prompt and the response so far (``"ansi"`` returns it, ``"human"`` prints it)."""
+        if self.render_mode is None:
+            gym.logger.warn("render() called without render_mode; build the env with render_mode='ansi' or 'human'")
+            return None
+        text = f"prompt: {self._prompt}\nresponse: {self.decode(self._response_ids)}"
+        if self.render_mode == "human":
+            print(text)
+            return None
+        return text
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Response text of token ids (special tokens dropped)."""
+        return self.core.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _check_action(self, action: Any) -> int:
+        arr = np.asarray(action)
+        if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer) and not (
+            np.issubdtype(arr.dtype, np.floating) and float(arr.reshape(-1)[0]).is_integer()
+        ):
+            raise ValueError(f"action must be one token id, an integer in [0, {self.core.vocab_size}), got {action!r}")
+        token = int(arr.reshape(-1)[0])
+        if not 0 <= token < self.core.vocab_size:
+            raise ValueError(
+                f"action {token} is not a token id: the vocabulary size is {self.core.vocab_size}, "
+                f"so actions must lie in [0, {self.core.vocab_size})"
+            )
+        return token
+
+    def _observation(self) -> dict[str, np.ndarray]:
+        return context_observation(self.contexts.ids[0], self.observation_space, self.core.pad_id)
+
+
+def context_observation(ids: Sequence[int], space: TextObservationSpace, pad_id: int) -> dict[str, np.ndarray]:
+    """Observation of one context: ids left-aligned then ``pad_id``, mask 1 on real tokens."""
+    length = space["input_ids"].shape[0]
+    input_ids = np.full(length, pad_id, dtype=np.int64)
+    mask = np.zeros(length, dtype=np.int64)
+    input_ids[: len(ids)] = ids
+    mask[: len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _check_config(max_new_tokens: int, max_prompt_tokens: int, kl_estimator: str, render_mode: str | None, modes) -> None:
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if int(max_prompt_tokens) < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if render_mode is not None and render_mode not in modes:
+        raise ValueError(f"render_mode must be None or one of {modes}, got {render_mode!r}")

@@ -1,0 +1,250 @@
+"""``TextRLHFVectorEnv``: N text environments advanced by one batched forward per model.
+
+``gym.make_vec("TextRLHF-v0", num_envs=N)`` builds it (the registered
+``vector_entry_point``). Each step runs ONE incremental forward of the actor and ONE of the
+reference over all N contexts, each with its own rows in a batched KV cache (see
+:mod:`envs.lm_core`); prompts of different lengths are handled by right-aligning the rows
+and passing explicit positions. Finished sub-envs are reset by Gymnasium 1.x's default
+``NEXT_STEP`` autoreset: the step after a sub-env terminates, its action is ignored, it
+returns the first observation of a new prompt with reward 0, and its info carries
+``prompt`` and ``prompt_ids``.
+
+Rewards, info keys and observations are those of :class:`envs.text_env.TextRLHFEnv`; in the
+vector info each key ``k`` comes with the boolean mask ``_k`` of the sub-envs it is set for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from envs.lm_core import Contexts, LMCore, TextObservationSpace, build_core
+from envs.text_env import _check_config, as_scores, resolve_prompts, resolve_reward_spec
+
+
+class TextRLHFVectorEnv(VectorEnv):
+    """``num_envs`` prompts at a time, one batched actor and reference forward per step.
+
+    Takes the arguments of :class:`envs.text_env.TextRLHFEnv` plus ``num_envs``.
+    ``reset(seed=s)`` seeds sub-env ``i`` with ``s + i``; ``reset(options={"prompt": p})`` with
+    a string or a list of ``num_envs`` strings sets the prompts.
+    """
+
+    metadata = {"render_modes": ["ansi", "human"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        model: Any = "smollm2-135m",
+        reward_model: Any = "sentiment",
+        prompts: Sequence[str] | str | os.PathLike | None = None,
+        max_new_tokens: int = 32,
+        max_prompt_tokens: int = 64,
+        kl_coef: float = 0.05,
+        kl_estimator: str = "k1",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: Any = None,
+        render_mode: str | None = None,
+        reference: Any = None,
+        tokenizer: Any = None,
+        shared_model: bool = True,
+    ):
+        if int(num_envs) < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"])
+        self.num_envs = int(num_envs)
+        self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
+        self.reward_model = resolve_reward_spec(reward_model)
+        self.prompts = resolve_prompts(prompts)
+        self.max_new_tokens = int(max_new_tokens)
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        self.kl_coef = float(kl_coef)
+        self.kl_estimator = kl_estimator
+        self.render_mode = render_mode
+        self.prompt_ids = [self._encode(p, f"prompts[{i}]") for i, p in enumerate(self.prompts)]
+        length = self.max_prompt_tokens + self.max_new_tokens
+        self.single_observation_space = TextObservationSpace(length, self.core.vocab_size, self.core.key, self.core.spec)
+        self.single_action_space = gym.spaces.Discrete(self.core.vocab_size)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.contexts = Contexts(self.core, self.num_envs)
+        self._rngs = [np.random.default_rng() for _ in range(self.num_envs)]
+        self._prompts: list[str | None] = [None] * self.num_envs
+        self._responses: list[list[int]] = [[] for _ in range(self.num_envs)]
+        self._autoreset = np.zeros(self.num_envs, dtype=bool)
+        self._started = False
+
+    @property
+    def actor(self) -> torch.nn.Module:
+        return self.core.actor
+
+    @property
+    def reference(self) -> torch.nn.Module:
+        return self.core.reference
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    def _encode(self, prompt: str, where: str) -> list[int]:
+        from rlhf_env.models import encode_prompt
+
+        ids = encode_prompt(self.core.tokenizer, prompt)
+        if not ids:
+            raise ValueError(f"{where} ({prompt!r}) encodes to zero tokens and the tokenizer has no BOS token")
+        if len(ids) > self.max_prompt_tokens:
+            raise ValueError(
+                f"{where} is {len(ids)} tokens long (after the chat template), more than "
+                f"max_prompt_tokens={self.max_prompt_tokens}: shorten it or pass a larger max_prompt_tokens "
+                f"(prompt starts {prompt[:60]!r})"
+            )
+        return ids
+
+    # -- Gymnasium vector API --------------------------------------------------------------
+    def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
+        """Start new responses in every sub-env.
+
+        :return: ``(observations, infos)`` with ``infos["prompt"]`` and ``infos["prompt_ids"]``
+        """
+        if seed is not None:
+            seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(self.num_envs)]
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} sub-envs")
+            self._rngs = [np.random.default_rng(s) for s in seeds]
+        fixed = (options or {}).get("prompt")
+        if isinstance(fixed, str) or fixed is None:
+            fixed = [fixed] * self.num_envs
+        elif len(fixed) != self.num_envs:
+            raise ValueError(f'options["prompt"] has {len(fixed)} prompts for {self.num_envs} sub-envs')
+        rows = list(range(self.num_envs))
+        infos: dict[str, Any] = {}
+        self._start(rows, fixed, infos)
+        self._autoreset[:] = False
+        self._started = True
+        return self._observations(), infos
+
+    def step(self, actions):
+        """Advance every sub-env by one token (sub-envs that ended last step are reset instead).
+
+        :raises ValueError: for an action outside ``[0, vocab_size)``
+        :raises RuntimeError: when called before ``reset``
+        """
+        if not self._started:
+            raise RuntimeError("step() called before reset(): call envs.reset() first")
+        actions = np.asarray(actions)
+        if actions.shape not in ((self.num_envs,), (self.num_envs, 1)):
+            raise ValueError(f"expected {self.num_envs} actions (one token id per sub-env), got shape {actions.shape}")
+        actions = actions.reshape(self.num_envs)
+        n = self.num_envs
+        rewards = np.zeros(n, dtype=np.float64)
+        terminated = np.zeros(n, dtype=bool)
+        infos: dict[str, Any] = {}
+        reset_rows = [i for i in range(n) if self._autoreset[i]]
+        act_rows = [i for i in range(n) if not self._autoreset[i]]
+        tokens = [self._check_action(actions[i]) for i in act_rows]
+        if act_rows:
+            logprob, ref_logprob, kl = self.contexts.log_probs(act_rows, torch.tensor(tokens), self.kl_estimator)
+            logprob, ref_logprob, kl = logprob.cpu().numpy(), ref_logprob.cpu().numpy(), kl.cpu().numpy()
+            if self.core.top_k and (logprob < -1e30).any():
+                bad = tokens[int(np.argmax(logprob < -1e30))]
+                raise ValueError(
+                    f"action {bad} is outside the top_k={self.core.top_k} tokens of the policy's distribution "
+                    "(probability 0): sample actions from the policy or build the env with top_k=0"
+                )
+            rewards[act_rows] = -self.kl_coef * kl
+            _put(infos, "logprob", act_rows, logprob, n)
+            _put(infos, "ref_logprob", act_rows, ref_logprob, n)
+            _put(infos, "kl", act_rows, kl, n)
+        continuing, cont_tokens, finished = [], [], []
+        for row, token in zip(act_rows, tokens):
+            self._responses[row].append(token)
+            if token in self.core.eos_ids or len(self._responses[row]) >= self.max_new_tokens:
+                finished.append(row)
+                self.contexts.ids[row].append(token)  # complete: no forward needed
+            else:
+                continuing.append(row)
+                cont_tokens.append(token)
+        self.contexts.advance(continuing, cont_tokens)
+        if finished:
+            responses = [self._decode(self._responses[row]) for row in finished]
+            prompts = [self._prompts[row] for row in finished]
+            scores = as_scores(self.reward_model(prompts, responses), len(finished))
+            rewards[finished] += scores
+            terminated[finished] = True
+            _put(infos, "score", finished, scores, n)
+            _put(infos, "prompt", finished, prompts, n, dtype=object)
+            _put(infos, "response", finished, responses, n, dtype=object)
+        if reset_rows:
+            self._start(reset_rows, [None] * len(reset_rows), infos)
+        self._autoreset = terminated.copy()
+        if self.render_mode == "human":
+            print(self.render())
+        return self._observations(), rewards, terminated, np.zeros(n, dtype=bool), infos
+
+    def render(self) -> str | None:
+        """Prompt and response so far of every sub-env."""
+        lines = [f"[{i}] prompt: {self._prompts[i]}\n    response: {self._decode(self._responses[i])}" for i in range(self.num_envs)]
+        return "\n".join(lines)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _start(self, rows: list[int], fixed: list[str | None], infos: dict[str, Any]) -> None:
+        prompts, ids = [], []
+        for row, text in zip(rows, fixed):
+            if text is not None:
+                prompt, prompt_ids = text, self._encode(text, 'options["prompt"]')
+            else:
+                i = int(self._rngs[row].integers(len(self.prompts)))
+                prompt, prompt_ids = self.prompts[i], self.prompt_ids[i]
+            self._prompts[row] = prompt
+            self._responses[row] = []
+            prompts.append(prompt)
+            ids.append(list(prompt_ids))
+        self.contexts.set_prompts(rows, ids)
+        # a reset row's prompt replaces the one a finishing row reports on the same step only
+        # if both happen to one row, which NEXT_STEP autoreset rules out
+        _put(infos, "prompt", rows, prompts, self.num_envs, dtype=object)
+        _put(infos, "prompt_ids", rows, ids, self.num_envs, dtype=object)
+
+    def _check_action(self, action: Any) -> int:
+        if not (np.issubdtype(np.asarray(action).dtype, np.integer) or float(action).is_integer()):
+            raise ValueError(f"action must be a token id, an integer in [0, {self.core.vocab_size}), got {action!r}")
+        token = int(action)
+        if not 0 <= token < self.core.vocab_size:
+            raise ValueError(
+                f"action {token} is not a token id: the vocabulary size is {self.core.vocab_size}, "
+                f"so actions must lie in [0, {self.core.vocab_size})"
+            )
+        return token
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.core.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _observations(self) -> dict[str, np.ndarray]:
+        length = self.single_observation_space["input_ids"].shape[0]
+        input_ids = np.full((self.num_envs, length), self.core.pad_id, dtype=np.int64)
+        mask = np.zeros((self.num_envs, length), dtype=np.int64)
+        for row, ids in enumerate(self.contexts.ids):
+            input_ids[row, : len(ids)] = ids
+            mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _put(infos: dict[str, Any], key: str, rows: list[int], values: Sequence[Any], n: int, dtype: Any = None) -> None:
+    """Set ``infos[key][rows] = values`` with Gymnasium's vector-info mask ``infos["_" + key]``."""
+    if key not in infos:
+        if dtype is object:
+            infos[key] = np.empty(n, dtype=object)
+        else:
+            infos[key] = np.zeros(n, dtype=np.float64)
+        infos["_" + key] = np.zeros(n, dtype=bool)
+    for row, value in zip(rows, values):
+        infos[key][row] = value
+        infos["_" + key][row] = True

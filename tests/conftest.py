@@ -1,0 +1,97 @@
+"""Shared pytest fixtures (generic: any helper's tests may use them).
+
+- ``tiny_lm_dir`` (session): a Hugging Face model directory written by ``save_pretrained``
+  in the test session: a randomly initialised 2-layer ``LlamaForCausalLM`` (hidden 32) and a
+  byte-level BPE tokenizer trained in-test with ``tokenizers`` (vocab about 300, with
+  ``<pad>``, ``<s>``, ``</s>``). Loads in milliseconds through ``rlhf_env.load_lm(dir)``.
+- ``tiny_prompts``: a handful of short English prompts of different lengths.
+- ``length_reward``: a cheap deterministic reward callable ``(prompts, responses) -> tensor``
+  (fraction of the letter "e" in each response).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+CORPUS = [
+    "the cat sat on the mat and looked at the sun",
+    "a good day starts with a warm cup of tea",
+    "we like to read books about the sea and the stars",
+    "please tell me a short happy story about a dog",
+    "thank you, that was a very nice answer",
+    "what is the best way to learn to play the piano",
+    "the weather is lovely and bright today",
+    "i feel great because my friends came to visit",
+]
+
+PROMPTS = [
+    "tell me a story",
+    "what is the weather like",
+    "say something nice about cats and dogs and the sea",
+    "hello",
+    "how do i learn the piano quickly and well",
+]
+
+
+def build_tiny_lm_dir(path: pathlib.Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> pathlib.Path:
+    """Write a random tiny Llama causal LM and an in-test BPE tokenizer to ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # larger logits than the default init, so the policy is far from uniform and KL terms are not tiny
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> pathlib.Path:
+    """Directory of a random 2-layer Llama + in-test tokenizer, written by save_pretrained."""
+    return build_tiny_lm_dir(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture
+def tiny_prompts() -> list[str]:
+    """Short prompts of different token lengths."""
+    return list(PROMPTS)
+
+
+def _length_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    return torch.tensor([r.count("e") / max(len(r), 1) for r in responses], dtype=torch.float32)
+
+
+@pytest.fixture
+def length_reward():
+    """Deterministic reward callable: fraction of the letter 'e' in the response."""
+    return _length_reward
