@@ -1,0 +1,237 @@
+"""Direct Preference Optimisation (DPO, Rafailov et al. 2023).
+
+For a pair (prompt x, chosen y_w, rejected y_l), with ``log pi(y|x)`` the summed
+log-probability of the response tokens (EOS included) and ``pi_ref`` the frozen reference:
+
+    chosen_rewards   = beta * (log pi(y_w|x) - log pi_ref(y_w|x))
+    rejected_rewards = beta * (log pi(y_l|x) - log pi_ref(y_l|x))
+    loss             = -log sigmoid(chosen_rewards - rejected_rewards)
+
+The reference never changes, so its log-probabilities are computed once, before training,
+under ``no_grad`` (with ``reference=None`` the reference is the policy's starting point,
+so no second model is kept in memory). Each step runs chosen and rejected in one
+right-padded forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_env.data import as_pairs
+from rlhf_env.sft import encode_example
+from rlhf_env.training import (
+    length_batches,
+    pad_right,
+    resolve_lm,
+    save_lm,
+    seed_everything,
+    sequence_logprobs,
+    summary_writer,
+)
+
+
+@dataclass
+class DPOConfig:
+    """Hyperparameters of :func:`train_dpo`.
+
+    :param beta: strength of the implicit KL constraint to the reference
+    :param learning_rate: AdamW learning rate
+    :param batch_size: preference pairs per step (each step runs 2 x batch_size sequences)
+    :param epochs: passes over the pairs
+    :param max_length: longest sequence in tokens (the prompt's start is cut first)
+    :param weight_decay: AdamW weight decay
+    :param seed: seed for the data order
+    :param eval_batch_size: pairs per forward pass when computing log-probabilities without gradients
+    """
+
+    beta: float = 0.1
+    learning_rate: float = 5e-6
+    batch_size: int = 8
+    epochs: int = 1
+    max_length: int = 256
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_batch_size: int = 16
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO loss as in the paper.
+
+    :return: ``(loss, chosen_rewards, rejected_rewards)``; the rewards are the implicit
+        rewards ``beta * log(pi/pi_ref)``, detached
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
+    return loss, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+class _EncodedPairs:
+    """Chosen and rejected sequences of each pair, with response masks."""
+
+    def __init__(self, pairs, tokenizer, max_length: int):
+        self.chosen = [encode_example(tokenizer, p.prompt, p.chosen, max_length) for p in pairs]
+        self.rejected = [encode_example(tokenizer, p.prompt, p.rejected, max_length) for p in pairs]
+        self.lengths = [max(len(c[0]), len(r[0])) for c, r in zip(self.chosen, self.rejected)]
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def batch(self, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, loss_mask)`` of chosen rows then rejected rows."""
+        seqs = [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx]
+        ids, mask = pad_right([s[0] for s in seqs], self.pad_id, device)
+        loss_mask = mask.clone()
+        for row, (_, prompt_len) in enumerate(seqs):
+            loss_mask[row, :prompt_len] = 0
+        return ids, mask, loss_mask
+
+
+@torch.no_grad()
+def _all_logprobs(model, data: _EncodedPairs, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probabilities of every chosen and rejected sequence (no grad)."""
+    was_training = model.training
+    model.eval()
+    chosen = torch.empty(len(data))
+    rejected = torch.empty(len(data))
+    for idx in length_batches(data.lengths, batch_size, shuffle=False):
+        logps = sequence_logprobs(model, *data.batch(idx, device)).cpu()
+        chosen[idx], rejected[idx] = logps[: len(idx)], logps[len(idx) :]
+    model.train(was_training)
+    return chosen, rejected
+
+
+def train_dpo(
+    pairs,
+    model,
+    reference=None,
+    beta: Optional[float] = None,
+    tokenizer=None,
+    config: Optional[DPOConfig] = None,
+    eval_pairs=None,
+    output_dir: Union[str, os.PathLike, None] = None,
+    log_dir: Union[str, os.PathLike, None] = None,
+    run_name: str = "dpo",
+    device="cpu",
+    dtype=None,
+    progress: bool = True,
+):
+    """Train a causal LM with DPO on preference pairs.
+
+    :param pairs: a JSON Lines path or an iterable of pairs (``PreferencePair``, dicts, tuples)
+    :param model: the policy: a shipped name, a model folder, or a loaded ``PreTrainedModel``
+    :param reference: the frozen reference (name, folder or loaded model; same tokenizer);
+        ``None`` means the policy as it is before training
+    :param beta: overrides ``config.beta`` (default 0.1)
+    :param tokenizer: the tokenizer when ``model`` is a loaded model
+    :param config: hyperparameters (:class:`DPOConfig`)
+    :param eval_pairs: held-out pairs; their implicit-reward accuracy is logged after each
+        epoch (``eval/rewards/accuracy``, also ``eval/accuracy``)
+    :param output_dir: if given, the policy and tokenizer are saved there (atomically), a folder
+        that ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` accept
+    :param log_dir: TensorBoard root; run in ``{log_dir}/{run_name}_{k}``; tags ``train/loss``,
+        ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracy``, ``rewards/margin``
+    :param device: torch device
+    :param dtype: weights dtype when loading by name
+    :param progress: show a progress bar
+    :return: ``(model, tokenizer)``, the model in eval mode; ``model.dpo_metrics`` holds the last metrics
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or DPOConfig()
+    beta = cfg.beta if beta is None else float(beta)
+    pairs = as_pairs(pairs)
+    eval_pairs = as_pairs(eval_pairs) if eval_pairs is not None else None
+    gen = seed_everything(cfg.seed)
+    model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
+    data = _EncodedPairs(pairs, tokenizer, cfg.max_length)
+    eval_data = _EncodedPairs(eval_pairs, tokenizer, cfg.max_length) if eval_pairs else None
+
+    # reference log-probs: once, before any update (the reference is frozen)
+    ref_model = model if reference is None else resolve_lm(reference, tokenizer, device, dtype)[0]
+    ref_chosen, ref_rejected = _all_logprobs(ref_model, data, cfg.eval_batch_size, device)
+    if eval_data is not None:
+        eval_ref = _all_logprobs(ref_model, eval_data, cfg.eval_batch_size, device)
+    if ref_model is not model:
+        del ref_model
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    writer = summary_writer(log_dir, run_name)
+    total = -(-len(data) // cfg.batch_size) * cfg.epochs
+    metrics: dict = {}
+    step = 0
+    model.train()
+    bar = tqdm(total=total, desc="dpo", disable=not progress)
+    for _ in range(cfg.epochs):
+        for idx in length_batches(data.lengths, cfg.batch_size, True, gen):
+            logps = sequence_logprobs(model, *data.batch(idx, model.device))
+            policy_chosen, policy_rejected = logps[: len(idx)], logps[len(idx) :]
+            loss, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected, ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device), beta
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            margins = chosen_rewards - rejected_rewards
+            metrics = {
+                "train/loss": loss.item(),
+                "rewards/chosen": chosen_rewards.mean().item(),
+                "rewards/rejected": rejected_rewards.mean().item(),
+                "rewards/accuracy": (margins > 0).float().mean().item(),
+                "rewards/margin": margins.mean().item(),
+            }
+            if writer is not None:
+                for tag, value in metrics.items():
+                    writer.add_scalar(tag, value, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{metrics['rewards/accuracy']:.2f}")
+        if eval_data is not None:
+            eval_acc = implicit_reward_accuracy(model, eval_data, eval_ref, beta, cfg.eval_batch_size, device)
+            metrics["eval/rewards/accuracy"] = eval_acc
+            if writer is not None:
+                writer.add_scalar("eval/rewards/accuracy", eval_acc, step)
+                writer.add_scalar("eval/accuracy", eval_acc, step)
+            bar.set_postfix(loss=f"{loss.item():.3f}", eval_acc=f"{eval_acc:.3f}")
+    bar.close()
+    if writer is not None:
+        writer.close()
+    model.eval()
+    model.dpo_metrics = metrics
+    if output_dir is not None:
+        save_lm(model, tokenizer, output_dir)
+    return model, tokenizer
+
+
+def implicit_reward_accuracy(model, data: _EncodedPairs, reference_logps, beta: float, batch_size: int, device) -> float:
+    """Fraction of pairs whose implicit reward ``beta*log(pi/pi_ref)`` ranks chosen above rejected."""
+    chosen, rejected = _all_logprobs(model, data, batch_size, device)
+    margins = beta * ((chosen - reference_logps[0]) - (rejected - reference_logps[1]))
+    return float((margins > 0).float().mean())
+
+
+def evaluate_dpo(model, reference, pairs, tokenizer=None, beta: float = 0.1, max_length: int = 256, batch_size: int = 16, device="cpu") -> float:
+    """Held-out implicit-reward accuracy of a DPO-trained ``model`` against ``reference``.
+
+    :param model: policy (name, folder or loaded model)
+    :param reference: reference (name, folder or loaded model)
+    :param pairs: preference pairs (path or iterable)
+    :return: the fraction of pairs ranked right
+    """
+    model, tokenizer = resolve_lm(model, tokenizer, device)
+    reference, _ = resolve_lm(reference, tokenizer, device)
+    data = _EncodedPairs(as_pairs(pairs), tokenizer, max_length)
+    ref = _all_logprobs(reference, data, batch_size, device)
+    return implicit_reward_accuracy(model, data, ref, beta, batch_size, device)

@@ -1,0 +1,181 @@
+"""Supervised fine-tuning (SFT) of a causal LM on (prompt, response) examples.
+
+Inputs are formatted exactly as the environment does: ``encode_prompt(prompt)`` then the
+response's tokens and EOS. The loss is the mean negative log-likelihood of the response
+tokens (EOS included); prompt tokens condition the model but are not trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+import torch
+
+from rlhf_env.training import length_batches, pad_right, resolve_lm, save_lm, seed_everything, summary_writer
+
+
+@dataclass
+class SFTConfig:
+    """Hyperparameters of :func:`train_sft`.
+
+    :param learning_rate: AdamW learning rate
+    :param batch_size: examples per step
+    :param epochs: passes over the examples
+    :param max_length: longest input in tokens (the prompt's start is cut first)
+    :param weight_decay: AdamW weight decay
+    :param add_eos: end each response with EOS, so the model learns to stop
+    :param seed: seed for the data order
+    """
+
+    learning_rate: float = 2e-5
+    batch_size: int = 8
+    epochs: int = 1
+    max_length: int = 256
+    weight_decay: float = 0.0
+    add_eos: bool = True
+    seed: int = 0
+
+
+def load_sft_examples(path: Union[str, os.PathLike]) -> list[tuple[str, str]]:
+    """Read ``{"prompt", "response"}`` JSON Lines (preference files work too: their ``chosen`` is the response).
+
+    :raises ValueError: naming the file and line of a malformed line or a missing key
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data file {str(path)!r} does not exist; pass JSON Lines with 'prompt' and 'response' keys")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            response = obj.get("response", obj.get("chosen")) if isinstance(obj, dict) else None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not isinstance(response, str):
+                raise ValueError(f"{path}:{lineno}: need string fields 'prompt' and 'response' (or 'chosen')")
+            out.append((obj["prompt"], response))
+    if not out:
+        raise ValueError(f"{path}: the file holds no examples")
+    return out
+
+
+def _as_examples(examples) -> list[tuple[str, str]]:
+    if isinstance(examples, (str, os.PathLike)):
+        return load_sft_examples(examples)
+    out = []
+    for i, ex in enumerate(examples):
+        if isinstance(ex, dict):
+            response = ex.get("response", ex.get("chosen"))
+            prompt = ex.get("prompt")
+        elif hasattr(ex, "prompt") and hasattr(ex, "chosen"):  # a PreferencePair
+            prompt, response = ex.prompt, ex.chosen
+        elif isinstance(ex, (tuple, list)) and len(ex) == 2:
+            prompt, response = ex
+        else:
+            raise ValueError(f"example {i}: expected (prompt, response), a dict with 'prompt'/'response' or a PreferencePair")
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise ValueError(f"example {i}: prompt and response must be strings")
+        out.append((prompt, response))
+    if not out:
+        raise ValueError("no SFT examples given")
+    return out
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_length: int, add_eos: bool = True) -> tuple[list[int], int]:
+    """Token ids of prompt + response (+ EOS) and the number of leading prompt tokens.
+
+    Longer inputs keep the response and lose the prompt's beginning (at least one prompt
+    token stays, so the first response token has a context).
+    """
+    from rlhf_env.models import encode_prompt, encode_response
+
+    p = encode_prompt(tokenizer, prompt)
+    r = encode_response(tokenizer, response) + ([tokenizer.eos_token_id] if add_eos else [])
+    r = r[: max_length - 1]
+    p = p[-(max_length - len(r)) :]
+    return p + r, len(p)
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over the positions where ``loss_mask`` is 1 (response tokens).
+
+    :param logits: ``(batch, time, vocab)``
+    :param input_ids: ``(batch, time)``
+    :param loss_mask: ``(batch, time)``, 1 on tokens whose probability is trained
+    """
+    mask = loss_mask[:, 1:].bool()
+    picked = logits[:, :-1][mask].float()
+    return torch.nn.functional.cross_entropy(picked, input_ids[:, 1:][mask])
+
+
+def train_sft(
+    examples,
+    model,
+    tokenizer=None,
+    config: Optional[SFTConfig] = None,
+    output_dir: Union[str, os.PathLike, None] = None,
+    log_dir: Union[str, os.PathLike, None] = None,
+    run_name: str = "sft",
+    device="cpu",
+    dtype=None,
+    progress: bool = True,
+):
+    """Fine-tune a causal LM on (prompt, response) examples; loss on response tokens only.
+
+    :param examples: a JSON Lines path, or an iterable of ``(prompt, response)`` tuples,
+        ``{"prompt", "response"}`` dicts or ``PreferencePair`` (their ``chosen``)
+    :param model: a shipped name (``"smollm2-135m"``, ``"tiny"``), a model folder, or a loaded ``PreTrainedModel``
+    :param tokenizer: the tokenizer when ``model`` is a loaded model
+    :param config: hyperparameters (:class:`SFTConfig`)
+    :param output_dir: if given, the model and tokenizer are saved there (atomically), a folder
+        that ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` accept
+    :param log_dir: TensorBoard root (``train/loss``); run in ``{log_dir}/{run_name}_{k}``
+    :param device: torch device
+    :param dtype: weights dtype when loading by name
+    :param progress: show a progress bar
+    :return: ``(model, tokenizer)``, the model in eval mode
+    """
+    from tqdm.auto import tqdm
+
+    cfg = config or SFTConfig()
+    examples = _as_examples(examples)
+    gen = seed_everything(cfg.seed)
+    model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
+    encoded = [encode_example(tokenizer, p, r, cfg.max_length, cfg.add_eos) for p, r in examples]
+    total = -(-len(encoded) // cfg.batch_size) * cfg.epochs
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    writer = summary_writer(log_dir, run_name)
+    pad_id = tokenizer.pad_token_id
+    step = 0
+    model.train()
+    bar = tqdm(total=total, desc="sft", disable=not progress)
+    for _ in range(cfg.epochs):
+        for idx in length_batches([len(encoded[i][0]) for i in range(len(encoded))], cfg.batch_size, True, gen):
+            ids, mask = pad_right([encoded[i][0] for i in idx], pad_id, model.device)
+            loss_mask = mask.clone()
+            for row, i in enumerate(idx):
+                loss_mask[row, : encoded[i][1]] = 0  # prompt tokens: context only
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss = sft_loss(logits, ids, loss_mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if writer is not None:
+                writer.add_scalar("train/loss", loss.item(), step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    if writer is not None:
+        writer.close()
+    model.eval()
+    if output_dir is not None:
+        save_lm(model, tokenizer, output_dir)
+    return model, tokenizer

@@ -1,0 +1,169 @@
+"""Shared plumbing of the offline trainers (reward model, SFT, DPO).
+
+Batching with little padding, TensorBoard run folders named like SB3's
+(``{log_dir}/{name}_{k}``), seeding, and atomic writes of output folders. The trainers
+themselves (``reward_model.py``, ``sft.py``, ``dpo.py``) hold only their losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python and torch; return a CPU generator for data order.
+
+    :param seed: the seed
+    :return: a ``torch.Generator`` seeded with ``seed`` (batch order draws from it)
+    """
+    random.seed(seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, shuffle: bool = True, generator: Optional[torch.Generator] = None
+) -> list[list[int]]:
+    """Batches of indices whose members have similar lengths, so padding stays small.
+
+    With ``shuffle``, the indices are shuffled, cut into pools of 50 batches, sorted by
+    length inside each pool and cut into batches, and the batch order is shuffled: every
+    epoch sees a different order while batches stay nearly padding-free.
+
+    :param lengths: the length of each example
+    :param batch_size: examples per batch
+    :param shuffle: shuffle (training) or keep a deterministic length-sorted order (evaluation)
+    :param generator: source of randomness for the shuffle
+    :return: a list of index lists
+    """
+    n = len(lengths)
+    if not shuffle:
+        order = sorted(range(n), key=lambda i: lengths[i])
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    order = torch.randperm(n, generator=generator).tolist()
+    pool = batch_size * 50
+    batches: list[list[int]] = []
+    for start in range(0, n, pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the longest one.
+
+    :param seqs: token id lists
+    :param pad_id: the pad token id
+    :param device: where the tensors go
+    :return: ``(input_ids, attention_mask)``, both ``long`` of shape ``(len(seqs), max_len)``
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def summary_writer(log_dir: Optional[os.PathLike | str], name: str):
+    """A TensorBoard writer in ``{log_dir}/{name}_{k}``, ``k`` one more than the latest run (SB3's rule).
+
+    :param log_dir: the TensorBoard root; ``None`` disables logging
+    :param name: the run name
+    :return: a ``SummaryWriter``, or ``None`` when ``log_dir`` is ``None``
+    """
+    if log_dir is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    root = Path(log_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    latest = 0
+    for p in root.glob(f"{name}_*"):
+        suffix = p.name[len(name) + 1 :]
+        if p.is_dir() and suffix.isdigit():
+            latest = max(latest, int(suffix))
+    return SummaryWriter(str(root / f"{name}_{latest + 1}"))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: os.PathLike | str) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
+
+    A crash leaves ``final`` as it was (and no half-written folder under its name).
+
+    :param final: the destination folder
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of ``log p(token | prefix)`` over the tokens where ``loss_mask`` is 1.
+
+    Right-padded inputs; ``loss_mask[:, t]`` marks token ``t`` as one whose probability
+    counts (the response tokens). Computes log-softmax only at those positions, so the
+    vocabulary-sized tensor stays small.
+
+    :return: one log-probability per row, float32
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].bool()
+    picked = logits[mask].float()  # (n_tokens, vocab): only response positions
+    token_logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    row = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(mask)[mask]
+    return torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=torch.float32).index_add(0, row, token_logp)
+
+
+def save_lm(model, tokenizer, output_dir: os.PathLike | str) -> Path:
+    """Save a causal LM and its tokenizer as a Hugging Face folder, atomically.
+
+    :return: the folder, which ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` accept
+    """
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(output_dir)
+
+
+def resolve_lm(model, tokenizer=None, device="cpu", dtype=None):
+    """``(model, tokenizer)`` from a name/folder (``load_lm``) or an already loaded model.
+
+    :param model: a shipped name, a model folder, or a ``PreTrainedModel``
+    :param tokenizer: required with a loaded model unless ``model`` carries none
+    :return: ``(model, tokenizer)`` on ``device``
+    """
+    if isinstance(model, (str, os.PathLike)):
+        from rlhf_env.models import load_lm
+
+        return load_lm(model, device=device, dtype=dtype)
+    if tokenizer is None:
+        raise ValueError("a loaded model needs its tokenizer: pass tokenizer=..., or pass the model's name or folder")
+    return model.to(device), tokenizer

@@ -1,0 +1,167 @@
+"""SFT and DPO: losses against hand computations, prompt masking, learning, saved folders."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_env.data import PreferencePair
+from rlhf_env.dpo import DPOConfig, dpo_loss, evaluate_dpo, train_dpo
+from rlhf_env.sft import SFTConfig, encode_example, sft_loss, train_sft
+from rlhf_env.training import length_batches, pad_right, sequence_logprobs
+
+WORDS = (
+    "how do i keep basil alive tell me about dogs cats the weather today great wonderful lovely "
+    "happy glad awful terrible bad sad no yes thanks is are it was very so you your a an and of to"
+).split()
+
+
+def make_tiny_lm(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random Llama causal LM and a word-level tokenizer, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | set("!?.,")))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+PAIRS = [
+    PreferencePair("how do i keep basil alive", "great ! it is lovely and wonderful", "no . it is awful"),
+    PreferencePair("tell me about dogs", "dogs are wonderful and happy", "dogs are bad and sad"),
+    PreferencePair("tell me about cats", "cats are lovely , thanks !", "cats are terrible"),
+    PreferencePair("the weather today", "the weather is very lovely today", "the weather is awful today"),
+]
+
+
+def test_dpo_loss_matches_hand_computation():
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.0, -3.0])
+    loss, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # pair 1: 0.5*((-3+3.5) - (-4+3)) = 0.75; pair 2: 0.5*((-5+4) - (-2+3)) = -1.0
+    expected = (-math.log(1 / (1 + math.exp(-0.75))) - math.log(1 / (1 + math.exp(1.0)))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert torch.allclose(chosen_rewards, torch.tensor([0.25, -0.5]))
+    assert torch.allclose(rejected_rewards, torch.tensor([-0.5, 0.5]))
+
+
+def test_sft_loss_ignores_prompt_tokens():
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0]])
+    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0]])  # prompt 5 6 7, response 8 9, then padding
+    logits = torch.randn(1, 6, 12)
+    loss = sft_loss(logits, ids, loss_mask)
+    # hand: positions 2 and 3 predict tokens 8 and 9
+    logp = torch.log_softmax(logits[0], -1)
+    assert loss.item() == pytest.approx(-(logp[2, 8] + logp[3, 9]).item() / 2, rel=1e-6)
+    changed = logits.clone()
+    changed[0, :2] = torch.randn(2, 12) * 10  # predictions of prompt tokens
+    changed[0, 4:] = torch.randn(2, 12) * 10  # predictions after the response
+    assert sft_loss(changed, ids, loss_mask).item() == pytest.approx(loss.item(), rel=1e-6)
+    changed[0, 3] += torch.randn(12)
+    assert sft_loss(changed, ids, loss_mask).item() != pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_encode_example_formats_like_the_env(tiny_lm):
+    from rlhf_env.models import encode_prompt, encode_response, load_lm
+
+    _, tok = load_lm(tiny_lm)
+    ids, n_prompt = encode_example(tok, "tell me about dogs", "dogs are happy", max_length=64)
+    assert ids == encode_prompt(tok, "tell me about dogs") + encode_response(tok, "dogs are happy") + [tok.eos_token_id]
+    assert n_prompt == len(encode_prompt(tok, "tell me about dogs"))
+    ids, n_prompt = encode_example(tok, "tell me about dogs", "dogs are happy", max_length=5)
+    assert len(ids) == 5 and ids[n_prompt:] == encode_response(tok, "dogs are happy") + [tok.eos_token_id]
+
+
+def test_sequence_logprobs_do_not_depend_on_padding(tiny_lm):
+    from rlhf_env.models import load_lm
+
+    model, tok = load_lm(tiny_lm)
+    seqs = [encode_example(tok, p.prompt, p.chosen, 64) for p in PAIRS]
+    batch_ids, batch_mask = pad_right([s[0] for s in seqs], tok.pad_token_id)
+    loss_mask = batch_mask.clone()
+    for row, (_, n) in enumerate(seqs):
+        loss_mask[row, :n] = 0
+    with torch.no_grad():
+        together = sequence_logprobs(model, batch_ids, batch_mask, loss_mask)
+        for row, (ids, n) in enumerate(seqs):
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(x).logits[0, :-1], -1)
+            hand = sum(logp[t - 1, ids[t]].item() for t in range(n, len(ids)))
+            assert together[row].item() == pytest.approx(hand, abs=1e-4)
+
+
+def test_length_batches_cover_every_index_once():
+    lengths = [5, 1, 9, 3, 3, 7, 2, 8, 6, 4, 10]
+    gen = torch.Generator().manual_seed(0)
+    batches = length_batches(lengths, 3, shuffle=True, generator=gen)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [len(b) for b in length_batches(lengths, 3, shuffle=False)] == [3, 3, 3, 2]
+
+
+def test_sft_learns_the_response_and_saves_a_model_folder(tiny_lm, tmp_path):
+    from rlhf_env.models import load_lm
+
+    examples = [(p.prompt, p.chosen) for p in PAIRS]
+    out = tmp_path / "sft_out"
+    model, tok = train_sft(
+        examples, str(tiny_lm), config=SFTConfig(learning_rate=3e-3, batch_size=4, epochs=60),
+        output_dir=out, log_dir=tmp_path / "tb", progress=False,
+    )
+    reloaded, tok2 = load_lm(out)
+    ids, n = encode_example(tok2, PAIRS[1].prompt, "", 64, add_eos=False)
+    gen = reloaded.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=tok2.pad_token_id)
+    assert tok2.decode(gen[0, len(ids):], skip_special_tokens=True).split() == PAIRS[1].chosen.split()
+    assert (tmp_path / "tb" / "sft_1").is_dir()
+
+
+def test_dpo_learns_preferences_and_logs(tiny_lm, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhf_env.models import load_lm
+
+    out = tmp_path / "dpo_out"
+    model, tok = train_dpo(
+        PAIRS, str(tiny_lm), beta=0.5, config=DPOConfig(learning_rate=3e-3, batch_size=2, epochs=15),
+        eval_pairs=PAIRS, output_dir=out, log_dir=tmp_path / "tb", progress=False,
+    )
+    assert model.dpo_metrics["eval/rewards/accuracy"] == 1.0
+    assert evaluate_dpo(out, str(tiny_lm), PAIRS, beta=0.5) == 1.0
+    load_lm(out)  # the output is a model folder load_lm accepts
+    events = EventAccumulator(str(tmp_path / "tb" / "dpo_1"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "eval/rewards/accuracy"} <= tags
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
+    assert losses[-1] < 0.3
+
+
+def test_dpo_with_explicit_reference_equals_default_reference(tiny_lm):
+    cfg = DPOConfig(learning_rate=1e-3, batch_size=4, epochs=2)
+    a, _ = train_dpo(PAIRS, str(tiny_lm), config=cfg, progress=False)
+    b, _ = train_dpo(PAIRS, str(tiny_lm), reference=str(tiny_lm), config=cfg, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no_such_model"):
+        train_sft([("a", "b")], str(tmp_path / "no_such_model"), progress=False)
