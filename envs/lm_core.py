@@ -449,8 +449,13 @@ class Contexts:
         width = new_mask.shape[1]
         device = new_mask.device
         idx = torch.as_tensor(rows, device=device)
-        if state.cache is None:
-            # first fill: every row gets this prefill (rows must then be all rows)
+        if state.cache is None or sorted(rows) == list(range(n)):
+            # every row restarts (or first fill): the prefill becomes the cache, no copy
+            if list(rows) == list(range(n)):
+                state.cache = DynamicCache(ddp_cache_data=kv)
+                state.mask = new_mask
+                Contexts._trim(state)
+                return
             mask = torch.zeros((n, width), dtype=torch.long, device=device)
             mask[idx] = new_mask
             full = []

@@ -7,6 +7,9 @@
 - ``tiny_prompts``: a handful of short English prompts of different lengths.
 - ``length_reward``: a cheap deterministic reward callable ``(prompts, responses) -> tensor``
   (fraction of the letter "e" in each response).
+
+Tests marked ``@pytest.mark.slow`` (real models such as SmolLM2-135M) are skipped unless
+pytest runs with ``--runslow`` or ``RLHF_ENV_SLOW_TESTS=1``.
 """
 
 from __future__ import annotations
@@ -95,3 +98,24 @@ def _length_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
 def length_reward():
     """Deterministic reward callable: fraction of the letter 'e' in the response."""
     return _length_reward
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: loads a real model (SmolLM2-135M); runs with --runslow or RLHF_ENV_SLOW_TESTS=1"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    import os
+
+    if config.getoption("--runslow") or os.environ.get("RLHF_ENV_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow (real model): run with --runslow or RLHF_ENV_SLOW_TESTS=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,144 @@
+"""TextRLHFVectorEnv: one batched forward per step with per-env KV caches; same
+log-probabilities as the single env and as independent full forwards; NEXT_STEP autoreset."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+import rlhf_env  # noqa: F401
+from envs.text_env import TextRLHFEnv
+from envs.text_vec_env import TextRLHFVectorEnv
+from tests.test_text_env import full_log_probs, perturb
+
+N = 3
+
+
+def make_vec(tiny_lm_dir, tiny_prompts, reward, **kwargs) -> TextRLHFVectorEnv:
+    kwargs = {"max_new_tokens": 5, "max_prompt_tokens": 40, "kl_coef": 0.2, "shared_model": False, **kwargs}
+    return gym.make_vec("TextRLHF-v0", num_envs=N, model=str(tiny_lm_dir), reward_model=reward,
+                        prompts=tiny_prompts, **kwargs)
+
+
+def scripted_actions(step: int, eos: int, rng: np.random.Generator, vocab: int) -> np.ndarray:
+    """Random tokens, with EOS from sub-env 1 at step 2 and sub-env 2 at step 7, so the
+    sub-envs finish and restart at different times (and prompts of different lengths meet)."""
+    actions = rng.integers(vocab, size=N)
+    if step == 2:
+        actions[1] = eos
+    if step == 7:
+        actions[2] = eos
+    return actions
+
+
+def test_make_vec_spaces_and_metadata(tiny_lm_dir, tiny_prompts, length_reward):
+    envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward)
+    assert isinstance(envs, TextRLHFVectorEnv) and isinstance(envs, gym.vector.VectorEnv)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    obs, info = envs.reset(seed=0)
+    assert obs["input_ids"].shape == (N, 45) and obs["input_ids"].dtype == np.int64
+    assert envs.observation_space.contains(obs)
+    assert info["_prompt"].all() and [len(ids) for ids in info["prompt_ids"]] == obs["attention_mask"].sum(1).tolist()
+    with pytest.raises(ValueError, match=f"vocabulary size is {envs.single_action_space.n}"):
+        envs.step(np.array([0, -1, 0]))
+
+
+def test_rewards_match_independent_full_forwards_and_autoreset(tiny_lm_dir, tiny_prompts, length_reward):
+    envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward)
+    perturb(envs.actor)
+    eos = envs.tokenizer.eos_token_id
+    rng = np.random.default_rng(0)
+    obs, info = envs.reset(seed=0)
+    contexts = [list(ids) for ids in info["prompt_ids"]]
+    prompts = list(info["prompt"])
+    restarting = np.zeros(N, dtype=bool)
+    checked = 0
+    for step in range(14):
+        actions = scripted_actions(step, eos, rng, envs.single_action_space.n)
+        expected_lp = [full_log_probs(envs.actor, c) for c in contexts]
+        expected_ref = [full_log_probs(envs.reference, c) for c in contexts]
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        assert not truncated.any()
+        for i in range(N):
+            if restarting[i]:  # NEXT_STEP autoreset: action ignored, reward 0, a new prompt
+                assert rewards[i] == 0 and not terminated[i] and info["_prompt"][i] and not info["_logprob"][i]
+                contexts[i] = list(info["prompt_ids"][i])
+                prompts[i] = info["prompt"][i]
+                continue
+            a = int(actions[i])
+            lp, ref = float(expected_lp[i][a]), float(expected_ref[i][a])
+            assert info["logprob"][i] == pytest.approx(lp, abs=1e-4)
+            assert info["ref_logprob"][i] == pytest.approx(ref, abs=1e-4)
+            expected = -0.2 * (lp - ref)
+            contexts[i].append(a)
+            if terminated[i]:
+                assert info["_score"][i] and info["prompt"][i] == prompts[i]
+                expected += info["score"][i]
+            assert rewards[i] == pytest.approx(expected, abs=1e-4)
+            checked += 1
+        for i in range(N):
+            assert obs["input_ids"][i, : len(contexts[i])].tolist() == contexts[i]
+            assert obs["attention_mask"][i].sum() == len(contexts[i])
+        restarting = terminated.copy()
+    assert checked >= 30
+    # the cache never holds more columns than the longest context needs (+1 dead column)
+    assert envs.contexts.actor.mask.shape[1] <= max(len(c) for c in contexts) + 1
+
+
+def test_batched_and_single_env_give_the_same_log_probs(tiny_lm_dir, tiny_prompts, length_reward):
+    envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward, shared_model=True)
+    perturb(envs.actor, seed=3)
+    single = [TextRLHFEnv(model=str(tiny_lm_dir), reward_model=length_reward, prompts=tiny_prompts, max_new_tokens=5,
+                          max_prompt_tokens=40, kl_coef=0.2) for _ in range(N)]
+    assert all(env.core is envs.core for env in single)  # one actor for all of them
+    eos = envs.tokenizer.eos_token_id
+    rng = np.random.default_rng(1)
+    obs, info = envs.reset(seed=4)
+    for i, env in enumerate(single):
+        env.reset(options={"prompt": info["prompt"][i]})
+    restarting = np.zeros(N, dtype=bool)
+    for step in range(12):
+        actions = scripted_actions(step, eos, rng, envs.single_action_space.n)
+        obs, rewards, terminated, _, info = envs.step(actions)
+        for i, env in enumerate(single):
+            if restarting[i]:
+                env.reset(options={"prompt": info["prompt"][i]})
+                continue
+            _, reward, done, _, single_info = env.step(int(actions[i]))
+            assert done == terminated[i]
+            assert single_info["logprob"] == pytest.approx(info["logprob"][i], abs=1e-4)
+            assert single_info["ref_logprob"] == pytest.approx(info["ref_logprob"][i], abs=1e-4)
+            assert reward == pytest.approx(rewards[i], abs=1e-4)
+        restarting = terminated.copy()
+
+
+def test_weight_update_mid_rollout_rebuilds_the_batched_actor_cache(tiny_lm_dir, tiny_prompts, length_reward):
+    envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward, max_new_tokens=8)
+    obs, info = envs.reset(seed=2)
+    contexts = [list(ids) for ids in info["prompt_ids"]]
+    for a in (7, 8):
+        envs.step(np.full(N, a))
+        for c in contexts:
+            c.append(a)
+    perturb(envs.actor, seed=9)
+    _, _, _, _, info = envs.step(np.full(N, 9))
+    for i in range(N):
+        assert info["logprob"][i] == pytest.approx(float(full_log_probs(envs.actor, contexts[i])[9]), abs=1e-4)
+
+
+def test_one_forward_of_each_model_per_step(tiny_lm_dir, tiny_prompts, length_reward):
+    envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward, max_new_tokens=6)
+    calls = {"actor": [], "reference": []}
+    envs.actor.register_forward_hook(lambda m, args, kwargs, out: calls["actor"].append(kwargs["input_ids"].shape),
+                                     with_kwargs=True)
+    envs.reference.register_forward_hook(lambda m, args, kwargs, out: calls["reference"].append(kwargs["input_ids"].shape),
+                                         with_kwargs=True)
+    envs.reset(seed=0)
+    assert [s[0] for s in calls["actor"]] == [N] and [s[0] for s in calls["reference"]] == [N]  # batched prefill
+    for _ in range(3):
+        envs.step(np.array([5, 6, 7]))
+    # one incremental forward (N rows, ONE new token) of each model per step, no re-forward
+    assert calls["actor"][1:] == [torch.Size([N, 1])] * 3 and calls["reference"][1:] == [torch.Size([N, 1])] * 3
