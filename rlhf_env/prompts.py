@@ -1,0 +1,91 @@
+"""Prompt sets: the shipped default task prompts, a Python list, or a text / JSON Lines file."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Sequence, Union
+
+ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
+SPLITS = ("train", "test")
+
+
+def default_prompts_path(split: str = "train") -> pathlib.Path:
+    """Path of the shipped prompt file of the default task for ``split`` (``"train"``/``"test"``)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown prompt split {split!r}: use one of {', '.join(SPLITS)}")
+    return ASSETS / f"prompts_{split}.txt"
+
+
+def _read_txt(path: pathlib.Path) -> list[str]:
+    # one prompt per line; surrounding whitespace is not part of a prompt
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_jsonl(path: pathlib.Path) -> list[str]:
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise ValueError(f'{path}, line {lineno}: expected an object with a "prompt" key, got {line.strip()[:80]!r}')
+        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
+            raise ValueError(f'{path}, line {lineno}: "prompt" must be a non-empty string, got {record["prompt"]!r}')
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def load_prompts(source: Union[None, str, os.PathLike, Sequence[str]] = None, split: str = "train") -> list[str]:
+    """Load a list of prompts.
+
+    :param source: ``None`` for the shipped prompts of the default task
+        (``rlhf_env/assets/prompts_{split}.txt``); a list or tuple of strings; or the path of
+        a ``.txt`` file (one prompt per line, blank lines skipped) or a ``.jsonl`` file (one
+        JSON object per line with a ``"prompt"`` key; other keys, such as ``"chosen"``, are
+        ignored, so a preference file works too).
+    :param split: ``"train"`` or ``"test"``; used only when ``source`` is ``None``.
+    :return: the prompts, a non-empty list of strings.
+    :raises ValueError: for an empty set, an empty or non-string prompt, a missing file, an
+        unknown file type, or a malformed JSON Lines line (naming the file and line).
+    """
+    if source is None:
+        path = default_prompts_path(split)
+        if not path.is_file():
+            raise ValueError(f"the shipped prompt file {path} is missing; reinstall rlhf-env")
+        prompts = _read_txt(path)
+        where = str(path)
+    elif isinstance(source, (str, os.PathLike)):
+        path = pathlib.Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(
+                f"prompt file {str(source)!r} does not exist; pass a .txt file (one prompt per line), "
+                "a .jsonl file (objects with a \"prompt\" key) or a list of strings"
+            )
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json"):
+            prompts = _read_jsonl(path)
+        elif suffix in (".txt", ""):
+            prompts = _read_txt(path)
+        else:
+            raise ValueError(f"prompt file {path}: unknown type {suffix!r}; use .txt (one prompt per line) or .jsonl")
+        where = str(path)
+    elif isinstance(source, (list, tuple)):
+        for i, prompt in enumerate(source):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not a string: {prompt!r}")
+            if not prompt.strip():
+                raise ValueError(f"prompt {i} is empty; every prompt needs some text")
+        prompts = list(source)
+        where = "the prompt list"
+    else:
+        raise ValueError(
+            f"prompts must be None (the shipped set), a list of strings or a file path, got {type(source).__name__}"
+        )
+    if not prompts:
+        raise ValueError(f"{where} holds no prompts: give at least one non-empty prompt")
+    return prompts

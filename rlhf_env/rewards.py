@@ -1,0 +1,121 @@
+"""Programmatic rewards with the reward-model interface, and the resolver for ``reward_model=``.
+
+A reward is any callable ``reward(prompts, responses) -> torch.Tensor`` (float32, one score
+per pair). Trained reward models (:class:`rlhf_env.RewardModel`) have the same interface, so
+the environment treats both alike.
+
+* :class:`SentimentReward` scores the *response* with VADER's compound sentiment in [-1, 1].
+  The default task of ``TextRLHF-v0`` is "answer helpfully in a positive, friendly tone";
+  VADER is the programmatic reward of that task until the trained default reward model
+  (``reward_model="default"``) is used, and it is the independent scorer that labelled the
+  default task's preference pairs.
+* :class:`TinyReward` is the cheap reward of ``TextRLHF-tiny-v0``: the same VADER score, but an
+  empty response scores -1. The tiny model's corpus holds friendly and unfriendly replies in
+  equal measure, so its samples score about 0.05 +- 0.57 (measured on 64 shipped prompts: 38%
+  above 0.3, 34% below -0.3): a strong, learnable signal. Without the empty-response penalty,
+  ending at once (score 0) would beat every unfriendly reply and be a shortcut.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+import torch
+
+REWARD_NAMES = ("sentiment", "vader", "tiny", "default")
+
+
+def _check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[str], list[str]]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(responses, str):
+        responses = [responses]
+    prompts, responses = list(prompts), list(responses)
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; pass one prompt per response")
+    for i, text in enumerate(responses):
+        if not isinstance(text, str):
+            raise TypeError(f"response {i} is a {type(text).__name__}, not a string")
+    return prompts, responses
+
+
+class SentimentReward:
+    """VADER compound sentiment of each response, in [-1, 1] (the prompt is not scored).
+
+    :param empty_score: the score of an empty (or whitespace-only) response; VADER itself
+        gives 0.
+    """
+
+    def __init__(self, empty_score: float = 0.0) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.empty_score = float(empty_score)
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """Score (prompt, response) pairs.
+
+        :param prompts: the prompts (one per response; unused by the score itself)
+        :param responses: the response texts
+        :return: float32 tensor of shape ``(len(responses),)``
+        """
+        prompts, responses = _check_pairs(prompts, responses)
+        scores = [
+            self._analyzer.polarity_scores(text)["compound"] if text.strip() else self.empty_score
+            for text in responses
+        ]
+        return torch.tensor(scores, dtype=torch.float32)
+
+    score = __call__
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(empty_score={self.empty_score})"
+
+
+class TinyReward(SentimentReward):
+    """``TextRLHF-tiny-v0``'s reward: VADER compound of the response, -1 for an empty one.
+
+    Cheap (well under a millisecond per response) and easy to raise from the tiny model in a
+    few hundred PPO steps: its corpus mixes friendly and unfriendly replies, so sampled
+    responses already span the whole range and the policy only has to prefer the friendly ones.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(empty_score=-1.0)
+
+    def __repr__(self) -> str:
+        return "TinyReward()"
+
+
+def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> Callable:
+    """A reward callable from a specification.
+
+    :param spec: a callable ``(prompts, responses) -> scores`` (returned as is);
+        ``"sentiment"`` or ``"vader"`` (:class:`SentimentReward`); ``"tiny"``
+        (:class:`TinyReward`); ``"default"`` (``RewardModel.default()``, trained once and
+        cached); or a directory written by ``RewardModel.save`` (``RewardModel.load``).
+    :param device: where a trained reward model is placed.
+    :return: the reward callable.
+    :raises ValueError: for anything else, naming it and listing the valid names.
+    """
+    if callable(spec):
+        return spec
+    if isinstance(spec, str) and spec.lower() in REWARD_NAMES:
+        name = spec.lower()
+        if name in ("sentiment", "vader"):
+            return SentimentReward()
+        if name == "tiny":
+            return TinyReward()
+        from rlhf_env.reward_model import RewardModel
+
+        return RewardModel.default(device=device)
+    if isinstance(spec, (str, os.PathLike)) and pathlib.Path(spec).expanduser().is_dir():
+        from rlhf_env.reward_model import RewardModel
+
+        return RewardModel.load(pathlib.Path(spec).expanduser(), device=device)
+    raise ValueError(
+        f"unknown reward_model {spec!r}: use one of {', '.join(repr(n) for n in REWARD_NAMES)}, "
+        "a directory written by RewardModel.save, or a callable (prompts, responses) -> scores"
+    )
