@@ -35,7 +35,7 @@ import torch
 from envs.lm_core import KL_ESTIMATORS, Contexts, LMCore, TextObservationSpace, build_core
 
 
-def resolve_reward_spec(spec: Any) -> Callable:
+def resolve_reward_spec(spec: Any, device: str | torch.device = "cpu") -> Callable:
     """A reward callable ``(prompts, responses) -> scores`` from a spec: a callable, a
     name (``"sentiment"``, ``"tiny"``, ``"default"``) or a reward-model directory, resolved
     by :func:`rlhf_env.rewards.resolve_reward`."""
@@ -44,7 +44,7 @@ def resolve_reward_spec(spec: Any) -> Callable:
     except ImportError:
         resolve_reward = None
     if resolve_reward is not None:
-        return resolve_reward(spec)
+        return resolve_reward(spec, device=device)
     if callable(spec):
         return spec
     raise ValueError(f"cannot resolve reward_model={spec!r}: rlhf_env.rewards is not available; pass a callable")
@@ -125,7 +125,7 @@ class TextRLHFEnv(gym.Env):
         super().__init__()
         _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"])
         self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
-        self.reward_model = resolve_reward_spec(reward_model)
+        self.reward_model = resolve_reward_spec(reward_model, device)
         self.prompts = resolve_prompts(prompts)
         self.max_new_tokens = int(max_new_tokens)
         self.max_prompt_tokens = int(max_prompt_tokens)

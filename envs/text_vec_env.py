@@ -62,7 +62,7 @@ class TextRLHFVectorEnv(VectorEnv):
         _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"])
         self.num_envs = int(num_envs)
         self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
-        self.reward_model = resolve_reward_spec(reward_model)
+        self.reward_model = resolve_reward_spec(reward_model, device)
         self.prompts = resolve_prompts(prompts)
         self.max_new_tokens = int(max_new_tokens)
         self.max_prompt_tokens = int(max_prompt_tokens)

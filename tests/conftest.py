@@ -5,6 +5,9 @@
   byte-level BPE tokenizer trained in-test with ``tokenizers`` (vocab about 300, with
   ``<pad>``, ``<s>``, ``</s>``). Loads in milliseconds through ``rlhf_env.load_lm(dir)``.
 - ``tiny_prompts``: a handful of short English prompts of different lengths.
+- ``one_thread``: runs the test with ``torch.set_num_threads(1)`` (restored after). Tiny
+  models on this busy 2-core machine run several times faster single-threaded (thread
+  spin-waits dominate their small ops). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 - ``length_reward``: a cheap deterministic reward callable ``(prompts, responses) -> tensor``
   (fraction of the letter "e" in each response).
 
@@ -82,6 +85,15 @@ def build_tiny_lm_dir(path: pathlib.Path, hidden: int = 32, layers: int = 2, see
 def tiny_lm_dir(tmp_path_factory) -> pathlib.Path:
     """Directory of a random 2-layer Llama + in-test tokenizer, written by save_pretrained."""
     return build_tiny_lm_dir(tmp_path_factory.mktemp("tiny_lm"))
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test single-threaded (restores torch's thread count afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -11,6 +11,9 @@ import torch
 import rlhf_env  # noqa: F401  (registers the envs)
 from envs.text_env import TextRLHFEnv
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 
 def make_env(tiny_lm_dir, tiny_prompts, reward, **kwargs) -> TextRLHFEnv:
     kwargs = {"max_new_tokens": 5, "max_prompt_tokens": 40, "shared_model": False, **kwargs}

@@ -16,6 +16,9 @@ from tests.test_text_env import full_log_probs, perturb
 
 N = 3
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 
 def make_vec(tiny_lm_dir, tiny_prompts, reward, **kwargs) -> TextRLHFVectorEnv:
     kwargs = {"max_new_tokens": 5, "max_prompt_tokens": 40, "kl_coef": 0.2, "shared_model": False, **kwargs}
