@@ -203,3 +203,196 @@ def write_prompts(assets: Path = ASSETS) -> tuple[list[str], list[str]]:
     _atomic_write_text(assets / "prompts_train.txt", "\n".join(train) + "\n")
     _atomic_write_text(assets / "prompts_test.txt", "\n".join(test) + "\n")
     return train, test
+
+
+# ---------------------------------------------------------------------------
+# preference pairs: sample from the starting model, label with VADER
+# ---------------------------------------------------------------------------
+
+
+def vader_scores(texts: list[str]) -> list[float]:
+    """VADER compound score of each text, in [-1, 1] (the task's independent scorer).
+
+    :param texts: the texts to score
+    :return: one compound score per text
+    """
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+def sample_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    num_samples: int = 4,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    temperature: float = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[list[str]]:
+    """Sample ``num_samples`` responses per prompt with batched, left-padded ``generate``.
+
+    Prompts are formatted by ``rlhf_env.models.encode_prompt``, exactly as the env does.
+    Each batch reseeds the generator from ``seed`` and its index, so the output does not
+    depend on how far an interrupted run got.
+
+    :return: for each prompt, its decoded responses (special tokens removed, stripped)
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from rlhf_env.models import encode_prompt
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[list[str]] = []
+    batches = range(0, len(prompts), batch_size)
+    for b, start in enumerate(tqdm(batches, desc="sampling responses", disable=not progress)):
+        chunk = prompts[start : start + batch_size]
+        ids = [encode_prompt(tokenizer, p) for p in chunk]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        torch.manual_seed(seed * 100_003 + b)
+        with torch.no_grad():
+            gen = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        for i in range(len(chunk)):
+            out.append([t.strip() for t in texts[i * num_samples : (i + 1) * num_samples]])
+    return out
+
+
+def make_pairs(
+    prompts: list[str], responses: list[list[str]], scores: list[list[float]], margin: float = 0.3, max_per_prompt: int = 2
+) -> list[dict]:
+    """Preference pairs from scored samples: higher VADER score is chosen.
+
+    For each prompt, pairs are taken best-vs-worst first, then the next best against the
+    worst, ..., keeping only pairs whose scores differ by at least ``margin`` (a clear
+    preference, so label noise stays low) and distinct texts.
+
+    :return: dicts with ``prompt``, ``chosen``, ``rejected``, ``chosen_score``, ``rejected_score``
+    """
+    rows = []
+    for prompt, resp, sc in zip(prompts, responses, scores):
+        order = sorted(range(len(resp)), key=lambda i: -sc[i])
+        worst = order[-1]
+        kept = 0
+        for i in order[:-1]:
+            if kept >= max_per_prompt or sc[i] - sc[worst] < margin:
+                break
+            if resp[i] == resp[worst] or not resp[i]:
+                continue
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": resp[i],
+                    "rejected": resp[worst],
+                    "chosen_score": round(sc[i], 4),
+                    "rejected_score": round(sc[worst], 4),
+                }
+            )
+            kept += 1
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def build_pairs(
+    model_name: str = "smollm2-135m",
+    num_samples: int = 4,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    margin: float = 0.3,
+    seed: int = 0,
+    device: str = "cpu",
+    out_dir: Path = TASK_DIR,
+) -> dict:
+    """Sample, score and pair responses for both prompt splits; write the JSON Lines files.
+
+    Writes ``samples_{split}.jsonl`` (every sampled response with its score) and
+    ``pairs_{split}.jsonl`` (the preference pairs) for ``split`` in train/test.
+
+    :return: a summary (counts, mean scores, seconds)
+    """
+    from rlhf_env.models import load_lm
+
+    train, test = split_prompts(make_prompts())
+    model, tokenizer = load_lm(model_name, device=device)
+    model.eval()
+    summary: dict = {"model": model_name, "num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed}
+    for split, prompts, split_seed in (("train", train, seed), ("test", test, seed + 1)):
+        t0 = time.time()
+        responses = sample_responses(
+            model, tokenizer, prompts, num_samples, max_new_tokens, batch_size, seed=split_seed, device=device
+        )
+        flat = [r for rs in responses for r in rs]
+        flat_scores = vader_scores(flat)
+        scores = [flat_scores[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
+        samples = [
+            {"prompt": p, "response": r, "score": round(s, 4)}
+            for p, rs, ss in zip(prompts, responses, scores)
+            for r, s in zip(rs, ss)
+        ]
+        pairs = make_pairs(prompts, responses, scores, margin=margin)
+        _write_jsonl(out_dir / f"samples_{split}.jsonl", samples)
+        _write_jsonl(out_dir / f"pairs_{split}.jsonl", pairs)
+        summary[split] = {
+            "prompts": len(prompts),
+            "samples": len(samples),
+            "pairs": len(pairs),
+            "mean_score": round(sum(flat_scores) / len(flat_scores), 4),
+            "seconds": round(time.time() - t0, 1),
+        }
+        print(f"{split}: {summary[split]}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_env.default_task",
+        description="Rebuild the default task's prompts and preference pairs under rlhf_env/assets.",
+    )
+    parser.add_argument("--prompts-only", action="store_true", help="only rewrite prompts_train.txt / prompts_test.txt")
+    parser.add_argument("--model", default="smollm2-135m", help="starting model to sample from (default: smollm2-135m)")
+    parser.add_argument("--num-samples", type=int, default=4, help="responses sampled per prompt (default: 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response at most (default: 48)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default: 16)")
+    parser.add_argument("--margin", type=float, default=0.3, help="least VADER score difference of a pair (default: 0.3)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a shared machine)")
+    parser.add_argument("--out-dir", type=Path, default=TASK_DIR, help=f"where the JSON Lines go (default: {TASK_DIR})")
+    args = parser.parse_args(argv)
+    write_prompts()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.prompts_only:
+        return 0
+    summary = build_pairs(
+        args.model, args.num_samples, args.max_new_tokens, args.batch_size, args.margin, args.seed, args.device, args.out_dir
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -32,6 +32,7 @@ from rlhf_env.training import (
     seed_everything,
     sequence_logprobs,
     summary_writer,
+    train_last_layers,
 )
 
 
@@ -47,6 +48,8 @@ class DPOConfig:
     :param weight_decay: AdamW weight decay
     :param seed: seed for the data order
     :param eval_batch_size: pairs per forward pass when computing log-probabilities without gradients
+    :param trainable_layers: train only the last N transformer blocks and the final norm
+        (``None``: all weights); much cheaper on CPU
     """
 
     beta: float = 0.1
@@ -57,6 +60,7 @@ class DPOConfig:
     weight_decay: float = 0.0
     seed: int = 0
     eval_batch_size: int = 16
+    trainable_layers: Optional[int] = None
 
 
 def dpo_loss(
@@ -167,6 +171,7 @@ def train_dpo(
     if ref_model is not model:
         del ref_model
 
+    train_last_layers(model, cfg.trainable_layers)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     writer = summary_writer(log_dir, run_name)
     total = -(-len(data) // cfg.batch_size) * cfg.epochs

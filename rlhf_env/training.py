@@ -167,3 +167,33 @@ def resolve_lm(model, tokenizer=None, device="cpu", dtype=None):
     if tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer: pass tokenizer=..., or pass the model's name or folder")
     return model.to(device), tokenizer
+
+
+def train_last_layers(model, n: Optional[int]) -> None:
+    """Freeze everything but the last ``n`` transformer blocks and the final norm (``None``: train all).
+
+    The (often tied) embedding and LM head stay frozen: on CPU their gradient is the most
+    expensive part of a step. Works for models whose blocks are an ``nn.ModuleList``
+    (``model.model.layers``, ``transformer.h``, ...).
+
+    :raises ValueError: when no block list is found
+    """
+    if n is None:
+        return
+    blocks = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            blocks = module
+            break
+    if blocks is None:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}; pass trainable_layers=None")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in list(blocks)[-n:] if n > 0 else []:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    base = getattr(model, "base_model", model)
+    norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
+    if norm is not None:
+        for p in norm.parameters():
+            p.requires_grad_(True)

@@ -165,3 +165,32 @@ def test_dpo_with_explicit_reference_equals_default_reference(tiny_lm):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no_such_model"):
         train_sft([("a", "b")], str(tmp_path / "no_such_model"), progress=False)
+
+
+def test_trainable_layers_trains_only_the_last_block(tiny_lm):
+    from rlhf_env.models import load_lm
+
+    before, _ = load_lm(tiny_lm)
+    after, _ = train_dpo(PAIRS, str(tiny_lm), config=DPOConfig(learning_rate=1e-2, batch_size=4, epochs=1, trainable_layers=1), progress=False)
+    changed = {n for (n, a), (_, b) in zip(after.named_parameters(), before.named_parameters()) if not torch.equal(a, b)}
+    assert changed and all(n.startswith(("model.layers.1.", "model.norm.")) for n in changed), changed
+
+
+def test_cli_sft_and_dpo(tiny_lm, tmp_path):
+    import json
+
+    from rlhf_env.cli import main
+    from rlhf_env.data import save_preferences
+    from rlhf_env.models import load_lm
+
+    data = tmp_path / "pairs.jsonl"
+    save_preferences(PAIRS, data)
+    assert main(["sft", "--data", str(data), "--model", str(tiny_lm), "--output", str(tmp_path / "sft"), "--epochs", "2", "--no-progress"]) == 0
+    assert main(["dpo", "--train", str(data), "--eval", str(data), "--model", str(tmp_path / "sft"), "--output", str(tmp_path / "dpo"),
+                 "--beta", "0.5", "--lr", "3e-3", "--batch-size", "2", "--epochs", "10", "--log-dir", str(tmp_path / "tb"), "--no-progress"]) == 0
+    load_lm(tmp_path / "dpo")
+    assert (tmp_path / "tb" / "dpo_1").is_dir()
+    # a broken data file: one line, naming the file and the line
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    assert main(["dpo", "--train", str(tmp_path / "bad.jsonl"), "--model", str(tiny_lm), "--output", str(tmp_path / "x"), "--no-progress"]) == 1
+    assert not (tmp_path / "x").exists()

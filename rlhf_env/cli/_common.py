@@ -1,0 +1,42 @@
+"""Flags shared by the offline-training subcommands (train-rm, sft, dpo)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TASK_DIR = Path(__file__).resolve().parent.parent / "assets" / "task"
+DEFAULT_TRAIN = TASK_DIR / "pairs_train.jsonl"
+DEFAULT_EVAL = TASK_DIR / "pairs_test.jsonl"
+
+
+def add_training_flags(p: argparse.ArgumentParser, defaults, run_name: str) -> None:
+    """--learning-rate, --batch-size, --epochs, --max-length, --seed, --device, --dtype,
+    --log-dir, --run-name, --threads, --no-progress, with the config dataclass's defaults."""
+    p.add_argument("--learning-rate", "--lr", type=float, default=defaults.learning_rate, help=f"AdamW learning rate (default: {defaults.learning_rate})")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"examples (pairs) per optimiser step (default: {defaults.batch_size})")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the training data (default: {defaults.epochs})")
+    p.add_argument("--max-length", type=int, default=defaults.max_length, help=f"longest input in tokens; the prompt's start is cut first (default: {defaults.max_length})")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help=f"AdamW weight decay (default: {defaults.weight_decay})")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"seed for initialisation and data order (default: {defaults.seed})")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype (default: float32)")
+    p.add_argument("--log-dir", default=None, help="TensorBoard root; the run goes to LOG_DIR/RUN_NAME_k (default: no logging)")
+    p.add_argument("--run-name", default=run_name, help=f"TensorBoard run name (default: {run_name})")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def apply_threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def resolve_dtype(name):
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)

@@ -1,0 +1,46 @@
+"""``rlhf-env dpo``: Direct Preference Optimisation of a causal LM on preference pairs."""
+
+from __future__ import annotations
+
+import argparse
+
+from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_TRAIN, add_training_flags, apply_threads, resolve_dtype
+
+
+def add_parser(subparsers) -> None:
+    from rlhf_env.dpo import DPOConfig
+
+    d = DPOConfig()
+    p = subparsers.add_parser(
+        "dpo",
+        help="Direct Preference Optimisation on preference pairs",
+        description="Train a causal LM with the DPO loss -log sigmoid(beta*log(pi/pi_ref)(chosen) - "
+        "beta*log(pi/pi_ref)(rejected)) and save a model folder that gym.make('TextRLHF-v0', model=DIR) accepts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--train", default=str(DEFAULT_TRAIN), help="training pairs: JSON Lines of {prompt, chosen, rejected}")
+    p.add_argument("--eval", default=str(DEFAULT_EVAL), help="held-out pairs; implicit-reward accuracy after each epoch ('none' to skip)")
+    p.add_argument("--model", default="smollm2-135m", help="policy to train: smollm2-135m, tiny, or a local Hugging Face model folder")
+    p.add_argument("--reference", default=None, help="frozen reference model (default: the policy before training)")
+    p.add_argument("--beta", type=float, default=d.beta, help="DPO beta: strength of the implicit KL constraint")
+    p.add_argument("--trainable-layers", type=int, default=d.trainable_layers, help="train only the last N transformer blocks and the final norm (default: all weights)")
+    p.add_argument("--output", "-o", required=True, help="folder to write the trained policy to (replaced atomically)")
+    add_training_flags(p, d, "dpo")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rlhf_env.dpo import DPOConfig, train_dpo
+
+    apply_threads(args)
+    cfg = DPOConfig(
+        beta=args.beta, learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
+        max_length=args.max_length, weight_decay=args.weight_decay, seed=args.seed, trainable_layers=args.trainable_layers,
+    )
+    model, _ = train_dpo(
+        args.train, args.model, reference=args.reference, config=cfg,
+        eval_pairs=None if args.eval.lower() == "none" else args.eval, output_dir=args.output, log_dir=args.log_dir,
+        run_name=args.run_name, device=args.device, dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
+    )
+    print(" ".join(f"{k}={v:.4f}" for k, v in model.dpo_metrics.items()), f"saved={args.output}")
+    return 0

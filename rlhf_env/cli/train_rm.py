@@ -1,0 +1,45 @@
+"""``rlhf-env train-rm``: train a reward model on preference pairs."""
+
+from __future__ import annotations
+
+import argparse
+
+from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_TRAIN, add_training_flags, apply_threads, resolve_dtype
+
+
+def add_parser(subparsers) -> None:
+    from rlhf_env.reward_model import DEFAULT_BACKBONE, RewardModelConfig
+
+    d = RewardModelConfig()
+    p = subparsers.add_parser(
+        "train-rm",
+        help="train a reward model on preference pairs (JSON Lines)",
+        description="Train a reward model with the loss -log sigmoid(s_chosen - s_rejected) and save it "
+        "as a folder that RewardModel.load and gym.make('TextRLHF-v0', reward_model=DIR) accept.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--train", default=str(DEFAULT_TRAIN), help="training pairs: JSON Lines of {prompt, chosen, rejected}")
+    p.add_argument("--eval", default=str(DEFAULT_EVAL), help="held-out pairs evaluated after each epoch ('none' to skip)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="all-minilm-l6-v2, tiny, smollm2-135m, or a local Hugging Face model folder")
+    p.add_argument("--pooling", default=None, choices=["first", "mean", "last"], help="hidden state the head reads (default: first for encoders, last for causal LMs)")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps with linear learning-rate warm-up")
+    p.add_argument("--output", "-o", required=True, help="folder to write the reward model to (replaced atomically)")
+    add_training_flags(p, d, "reward_model")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rlhf_env.reward_model import RewardModelConfig, train_reward_model
+
+    apply_threads(args)
+    cfg = RewardModelConfig(
+        learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs, max_length=args.max_length,
+        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, pooling=args.pooling, seed=args.seed,
+    )
+    rm = train_reward_model(
+        args.train, backbone=args.backbone, eval_pairs=None if args.eval.lower() == "none" else args.eval, config=cfg,
+        output_dir=args.output, log_dir=args.log_dir, run_name=args.run_name, device=args.device,
+        dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
+    )
+    print(" ".join(f"{k}={v:.4f}" for k, v in rm.metrics.items()), f"saved={args.output}")
+    return 0

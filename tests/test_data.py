@@ -1,0 +1,104 @@
+"""Preference data: loading, clear errors, and the shipped default-task files."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_env.data import PreferencePair, as_pairs, example_path, load_preferences, save_preferences
+from rlhf_env.default_task import ASSETS, make_pairs, make_prompts, split_prompts, vader_scores, write_prompts
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_example_file_holds_the_design_card_example():
+    pairs = load_preferences(example_path())
+    assert PreferencePair("什么是数据库？", "数据库是一个有组织的数据集合，允许高效的数据存储、检索和管理。", "数据库用于存储数据。") in pairs
+    assert len(pairs) >= 3
+
+
+def test_round_trip(tmp_path):
+    pairs = [PreferencePair("p", "good", "bad"), PreferencePair("q\nline", "ü", '"x"')]
+    save_preferences(pairs, tmp_path / "a.jsonl")
+    assert load_preferences(tmp_path / "a.jsonl") == pairs
+
+
+def test_broken_json_line_names_file_and_line(tmp_path):
+    ok = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
+    path = _write(tmp_path / "broken.jsonl", [ok, '{"prompt": "p", "chosen": ', ok])
+    with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
+        load_preferences(path)
+
+
+def test_missing_key_names_key_and_line(tmp_path):
+    ok = json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
+    path = _write(tmp_path / "missing.jsonl", [ok, ok, "", json.dumps({"prompt": "p", "chosen": "c"})])
+    with pytest.raises(ValueError, match=r"missing\.jsonl:4: missing key\(s\) \['rejected'\]"):
+        load_preferences(path)
+
+
+def test_wrong_types_are_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"t\.jsonl:1: expected a JSON object"):
+        load_preferences(_write(tmp_path / "t.jsonl", ["[1, 2, 3]"]))
+    with pytest.raises(ValueError, match=r"u\.jsonl:1: field 'chosen' must be a string"):
+        load_preferences(_write(tmp_path / "u.jsonl", [json.dumps({"prompt": "p", "chosen": 3, "rejected": "r"})]))
+
+
+def test_empty_and_missing_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl: the file holds no preference pairs"):
+        load_preferences(empty)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_preferences(tmp_path / "nope.jsonl")
+
+
+def test_as_pairs_accepts_dicts_tuples_and_rejects_junk():
+    pairs = as_pairs([{"prompt": "a", "chosen": "b", "rejected": "c"}, ("d", "e", "f")])
+    assert pairs == [PreferencePair("a", "b", "c"), PreferencePair("d", "e", "f")]
+    with pytest.raises(ValueError, match="pair 0"):
+        as_pairs([("only", "two")])
+    with pytest.raises(ValueError, match="no preference pairs"):
+        as_pairs([])
+
+
+def test_prompt_files_are_the_scripted_split(tmp_path):
+    train, test = write_prompts(tmp_path)
+    for name, expected in (("prompts_train.txt", train), ("prompts_test.txt", test)):
+        shipped = (ASSETS / name).read_text(encoding="utf-8")
+        assert shipped == (tmp_path / name).read_text(encoding="utf-8"), f"{name} is stale: run python -m rlhf_env.default_task --prompts-only"
+        lines = shipped.splitlines()
+        assert lines == expected and all(line.strip() for line in lines)
+    assert not set(train) & set(test)
+    assert 250 <= len(train) + len(test) == len(make_prompts()) <= 600
+    assert split_prompts(make_prompts()) == (train, test)
+
+
+def test_make_pairs_keeps_only_clear_margins():
+    rows = make_pairs(["p", "q"], [["great", "ok", "awful"], ["fine", "fine!"]], [[0.8, 0.1, -0.5], [0.2, 0.3]], margin=0.3)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("p", "great", "awful"), ("p", "ok", "awful")]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_shipped_pairs_are_labelled_by_vader(split):
+    pairs_file = ASSETS / "task" / f"pairs_{split}.jsonl"
+    pairs = load_preferences(pairs_file)
+    rows = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines()]
+    prompts = set((ASSETS / f"prompts_{split}.txt").read_text(encoding="utf-8").splitlines())
+    assert len(pairs) >= (100 if split == "train" else 20)
+    assert all(p.prompt in prompts for p in pairs)
+    chosen = vader_scores([r["chosen"] for r in rows])
+    rejected = vader_scores([r["rejected"] for r in rows])
+    for r, c, j in zip(rows, chosen, rejected):
+        assert c == pytest.approx(r["chosen_score"], abs=1e-4) and j == pytest.approx(r["rejected_score"], abs=1e-4)
+        assert c - j >= 0.3
+
+
+def test_handwritten_pairs_use_new_prompts():
+    pairs = load_preferences(ASSETS / "task" / "handwritten.jsonl")
+    assert len(pairs) >= 20
+    known = set(make_prompts())
+    assert not any(p.prompt in known for p in pairs)
