@@ -1,0 +1,40 @@
+"""Agents with the Stable-Baselines3 API: ``REINFORCE``, ``A2C``, ``PPO``.
+
+``from agents import PPO`` replaces ``from stable_baselines3 import PPO``. ``ALGOS`` maps
+the command line's ``--algo`` names to classes; other modules may add entries.
+"""
+
+from __future__ import annotations
+
+from agents.a2c import A2C
+from agents.base import BaseAlgorithm
+from agents.callbacks import (
+    BaseCallback,
+    CallbackList,
+    CheckpointCallback,
+    EvalCallback,
+    StopTrainingOnRewardThreshold,
+)
+from agents.evaluation import evaluate_policy
+from agents.on_policy import OnPolicyAlgorithm
+from agents.ppo import PPO
+from agents.reinforce import REINFORCE
+from agents.vec_env import make_vec_env
+
+ALGOS: dict[str, type[BaseAlgorithm]] = {"reinforce": REINFORCE, "a2c": A2C, "ppo": PPO}
+
+__all__ = [
+    "ALGOS",
+    "A2C",
+    "PPO",
+    "REINFORCE",
+    "BaseAlgorithm",
+    "OnPolicyAlgorithm",
+    "BaseCallback",
+    "CallbackList",
+    "CheckpointCallback",
+    "EvalCallback",
+    "StopTrainingOnRewardThreshold",
+    "evaluate_policy",
+    "make_vec_env",
+]

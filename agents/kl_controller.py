@@ -110,16 +110,24 @@ def make_kl_controller(
     return AdaptiveKLController(kl_coef, target_kl, horizon)
 
 
+def _unadapt(env: Any) -> Any:
+    """The vector env inside an algorithm's :class:`agents.vec_env.VecEnvAdapter`."""
+    from agents.vec_env import VecEnvAdapter
+
+    return env.env if isinstance(env, VecEnvAdapter) else env
+
+
 def set_env_kl_coef(env: Any, kl_coef: float) -> None:
     """Write ``kl_coef`` into a text environment, however it is wrapped.
 
     Handles a Gymnasium env (``env.unwrapped.kl_coef``), a Gymnasium ``VectorEnv``
-    (its own attribute when it is the batched text env, else ``set_attr``) and an SB3
-    ``VecEnv`` (``set_attr``).
+    (its own attribute when it is the batched text env, else ``set_attr``), an SB3
+    ``VecEnv`` (``set_attr``) and the algorithms' ``VecEnvAdapter`` around any of them.
 
     :param env: the environment.
     :param kl_coef: the new coefficient.
     """
+    env = _unadapt(env)
     target = getattr(env, "unwrapped", env)
     if hasattr(target, "kl_coef"):  # a single env, or the batched text env (one for all)
         target.kl_coef = float(kl_coef)
@@ -138,6 +146,7 @@ def get_env_kl_coef(env: Any) -> float | None:
 
     :param env: the environment (Gymnasium env, VectorEnv or SB3 VecEnv).
     """
+    env = _unadapt(env)
     target = getattr(env, "unwrapped", env)
     if hasattr(target, "kl_coef"):
         return float(target.kl_coef)

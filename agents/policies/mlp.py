@@ -139,7 +139,8 @@ class ActorCriticPolicy(BasePolicy):
         **kwargs: Any,
     ):
         if optimizer_kwargs is None:
-            optimizer_kwargs = {"eps": 1e-5} if optimizer_class is torch.optim.Adam else {}
+            # SB3's eps; the fused kernel does the whole Adam update in one op
+            optimizer_kwargs = {"eps": 1e-5, "fused": True} if optimizer_class is torch.optim.Adam else {}
         super().__init__(
             observation_space, action_space, lr_schedule, optimizer_class, optimizer_kwargs, use_sde, squash_output
         )

@@ -1,0 +1,222 @@
+"""Rollout storage and generalised advantage estimation.
+
+The buffer is a set of preallocated (n_steps, n_envs, ...) tensors on the algorithm's
+device. Observations keep their space's dtype (token ids stay integers). A ``valid``
+mask marks real transitions: with Gymnasium's NEXT_STEP autoreset the step after an
+episode end only resets the sub-env, and that row must not be trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from agents.preprocessing import obs_shape
+
+
+class RolloutBufferSamples(NamedTuple):
+    observations: torch.Tensor | dict[str, torch.Tensor]
+    actions: torch.Tensor
+    old_values: torch.Tensor
+    old_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def torch_dtype(space: spaces.Space) -> torch.dtype:
+    """The torch dtype that holds ``space``'s samples without loss."""
+    if isinstance(space, spaces.Discrete):
+        return torch.int64
+    return torch.from_numpy(np.zeros((), dtype=space.dtype)).dtype
+
+
+@torch.no_grad()
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    last_values: torch.Tensor,
+    final_values: torch.Tensor | None = None,
+    gamma: float = 0.99,
+    gae_lambda: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over a (T, n_envs) rollout.
+
+    ``delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)``
+    ``A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}``, ``done = terminated | truncated``,
+    ``returns = A + V``.
+
+    A terminated step has no future. A truncated step was cut by a time limit, so it
+    bootstraps with the value of its final observation ``final_values[t]``; the
+    advantage recursion still stops there because the next row starts a new episode.
+
+    :param rewards: r_t, shape (T, n_envs)
+    :param values: V(s_t) of the stored observations, shape (T, n_envs)
+    :param terminated: episode ended in a terminal state at t (bool or 0/1)
+    :param truncated: episode cut by a time limit at t
+    :param last_values: V of the observation after the last step, shape (n_envs,)
+    :param final_values: V of the final observation where ``truncated``; ``None`` means
+        it is the next stored row's value (NEXT_STEP autoreset layout, where the
+        observation after a done step is the final one), ``last_values`` for the last row
+    :param gamma: discount factor
+    :param gae_lambda: GAE's lambda (1 = Monte-Carlo returns, 0 = one-step TD)
+    :return: ``(advantages, returns)``, each (T, n_envs)
+    """
+    terminated = terminated.to(values.dtype)
+    done = torch.maximum(terminated, truncated.to(values.dtype))
+    next_values = torch.cat([values[1:], last_values.reshape(1, -1).to(values.dtype)], dim=0)
+    if final_values is not None:
+        next_values = torch.where(truncated.bool(), final_values.to(values.dtype), next_values)
+    deltas = rewards + gamma * next_values * (1.0 - terminated) - values
+    decay = gamma * gae_lambda * (1.0 - done)
+    advantages = torch.empty_like(values)
+    last_gae = torch.zeros_like(values[0])
+    for t in range(values.shape[0] - 1, -1, -1):
+        last_gae = deltas[t] + decay[t] * last_gae
+        advantages[t] = last_gae
+    return advantages, advantages + values
+
+
+class RolloutBuffer:
+    """On-policy storage for ``buffer_size`` steps of ``n_envs`` environments.
+
+    :param buffer_size: steps per environment (``n_steps``)
+    :param observation_space: observation space of one environment (Box, Discrete, ..., Dict)
+    :param action_space: action space of one environment
+    :param device: where the tensors live
+    :param gae_lambda: GAE's lambda
+    :param gamma: discount factor
+    :param n_envs: number of environments
+    """
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        device: torch.device | str = "cpu",
+        gae_lambda: float = 1.0,
+        gamma: float = 0.99,
+        n_envs: int = 1,
+    ):
+        self.buffer_size = buffer_size
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.device = torch.device(device)
+        self.gae_lambda = gae_lambda
+        self.gamma = gamma
+        self.n_envs = n_envs
+        self._allocate()
+        self.reset()
+
+    def _obs_storage(self, space: spaces.Space) -> torch.Tensor:
+        return torch.zeros((self.buffer_size, self.n_envs, *obs_shape(space)), dtype=torch_dtype(space), device=self.device)
+
+    def reset(self) -> None:
+        """Start a new rollout (storage is reused; every row is rewritten by ``add``)."""
+        self.pos = 0
+        self.full = False
+        self.final_values_given = False
+        self.final_values.zero_()
+        self.valid.fill_(True)
+
+    def _allocate(self) -> None:
+        shape, device = (self.buffer_size, self.n_envs), self.device
+        if isinstance(self.observation_space, spaces.Dict):
+            self.observations = {k: self._obs_storage(s) for k, s in self.observation_space.spaces.items()}
+        else:
+            self.observations = self._obs_storage(self.observation_space)
+        act_shape = () if isinstance(self.action_space, spaces.Discrete) else tuple(self.action_space.shape)
+        act_dtype = torch.int64 if isinstance(self.action_space, (spaces.Discrete, spaces.MultiDiscrete)) else torch.float32
+        self.actions = torch.zeros((*shape, *act_shape), dtype=act_dtype, device=device)
+        self.rewards = torch.zeros(shape, device=device)
+        self.values = torch.zeros(shape, device=device)
+        self.log_probs = torch.zeros(shape, device=device)
+        self.episode_starts = torch.zeros(shape, device=device)
+        self.terminated = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.truncated = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.final_values = torch.zeros(shape, device=device)
+        self.valid = torch.ones(shape, dtype=torch.bool, device=device)
+        self.advantages = torch.zeros(shape, device=device)
+        self.returns = torch.zeros(shape, device=device)
+
+    def add(
+        self,
+        obs: torch.Tensor | dict[str, torch.Tensor],
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        episode_starts: torch.Tensor,
+        values: torch.Tensor,
+        log_probs: torch.Tensor,
+        terminated: torch.Tensor | None = None,
+        truncated: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> None:
+        """Store one step for all envs (tensors with first axis n_envs)."""
+        t = self.pos
+        if isinstance(obs, dict):
+            for key, value in obs.items():
+                self.observations[key][t] = value
+        else:
+            self.observations[t] = obs
+        self.actions[t] = actions.reshape(self.actions[t].shape)
+        self.rewards[t] = rewards
+        self.episode_starts[t] = episode_starts
+        self.values[t] = values.reshape(-1)
+        self.log_probs[t] = log_probs.reshape(-1)
+        if terminated is not None:
+            self.terminated[t] = terminated
+        if truncated is not None:
+            self.truncated[t] = truncated
+        self.valid[t] = True if valid is None else valid
+        self.pos += 1
+        self.full = self.pos == self.buffer_size
+
+    def compute_returns_and_advantage(self, last_values: torch.Tensor, dones: torch.Tensor | None = None) -> None:
+        """Fill ``advantages`` and ``returns`` by :func:`compute_gae`.
+
+        ``dones`` is accepted for SB3 compatibility; the buffer's own ``terminated`` and
+        ``truncated`` flags decide bootstrapping."""
+        self.advantages, self.returns = compute_gae(
+            self.rewards,
+            self.values,
+            self.terminated,
+            self.truncated,
+            last_values.reshape(-1),
+            self.final_values if self.final_values_given else None,
+            self.gamma,
+            self.gae_lambda,
+        )
+
+    def flat_valid_indices(self) -> torch.Tensor:
+        return torch.nonzero(self.valid.reshape(-1), as_tuple=True)[0]
+
+    def _flat(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(self.buffer_size * self.n_envs, *tensor.shape[2:])
+
+    def get(self, batch_size: int | None = None) -> Iterator[RolloutBufferSamples]:
+        """Minibatches over the valid transitions in a fresh random order
+        (the last one may be smaller)."""
+        if isinstance(self.observations, dict):
+            obs = {k: self._flat(v) for k, v in self.observations.items()}
+        else:
+            obs = self._flat(self.observations)
+        flat = [self._flat(x) for x in (self.actions, self.values, self.log_probs, self.advantages, self.returns)]
+        n_total = self.buffer_size * self.n_envs
+        if (batch_size is None or batch_size >= n_total) and bool(self.valid.all()):
+            # one minibatch of everything: the order does not change a mean loss, so
+            # skip the shuffle and the gather copies
+            yield RolloutBufferSamples(obs, *flat)
+            return
+        indices = self.flat_valid_indices()
+        indices = indices[torch.randperm(len(indices), device=indices.device)]
+        if batch_size is None:
+            batch_size = len(indices)
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            batch_obs = {k: v[idx] for k, v in obs.items()} if isinstance(obs, dict) else obs[idx]
+            yield RolloutBufferSamples(batch_obs, *(x[idx] for x in flat))

@@ -1,0 +1,288 @@
+"""Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath), SB3's interface.
+
+GRPO drops PPO's critic: it samples ``G`` responses to each prompt and uses the score of
+each response relative to its group as the advantage of every one of its tokens.
+
+Per iteration:
+
+1. ``n_envs / group_size`` prompts are drawn; the batched text env is reset with each
+   prompt repeated ``group_size`` times (``reset(options={"prompt": [...]})``) and runs
+   until every sub-env has finished its response.
+2. ``A_i = (score_i - mean(group)) / (std(group) + eps)`` for response ``i``, on each of
+   its tokens.
+3. ``n_epochs`` passes of minibatches of whole responses; one teacher-forced forward per
+   micro-batch gives the new log-probs ``log pi(a_t|s_t)``; the loss per token is::
+
+       -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * k3_t
+       k3_t = exp(log ref - log pi) - (log ref - log pi) - 1
+
+   averaged over the minibatch's tokens (TRL's default ``"dapo"`` aggregation, which has
+   no length bias). ``log ref`` is the reference log-probability the env already computed
+   for each token (its info ``ref_logprob``), so no reference forward is needed here.
+
+**The env's KL reward is switched off**: GRPO sets the env's ``kl_coef`` to 0 when it
+is built (the KL to the reference enters through the loss term ``beta * k3`` instead,
+as in the paper), so the env's rewards are the scores alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from agents.kl_controller import set_env_kl_coef
+from agents.lm_rollout import (
+    RolloutStats,
+    TextSegment,
+    collect_text_rollout,
+    evaluate_tokens,
+    find_text_env,
+    group_advantages,
+    micro_batches,
+    pack_segments,
+    pad_field,
+    response_mask,
+)
+from agents.on_policy import OnPolicyAlgorithm
+from agents.schedules import get_schedule_fn
+from agents.text_ppo import split_minibatches
+
+
+class GRPO(OnPolicyAlgorithm):
+    """GRPO on a batched ``TextRLHF`` env.
+
+    :param policy: ``"LMPolicy"`` (the language-model policy; its value head is unused)
+    :param env: the batched text env (``gym.make_vec("TextRLHF-v0", num_envs=N)``, or the
+        id with ``n_envs=N``); ``N`` must be a multiple of ``group_size``
+    :param learning_rate: number, ``"lin_<x>"`` or schedule
+    :param group_size: responses per prompt (``G``)
+    :param batch_size: tokens per minibatch (the minibatches are made of whole responses)
+    :param n_epochs: passes over each rollout (TRL's ``num_iterations``)
+    :param clip_range: ratio clip epsilon
+    :param beta: coefficient of the k3 KL-to-reference loss term (0 switches it off)
+    :param scale_rewards: divide by the group's standard deviation (False: Dr. GRPO)
+    :param eps: added to the group std
+    :param ent_coef: entropy bonus weight
+    :param max_grad_norm: gradient-norm clip
+    :param micro_batch_tokens: padded tokens per forward; larger minibatches accumulate
+        gradients over several forwards
+    :param sample_every: log sample responses to TensorBoard every this many iterations
+    Other parameters: see :class:`agents.on_policy.OnPolicyAlgorithm`.
+    """
+
+    _excluded_save_params = OnPolicyAlgorithm._excluded_save_params + ("_segments",)
+
+    def __init__(
+        self,
+        policy: Any,
+        env: Any,
+        learning_rate: Any = 1e-5,
+        group_size: int = 4,
+        batch_size: int = 4096,
+        n_epochs: int = 1,
+        clip_range: Any = 0.2,
+        beta: float = 0.04,
+        scale_rewards: bool = True,
+        eps: float = 1e-4,
+        ent_coef: float = 0.0,
+        max_grad_norm: float = 1.0,
+        micro_batch_tokens: int = 4096,
+        sample_every: int = 5,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: torch.device | str = "cpu",
+        _init_setup_model: bool = True,
+        n_envs: int = 1,
+        env_kwargs: dict[str, Any] | None = None,
+    ):
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}")
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=1,  # set from the env's max_new_tokens in _setup_model
+            gamma=1.0,
+            gae_lambda=1.0,
+            ent_coef=ent_coef,
+            vf_coef=0.0,
+            max_grad_norm=max_grad_norm,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+            supported_action_spaces=(spaces.Discrete,),
+            n_envs=n_envs,
+            env_kwargs=env_kwargs,
+        )
+        self.group_size = int(group_size)
+        self.batch_size = int(batch_size)
+        self.n_epochs = int(n_epochs)
+        self.clip_range = clip_range
+        self.beta = float(beta)
+        self.scale_rewards = bool(scale_rewards)
+        self.eps = float(eps)
+        self.micro_batch_tokens = int(micro_batch_tokens)
+        self.sample_every = int(sample_every)
+        self._iteration = 0
+        self._prompt_rng = np.random.default_rng(seed)
+        if _init_setup_model:
+            self._setup_model()
+
+    # --- set-up -----------------------------------------------------------------------
+    def _text_env(self) -> Any:
+        text_env = find_text_env(self.env) if self.env is not None else None
+        inner = getattr(self.env, "env", None)
+        if text_env is None or text_env is not inner or not hasattr(text_env, "num_envs"):
+            raise ValueError(
+                "GRPO needs the batched text env, which resets each sub-env to a prompt of its group: "
+                "pass gym.make_vec('TextRLHF-v0', num_envs=N) (or the id with n_envs=N), "
+                f"not {type(inner).__name__}"
+            )
+        return text_env
+
+    def _check_env(self) -> None:
+        text_env = self._text_env()
+        if self.n_envs % self.group_size:
+            raise ValueError(
+                f"num_envs={self.n_envs} is not a multiple of group_size={self.group_size}: "
+                f"use num_envs = prompts_per_step * group_size (e.g. {self.group_size * max(1, self.n_envs // self.group_size)})"
+            )
+        # the KL enters through the loss (beta * k3), not through the env's reward
+        set_env_kl_coef(self.env, 0.0)
+        self.n_steps = int(text_env.max_new_tokens) + 1
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        from agents.text_ppo import is_lm_policy
+
+        if not is_lm_policy(self.policy):
+            raise ValueError("GRPO trains a language-model policy: use policy='LMPolicy' on a TextRLHF env")
+        self.clip_range_schedule = get_schedule_fn(self.clip_range)
+        if self.env is not None:
+            self._check_env()
+
+    def _on_n_envs_changed(self) -> None:
+        super()._on_n_envs_changed()
+        self._check_env()
+
+    def set_env(self, env: Any, force_reset: bool = True) -> None:
+        super().set_env(env, force_reset)
+        self._check_env()
+
+    # --- rollout ----------------------------------------------------------------------
+    def _reset_to_groups(self) -> list[int]:
+        """Reset the env: prompt ``k`` in sub-envs ``k*G .. k*G+G-1``."""
+        text_env = self._text_env()
+        n_prompts = self.n_envs // self.group_size
+        chosen = self._prompt_rng.choice(len(text_env.prompts), size=n_prompts, replace=n_prompts > len(text_env.prompts))
+        prompts = [text_env.prompts[int(k)] for k in chosen for _ in range(self.group_size)]
+        obs, _ = text_env.reset(options={"prompt": prompts})
+        self.env._prev_done[:] = False
+        self._last_obs = obs
+        self._last_episode_starts = np.ones(self.n_envs, dtype=bool)
+        return [i // self.group_size for i in range(self.n_envs)]
+
+    def collect_rollouts(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
+        """One group of ``group_size`` complete responses per prompt (see the module docstring)."""
+        groups = self._reset_to_groups()
+        ok, self._segments, stats = collect_text_rollout(self, env, callback, n_rollout_steps, groups=groups)
+        self._iteration += 1
+        self._record_rollout(stats)
+        return ok
+
+    def _record_rollout(self, stats: RolloutStats) -> None:
+        from agents.text_ppo import RLHFConfig, TextPPOState, record_rollout_stats
+
+        state = TextPPOState(RLHFConfig(sample_every=self.sample_every), 0.0)
+        state.iteration = self._iteration
+        record_rollout_stats(self, stats, state, 0.0)
+
+    # --- update -----------------------------------------------------------------------
+    def train(self) -> None:
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range_schedule(self._current_progress_remaining)
+        segments: list[TextSegment] = [s for s in self._segments if len(s) > 0 and s.score is not None]
+        if not segments:
+            return
+        scores = torch.tensor([s.score for s in segments])
+        groups = torch.tensor([s.group for s in segments])
+        response_advantages = group_advantages(scores, groups, eps=self.eps, scale=self.scale_rewards)
+        for seg, adv in zip(segments, response_advantages.tolist()):
+            seg.advantages = torch.full((len(seg),), adv)
+
+        policy = self.policy
+        core = policy.core
+        device = self.device
+        params = [p for group in policy.optimizer.param_groups for p in group["params"]]
+        stats = {k: [] for k in ("pg", "kl_ref", "ent", "clip", "kl", "loss")}
+        for _ in range(self.n_epochs):
+            for batch in split_minibatches(segments, self.batch_size):
+                n_tokens = sum(len(s) for s in batch)
+                sums = dict.fromkeys(stats, 0.0)
+                policy.optimizer.zero_grad(set_to_none=True)
+                batch = sorted(batch, key=lambda s: len(s.context_ids) + len(s), reverse=True)
+                for micro in micro_batches(batch, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
+                    ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
+                    mask = response_mask(micro, device)
+                    log_prob, entropy, _ = evaluate_tokens(
+                        policy.actor, ids, attn, positions, targets, value_head=None,
+                        temperature=core.temperature, top_k=core.top_k, with_entropy=True,
+                    )
+                    old_log_prob = pad_field(micro, "old_logprobs", device)
+                    ref_log_prob = pad_field(micro, "ref_logprobs", device)
+                    advantages = pad_field(micro, "advantages", device)
+
+                    log_ratio = log_prob - old_log_prob
+                    ratio = torch.exp(log_ratio)
+                    pg_losses = -torch.min(advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
+                    # k3: an unbiased, always non-negative estimate of KL(pi || ref)
+                    ref_diff = ref_log_prob - log_prob
+                    kl_ref = torch.exp(ref_diff) - ref_diff - 1
+                    token_loss = pg_losses + self.beta * kl_ref - self.ent_coef * entropy
+                    loss = (token_loss * mask).sum() / n_tokens
+                    loss.backward()
+                    with torch.no_grad():
+                        sums["pg"] += float((pg_losses * mask).sum())
+                        sums["kl_ref"] += float((kl_ref * mask).sum())
+                        sums["ent"] += float((-entropy * mask).sum())
+                        sums["clip"] += float((((ratio - 1).abs() > clip_range).float() * mask).sum())
+                        sums["kl"] += float((((ratio - 1) - log_ratio) * mask).sum())
+                        sums["loss"] += float(loss) * n_tokens
+                for key in stats:
+                    stats[key].append(sums[key] / n_tokens)
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                policy.optimizer.step()
+            self._n_updates += 1
+
+        logger = self.logger
+        logger.record("train/policy_gradient_loss", float(np.mean(stats["pg"])))
+        logger.record("train/kl_ref", float(np.mean(stats["kl_ref"])))
+        logger.record("train/entropy_loss", float(np.mean(stats["ent"])))
+        logger.record("train/clip_fraction", float(np.mean(stats["clip"])))
+        logger.record("train/approx_kl", float(np.mean(stats["kl"])))
+        logger.record("train/loss", float(stats["loss"][-1]))
+        logger.record("train/beta", self.beta)
+        logger.record("train/advantage_std", float(response_advantages.std()) if len(segments) > 1 else 0.0)
+        logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: Any = None,
+        log_interval: int = 1,
+        tb_log_name: str = "GRPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> "GRPO":
+        return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)

@@ -1,0 +1,243 @@
+"""``OnPolicyAlgorithm``: collect ``n_steps`` from every env into a rollout buffer, then
+``train()`` on it (SB3's split). Subclasses write ``train()``; text algorithms may also
+override ``_make_rollout_buffer`` or ``collect_rollouts``.
+
+The rollout path is batched: one policy forward for all envs per step, observations
+copied once into the buffer's preallocated tensor, episode statistics kept as arrays.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from agents.base import BaseAlgorithm, safe_mean
+from agents.buffers import RolloutBuffer
+from agents.callbacks import BaseCallback
+from agents.preprocessing import as_tensor
+from agents.vec_env import VecEnvAdapter
+
+
+class OnPolicyAlgorithm(BaseAlgorithm):
+    """Base of PPO, A2C (and the text algorithms built on them).
+
+    :param n_steps: steps per env per rollout
+    :param gamma: discount factor
+    :param gae_lambda: GAE's lambda
+    :param ent_coef: entropy bonus weight
+    :param vf_coef: value loss weight
+    :param max_grad_norm: gradient-norm clip
+    :param use_sde: accepted for SB3 compatibility (must be False)
+    :param sde_sample_freq: accepted for SB3 compatibility
+    :param rollout_buffer_class: buffer class (default :class:`RolloutBuffer`)
+    :param rollout_buffer_kwargs: extra buffer arguments
+    :param stats_window_size: episodes averaged for ``rollout/ep_rew_mean``
+    Other parameters: see :class:`BaseAlgorithm`.
+    """
+
+    rollout_buffer: RolloutBuffer
+
+    def __init__(
+        self,
+        policy: Any,
+        env: Any,
+        learning_rate: Any,
+        n_steps: int,
+        gamma: float,
+        gae_lambda: float,
+        ent_coef: float,
+        vf_coef: float,
+        max_grad_norm: float,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: type[RolloutBuffer] | None = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        monitor_wrapper: bool = True,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: torch.device | str = "cpu",
+        _init_setup_model: bool = True,
+        supported_action_spaces: tuple[type[spaces.Space], ...] | None = None,
+        n_envs: int = 1,
+        env_kwargs: dict[str, Any] | None = None,
+    ):
+        if use_sde:
+            raise ValueError("use_sde=True is not supported by agents; pass use_sde=False")
+        super().__init__(
+            policy,
+            env,
+            learning_rate,
+            policy_kwargs=policy_kwargs,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            n_envs=n_envs,
+            env_kwargs=env_kwargs,
+            supported_action_spaces=supported_action_spaces,
+        )
+        self.n_steps = n_steps
+        self.gamma = gamma
+        self.gae_lambda = gae_lambda
+        self.ent_coef = ent_coef
+        self.vf_coef = vf_coef
+        self.max_grad_norm = max_grad_norm
+        self.use_sde = False
+        self.sde_sample_freq = sde_sample_freq
+        self.rollout_buffer_class = rollout_buffer_class or RolloutBuffer
+        self.rollout_buffer_kwargs = dict(rollout_buffer_kwargs or {})
+        self._stats_window_size = stats_window_size
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.rollout_buffer = self._make_rollout_buffer()
+        self.policy = self._make_policy()
+
+    def _make_rollout_buffer(self) -> RolloutBuffer:
+        return self.rollout_buffer_class(
+            self.n_steps,
+            self.observation_space,
+            self.action_space,
+            device=self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            n_envs=self.n_envs,
+            **self.rollout_buffer_kwargs,
+        )
+
+    def _on_n_envs_changed(self) -> None:
+        self.rollout_buffer = self._make_rollout_buffer()
+
+    def _env_actions(self, actions: torch.Tensor) -> np.ndarray:
+        """Policy actions -> what the env accepts: numpy, Box actions clipped to the
+        bounds (the buffer keeps the unclipped sample, whose log-prob was computed)."""
+        env_actions = actions.cpu().numpy()
+        if isinstance(self.action_space, spaces.Box):
+            if getattr(self.policy, "squash_output", False):
+                env_actions = self.policy.unscale_action(env_actions)
+            else:
+                env_actions = np.clip(env_actions, self.action_space.low, self.action_space.high)
+        return env_actions
+
+    def collect_rollouts(
+        self, env: VecEnvAdapter, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        """Fill ``rollout_buffer`` with ``n_rollout_steps`` steps of every env, then compute
+        advantages and returns. Returns False if a callback asked to stop."""
+        assert self._last_obs is not None, "no previous observation: call _setup_learn first"
+        self.policy.set_training_mode(False)
+        rollout_buffer.reset()
+        callback.on_rollout_start()
+        obs_is_dict = isinstance(self.observation_space, spaces.Dict)
+        device = self.device
+        n_steps = 0
+        step = None
+        while n_steps < n_rollout_steps:
+            t = rollout_buffer.pos
+            # write the observation straight into the buffer and act from that slot
+            if obs_is_dict:
+                for key, value in self._last_obs.items():
+                    rollout_buffer.observations[key][t].copy_(torch.as_tensor(value), non_blocking=True)
+                obs_tensor = {key: value[t] for key, value in rollout_buffer.observations.items()}
+            else:
+                rollout_buffer.observations[t].copy_(torch.as_tensor(self._last_obs), non_blocking=True)
+                obs_tensor = rollout_buffer.observations[t]
+            with torch.no_grad():
+                actions, values, log_probs = self.policy(obs_tensor)
+            step = env.step(self._env_actions(actions))
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            done = step.terminated | step.truncated
+            self._update_episode_stats(step.rewards, done, step.valid)
+            n_steps += 1
+            rollout_buffer.add(
+                obs_tensor,
+                actions,
+                torch.as_tensor(step.rewards).to(device, non_blocking=True),
+                torch.as_tensor(self._last_episode_starts).to(device, non_blocking=True),
+                values,
+                log_probs,
+                terminated=torch.as_tensor(step.terminated).to(device, non_blocking=True),
+                truncated=torch.as_tensor(step.truncated).to(device, non_blocking=True),
+                valid=torch.as_tensor(step.valid).to(device, non_blocking=True),
+            )
+            if step.final_obs is not None and step.truncated.any():
+                # SAME_STEP autoreset: obs already is the reset one; bootstrap the time
+                # limit with the value of the final observation instead
+                with torch.no_grad():
+                    final_values = self.policy.predict_values(as_tensor(step.final_obs, self.observation_space, device))
+                truncated = torch.as_tensor(step.truncated).to(device)
+                rollout_buffer.final_values[t] = torch.where(truncated, final_values.reshape(-1), rollout_buffer.final_values[t])
+                rollout_buffer.final_values_given = True
+            self._last_obs = step.obs
+            # NEXT_STEP autoreset: the row after a done only resets, so the episode starts
+            # one row later, where the step was not valid
+            self._last_episode_starts = ~step.valid if env.next_step_autoreset else done
+        with torch.no_grad():
+            last_values = self.policy.predict_values(as_tensor(self._last_obs, self.observation_space, device))
+        rollout_buffer.compute_returns_and_advantage(last_values=last_values)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def train(self) -> None:
+        """One update from ``self.rollout_buffer`` (the algorithm's loss)."""
+        raise NotImplementedError
+
+    def _dump_logs(self, iteration: int) -> None:
+        time_elapsed = max((time.time_ns() - self.start_time) / 1e9, sys.float_info.epsilon)
+        fps = int((self.num_timesteps - self._num_timesteps_at_start) / time_elapsed)
+        self.logger.record("time/iterations", iteration, exclude="tensorboard")
+        if len(self.ep_info_buffer) > 0:
+            self.logger.record("rollout/ep_rew_mean", safe_mean(ep["r"] for ep in self.ep_info_buffer))
+            self.logger.record("rollout/ep_len_mean", safe_mean(ep["l"] for ep in self.ep_info_buffer))
+        self.logger.record("time/fps", fps)
+        self.logger.record("time/time_elapsed", int(time_elapsed), exclude="tensorboard")
+        self.logger.record("time/total_timesteps", self.num_timesteps, exclude="tensorboard")
+        self.logger.dump(step=self.num_timesteps)
+
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: Any = None,
+        log_interval: int = 1,
+        tb_log_name: str = "OnPolicyAlgorithm",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> "OnPolicyAlgorithm":
+        """Train for ``total_timesteps`` env steps (all envs together).
+
+        :param total_timesteps: env steps to collect
+        :param callback: a callback, a list of callbacks or None
+        :param log_interval: iterations (rollouts) between log dumps
+        :param tb_log_name: TensorBoard run name (``{tensorboard_log}/{tb_log_name}_{k}``)
+        :param reset_num_timesteps: False continues counters and the TensorBoard run
+        :param progress_bar: show a tqdm progress bar
+        """
+        iteration = 0
+        total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        callback.on_training_start(locals(), globals())
+        while self.num_timesteps < total_timesteps:
+            continue_training = self.collect_rollouts(self.env, callback, self.rollout_buffer, n_rollout_steps=self.n_steps)
+            if not continue_training:
+                break
+            iteration += 1
+            self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
+            if log_interval is not None and iteration % log_interval == 0:
+                self._dump_logs(iteration)
+            self.train()
+        callback.on_training_end()
+        return self

@@ -1,0 +1,226 @@
+"""Proximal Policy Optimization (Schulman et al. 2017), SB3's ``PPO`` interface.
+
+Per rollout, ``n_epochs`` passes of minibatches over the samples, minimising
+
+    L = -E[min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)]        (loss_type="clip")
+    L = -E[ratio * A - beta * KL(pi_old || pi)]                        (loss_type="kl_penalty")
+      + vf_coef * E[(V - R)^2] - ent_coef * E[H(pi)]
+
+with ``ratio = pi(a|s) / pi_old(a|s)``, ``A`` the GAE advantages (normalised per
+minibatch), ``R`` the returns. With the KL penalty, ``beta`` adapts after each rollout:
+halved when the measured KL is below ``kl_target / 1.5``, doubled above ``kl_target * 1.5``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from agents.base import explained_variance
+from agents.on_policy import OnPolicyAlgorithm
+from agents.schedules import get_schedule_fn
+
+
+class PPO(OnPolicyAlgorithm):
+    """PPO with clipping (default) or an adaptive KL penalty.
+
+    :param policy: ``"MlpPolicy"``, ``"MultiInputPolicy"``, ``"LMPolicy"`` or a policy class
+    :param env: env id, ``gymnasium.Env``, ``gymnasium.vector.VectorEnv`` or SB3 ``VecEnv``
+    :param learning_rate: number, ``"lin_<x>"`` or schedule of the remaining progress
+    :param n_steps: steps per env per rollout
+    :param batch_size: minibatch size
+    :param n_epochs: passes over each rollout
+    :param gamma: discount factor
+    :param gae_lambda: GAE's lambda
+    :param clip_range: ratio clip epsilon (number or schedule)
+    :param clip_range_vf: value clip around the old value (None: no clipping)
+    :param normalize_advantage: normalise advantages per minibatch
+    :param ent_coef: entropy bonus weight
+    :param vf_coef: value loss weight
+    :param max_grad_norm: gradient-norm clip
+    :param target_kl: stop the epochs of this rollout once approx KL > 1.5 * target_kl
+    :param loss_type: ``"clip"`` (clipped surrogate) or ``"kl_penalty"`` (ratio*A - beta*KL)
+    :param kl_beta: initial KL penalty coefficient (``loss_type="kl_penalty"``)
+    :param kl_target: KL the adaptive beta aims at
+    :param adaptive_kl: adapt ``kl_beta`` after each rollout
+    Other parameters: see :class:`OnPolicyAlgorithm`.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        env: Any,
+        learning_rate: Any = 3e-4,
+        n_steps: int = 2048,
+        batch_size: int = 64,
+        n_epochs: int = 10,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_range: Any = 0.2,
+        clip_range_vf: Any = None,
+        normalize_advantage: bool = True,
+        ent_coef: float = 0.0,
+        vf_coef: float = 0.5,
+        max_grad_norm: float = 0.5,
+        use_sde: bool = False,
+        sde_sample_freq: int = -1,
+        rollout_buffer_class: Any = None,
+        rollout_buffer_kwargs: dict[str, Any] | None = None,
+        target_kl: float | None = None,
+        loss_type: str = "clip",
+        kl_beta: float = 1.0,
+        kl_target: float = 0.01,
+        adaptive_kl: bool = True,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: torch.device | str = "cpu",
+        _init_setup_model: bool = True,
+        n_envs: int = 1,
+        env_kwargs: dict[str, Any] | None = None,
+    ):
+        if loss_type not in ("clip", "kl_penalty"):
+            raise ValueError(f"loss_type must be 'clip' or 'kl_penalty', got {loss_type!r}")
+        if normalize_advantage and batch_size < 2:
+            raise ValueError(f"batch_size={batch_size} with normalize_advantage=True: use batch_size > 1")
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            use_sde=use_sde,
+            sde_sample_freq=sde_sample_freq,
+            rollout_buffer_class=rollout_buffer_class,
+            rollout_buffer_kwargs=rollout_buffer_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+            n_envs=n_envs,
+            env_kwargs=env_kwargs,
+        )
+        self.batch_size = batch_size
+        self.n_epochs = n_epochs
+        self.clip_range = clip_range
+        self.clip_range_vf = clip_range_vf
+        self.normalize_advantage = normalize_advantage
+        self.target_kl = target_kl
+        self.loss_type = loss_type
+        self.kl_beta = kl_beta
+        self.kl_target = kl_target
+        self.adaptive_kl = adaptive_kl
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        self.clip_range_schedule = get_schedule_fn(self.clip_range)
+        self.clip_range_vf_schedule = None if self.clip_range_vf is None else get_schedule_fn(self.clip_range_vf)
+
+    def train(self) -> None:
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range_schedule(self._current_progress_remaining)
+        clip_range_vf = None if self.clip_range_vf_schedule is None else self.clip_range_vf_schedule(self._current_progress_remaining)
+        params = [p for group in self.policy.optimizer.param_groups for p in group["params"]]
+        # per-minibatch statistics stay tensors until the end: no sync per minibatch
+        pg_losses, value_losses, entropy_losses, clip_fractions, approx_kls = [], [], [], [], []
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            for batch in self.rollout_buffer.get(self.batch_size):
+                values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, batch.actions)
+                values = values.flatten()
+                advantages = batch.advantages
+                if self.normalize_advantage and len(advantages) > 1:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+                log_ratio = log_prob - batch.old_log_prob
+                ratio = torch.exp(log_ratio)
+                # k3 estimator of KL(pi_old || pi): unbiased, always >= 0
+                approx_kl = ((ratio - 1) - log_ratio).mean()
+                if self.loss_type == "clip":
+                    pg_loss1 = advantages * ratio
+                    pg_loss2 = advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+                    pg_loss = -torch.min(pg_loss1, pg_loss2).mean()
+                else:
+                    pg_loss = -(ratio * advantages).mean() + self.kl_beta * approx_kl
+
+                if clip_range_vf is None:
+                    values_pred = values
+                else:
+                    values_pred = batch.old_values + torch.clamp(values - batch.old_values, -clip_range_vf, clip_range_vf)
+                v_loss = F.mse_loss(batch.returns, values_pred)
+
+                # without an analytic entropy, -log_prob estimates it
+                entropy_loss = -torch.mean(-log_prob) if entropy is None else -torch.mean(entropy)
+
+                loss = pg_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
+
+                with torch.no_grad():
+                    pg_losses.append(pg_loss.detach())
+                    value_losses.append(v_loss.detach())
+                    entropy_losses.append(entropy_loss.detach())
+                    clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()))
+                    approx_kls.append(approx_kl.detach())
+                if self.target_kl is not None and approx_kl.item() > 1.5 * self.target_kl:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl.item():.2f}")
+                    break
+
+                self.policy.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                self.policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        mean_kl = torch.stack(approx_kls).mean().item() if approx_kls else 0.0
+        if self.loss_type == "kl_penalty" and self.adaptive_kl:
+            if mean_kl < self.kl_target / 1.5:
+                self.kl_beta /= 2.0
+            elif mean_kl > self.kl_target * 1.5:
+                self.kl_beta *= 2.0
+        buffer = self.rollout_buffer
+        valid = buffer.valid.reshape(-1)
+        explained_var = explained_variance(buffer.values.reshape(-1)[valid], buffer.returns.reshape(-1)[valid])
+
+        self.logger.record("train/entropy_loss", torch.stack(entropy_losses).mean().item())
+        self.logger.record("train/policy_gradient_loss", torch.stack(pg_losses).mean().item())
+        self.logger.record("train/value_loss", torch.stack(value_losses).mean().item())
+        self.logger.record("train/approx_kl", mean_kl)
+        self.logger.record("train/clip_fraction", torch.stack(clip_fractions).mean().item())
+        self.logger.record("train/loss", loss.item())
+        self.logger.record("train/explained_variance", explained_var)
+        if hasattr(self.policy, "log_std"):
+            self.logger.record("train/std", torch.exp(self.policy.log_std).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+        if self.loss_type == "kl_penalty":
+            self.logger.record("train/kl_beta", self.kl_beta)
+
+    def learn(
+        self,
+        total_timesteps: int,
+        callback: Any = None,
+        log_interval: int = 1,
+        tb_log_name: str = "PPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> "PPO":
+        return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
