@@ -9,6 +9,10 @@ and passing explicit positions. Finished sub-envs are reset by Gymnasium 1.x's d
 returns the first observation of a new prompt with reward 0, and its info carries
 ``prompt`` and ``prompt_ids``.
 
+Setting :attr:`TextRLHFVectorEnv.autoreset` to False (GRPO does, during its rollout)
+keeps a finished sub-env idle instead: its actions are ignored, it is not re-prefilled
+with a new prompt, and it returns reward 0 and its final observation until ``reset()``.
+
 Rewards, info keys and observations are those of :class:`envs.text_env.TextRLHFEnv`; in the
 vector info each key ``k`` comes with the boolean mask ``_k`` of the sub-envs it is set for.
 """
@@ -80,6 +84,8 @@ class TextRLHFVectorEnv(VectorEnv):
         self._prompts: list[str | None] = [None] * self.num_envs
         self._responses: list[list[int]] = [[] for _ in range(self.num_envs)]
         self._autoreset = np.zeros(self.num_envs, dtype=bool)
+        # False: finished sub-envs stay idle until reset() (for whole-batch rollouts, GRPO)
+        self.autoreset = True
         self._started = False
 
     @property
@@ -147,7 +153,7 @@ class TextRLHFVectorEnv(VectorEnv):
         rewards = np.zeros(n, dtype=np.float64)
         terminated = np.zeros(n, dtype=bool)
         infos: dict[str, Any] = {}
-        reset_rows = [i for i in range(n) if self._autoreset[i]]
+        reset_rows = [i for i in range(n) if self._autoreset[i]] if self.autoreset else []
         act_rows = [i for i in range(n) if not self._autoreset[i]]
         tokens = [self._check_action(actions[i]) for i in act_rows]
         if act_rows:
@@ -184,7 +190,7 @@ class TextRLHFVectorEnv(VectorEnv):
             _put(infos, "response", finished, responses, n, dtype=object)
         if reset_rows:
             self._start(reset_rows, [None] * len(reset_rows), infos)
-        self._autoreset = terminated.copy()
+        self._autoreset = terminated.copy() if self.autoreset else (self._autoreset | terminated)
         if self.render_mode == "human":
             print(self.render())
         return self._observations(), rewards, terminated, np.zeros(n, dtype=bool), infos
