@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from agents import distributed
 from agents.base import explained_variance
+from agents.guards import check_finite
 from agents.on_policy import OnPolicyAlgorithm
 
 
@@ -114,8 +116,10 @@ class A2C(OnPolicyAlgorithm):
 
             self.policy.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            self.policy.optimizer.step()
+            distributed.allreduce_gradients(params, weight=len(advantages))  # data-parallel: mean over all ranks' samples
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
+                self.policy.optimizer.step()
         self._n_updates += 1
 
         buffer = self.rollout_buffer

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from agents import distributed
 from agents.callbacks import BaseCallback, CallbackList, ProgressBarCallback, convert_callback
 from agents.logger import Logger, configure_logger
 from agents.policies import BasePolicy, get_policy_class
@@ -34,7 +35,7 @@ def get_device(device: torch.device | str = "auto") -> torch.device:
     """``"auto"`` -> cuda if available else cpu; anything else as given."""
     if device == "auto" or device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    return distributed.local_device(device)  # under torchrun: cuda -> cuda:LOCAL_RANK
 
 
 def set_random_seed(seed: int) -> None:
@@ -92,7 +93,12 @@ class BaseAlgorithm:
         "_ep_returns",
         "_ep_lengths",
         "_episode_storage",
+        "_last_checkpoint",
     )
+    # what a NaN/inf loss or gradient does: "raise" (NonFiniteError naming the update and
+    # the last checkpoint) or "skip" (drop the batch); set model.on_nonfinite to change it
+    on_nonfinite: str = "raise"
+    _last_checkpoint: str | None = None
 
     def __init__(
         self,
@@ -109,6 +115,7 @@ class BaseAlgorithm:
         supported_action_spaces: tuple[type[spaces.Space], ...] | None = None,
     ):
         self.policy_class = get_policy_class(policy) if not isinstance(policy, dict) else policy
+        distributed.init_distributed(device)  # no-op unless launched by torchrun
         self.device = get_device(device)
         self.verbose = verbose
         self.policy_kwargs = {} if policy_kwargs is None else dict(policy_kwargs)
@@ -162,6 +169,7 @@ class BaseAlgorithm:
     def _make_policy(self, **extra: Any) -> BasePolicy:
         policy = self.policy_class(self.observation_space, self.action_space, self.lr_schedule, **extra, **self.policy_kwargs)
         policy = policy.to(self.device)
+        distributed.broadcast_parameters(policy)  # every rank starts from rank 0's weights
         # the optimizer must see parameters on their final device (fused/foreach kernels)
         if getattr(policy, "optimizer", None) is not None and hasattr(policy, "build_optimizer"):
             policy.build_optimizer(self.lr_schedule)
@@ -204,9 +212,12 @@ class BaseAlgorithm:
         if self._logger is None or reset_num_timesteps or not self._logger.output_formats:
             if self._logger is not None:
                 self._logger.close()
-            self._logger = configure_logger(self.verbose, self.tensorboard_log, tb_log_name, reset_num_timesteps)
+            if distributed.is_main_process():
+                self._logger = configure_logger(self.verbose, self.tensorboard_log, tb_log_name, reset_num_timesteps)
+            else:  # other ranks: no table, no TensorBoard
+                self._logger = configure_logger(0, None)
         callback = convert_callback(callback)
-        if progress_bar:
+        if progress_bar and distributed.is_main_process():
             callback = CallbackList([callback, ProgressBarCallback()])
         callback.init_callback(self)
         return total_timesteps, callback
@@ -254,6 +265,8 @@ class BaseAlgorithm:
         (``model.seed`` holds the seed given to the constructor, as in SB3)."""
         if seed is None:
             return
+        # under torchrun each rank draws other data: rank r seeds its envs from seed + r * n_envs
+        seed = distributed.rank_seed(seed, self.n_envs)
         set_random_seed(seed)
         if self.action_space is not None:
             self.action_space.seed(seed)
@@ -361,6 +374,7 @@ class BaseAlgorithm:
                 torch.save(rng, buf)
                 archive.writestr("rng.pth", buf.getvalue())
             os.replace(tmp, path)
+            self._last_checkpoint = path
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -383,6 +397,7 @@ class BaseAlgorithm:
         :raises FileNotFoundError: no such file
         :raises ValueError: a corrupt file or one not written by this package (the message names the file)
         """
+        distributed.init_distributed(device)
         device = get_device(device)
         header, params, data = _read_zip(path, device)
         if header["algorithm"] != cls.__name__:
@@ -396,6 +411,7 @@ class BaseAlgorithm:
         model._logger = None
         model._last_obs = None
         model._last_episode_starts = None
+        model._last_checkpoint = os.fspath(path)
         model.ep_info_buffer = deque(maxlen=model._stats_window_size)
         model.ep_success_buffer = deque(maxlen=model._stats_window_size)
         if env is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from agents import distributed
 from agents.evaluation import evaluate_policy
 
 
@@ -166,7 +167,7 @@ class CheckpointCallback(BaseCallback):
         return os.path.join(self.save_path, f"{self.name_prefix}_{self.num_timesteps}_steps.zip")
 
     def _on_step(self) -> bool:
-        if self.n_calls % self.save_freq == 0:
+        if self.n_calls % self.save_freq == 0 and distributed.is_main_process():  # rank 0 saves
             path = self._checkpoint_path()
             self.model.save(path)
             if self.verbose >= 1:

@@ -18,7 +18,9 @@ from gymnasium import spaces
 
 from agents.base import BaseAlgorithm, safe_mean
 from agents.buffers import RolloutBuffer
+from agents import distributed
 from agents.callbacks import BaseCallback
+from agents.guards import training_guard
 from agents.preprocessing import as_tensor
 from agents.vec_env import VecEnvAdapter
 
@@ -156,7 +158,8 @@ class OnPolicyAlgorithm(BaseAlgorithm):
             with torch.no_grad():
                 actions, values, log_probs = self.policy(obs_tensor)
             step = env.step(self._env_actions(actions))
-            self.num_timesteps += env.num_envs
+            # counted over all ranks, so every rank runs the same number of iterations
+            self.num_timesteps += env.num_envs * distributed.world_size()
             callback.update_locals(locals())
             if not callback.on_step():
                 return False
@@ -229,15 +232,17 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         """
         iteration = 0
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
-        callback.on_training_start(locals(), globals())
-        while self.num_timesteps < total_timesteps:
-            continue_training = self.collect_rollouts(self.env, callback, self.rollout_buffer, n_rollout_steps=self.n_steps)
-            if not continue_training:
-                break
-            iteration += 1
-            self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
-            if log_interval is not None and iteration % log_interval == 0:
-                self._dump_logs(iteration)
-            self.train()
-        callback.on_training_end()
+        # Ctrl-C/SIGTERM with a CheckpointCallback: stop at a step, save, raise TrainingInterrupted
+        with training_guard(self, callback) as callback:
+            callback.on_training_start(locals(), globals())
+            while self.num_timesteps < total_timesteps:
+                continue_training = self.collect_rollouts(self.env, callback, self.rollout_buffer, n_rollout_steps=self.n_steps)
+                if not continue_training:
+                    break
+                iteration += 1
+                self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
+                if log_interval is not None and iteration % log_interval == 0:
+                    self._dump_logs(iteration)
+                self.train()
+            callback.on_training_end()
         return self

@@ -19,6 +19,7 @@ from gymnasium import spaces
 from torch.nn import functional as F
 
 from agents.callbacks import BaseCallback
+from agents.guards import check_finite
 from agents.on_policy import OnPolicyAlgorithm
 from agents.preprocessing import as_tensor
 from agents.vec_env import VecEnvAdapter
@@ -181,9 +182,11 @@ class REINFORCE(OnPolicyAlgorithm):
 
         self.policy.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = None
         if np.isfinite(self.max_grad_norm):
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        self.policy.optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+        if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
+            self.policy.optimizer.step()
         self._n_updates += 1
 
         # keep the unfinished tails: rows after an env's last finished episode
