@@ -1,0 +1,101 @@
+"""``rlhf-env train``: train an agent (REINFORCE, A2C, PPO, ...) on any registered env with
+rl-zoo3-style YAML hyperparameters, then evaluate it."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_parser(subparsers) -> None:
+    from agents import ALGOS
+
+    p = subparsers.add_parser(
+        "train",
+        help="train an agent on a Gymnasium env (hyperparameters from YAML, like rl-zoo3)",
+        description="Train an agent on a registered Gymnasium environment (CartPole-v1, TextRLHF-v0, ...). "
+        "Hyperparameters come from the shipped rl-zoo3-style YAML (agents/hyperparams/ALGO.yml) or --hyperparams; "
+        "flags override them. Prints the mean return of a deterministic evaluation at the end.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--algo", required=True, choices=sorted(ALGOS), help="agent to train")
+    p.add_argument("--env", required=True, help="Gymnasium environment id, e.g. CartPole-v1 or TextRLHF-tiny-v0")
+    p.add_argument("--hyperparams", default=None, help="YAML file with an entry for ENV (default: the shipped one for ALGO)")
+    p.add_argument("--timesteps", type=int, default=None, help="env steps to train (default: the YAML's n_timesteps)")
+    p.add_argument("--n-envs", type=int, default=None, help="parallel envs (default: the YAML's n_envs, else 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--tensorboard-log", default=None, help="TensorBoard root; runs go to DIR/ALGO_k")
+    p.add_argument("--save", default=None, help="write the trained model to this .zip")
+    p.add_argument("--resume", default=None, help="continue training a model saved with --save (counters kept)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
+    p.add_argument("--progress-bar", action="store_true", help="show a progress bar")
+    p.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 SB3's table every log interval")
+    p.add_argument("--log-interval", type=int, default=None, help="rollouts between log tables (default: the algorithm's)")
+    p.add_argument("--eval-episodes", type=int, default=20, help="deterministic evaluation episodes after training (0: none)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for classic-control MLPs, where more threads only add "
+                   "synchronisation; torch's choice for text envs; 0: torch's choice)")
+    p.set_defaults(func=run)
+
+
+def resolve_hyperparams(algo: str, env_id: str, path: str | None) -> dict:
+    """The YAML entry for (algo, env); an env missing from the *shipped* file means defaults."""
+    from agents.hyperparams import load_hyperparams
+
+    try:
+        return load_hyperparams(algo, env_id, path)
+    except (KeyError, FileNotFoundError):
+        if path is not None:
+            raise
+        print(f"no shipped {algo} hyperparameters for {env_id}: using the algorithm's defaults")
+        return {}
+
+
+def run(args) -> int:
+    import torch
+
+    from agents import ALGOS, evaluate_policy
+
+    threads = args.threads
+    if threads is None:
+        threads = 0 if args.env.startswith("TextRLHF") else 1
+    if threads:
+        torch.set_num_threads(threads)
+    algo_class = ALGOS[args.algo]
+    params = resolve_hyperparams(args.algo, args.env, args.hyperparams)
+    n_timesteps = int(params.pop("n_timesteps", 100_000))
+    n_envs = int(params.pop("n_envs", 1))
+    policy = params.pop("policy", "MlpPolicy")
+    total = args.timesteps if args.timesteps is not None else n_timesteps
+    n_envs = args.n_envs if args.n_envs is not None else n_envs
+
+    if args.resume:
+        model = algo_class.load(args.resume, env=args.env if n_envs == 1 else None, device=args.device)
+        if n_envs != 1:
+            from agents.vec_env import make_vec_env
+
+            model.set_env(make_vec_env(args.env, n_envs=n_envs))
+        model.tensorboard_log = args.tensorboard_log
+        model.verbose = args.verbose
+        reset = False
+        print(f"resuming {args.resume} at {model.num_timesteps} steps")
+    else:
+        model = algo_class(
+            policy, args.env, n_envs=n_envs, seed=args.seed, device=args.device,
+            tensorboard_log=args.tensorboard_log, verbose=args.verbose, **params,
+        )
+        reset = True
+    learn_kwargs = dict(tb_log_name=args.algo.upper(), reset_num_timesteps=reset, progress_bar=args.progress_bar)
+    if args.log_interval is not None:
+        learn_kwargs["log_interval"] = args.log_interval
+    start = time.perf_counter()
+    model.learn(total, **learn_kwargs)
+    elapsed = time.perf_counter() - start
+    print(f"trained {args.algo} on {args.env}: {model.num_timesteps} steps in {elapsed:.1f} s")
+    if args.save:
+        model.save(args.save)
+        print(f"saved {args.save}")
+    if args.eval_episodes > 0:
+        mean, std = evaluate_policy(model, args.env, n_eval_episodes=args.eval_episodes, deterministic=True)
+        print(f"evaluation over {args.eval_episodes} deterministic episodes: {mean:.2f} +/- {std:.2f}")
+    return 0
