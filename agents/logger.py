@@ -48,7 +48,7 @@ class HumanOutputFormat:
                 if prefix != tag:
                     rows.append((self._truncate(prefix + "/"), ""))
                     tag = prefix
-                key = "    " + name
+                key = "   " + name
             rows.append((self._truncate(key), self._truncate(text)))
         if not rows:
             return
