@@ -1,4 +1,4 @@
-"""Agents with the Stable-Baselines3 API: ``REINFORCE``, ``A2C``, ``PPO``.
+"""Agents with the Stable-Baselines3 API: ``REINFORCE``, ``A2C``, ``PPO``, ``GRPO``.
 
 ``from agents import PPO`` replaces ``from stable_baselines3 import PPO``. ``ALGOS`` maps
 the command line's ``--algo`` names to classes; other modules may add entries.
@@ -16,16 +16,18 @@ from agents.callbacks import (
     StopTrainingOnRewardThreshold,
 )
 from agents.evaluation import evaluate_policy
+from agents.grpo import GRPO
 from agents.on_policy import OnPolicyAlgorithm
 from agents.ppo import PPO
 from agents.reinforce import REINFORCE
 from agents.vec_env import make_vec_env
 
-ALGOS: dict[str, type[BaseAlgorithm]] = {"reinforce": REINFORCE, "a2c": A2C, "ppo": PPO}
+ALGOS: dict[str, type[BaseAlgorithm]] = {"reinforce": REINFORCE, "a2c": A2C, "ppo": PPO, "grpo": GRPO}
 
 __all__ = [
     "ALGOS",
     "A2C",
+    "GRPO",
     "PPO",
     "REINFORCE",
     "BaseAlgorithm",

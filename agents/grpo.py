@@ -195,7 +195,13 @@ class GRPO(OnPolicyAlgorithm):
     def collect_rollouts(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
         """One group of ``group_size`` complete responses per prompt (see the module docstring)."""
         groups = self._reset_to_groups()
-        ok, self._segments, stats = collect_text_rollout(self, env, callback, n_rollout_steps, groups=groups)
+        text_env = self._text_env()
+        # finished sub-envs wait for the others instead of starting (and prefilling) new prompts
+        text_env.autoreset = False
+        try:
+            ok, self._segments, stats = collect_text_rollout(self, env, callback, n_rollout_steps, groups=groups)
+        finally:
+            text_env.autoreset = True
         self._iteration += 1
         self._record_rollout(stats)
         return ok

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from agents.base import explained_variance
 from agents.on_policy import OnPolicyAlgorithm
 from agents.schedules import get_schedule_fn
+from agents.text_ppo import RLHFConfig, collect_text_ppo_rollout, is_lm_policy, setup_text_state, train_text_ppo
 
 
 class PPO(OnPolicyAlgorithm):
@@ -45,8 +46,16 @@ class PPO(OnPolicyAlgorithm):
     :param kl_beta: initial KL penalty coefficient (``loss_type="kl_penalty"``)
     :param kl_target: KL the adaptive beta aims at
     :param adaptive_kl: adapt ``kl_beta`` after each rollout
+    :param rlhf: settings of the text path (adaptive KL coefficient of the env's reward,
+        score normalisation, micro-batches, sample logging): an
+        :class:`agents.text_ppo.RLHFConfig` or a dict of its fields. With the language-model
+        policy (``"LMPolicy"``) PPO trains on whole responses, one forward per response
+        (see :mod:`agents.text_ppo`); for text use ``gamma=1.0``.
     Other parameters: see :class:`OnPolicyAlgorithm`.
     """
+
+    # the last text rollout is not state worth saving
+    _excluded_save_params = OnPolicyAlgorithm._excluded_save_params + ("_segments",)
 
     def __init__(
         self,
@@ -73,6 +82,7 @@ class PPO(OnPolicyAlgorithm):
         kl_beta: float = 1.0,
         kl_target: float = 0.01,
         adaptive_kl: bool = True,
+        rlhf: RLHFConfig | dict | None = None,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -121,6 +131,8 @@ class PPO(OnPolicyAlgorithm):
         self.kl_beta = kl_beta
         self.kl_target = kl_target
         self.adaptive_kl = adaptive_kl
+        self.rlhf = RLHFConfig.from_any(rlhf)
+        self._text_state = None
         if _init_setup_model:
             self._setup_model()
 
@@ -128,8 +140,17 @@ class PPO(OnPolicyAlgorithm):
         super()._setup_model()
         self.clip_range_schedule = get_schedule_fn(self.clip_range)
         self.clip_range_vf_schedule = None if self.clip_range_vf is None else get_schedule_fn(self.clip_range_vf)
+        if is_lm_policy(self.policy) and self._text_state is None:
+            self._text_state = setup_text_state(self, self.rlhf)
+
+    def collect_rollouts(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
+        if self._text_state is not None:  # language-model policy: whole responses (agents.text_ppo)
+            return collect_text_ppo_rollout(self, env, callback, n_rollout_steps)
+        return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     def train(self) -> None:
+        if self._text_state is not None:  # one forward per response instead of per token
+            return train_text_ppo(self)
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range_schedule(self._current_progress_remaining)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ from agents.kl_controller import get_env_kl_coef, make_kl_controller, set_env_kl
 from agents.lm_rollout import (
     RolloutStats,
     TextSegment,
+    collect_text_rollout,
     evaluate_tokens,
     micro_batches,
     pack_segments,
@@ -182,8 +183,22 @@ def split_minibatches(segments: list[TextSegment], tokens_per_batch: int, genera
     return [[segments[j] for j in chunk] for chunk in np.array_split(np.array(order), n_batches) if len(chunk)]
 
 
-def train_text_ppo(algo: Any, segments: list[TextSegment], state: TextPPOState) -> None:
-    """PPO's update on a text rollout (see the module docstring)."""
+def collect_text_ppo_rollout(algo: Any, env: Any, callback: Any, n_rollout_steps: int) -> bool:
+    """PPO's text rollout: ``n_rollout_steps`` steps per env regrouped into segments
+    (kept in ``algo._segments``), then the KL controller's update and the text metrics."""
+    state: TextPPOState = algo._text_state
+    ok, algo._segments, stats = collect_text_rollout(algo, env, callback, n_rollout_steps)
+    state.iteration += 1
+    kl_coef = update_kl_coef(algo, stats, state)
+    record_rollout_stats(algo, stats, state, kl_coef)
+    algo._last_rollout_stats = stats
+    return ok
+
+
+def train_text_ppo(algo: Any) -> None:
+    """PPO's update on the last text rollout (see the module docstring)."""
+    segments: list[TextSegment] = algo._segments
+    state: TextPPOState = algo._text_state
     policy = algo.policy
     cfg = state.config
     policy.set_training_mode(True)
@@ -297,6 +312,3 @@ def update_kl_coef(algo: Any, stats: RolloutStats, state: TextPPOState) -> float
         set_env_kl_coef(algo.env, value)
     return state.kl_controller.value
 
-
-def config_dict(config: RLHFConfig) -> dict[str, Any]:
-    return asdict(config)
