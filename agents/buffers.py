@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from agents import distributed
 from agents.preprocessing import obs_shape
 
 
@@ -216,7 +217,12 @@ class RolloutBuffer:
         indices = indices[torch.randperm(len(indices), device=indices.device)]
         if batch_size is None:
             batch_size = len(indices)
-        for start in range(0, len(indices), batch_size):
-            idx = indices[start : start + batch_size]
+        if distributed.is_distributed():
+            # ranks hold different numbers of valid rows but must run the same number of
+            # minibatches (each one ends in a gradient all-reduce): split by the full size
+            chunks = torch.tensor_split(indices, -(-n_total // batch_size))
+        else:
+            chunks = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+        for idx in chunks:
             batch_obs = {k: v[idx] for k, v in obs.items()} if isinstance(obs, dict) else obs[idx]
             yield RolloutBufferSamples(batch_obs, *(x[idx] for x in flat))

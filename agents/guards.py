@@ -145,7 +145,8 @@ def training_guard(model: Any, callback: Any) -> Iterator[Any]:
         return
     state = {"requested": False, "signal": None}
     guard = _interrupt_callback_class()(state)
-    guard.init_callback(model)
+    guarded = CallbackList([callback, guard])
+    guarded.init_callback(model)  # (re-initialising ``callback`` only re-binds the model)
     installed: dict[int, Any] = {}
 
     def request_stop(signum, frame):
@@ -166,7 +167,7 @@ def training_guard(model: Any, callback: Any) -> Iterator[Any]:
             installed[sig] = signal.signal(sig, request_stop)
     interrupted = False
     try:
-        yield CallbackList([callback, guard])
+        yield guarded
         interrupted = state["requested"]
     except KeyboardInterrupt:
         interrupted = True

@@ -1,0 +1,236 @@
+"""Checkpoints that survive faults: atomic saves, load-then-continue, interrupts, NaN guards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import zipfile
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from agents import A2C, PPO, REINFORCE, CheckpointCallback
+from agents.callbacks import BaseCallback
+from agents.guards import NonFiniteError, TrainingInterrupted, check_finite
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL_PPO = dict(n_steps=32, batch_size=32, n_epochs=2, seed=0, n_envs=2, learning_rate=1e-3)
+
+
+def _files(directory) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def _optimizer_tensors(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, state in model.policy.optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            out[f"{k}.{name}"] = torch.as_tensor(value).clone()
+    return out
+
+
+# --- atomic saves ----------------------------------------------------------------------
+def test_save_that_fails_inside_the_writer_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = PPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
+    model.learn(64)
+    path = tmp_path / "model.zip"
+    model.save(path)
+    before = path.read_bytes()
+    model.learn(64, reset_num_timesteps=False)  # the next save would hold other weights
+
+    real_writestr = zipfile.ZipFile.writestr
+    calls = {"n": 0}
+
+    def failing_writestr(self, name, data, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # header and data written, then the disk "fails" mid-archive
+            raise OSError(28, "No space left on device")
+        return real_writestr(self, name, data, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", failing_writestr)
+    with pytest.raises(OSError, match="No space left"):
+        model.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before  # the previous checkpoint is intact ...
+    assert _files(tmp_path) == ["model.zip"]  # ... and no partial or temporary file is left
+    restored = PPO.load(path)
+    assert restored.num_timesteps == 64
+
+
+def test_save_interrupted_by_keyboardinterrupt_leaves_nothing(tmp_path, monkeypatch):
+    model = PPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
+    import agents.base as base
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(tmp_path / "fresh")
+    assert _files(tmp_path) == []
+
+
+def test_truncated_checkpoint_is_refused_with_the_file_named(tmp_path):
+    model = PPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
+    path = tmp_path / "model.zip"
+    model.save(path)
+    data = path.read_bytes()
+    bad = tmp_path / "truncated.zip"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.zip"):
+        PPO.load(bad)
+
+
+# --- load, then continue ---------------------------------------------------------------
+@pytest.mark.parametrize("algo,kwargs", [(PPO, SMALL_PPO), (A2C, dict(n_steps=8, seed=0, n_envs=2))])
+def test_load_restores_counters_optimizer_rng_and_continues(tmp_path, algo, kwargs):
+    model = algo("MlpPolicy", "CartPole-v1", **kwargs)
+    model.learn(256)
+    model.save(tmp_path / "ckpt")
+    saved_rng = torch.rand(3)  # drawn right after the save: the load must restore the state before it
+    counters = (model.num_timesteps, model._n_updates, model._episode_num, model._current_progress_remaining)
+    opt = _optimizer_tensors(model)
+    params = {k: v.clone() for k, v in model.policy.state_dict().items()}
+
+    torch.manual_seed(1234)  # scramble the global RNG
+    loaded = algo.load(tmp_path / "ckpt.zip", env="CartPole-v1")
+    assert torch.equal(torch.rand(3), saved_rng)
+    assert (loaded.num_timesteps, loaded._n_updates, loaded._episode_num, loaded._current_progress_remaining) == counters
+    assert opt and _optimizer_tensors(loaded).keys() == opt.keys()
+    for k, v in _optimizer_tensors(loaded).items():
+        assert torch.equal(v, opt[k]), k
+    for k, v in loaded.policy.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    # the optimizer really drives the loaded parameters (not a stale copy)
+    ids = {id(p) for g in loaded.policy.optimizer.param_groups for p in g["params"]}
+    assert ids == {id(p) for p in loaded.policy.parameters()}
+
+    loaded.learn(128, reset_num_timesteps=False)
+    assert loaded.num_timesteps == counters[0] + 128
+    assert loaded._n_updates > counters[1]
+    step_counts = [float(s["step"]) for s in loaded.policy.optimizer.state_dict()["state"].values()]
+    assert min(step_counts) > float(opt["0.step"])  # Adam's step count continued, not restarted
+
+
+def test_load_then_continue_equals_an_uninterrupted_run(tmp_path):
+    """Same weights, optimizer state and RNG: after load, an update on the same batch is identical."""
+    model = PPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
+    model.learn(128)
+    model.save(tmp_path / "ckpt")
+    loaded = PPO.load(tmp_path / "ckpt.zip", env="CartPole-v1")
+    # the same rollout in both, then one train() each
+    buf = {k: getattr(model.rollout_buffer, k).clone() for k in ("observations", "actions", "values", "log_probs", "advantages", "returns", "valid")}
+    for k, v in buf.items():
+        getattr(loaded.rollout_buffer, k).copy_(v)
+    torch.manual_seed(5)
+    model.train()
+    torch.manual_seed(5)
+    loaded.train()
+    for (k, a), b in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+# --- interrupts -------------------------------------------------------------------------
+class _SignalAt(BaseCallback):
+    def __init__(self, at: int, action):
+        super().__init__()
+        self.at, self.action, self.steps_after = at, action, 0
+
+    def _on_step(self) -> bool:
+        if self.n_calls == self.at:
+            self.action()
+        elif self.n_calls > self.at:
+            self.steps_after += 1
+        return True
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigint", "keyboardinterrupt"])
+def test_interrupt_writes_a_final_checkpoint_and_stops_cleanly(tmp_path, how):
+    def fire():
+        if how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif how == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    model = PPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
+    checkpoints = CheckpointCallback(save_freq=16, save_path=str(tmp_path), name_prefix="run")
+    stopper = _SignalAt(40, fire)
+    with pytest.raises(TrainingInterrupted) as info:
+        model.learn(10_000, callback=[checkpoints, stopper])
+    # stopped at once (signals: at the next step), well before the end
+    assert model.num_timesteps <= 2 * 41
+    final = info.value.checkpoint
+    assert final == os.path.join(str(tmp_path), f"run_{model.num_timesteps}_steps.zip")
+    assert final in str(info.value)
+    assert isinstance(info.value, KeyboardInterrupt)
+    loaded = PPO.load(final)
+    assert loaded.num_timesteps == model.num_timesteps
+    for a, b in zip(loaded.policy.state_dict().values(), model.policy.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not [f for f in _files(tmp_path) if f.startswith(".tmp")]
+    # the handlers of the caller are back
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
+
+
+def test_keyboardinterrupt_without_checkpointing_is_left_alone():
+    model = PPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
+
+    def fire():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        model.learn(1000, callback=_SignalAt(5, fire))
+    assert not isinstance(info.value, TrainingInterrupted)
+
+
+# --- non-finite losses and gradients ----------------------------------------------------
+class _NanRewardAfter(gym.Wrapper):
+    """Rewards become NaN after ``after`` steps (a broken reward model, say)."""
+
+    def __init__(self, env, after: int):
+        super().__init__(env)
+        self.after, self.t = after, 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.t += 1
+        return obs, (float("nan") if self.t > self.after else reward), terminated, truncated, info
+
+
+def test_nonfinite_loss_raises_naming_the_update_and_last_checkpoint(tmp_path):
+    env = _NanRewardAfter(gym.make("CartPole-v1"), after=100)
+    model = PPO("MlpPolicy", env, n_steps=64, batch_size=64, n_epochs=1, seed=0)
+    with pytest.raises(NonFiniteError) as info:
+        model.learn(1000, callback=CheckpointCallback(save_freq=64, save_path=str(tmp_path), name_prefix="good"))
+    err = info.value
+    # the NaN rewards start at step 101; the save at step 128 comes before that rollout's update
+    assert err.checkpoint == os.path.join(str(tmp_path), "good_128_steps.zip")
+    assert err.checkpoint in str(err) and f"update {err.step}" in str(err)
+    # the last good checkpoint and the live weights are finite: the bad batch was not applied
+    assert all(torch.isfinite(p).all() for p in model.policy.parameters())
+    assert all(torch.isfinite(p).all() for p in PPO.load(err.checkpoint).policy.parameters())
+
+
+@pytest.mark.parametrize("algo,kwargs", [(PPO, dict(n_steps=64, batch_size=32, n_epochs=2)), (A2C, dict(n_steps=8)), (REINFORCE, {})])
+def test_skip_mode_drops_nonfinite_batches(algo, kwargs):
+    env = _NanRewardAfter(gym.make("CartPole-v1"), after=60)
+    model = algo("MlpPolicy", env, seed=0, **kwargs)
+    model.on_nonfinite = "skip"
+    model.learn(600)
+    assert model.num_timesteps >= 600
+    assert all(torch.isfinite(p).all() for p in model.policy.parameters())
+
+
+def test_check_finite_contract():
+    assert check_finite(torch.tensor(1.0), torch.tensor(2.0), step=3)
+    assert not check_finite(torch.tensor(1.0), torch.tensor(float("inf")), step=3, on_nonfinite="skip")
+    with pytest.raises(NonFiniteError, match="update 7.*no checkpoint was written yet"):
+        check_finite(float("nan"), None, step=7)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        check_finite(1.0, 1.0, step=0, on_nonfinite="ignore")

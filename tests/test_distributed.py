@@ -1,0 +1,180 @@
+"""Data-parallel training on torch.distributed (gloo, 2 processes on 127.0.0.1).
+
+Each test spawns 2 ranks inside the test with torchrun's environment variables, so the
+code under test joins the group exactly as under ``torchrun --nproc_per_node=2``. The
+ranks record their parameters after every update and the data each update saw; the test
+then checks that (a) both ranks hold identical parameters after every update and (b) one
+process fed the union of both ranks' batches (the doubled batch) computes the same update.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+
+
+def _flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
+
+
+PPO_KWARGS = dict(n_steps=16, batch_size=32, n_epochs=2, normalize_advantage=False, learning_rate=3e-3, seed=3, n_envs=2)
+
+
+def _ppo_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    _torchrun_env(rank, world, port)
+    torch.set_num_threads(1)
+    from agents import PPO
+    from agents import distributed
+    from agents.callbacks import BaseCallback
+
+    class Record(BaseCallback):
+        """Parameters before each update and the rollout it trains on."""
+
+        def __init__(self):
+            super().__init__()
+            self.before, self.rollouts, self.after = [], [], []
+
+        def _on_rollout_end(self) -> None:
+            buf = self.model.rollout_buffer
+            self.before.append(_flat_params(self.model.policy))
+            self.rollouts.append(
+                {k: getattr(buf, k).clone() for k in ("observations", "actions", "values", "log_probs", "advantages", "returns", "valid")}
+            )
+
+        def _on_step(self) -> bool:
+            return True
+
+    model = PPO("MlpPolicy", "CartPole-v1", **PPO_KWARGS)
+    assert distributed.world_size() == world and distributed.rank() == rank
+    record = Record()
+    # 3 iterations: 3 x (16 steps x 2 envs x 2 ranks)
+    model.learn(3 * 16 * 2 * world, callback=record)
+    after = record.before[1:] + [_flat_params(model.policy)]
+    torch.save(
+        {"before": record.before, "after": after, "rollouts": record.rollouts, "num_timesteps": model.num_timesteps,
+         "optimizer": model.policy.optimizer.state_dict()},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+    distributed.destroy()
+
+
+def _spawn(fn, world: int, tmp_path) -> list[dict]:
+    port = _free_port()
+    mp.spawn(fn, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def test_ppo_two_ranks_identical_and_equal_to_doubled_batch(tmp_path):
+    from agents import PPO
+
+    ranks = _spawn(_ppo_rank, 2, tmp_path)
+    r0, r1 = ranks
+    assert r0["num_timesteps"] == r1["num_timesteps"] == 3 * 16 * 2 * 2  # global step count
+    # the ranks saw different data (differently seeded envs) ...
+    assert not torch.equal(r0["rollouts"][0]["observations"], r1["rollouts"][0]["observations"])
+    # ... yet hold the same parameters after every update
+    assert len(r0["after"]) == 3
+    torch.testing.assert_close(r0["before"][0], r1["before"][0], rtol=0, atol=0)
+    for a0, a1 in zip(r0["after"], r1["after"]):
+        torch.testing.assert_close(a0, a1, rtol=0, atol=0)
+        assert not torch.equal(a0, r0["before"][0])
+
+    # rank r seeds its envs with seed + r * n_envs (rank 1 continues where rank 0's seeds end)
+    from agents import make_vec_env
+
+    for r, rec in enumerate(ranks):
+        first_obs, _ = make_vec_env("CartPole-v1", n_envs=2).reset(seed=PPO_KWARGS["seed"] + 2 * r)
+        np.testing.assert_array_equal(rec["rollouts"][0]["observations"][0].numpy(), first_obs)
+
+    # one process with 4 envs and the doubled batch, fed both ranks' rollouts, makes the same updates
+    kwargs = dict(PPO_KWARGS, n_envs=4, batch_size=2 * PPO_KWARGS["batch_size"])
+    single = PPO("MlpPolicy", "CartPole-v1", **kwargs)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(r0["before"][0], single.policy.parameters())
+    single._current_progress_remaining = 1.0
+    for it in range(3):
+        torch.testing.assert_close(_flat_params(single.policy), r0["before"][it], rtol=1e-5, atol=1e-6)
+        buf = single.rollout_buffer
+        for key in ("observations", "actions", "values", "log_probs", "advantages", "returns", "valid"):
+            getattr(buf, key).copy_(torch.cat([r0["rollouts"][it][key], r1["rollouts"][it][key]], dim=1))
+        single.train()
+        torch.testing.assert_close(_flat_params(single.policy), r0["after"][it], rtol=1e-5, atol=1e-6)
+    # Adam's moments match too
+    s_state = single.policy.optimizer.state_dict()["state"]
+    for k, v in r0["optimizer"]["state"].items():
+        torch.testing.assert_close(s_state[k]["exp_avg"], v["exp_avg"], rtol=1e-4, atol=1e-7)
+
+
+def _allreduce_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    _torchrun_env(rank, world, port)
+    from agents import distributed
+
+    assert distributed.init_distributed("cpu")
+    # unequal shares: rank 0 has 3 samples, rank 1 has 1; weighted average = global mean gradient
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    w = torch.nn.Parameter(torch.arange(3.0))
+    local = [0, 1, 2] if rank == 0 else [3]
+    loss = (x[local] @ w).pow(2).mean()
+    loss.backward()
+    distributed.allreduce_gradients([w], weight=len(local))
+    # a parameter broadcast from rank 0
+    p = torch.nn.Parameter(torch.full((2,), float(rank + 1)))
+    distributed.broadcast_parameters([p])
+    torch.save({"grad": w.grad.clone(), "p": p.detach().clone(), "shard": distributed.shard(range(5))},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.destroy()
+
+
+def test_weighted_allreduce_broadcast_and_shard(tmp_path):
+    r0, r1 = _spawn(_allreduce_rank, 2, tmp_path)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    w = torch.nn.Parameter(torch.arange(3.0))
+    (x @ w).pow(2).mean().backward()
+    torch.testing.assert_close(r0["grad"], w.grad)
+    torch.testing.assert_close(r1["grad"], w.grad)
+    assert r0["p"].tolist() == r1["p"].tolist() == [1.0, 1.0]
+    assert r0["shard"] == ([0, 2, 4], 3.0) and r1["shard"] == ([1, 3], 2.0)
+
+
+def test_single_process_helpers_are_no_ops(monkeypatch):
+    from agents import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.init_distributed("cpu")
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main_process()
+    assert distributed.rank_seed(7, 4) == 7
+    assert distributed.shard([4, 5, 6]) == ([4, 5, 6], 3.0)
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.full((2,), 3.0)
+    distributed.allreduce_gradients([p], weight=5)
+    assert p.grad.tolist() == [3.0, 3.0]
+
+
+def test_incomplete_torchrun_environment_is_a_clear_error(monkeypatch):
+    from agents import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        distributed.init_distributed("cpu")
