@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agents import distributed
 from rlhf_env.data import PreferencePair, as_pairs
+from rlhf_env.loop import TrainLoop, setup_distributed
 from rlhf_env.training import atomic_dir, length_batches, pad_right, seed_everything, summary_writer
 
 DEFAULT_BACKBONE = "all-minilm-l6-v2"
@@ -290,7 +292,7 @@ class RewardModel(nn.Module):
         folder = Path(cache_dir()) / "reward_models" / DEFAULT_CACHE_NAME
         if not (folder / _CONFIG_FILE).is_file():
             train, test = default_pairs()
-            rm = train_reward_model(train, eval_pairs=test, config=RewardModelConfig(), device="cpu", progress=progress)
+            rm = train_reward_model(train, eval_pairs=test, config=RewardModelConfig(), device=device, progress=progress)
             rm.save(folder)
         return cls.load(folder, device=device)
 
@@ -348,8 +350,15 @@ def train_reward_model(
     device="cpu",
     dtype=None,
     progress: bool = True,
+    checkpoint_dir: Union[str, os.PathLike, None] = None,
+    checkpoint_every: Optional[int] = None,
+    resume_from: Union[str, os.PathLike, None] = None,
+    on_nonfinite: str = "raise",
 ) -> RewardModel:
     """Train a reward model on preference pairs with the Bradley-Terry loss.
+
+    Under ``torchrun --nproc_per_node=N`` each rank trains on its share of every batch and
+    the gradients are averaged (see :mod:`rlhf_env.loop`); rank 0 logs and saves.
 
     Each step scores the chosen and rejected inputs of a batch in one forward pass and
     minimises ``-log sigmoid(s_chosen - s_rejected)``.
@@ -364,6 +373,10 @@ def train_reward_model(
     :param device: torch device
     :param dtype: backbone dtype (``None``: float32)
     :param progress: show a progress bar
+    :param checkpoint_dir: folder for resumable checkpoints (model, optimizer, schedule, data position, RNG)
+    :param checkpoint_every: updates between checkpoints (None: at the end and on Ctrl-C/SIGTERM only)
+    :param resume_from: a checkpoint file or folder to continue from (same data and batch size)
+    :param on_nonfinite: ``"raise"`` (stop, naming the step and the last checkpoint) or ``"skip"`` the batch
     :return: the trained model (in eval mode); ``model.metrics`` holds the final train/eval numbers
     """
     from tqdm.auto import tqdm
@@ -372,6 +385,7 @@ def train_reward_model(
     pairs = as_pairs(pairs)
     eval_pairs = as_pairs(eval_pairs) if eval_pairs is not None else None
     gen = seed_everything(cfg.seed)
+    device = setup_distributed(device)
     if isinstance(backbone, RewardModel):
         rm = backbone.to(device)
     else:
@@ -390,23 +404,29 @@ def train_reward_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     )
-    writer = summary_writer(log_dir, run_name)
+    loop = TrainLoop("reward_model", rm, optimizer, lengths, cfg.batch_size, cfg.epochs, gen, scheduler,
+                     checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
+    main = distributed.is_main_process()  # rank 0 logs and saves
+    writer = summary_writer(log_dir, run_name) if main else None
     metrics: dict = {}
-    step = 0
-    bar = tqdm(total=total, desc="reward model", disable=not progress)
+    step = loop.step_count
+    bar = tqdm(total=total, initial=step, desc="reward model", disable=not progress or not main)
     rm.train()
-    for epoch in range(cfg.epochs):
-        for idx in length_batches(lengths, cfg.batch_size, shuffle=True, generator=gen):
+    for epoch in loop.epochs():
+        for idx in loop.batches(epoch):
+            idx, weight = loop.shard(idx)  # this rank's share of the global batch
+            optimizer.zero_grad(set_to_none=True)
+            if not idx:
+                loop.step(None, weight)
+                continue
             # chosen and rejected in one forward: one padded batch of 2n inputs
             ids, mask = pad_right([chosen[i] for i in idx] + [rejected[i] for i in idx], rm.tokenizer.pad_token_id, rm.device)
             scores = rm.forward_ids(ids, mask)
             chosen_scores, rejected_scores = scores[: len(idx)], scores[len(idx) :]
             loss = bradley_terry_loss(chosen_scores, rejected_scores)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
+            loop.step(loss, weight)  # all-reduce, NaN guard, optimizer and schedule step, checkpoint
+            step = loop.step_count
             margin = (chosen_scores - rejected_scores).detach()
             acc = float((margin > 0).float().mean())
             if writer is not None:
@@ -429,6 +449,6 @@ def train_reward_model(
         writer.close()
     rm.eval()
     rm.metrics = metrics
-    if output_dir is not None:
+    if output_dir is not None and main:
         rm.save(output_dir)
     return rm

@@ -17,6 +17,9 @@ from rlhf_env.reward_model import (
 from tests.test_sft_dpo import PAIRS as TINY_PAIRS
 from tests.test_sft_dpo import make_tiny_lm
 
+# small models on a busy 2-core machine run several times faster single-threaded
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SEPARABLE = [
     PreferencePair("How was the film?", "I loved it, a wonderful and joyful story.", "It was boring and awful."),
     PreferencePair("How do I water a cactus?", "Great question! Water it lightly every two weeks, it will thrive.", "Who cares, it will die anyway."),
@@ -33,7 +36,12 @@ RESPONSES = ["Great!", "Once upon a time a dog played happily all day long and e
 
 @pytest.fixture(scope="module")
 def trained_rm():
-    return train_reward_model(SEPARABLE, config=RewardModelConfig(learning_rate=1e-4, batch_size=4, epochs=4, warmup_ratio=0.0), progress=False)
+    threads = torch.get_num_threads()  # module fixtures run before the function-scoped one_thread
+    torch.set_num_threads(1)
+    try:
+        return train_reward_model(SEPARABLE, config=RewardModelConfig(learning_rate=1e-4, batch_size=4, epochs=4, warmup_ratio=0.0), progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bradley_terry_loss_matches_hand_computation():

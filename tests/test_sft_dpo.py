@@ -11,6 +11,9 @@ from rlhf_env.dpo import DPOConfig, dpo_loss, evaluate_dpo, train_dpo
 from rlhf_env.sft import SFTConfig, encode_example, sft_loss, train_sft
 from rlhf_env.training import length_batches, pad_right, sequence_logprobs
 
+# small models on a busy 2-core machine run several times faster single-threaded
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 WORDS = (
     "how do i keep basil alive tell me about dogs cats the weather today great wonderful lovely "
     "happy glad awful terrible bad sad no yes thanks is are it was very so you your a an and of to"

@@ -1,0 +1,91 @@
+"""Learning targets of the offline trainers on the default task, printed as numbers.
+
+* the default reward model (``RewardModel.default()``: trained on first use, then cached):
+  accuracy on the held-out generated pairs (target >= 0.90) and on the hand-written pairs
+  on new prompts (target >= 0.85);
+* DPO of SmolLM2-135M-Instruct on the shipped pairs: held-out implicit-reward accuracy
+  (target >= 0.80) and the VADER mean of responses sampled on the test prompts, before
+  (the shipped ``samples_test.jsonl``, same sampling settings) and after.
+
+    python benchmarks/learning_offline.py --threads 1
+    python benchmarks/learning_offline.py --skip dpo        # reward model only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+TASK = Path(__file__).resolve().parent.parent / "rlhf_env" / "assets" / "task"
+
+
+def reward_model_targets() -> dict:
+    from rlhf_env.data import load_preferences
+    from rlhf_env.reward_model import RewardModel, default_pairs
+
+    t0 = time.perf_counter()
+    rm = RewardModel.default()
+    _, test = default_pairs()
+    return {
+        "default_rm_seconds": round(time.perf_counter() - t0, 1),
+        "heldout_accuracy": round(rm.accuracy(test), 4),
+        "heldout_pairs": len(test),
+        "handwritten_accuracy": round(rm.accuracy(load_preferences(TASK / "handwritten.jsonl")), 4),
+    }
+
+
+def dpo_targets(model_name: str, epochs: int, lr: float, beta: float, trainable_layers, batch_size: int, output: str | None) -> dict:
+    from rlhf_env.default_task import sample_responses, split_prompts, make_prompts, vader_scores
+    from rlhf_env.dpo import DPOConfig, train_dpo
+    from rlhf_env.reward_model import default_pairs
+
+    train, test = default_pairs()
+    cfg = DPOConfig(beta=beta, learning_rate=lr, batch_size=batch_size, epochs=epochs, trainable_layers=trainable_layers)
+    t0 = time.perf_counter()
+    model, tok = train_dpo(train, model_name, config=cfg, eval_pairs=test, output_dir=output)
+    seconds = time.perf_counter() - t0
+    before = [json.loads(line)["score"] for line in (TASK / "samples_test.jsonl").read_text().splitlines()]
+    _, test_prompts = split_prompts(make_prompts())
+    # the same sampling settings and seed as the shipped samples_test.jsonl (default_task.build_pairs)
+    responses = sample_responses(model, tok, test_prompts, num_samples=4, max_new_tokens=48, batch_size=16, seed=1)
+    after = vader_scores([r for rs in responses for r in rs])
+    return {
+        "dpo_seconds": round(seconds, 1),
+        "heldout_implicit_reward_accuracy": round(model.dpo_metrics["eval/rewards/accuracy"], 4),
+        "vader_mean_before": round(sum(before) / len(before), 4),
+        "vader_mean_after": round(sum(after) / len(after), 4),
+        "examples_after": [r[0] for r in responses[:3]],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--skip", choices=["rm", "dpo"], default=None, help="skip one part")
+    p.add_argument("--model", default="smollm2-135m", help="DPO policy (default: smollm2-135m)")
+    p.add_argument("--epochs", type=int, default=1, help="DPO epochs (default: 1)")
+    p.add_argument("--lr", type=float, default=5e-6, help="DPO learning rate (default: 5e-6)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: 0.1)")
+    p.add_argument("--batch-size", type=int, default=8, help="DPO pairs per step (default: 8)")
+    p.add_argument("--trainable-layers", type=int, default=None, help="DPO: train only the last N blocks (default: all)")
+    p.add_argument("--output", default=None, help="save the DPO model here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.skip != "rm":
+        print(json.dumps({"reward_model": reward_model_targets()}), flush=True)
+    if args.skip != "dpo":
+        out = dpo_targets(args.model, args.epochs, args.lr, args.beta, args.trainable_layers, args.batch_size, args.output)
+        print(json.dumps({"dpo": out}, ensure_ascii=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
