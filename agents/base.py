@@ -274,8 +274,16 @@ class BaseAlgorithm:
             self.env.seed(seed)
 
     def get_env(self) -> Any:
-        """The vector env the model trains on (a Gymnasium ``VectorEnv`` or SB3 ``VecEnv``)."""
-        return None if self.env is None else self.env.env
+        """The env the model trains on: an SB3 ``VecEnv`` given by the user as is, otherwise
+        a view with SB3's ``VecEnv`` API (``reset() -> obs``, ``step -> obs, rewards, dones,
+        infos``) whose ``.unwrapped`` is the Gymnasium vector env."""
+        if self.env is None:
+            return None
+        if self.env.is_sb3:
+            return self.env.env
+        from agents.vec_env import SB3VecEnvView
+
+        return SB3VecEnvView(self.env)
 
     def set_env(self, env: Any, force_reset: bool = True) -> None:
         """Train on ``env`` from now on; its spaces must equal the model's.

@@ -54,6 +54,9 @@ class MlpExtractor(nn.Module):
             for w in self.weights:  # default init as nn.Linear would do
                 bound = 1.0 / math.sqrt(w.shape[1])
                 nn.init.uniform_(w, -bound, bound)
+            # iterating a ParameterList costs more than the matmuls; the Parameter objects
+            # stay the same through .to() and load_state_dict, so a plain list is safe
+            self._layers = list(zip(self.weights, self.biases))
         else:
             self.policy_net = self._mlp(feature_dim, pi_arch, activation_fn)
             self.value_net = self._mlp(feature_dim, vf_arch, activation_fn)
@@ -84,7 +87,7 @@ class MlpExtractor(nn.Module):
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.stacked:
             h = features.unsqueeze(0).expand(2, -1, -1)
-            for w, b in zip(self.weights, self.biases):
+            for w, b in self._layers:
                 h = self.activation(torch.baddbmm(b, h, w))
             return h[0], h[1]
         return self.policy_net(features), self.value_net(features)
@@ -92,7 +95,7 @@ class MlpExtractor(nn.Module):
     def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
         if self.stacked:
             h = features
-            for w, b in zip(self.weights, self.biases):
+            for w, b in self._layers:
                 h = self.activation(torch.addmm(b[0], h, w[0]))
             return h
         return self.policy_net(features)
@@ -100,7 +103,7 @@ class MlpExtractor(nn.Module):
     def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
         if self.stacked:
             h = features
-            for w, b in zip(self.weights, self.biases):
+            for w, b in self._layers:
                 h = self.activation(torch.addmm(b[1], h, w[1]))
             return h
         return self.value_net(features)

@@ -1,0 +1,87 @@
+"""Each agent learns CartPole within a fixed, seeded budget; an SB3 script runs
+unchanged with the import swapped."""
+
+import re
+import subprocess
+import sys
+import textwrap
+
+import gymnasium as gym
+import pytest
+
+from agents import A2C, PPO, REINFORCE, evaluate_policy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# budgets and thresholds measured with these seeds (CPU, torch 2.13): PPO 16k steps -> 253,
+# its KL-penalty variant -> 172, A2C 30k -> 268, REINFORCE 30k -> see below; thresholds leave
+# margin while staying far above a random policy (about 22)
+PPO_BUDGET, PPO_THRESHOLD, KL_THRESHOLD = 16_000, 200.0, 120.0
+A2C_BUDGET, A2C_THRESHOLD = 30_000, 150.0
+REINFORCE_BUDGET, REINFORCE_THRESHOLD = 30_000, 100.0
+
+
+def eval_return(model, n=10):
+    return evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=n, deterministic=True)[0]
+
+
+def test_ppo_learns_cartpole():
+    # rl-zoo3's tuned settings, shortened
+    model = PPO("MlpPolicy", "CartPole-v1", n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98,
+                n_epochs=20, learning_rate="lin_0.001", clip_range="lin_0.2", seed=0)
+    model.learn(PPO_BUDGET)
+    assert eval_return(model) >= PPO_THRESHOLD
+
+
+def test_a2c_learns_cartpole():
+    model = A2C("MlpPolicy", "CartPole-v1", n_envs=8, seed=0)
+    model.learn(A2C_BUDGET)
+    assert eval_return(model) >= A2C_THRESHOLD
+
+
+def test_reinforce_learns_cartpole():
+    model = REINFORCE("MlpPolicy", "CartPole-v1", seed=0)
+    model.learn(REINFORCE_BUDGET)
+    assert eval_return(model) >= REINFORCE_THRESHOLD
+
+
+def test_ppo_kl_penalty_learns_cartpole():
+    model = PPO("MlpPolicy", "CartPole-v1", n_envs=8, n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98,
+                n_epochs=10, learning_rate=1e-3, loss_type="kl_penalty", kl_target=0.01, seed=0)
+    model.learn(PPO_BUDGET)
+    assert eval_return(model) >= KL_THRESHOLD
+
+
+SB3_SCRIPT = """
+import gymnasium as gym
+import torch
+torch.set_num_threads(1)
+from stable_baselines3 import {algo}
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.callbacks import EvalCallback
+
+env = gym.make("CartPole-v1")
+model = {algo}("MlpPolicy", env, verbose=0, seed=0, {extra})
+model.learn(total_timesteps=2_000, callback=EvalCallback(gym.make("CartPole-v1"), eval_freq=1000, n_eval_episodes=2, verbose=0))
+vec_env = model.get_env()
+obs = vec_env.reset()
+for i in range(50):
+    action, _states = model.predict(obs, deterministic=True)
+    obs, rewards, dones, infos = vec_env.step(action)
+mean_reward, std_reward = evaluate_policy(model, model.get_env(), n_eval_episodes=3)
+model.save("model_file")
+del model
+model = {algo}.load("model_file", env=env)
+print("RESULT", type(model).__module__, model.num_timesteps, mean_reward)
+"""
+
+
+@pytest.mark.parametrize("algo,extra", [("PPO", "n_steps=256, batch_size=64"), ("A2C", "")])
+def test_sb3_script_runs_with_import_swapped(tmp_path, algo, extra):
+    script = SB3_SCRIPT.format(algo=algo, extra=extra).replace("stable_baselines3", "agents")
+    (tmp_path / "script.py").write_text(textwrap.dedent(script))
+    out = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    match = re.search(r"RESULT (\S+) (\d+) (\S+)", out.stdout)
+    assert match and match.group(1).startswith("agents.") and int(match.group(2)) >= 2000
