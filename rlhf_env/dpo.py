@@ -22,7 +22,9 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from agents import distributed
 from rlhf_env.data import as_pairs
+from rlhf_env.loop import TrainLoop, setup_distributed
 from rlhf_env.sft import encode_example
 from rlhf_env.training import (
     length_batches,
@@ -131,8 +133,15 @@ def train_dpo(
     device="cpu",
     dtype=None,
     progress: bool = True,
+    checkpoint_dir: Union[str, os.PathLike, None] = None,
+    checkpoint_every: Optional[int] = None,
+    resume_from: Union[str, os.PathLike, None] = None,
+    on_nonfinite: str = "raise",
 ):
     """Train a causal LM with DPO on preference pairs.
+
+    Under ``torchrun --nproc_per_node=N`` each rank trains on its share of every batch and
+    the gradients are averaged (see :mod:`rlhf_env.loop`); rank 0 logs and saves.
 
     :param pairs: a JSON Lines path or an iterable of pairs (``PreferencePair``, dicts, tuples)
     :param model: the policy: a shipped name, a model folder, or a loaded ``PreTrainedModel``
@@ -150,6 +159,10 @@ def train_dpo(
     :param device: torch device
     :param dtype: weights dtype when loading by name
     :param progress: show a progress bar
+    :param checkpoint_dir: folder for resumable checkpoints (model, optimizer, data position, RNG)
+    :param checkpoint_every: updates between checkpoints (None: at the end and on Ctrl-C/SIGTERM only)
+    :param resume_from: a checkpoint file or folder to continue from (same data and batch size)
+    :param on_nonfinite: ``"raise"`` (stop, naming the step and the last checkpoint) or ``"skip"`` the batch
     :return: ``(model, tokenizer)``, the model in eval mode; ``model.dpo_metrics`` holds the last metrics
     """
     from tqdm.auto import tqdm
@@ -159,6 +172,7 @@ def train_dpo(
     pairs = as_pairs(pairs)
     eval_pairs = as_pairs(eval_pairs) if eval_pairs is not None else None
     gen = seed_everything(cfg.seed)
+    device = setup_distributed(device)
     model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
     data = _EncodedPairs(pairs, tokenizer, cfg.max_length)
     eval_data = _EncodedPairs(eval_pairs, tokenizer, cfg.max_length) if eval_pairs else None
@@ -173,23 +187,30 @@ def train_dpo(
 
     train_last_layers(model, cfg.trainable_layers)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    writer = summary_writer(log_dir, run_name)
-    total = -(-len(data) // cfg.batch_size) * cfg.epochs
+    loop = TrainLoop("dpo", model, optimizer, data.lengths, cfg.batch_size, cfg.epochs, gen, None,
+                     checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
+    main = distributed.is_main_process()  # rank 0 logs and saves
+    writer = summary_writer(log_dir, run_name) if main else None
+    total = loop.total_steps
     metrics: dict = {}
-    step = 0
+    step = loop.step_count
     model.train()
-    bar = tqdm(total=total, desc="dpo", disable=not progress)
-    for _ in range(cfg.epochs):
-        for idx in length_batches(data.lengths, cfg.batch_size, True, gen):
+    bar = tqdm(total=total, initial=step, desc="dpo", disable=not progress or not main)
+    for epoch in loop.epochs():
+        for idx in loop.batches(epoch):
+            idx, weight = loop.shard(idx)  # this rank's share of the global batch
+            optimizer.zero_grad(set_to_none=True)
+            if not idx:
+                loop.step(None, weight)
+                continue
             logps = sequence_logprobs(model, *data.batch(idx, model.device))
             policy_chosen, policy_rejected = logps[: len(idx)], logps[len(idx) :]
             loss, chosen_rewards, rejected_rewards = dpo_loss(
                 policy_chosen, policy_rejected, ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device), beta
             )
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            step += 1
+            loop.step(loss, weight)  # all-reduce, NaN guard, optimizer step, checkpoint
+            step = loop.step_count
             margins = chosen_rewards - rejected_rewards
             metrics = {
                 "train/loss": loss.item(),
@@ -215,7 +236,7 @@ def train_dpo(
         writer.close()
     model.eval()
     model.dpo_metrics = metrics
-    if output_dir is not None:
+    if output_dir is not None and main:
         save_lm(model, tokenizer, output_dir)
     return model, tokenizer
 

@@ -15,7 +15,9 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from rlhf_env.training import length_batches, pad_right, resolve_lm, save_lm, seed_everything, summary_writer
+from agents import distributed
+from rlhf_env.loop import TrainLoop, setup_distributed
+from rlhf_env.training import pad_right, resolve_lm, save_lm, seed_everything, summary_writer
 
 
 @dataclass
@@ -126,8 +128,16 @@ def train_sft(
     device="cpu",
     dtype=None,
     progress: bool = True,
+    checkpoint_dir: Union[str, os.PathLike, None] = None,
+    checkpoint_every: Optional[int] = None,
+    resume_from: Union[str, os.PathLike, None] = None,
+    on_nonfinite: str = "raise",
 ):
     """Fine-tune a causal LM on (prompt, response) examples; loss on response tokens only.
+
+    Under ``torchrun --nproc_per_node=N`` each rank trains on its share of every batch and
+    the gradients are averaged, weighted by response tokens (see :mod:`rlhf_env.loop`);
+    rank 0 logs and saves.
 
     :param examples: a JSON Lines path, or an iterable of ``(prompt, response)`` tuples,
         ``{"prompt", "response"}`` dicts or ``PreferencePair`` (their ``chosen``)
@@ -140,6 +150,10 @@ def train_sft(
     :param device: torch device
     :param dtype: weights dtype when loading by name
     :param progress: show a progress bar
+    :param checkpoint_dir: folder for resumable checkpoints (model, optimizer, data position, RNG)
+    :param checkpoint_every: updates between checkpoints (None: at the end and on Ctrl-C/SIGTERM only)
+    :param resume_from: a checkpoint file or folder to continue from (same data and batch size)
+    :param on_nonfinite: ``"raise"`` (stop, naming the step and the last checkpoint) or ``"skip"`` the batch
     :return: ``(model, tokenizer)``, the model in eval mode
     """
     from tqdm.auto import tqdm
@@ -147,27 +161,36 @@ def train_sft(
     cfg = config or SFTConfig()
     examples = _as_examples(examples)
     gen = seed_everything(cfg.seed)
+    device = setup_distributed(device)
     model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
     encoded = [encode_example(tokenizer, p, r, cfg.max_length, cfg.add_eos) for p, r in examples]
-    total = -(-len(encoded) // cfg.batch_size) * cfg.epochs
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    writer = summary_writer(log_dir, run_name)
+    loop = TrainLoop("sft", model, optimizer, [len(e[0]) for e in encoded], cfg.batch_size, cfg.epochs, gen, None,
+                     checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
+    total = loop.total_steps
+    main = distributed.is_main_process()  # rank 0 logs and saves
+    writer = summary_writer(log_dir, run_name) if main else None
     pad_id = tokenizer.pad_token_id
-    step = 0
+    step = loop.step_count
     model.train()
-    bar = tqdm(total=total, desc="sft", disable=not progress)
-    for _ in range(cfg.epochs):
-        for idx in length_batches([len(encoded[i][0]) for i in range(len(encoded))], cfg.batch_size, True, gen):
+    bar = tqdm(total=total, initial=step, desc="sft", disable=not progress or not main)
+    for epoch in loop.epochs():
+        for idx in loop.batches(epoch):
+            idx, _ = loop.shard(idx)  # this rank's share of the global batch
+            optimizer.zero_grad(set_to_none=True)
+            if not idx:
+                loop.step(None, 0)
+                continue
             ids, mask = pad_right([encoded[i][0] for i in idx], pad_id, model.device)
             loss_mask = mask.clone()
             for row, i in enumerate(idx):
                 loss_mask[row, : encoded[i][1]] = 0  # prompt tokens: context only
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = sft_loss(logits, ids, loss_mask)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            step += 1
+            # the loss is a mean over response tokens: ranks weigh in by their token counts
+            loop.step(loss, float(loss_mask[:, 1:].sum()))
+            step = loop.step_count
             if writer is not None:
                 writer.add_scalar("train/loss", loss.item(), step)
             bar.update(1)
@@ -176,6 +199,6 @@ def train_sft(
     if writer is not None:
         writer.close()
     model.eval()
-    if output_dir is not None:
+    if output_dir is not None and main:
         save_lm(model, tokenizer, output_dir)
     return model, tokenizer

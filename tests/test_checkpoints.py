@@ -234,3 +234,136 @@ def test_check_finite_contract():
         check_finite(float("nan"), None, step=7)
     with pytest.raises(ValueError, match="on_nonfinite"):
         check_finite(1.0, 1.0, step=0, on_nonfinite="ignore")
+
+
+# --- offline trainers: reward model, SFT, DPO ------------------------------------------
+from tests.test_sft_dpo import PAIRS as TINY_PAIRS  # noqa: E402
+from tests.test_sft_dpo import make_tiny_lm  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_path(tmp_path_factory):
+    return make_tiny_lm(tmp_path_factory.mktemp("ckpt_lm"))
+
+
+def _run_trainer(kind: str, lm_path, **kwargs):
+    """Train ``kind`` for 2 epochs of 4 batches of 2 pairs; return the trained module."""
+    pairs = TINY_PAIRS * 2
+    if kind == "sft":
+        from rlhf_env.sft import SFTConfig, train_sft
+
+        return train_sft(pairs, str(lm_path), config=SFTConfig(learning_rate=1e-2, batch_size=2, epochs=2), progress=False, **kwargs)[0]
+    if kind == "dpo":
+        from rlhf_env.dpo import DPOConfig, train_dpo
+
+        return train_dpo(pairs, str(lm_path), config=DPOConfig(learning_rate=1e-2, batch_size=2, epochs=2), progress=False, **kwargs)[0]
+    from rlhf_env.reward_model import RewardModelConfig, train_reward_model
+
+    cfg = RewardModelConfig(learning_rate=3e-3, batch_size=2, epochs=2, warmup_ratio=0.3)  # the schedule's position matters
+    return train_reward_model(pairs, backbone=str(lm_path), config=cfg, progress=False, **kwargs)
+
+
+def _signal_after_update(monkeypatch, at: int, sig=signal.SIGTERM):
+    from rlhf_env.loop import TrainLoop
+
+    real_step = TrainLoop.step
+
+    def step(self, *args, **kwargs):
+        ok = real_step(self, *args, **kwargs)
+        if self.step_count == at:
+            os.kill(os.getpid(), sig)
+        return ok
+
+    monkeypatch.setattr(TrainLoop, "step", step)
+
+
+@pytest.mark.parametrize("kind", ["reward_model", "sft", "dpo"])
+def test_offline_trainer_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_lm_path, monkeypatch, kind):
+    reference = {k: v.clone() for k, v in _run_trainer(kind, tiny_lm_path).state_dict().items()}
+
+    previous = signal.getsignal(signal.SIGTERM)
+    _signal_after_update(monkeypatch, at=5)  # in the second epoch
+    ckpt_dir = tmp_path / "ckpt"
+    with pytest.raises(TrainingInterrupted) as info:
+        _run_trainer(kind, tiny_lm_path, checkpoint_dir=ckpt_dir, output_dir=tmp_path / "out")
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) == previous
+    assert info.value.checkpoint == str(ckpt_dir / "checkpoint_5.pt") and info.value.checkpoint in str(info.value)
+    assert not (tmp_path / "out").exists()  # the final model is only written by a finished run
+    assert [p.name for p in ckpt_dir.iterdir()] == ["checkpoint_5.pt"]
+
+    resumed = _run_trainer(kind, tiny_lm_path, resume_from=ckpt_dir, checkpoint_dir=ckpt_dir)
+    for k, v in resumed.state_dict().items():
+        torch.testing.assert_close(v, reference[k], rtol=1e-6, atol=1e-7, msg=lambda m: f"{k}: {m}")
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint_5.pt", "checkpoint_8.pt"]
+
+
+def test_trainer_checkpoint_write_failure_keeps_the_previous_one(tmp_path, tiny_lm_path, monkeypatch):
+    import rlhf_env.loop as loop
+
+    ckpt_dir = tmp_path / "ckpt"
+    _run_trainer("sft", tiny_lm_path, checkpoint_dir=ckpt_dir, checkpoint_every=4)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint_4.pt", "checkpoint_8.pt"]
+    before = (ckpt_dir / "checkpoint_8.pt").read_bytes()
+    real_save = torch.save
+
+    def failing_save(obj, fh, *args, **kwargs):
+        real_save({"partial": torch.zeros(1000)}, fh)  # some bytes reach the disk, then it fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop.torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        _run_trainer("sft", tiny_lm_path, checkpoint_dir=ckpt_dir, resume_from=ckpt_dir / "checkpoint_4.pt", checkpoint_every=4)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint_4.pt", "checkpoint_8.pt"]
+    assert (ckpt_dir / "checkpoint_8.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny_lm_path):
+    ckpt_dir = tmp_path / "ckpt"
+    _run_trainer("sft", tiny_lm_path, checkpoint_dir=ckpt_dir)
+    with pytest.raises(ValueError, match=r"checkpoint_8.pt is a sft checkpoint, not dpo"):
+        _run_trainer("dpo", tiny_lm_path, resume_from=ckpt_dir)
+    (tmp_path / "broken.pt").write_bytes((ckpt_dir / "checkpoint_8.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="broken.pt is not a readable trainer checkpoint"):
+        _run_trainer("sft", tiny_lm_path, resume_from=tmp_path / "broken.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _run_trainer("sft", tiny_lm_path, resume_from=tmp_path)
+
+
+def test_offline_nonfinite_loss_names_the_step_and_checkpoint(tmp_path, tiny_lm_path, monkeypatch):
+    import rlhf_env.sft as sft
+
+    real_loss = sft.sft_loss
+    calls = {"n": 0}
+
+    def nan_on_third(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(sft, "sft_loss", nan_on_third)
+    with pytest.raises(NonFiniteError, match=r"sft step 3 .*checkpoint_2.pt") as info:
+        _run_trainer("sft", tiny_lm_path, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2)
+    assert info.value.step == 3
+    calls["n"] = 0
+    model = _run_trainer("sft", tiny_lm_path, on_nonfinite="skip")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_reward_model_save_failure_leaves_the_old_folder(tmp_path, tiny_lm_path, monkeypatch):
+    import safetensors.torch
+
+    rm = _run_trainer("reward_model", tiny_lm_path)
+    rm.save(tmp_path / "rm")
+    before = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "rm").rglob("*") if p.is_file()}
+
+    def failing(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    with pytest.raises(OSError):
+        rm.save(tmp_path / "rm")
+    after = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "rm").rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]  # no temporary folder left

@@ -178,3 +178,51 @@ def test_incomplete_torchrun_environment_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="torchrun"):
         distributed.init_distributed("cpu")
+
+
+def _offline_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    _torchrun_env(rank, world, port)
+    torch.set_num_threads(1)
+    from tests.test_distributed import _train_offline
+
+    result = {kind: _flat_params(_train_offline(kind, os.path.join(out_dir, "lm"), out_dir)) for kind in ("reward_model", "sft", "dpo")}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    from agents import distributed
+
+    distributed.destroy()
+
+
+def _train_offline(kind: str, lm_dir: str, out_dir: str):
+    """2 epochs over 6 pairs in global batches of 4 (the last batch of each epoch has 2)."""
+    from tests.test_sft_dpo import PAIRS
+
+    pairs = PAIRS + PAIRS[:2]
+    if kind == "reward_model":
+        from rlhf_env.reward_model import RewardModelConfig, train_reward_model
+
+        cfg = RewardModelConfig(learning_rate=3e-3, batch_size=4, epochs=2, warmup_ratio=0.25)
+        return train_reward_model(pairs, backbone=lm_dir, config=cfg, progress=False, output_dir=os.path.join(out_dir, "rm_out"))
+    if kind == "sft":
+        from rlhf_env.sft import SFTConfig, train_sft
+
+        return train_sft(pairs, lm_dir, config=SFTConfig(learning_rate=1e-2, batch_size=4, epochs=2), progress=False)[0]
+    from rlhf_env.dpo import DPOConfig, train_dpo
+
+    return train_dpo(pairs, lm_dir, config=DPOConfig(learning_rate=1e-2, batch_size=4, epochs=2), progress=False)[0]
+
+
+def test_offline_trainers_two_ranks_match_one_process(tmp_path):
+    from tests.test_sft_dpo import make_tiny_lm
+
+    torch.set_num_threads(1)
+    make_tiny_lm(tmp_path / "lm")
+    r0, r1 = _spawn(_offline_rank, 2, tmp_path)
+    assert (tmp_path / "rm_out").is_dir()  # written once, by rank 0
+    for kind in ("reward_model", "sft", "dpo"):
+        torch.testing.assert_close(r0[kind], r1[kind], rtol=0, atol=0, msg=lambda m: f"{kind}: {m}")
+        single = _flat_params(_train_offline(kind, str(tmp_path / "lm"), str(tmp_path / "single")))
+        if kind == "reward_model":
+            # the head's bias (last) cancels in s_chosen - s_rejected: its gradient is rounding
+            # noise, which Adam scales to lr-sized steps; every other weight must agree
+            r0[kind], single = r0[kind][:-1], single[:-1]
+        torch.testing.assert_close(r0[kind], single, rtol=1e-4, atol=1e-5, msg=lambda m: f"{kind}: {m}")
