@@ -128,6 +128,52 @@ def _interrupt_callback_class():
 
 
 @contextlib.contextmanager
+def stop_requests() -> Iterator[dict]:
+    """While active, SIGINT and SIGTERM only set ``state["requested"]`` (and
+    ``state["signal"]``), so the loop can stop at a safe point; a second SIGINT raises
+    ``KeyboardInterrupt`` at once. The previous handlers come back on exit. Outside the
+    main thread nothing is installed.
+
+    :return: (yields) the state dict
+    """
+    state = {"requested": False, "signal": None}
+
+    def request_stop(signum, frame):
+        if state["requested"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        state["requested"] = True
+        state["signal"] = signal.Signals(signum).name
+        if distributed.is_main_process():
+            print(
+                f"\n{state['signal']} received: stopping after this step and writing a checkpoint"
+                + (" (Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+
+    installed: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            installed[sig] = signal.signal(sig, request_stop)
+    try:
+        yield state
+    finally:
+        for sig, handler in installed.items():
+            signal.signal(sig, handler)
+
+
+def interrupted_error(state: dict, step: int, path: str | None, what: str = "step") -> TrainingInterrupted:
+    """The :class:`TrainingInterrupted` to raise after the final checkpoint ``path``."""
+    why = state.get("signal") or "KeyboardInterrupt"
+    return TrainingInterrupted(
+        f"training interrupted ({why}) at {what} {step}; "
+        + (f"final checkpoint written to {path}" if path else "rank 0 wrote the final checkpoint"),
+        checkpoint=path,
+        num_timesteps=step,
+    )
+
+
+@contextlib.contextmanager
 def training_guard(model: Any, callback: Any) -> Iterator[Any]:
     """Wrap the body of ``learn``: yields the callback to use.
 
@@ -143,45 +189,18 @@ def training_guard(model: Any, callback: Any) -> Iterator[Any]:
     if checkpoint_cb is None:
         yield callback
         return
-    state = {"requested": False, "signal": None}
-    guard = _interrupt_callback_class()(state)
-    guarded = CallbackList([callback, guard])
-    guarded.init_callback(model)  # (re-initialising ``callback`` only re-binds the model)
-    installed: dict[int, Any] = {}
-
-    def request_stop(signum, frame):
-        if state["requested"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        state["requested"] = True
-        state["signal"] = signal.Signals(signum).name
-        if distributed.is_main_process():
-            print(
-                f"\n{state['signal']} received: stopping after this step and writing a checkpoint"
-                + (" (Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""),
-                file=sys.stderr,
-                flush=True,
-            )
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            installed[sig] = signal.signal(sig, request_stop)
     interrupted = False
-    try:
-        yield guarded
-        interrupted = state["requested"]
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        for sig, handler in installed.items():
-            signal.signal(sig, handler)
+    with stop_requests() as state:
+        guard = _interrupt_callback_class()(state)
+        guarded = CallbackList([callback, guard])
+        guarded.init_callback(model)  # (re-initialising ``callback`` only re-binds the model)
+        try:
+            yield guarded
+            interrupted = state["requested"]
+        except KeyboardInterrupt:
+            interrupted = True
     if interrupted:
         path = checkpoint_cb._checkpoint_path() if distributed.is_main_process() else None
         if path is not None:
             model.save(path)
-        why = state["signal"] or "KeyboardInterrupt"
-        raise TrainingInterrupted(
-            f"training interrupted ({why}) at step {model.num_timesteps}; "
-            + (f"final checkpoint written to {path}" if path else "rank 0 wrote the final checkpoint"),
-            checkpoint=path,
-            num_timesteps=model.num_timesteps,
-        )
+        raise interrupted_error(state, model.num_timesteps, path)
