@@ -132,3 +132,33 @@ def test_agents_ppo_trains_the_env_actor(tiny_lm_dir, tiny_prompts, tmp_path):
 
     _check_training(PPO, "LMPolicy", tiny_lm_dir, tiny_prompts, tmp_path)
     _check_tiny_v0(PPO, "LMPolicy")
+
+
+def test_saved_model_loads_in_a_fresh_process(tiny_lm_dir, tiny_prompts, tmp_path):
+    """Without its env the loaded policy rebuilds the actor from the space's description
+    (the model directory) and the saved weights: same distribution as before saving."""
+    import subprocess
+    import sys
+
+    from stable_baselines3 import PPO
+
+    env = make_env(tiny_lm_dir, tiny_prompts)
+    model = PPO(LMActorCriticPolicy, env, n_steps=32, batch_size=32, n_epochs=1, learning_rate=3e-3, seed=0)
+    model.learn(32)
+    model.save(tmp_path / "model.zip")
+    obs, _ = env.reset(seed=0)
+    np.savez(tmp_path / "obs.npz", **obs)
+    with torch.no_grad():
+        expected = model.policy.get_distribution(model.policy.obs_to_tensor(obs)[0]).logits[0]
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from stable_baselines3 import PPO\n"
+        "model = PPO.load(sys.argv[1] + '/model.zip')\n"
+        "obs = dict(np.load(sys.argv[1] + '/obs.npz'))\n"
+        "with torch.no_grad():\n"
+        "    logp = model.policy.get_distribution(model.policy.obs_to_tensor(obs)[0]).logits[0]\n"
+        "torch.save(logp, sys.argv[1] + '/logp.pt')\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, capture_output=True, timeout=300,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert torch.allclose(torch.load(tmp_path / "logp.pt"), expected, atol=1e-5)

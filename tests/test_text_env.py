@@ -190,8 +190,7 @@ def test_smollm2_default_variant(tmp_path):
     from gymnasium.utils.env_checker import check_env as gym_check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    env = gym.make("TextRLHF-v0", reward_model=lambda p, r: torch.zeros(len(r)), max_new_tokens=2,
-                   prompts=["Write one happy sentence.", "What is a database?"])
+    env = gym.make("TextRLHF-v0", max_new_tokens=2)  # shipped prompts, default (sentiment) reward
     assert env.action_space.n == 49152
     gym_check_env(env.unwrapped, skip_render_check=True)
     sb3_check_env(env)
@@ -202,3 +201,4 @@ def test_smollm2_default_variant(tmp_path):
     action = int(torch.argmax(lp))
     _, reward, _, _, step_info = env.step(action)
     assert reward == pytest.approx(-0.05 * float(lp[action] - ref_lp[action]), abs=1e-4)
+    assert step_info["logprob"] == pytest.approx(float(lp[action]), abs=1e-4)

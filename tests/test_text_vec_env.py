@@ -145,3 +145,29 @@ def test_one_forward_of_each_model_per_step(tiny_lm_dir, tiny_prompts, length_re
         envs.step(np.array([5, 6, 7]))
     # one incremental forward (N rows, ONE new token) of each model per step, no re-forward
     assert calls["actor"][1:] == [torch.Size([N, 1])] * 3 and calls["reference"][1:] == [torch.Size([N, 1])] * 3
+
+
+def test_cache_grows_on_the_left_for_a_longer_prompt_and_trims_after(tiny_lm_dir, tiny_prompts, length_reward):
+    """Row surgery of the batched cache: a reset row with a prompt longer than every live
+    context grows the cache on the left; a short one leaves all-pad columns that are trimmed."""
+    from envs.lm_core import Contexts
+
+    envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward)
+    perturb(envs.actor, seed=11)
+    core = envs.core
+    ctx = Contexts(core, 2)
+    short, long_ = [1, 40, 41], [1] + list(range(50, 80))
+    ctx.set_prompts([0, 1], [short, short])
+    ctx.advance([0, 1], [7, 8])
+    ctx.set_prompts([1], [long_])  # longer than row 0's context: grow on the left
+    assert ctx.actor.mask.shape[1] == len(long_)
+    ctx.advance([0, 1], [9, 10])
+    ctx.set_prompts([1], [short])  # now the long row is gone: leading columns are trimmed
+    assert ctx.actor.mask.shape[1] <= len(short + [7, 9]) + 2
+    ctx.advance([0, 1], [11, 12])
+    for row, ids in enumerate([short + [7, 9, 11], short + [12]]):
+        assert ctx.ids[row] == ids
+        actions = torch.tensor([5, 5])
+        logprob, ref_logprob, _ = ctx.log_probs([0, 1], actions, "k1")
+        assert float(logprob[row]) == pytest.approx(float(full_log_probs(core.actor, ids)[5]), abs=1e-4)
+        assert float(ref_logprob[row]) == pytest.approx(float(full_log_probs(core.reference, ids)[5]), abs=1e-4)
