@@ -124,6 +124,9 @@ class RolloutBuffer:
         self.final_values_given = False
         self.final_values.zero_()
         self.valid.fill_(True)
+        self._staging["valid"].fill(True)
+        self._staged.clear()
+        self._full_batch: RolloutBufferSamples | None = None
 
     def _allocate(self) -> None:
         shape, device = (self.buffer_size, self.n_envs), self.device
@@ -144,6 +147,16 @@ class RolloutBuffer:
         self.valid = torch.ones(shape, dtype=torch.bool, device=device)
         self.advantages = torch.zeros(shape, device=device)
         self.returns = torch.zeros(shape, device=device)
+        # per-step numpy inputs (rewards, flags) are staged here and copied to the device
+        # once per rollout: one transfer instead of five small ones per step
+        self._staging = {
+            "rewards": np.zeros(shape, np.float32),
+            "episode_starts": np.zeros(shape, np.float32),
+            "terminated": np.zeros(shape, bool),
+            "truncated": np.zeros(shape, bool),
+            "valid": np.ones(shape, bool),
+        }
+        self._staged: set[str] = set()
 
     def add(
         self,
@@ -165,15 +178,22 @@ class RolloutBuffer:
         else:
             self.observations[t] = obs
         self.actions[t] = actions.reshape(self.actions[t].shape)
-        self.rewards[t] = rewards
-        self.episode_starts[t] = episode_starts
         self.values[t] = values.reshape(-1)
         self.log_probs[t] = log_probs.reshape(-1)
-        if terminated is not None:
-            self.terminated[t] = terminated
-        if truncated is not None:
-            self.truncated[t] = truncated
-        self.valid[t] = True if valid is None else valid
+        for name, value in (
+            ("rewards", rewards),
+            ("episode_starts", episode_starts),
+            ("terminated", terminated),
+            ("truncated", truncated),
+            ("valid", True if valid is None else valid),
+        ):
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                getattr(self, name)[t] = value
+            else:  # numpy or a Python scalar: staged, copied in _flush_staging
+                self._staging[name][t] = value
+                self._staged.add(name)
         self.pos += 1
         self.full = self.pos == self.buffer_size
 
@@ -182,6 +202,8 @@ class RolloutBuffer:
 
         ``dones`` is accepted for SB3 compatibility; the buffer's own ``terminated`` and
         ``truncated`` flags decide bootstrapping."""
+        self._flush_staging()
+        self._full_batch = None
         self.advantages, self.returns = compute_gae(
             self.rewards,
             self.values,
@@ -192,6 +214,11 @@ class RolloutBuffer:
             self.gamma,
             self.gae_lambda,
         )
+
+    def _flush_staging(self) -> None:
+        for name in self._staged:
+            getattr(self, name).copy_(torch.from_numpy(self._staging[name]))
+        self._staged.clear()
 
     def flat_valid_indices(self) -> torch.Tensor:
         return torch.nonzero(self.valid.reshape(-1), as_tuple=True)[0]
@@ -208,10 +235,17 @@ class RolloutBuffer:
             obs = self._flat(self.observations)
         flat = [self._flat(x) for x in (self.actions, self.values, self.log_probs, self.advantages, self.returns)]
         n_total = self.buffer_size * self.n_envs
-        if (batch_size is None or batch_size >= n_total) and bool(self.valid.all()):
-            # one minibatch of everything: the order does not change a mean loss, so
-            # skip the shuffle and the gather copies
-            yield RolloutBufferSamples(obs, *flat)
+        if batch_size is None or batch_size >= n_total:
+            # one minibatch of all valid rows: the order does not change a mean loss, so
+            # no shuffle, and the selection is made once per rollout, not once per epoch
+            if self._full_batch is None:
+                if bool(self.valid.all()):
+                    self._full_batch = RolloutBufferSamples(obs, *flat)
+                else:
+                    idx = self.flat_valid_indices()
+                    batch_obs = {k: v[idx] for k, v in obs.items()} if isinstance(obs, dict) else obs[idx]
+                    self._full_batch = RolloutBufferSamples(batch_obs, *(x[idx] for x in flat))
+            yield self._full_batch
             return
         indices = self.flat_valid_indices()
         indices = indices[torch.randperm(len(indices), device=indices.device)]
