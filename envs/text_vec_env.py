@@ -7,7 +7,10 @@ reference over all N contexts, each with its own rows in a batched KV cache (see
 and passing explicit positions. Finished sub-envs are reset by Gymnasium 1.x's default
 ``NEXT_STEP`` autoreset: the step after a sub-env terminates, its action is ignored, it
 returns the first observation of a new prompt with reward 0, and its info carries
-``prompt`` and ``prompt_ids``.
+``prompt`` and ``prompt_ids``. With ``autoreset_mode="SameStep"`` a finished sub-env
+restarts in the step it ends instead: its observation and info are the new prompt's, and
+the final ones are in ``infos["final_obs"]`` and ``infos["final_info"]`` (Gymnasium's
+SAME_STEP layout; :class:`envs.wrappers.SB3VecEnv` relies on it).
 
 Setting :attr:`TextRLHFVectorEnv.autoreset` to False (GRPO does, during its rollout)
 keeps a finished sub-env idle instead: its actions are ignored, it is not re-prefilled
@@ -35,7 +38,8 @@ from envs.text_env import _check_config, as_scores, resolve_prompts, resolve_rew
 class TextRLHFVectorEnv(VectorEnv):
     """``num_envs`` prompts at a time, one batched actor and reference forward per step.
 
-    Takes the arguments of :class:`envs.text_env.TextRLHFEnv` plus ``num_envs``.
+    Takes the arguments of :class:`envs.text_env.TextRLHFEnv` plus ``num_envs`` and
+    ``autoreset_mode`` (``"NextStep"``, the default, or ``"SameStep"``).
     ``reset(seed=s)`` seeds sub-env ``i`` with ``s + i``; ``reset(options={"prompt": p})`` with
     a string or a list of ``num_envs`` strings sets the prompts.
     """
@@ -60,11 +64,17 @@ class TextRLHFVectorEnv(VectorEnv):
         reference: Any = None,
         tokenizer: Any = None,
         shared_model: bool = True,
+        autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
     ):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"])
+        _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
         self.num_envs = int(num_envs)
+        modes = {m.value.lower().replace("_", ""): m for m in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP)}
+        mode = modes.get(str(getattr(autoreset_mode, "value", autoreset_mode)).lower().replace("_", ""))
+        if mode is None:
+            raise ValueError(f"autoreset_mode must be 'NextStep' or 'SameStep', got {autoreset_mode!r}")
+        self.metadata = {**self.metadata, "autoreset_mode": mode}
         self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
         self.reward_model = resolve_reward_spec(reward_model, device)
         self.prompts = resolve_prompts(prompts)
@@ -190,7 +200,19 @@ class TextRLHFVectorEnv(VectorEnv):
             _put(infos, "response", finished, responses, n, dtype=object)
         if reset_rows:
             self._start(reset_rows, [None] * len(reset_rows), infos)
-        self._autoreset = terminated.copy() if self.autoreset else (self._autoreset | terminated)
+        if finished and self.autoreset and self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
+            # SAME_STEP: the final observation and info move to "final_obs" / "final_info"
+            # and the sub-env starts its next prompt in this very step
+            final_obs = self._observations()
+            infos = _move_rows(infos, finished, "final_info", n)
+            infos["final_obs"] = {}
+            for key, batch in final_obs.items():
+                _put(infos["final_obs"], key, finished, [batch[row] for row in finished], n, dtype=object)
+            infos["_final_obs"] = _mask(finished, n)
+            self._start(finished, [None] * len(finished), infos)
+            self._autoreset[:] = False
+        else:
+            self._autoreset = terminated.copy() if self.autoreset else (self._autoreset | terminated)
         if self.render_mode == "human":
             print(self.render())
         return self._observations(), rewards, terminated, np.zeros(n, dtype=bool), infos
@@ -241,6 +263,31 @@ class TextRLHFVectorEnv(VectorEnv):
             input_ids[row, : len(ids)] = ids
             mask[row, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def _mask(rows: list[int], n: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return mask
+
+
+def _move_rows(infos: dict[str, Any], rows: list[int], name: str, n: int) -> dict[str, Any]:
+    """Move the entries of ``rows`` out of the vector info into the nested info ``name``."""
+    moved: dict[str, Any] = {}
+    kept: dict[str, Any] = {}
+    for key, values in infos.items():
+        if key.startswith("_"):
+            continue
+        mask = infos["_" + key]
+        take = [row for row in rows if mask[row]]
+        if take:
+            _put(moved, key, take, [values[row] for row in take], n, dtype=object if values.dtype == object else None)
+        left = mask.copy()
+        left[rows] = False
+        if left.any():
+            kept[key], kept["_" + key] = values, left
+    kept[name], kept["_" + name] = moved, _mask(rows, n)
+    return kept
 
 
 def _put(infos: dict[str, Any], key: str, rows: list[int], values: Sequence[Any], n: int, dtype: Any = None) -> None:

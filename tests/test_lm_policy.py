@@ -162,3 +162,28 @@ def test_saved_model_loads_in_a_fresh_process(tiny_lm_dir, tiny_prompts, tmp_pat
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, capture_output=True, timeout=300,
                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert torch.allclose(torch.load(tmp_path / "logp.pt"), expected, atol=1e-5)
+
+
+def test_sb3_ppo_on_the_batched_env_shares_every_rollout_forward(tiny_lm_dir, tiny_prompts):
+    """SB3's PPO on the batched env (through SB3VecEnv): rollouts cost no policy forward
+    (every one is a step-cache hit), and the policy learns."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import VecMonitor
+
+    from envs.wrappers import SB3VecEnv
+
+    venv = VecMonitor(SB3VecEnv(num_envs=4, model=str(tiny_lm_dir), reward_model=e_reward, prompts=tiny_prompts,
+                                max_new_tokens=2, max_prompt_tokens=40, kl_coef=0.01, autoreset_mode="SameStep"))
+    single = make_env(tiny_lm_dir, tiny_prompts, shared_model=True)
+    core = venv.venv.core
+    assert single.unwrapped.core is core
+    model = PPO(LMActorCriticPolicy, venv, n_steps=32, batch_size=32, n_epochs=4, learning_rate=3e-3, seed=0)
+    before = rewarded_mass(single, model.policy)
+    misses = core.misses
+    model.learn(384)
+    after = rewarded_mass(single, model.policy)
+    # misses: the training minibatches (n_epochs x samples), and the first observation of
+    # each later rollout (4 rows), which the env computed before the weights were updated
+    assert core.misses - misses == 4 * 384 + 4 * (384 // 128 - 1)
+    assert after > before + 0.1, (before, after)
+    assert len(model.ep_info_buffer) > 0

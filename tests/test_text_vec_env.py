@@ -171,3 +171,43 @@ def test_cache_grows_on_the_left_for_a_longer_prompt_and_trims_after(tiny_lm_dir
         logprob, ref_logprob, _ = ctx.log_probs([0, 1], actions, "k1")
         assert float(logprob[row]) == pytest.approx(float(full_log_probs(core.actor, ids)[5]), abs=1e-4)
         assert float(ref_logprob[row]) == pytest.approx(float(full_log_probs(core.reference, ids)[5]), abs=1e-4)
+
+
+def test_same_step_autoreset_and_the_sb3_vec_env_adapter(tiny_lm_dir, tiny_prompts, length_reward):
+    from envs.wrappers import SB3VecEnv
+
+    envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward, max_new_tokens=3, autoreset_mode="SameStep")
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    obs, info = envs.reset(seed=0)
+    contexts = [list(ids) for ids in info["prompt_ids"]]
+    for step in range(3):
+        actions = np.array([5, envs.tokenizer.eos_token_id if step == 0 else 6, 7])
+        obs, rewards, terminated, _, info = envs.step(actions)
+        for i in range(N):
+            contexts[i].append(int(actions[i]))
+        if step == 0:  # sub-env 1 ended by EOS and restarted in the same step
+            assert terminated.tolist() == [False, True, False]
+            final_obs, final_info = info["final_obs"], info["final_info"]
+            assert info["_final_obs"].tolist() == [False, True, False]
+            n1 = len(contexts[1])
+            assert final_obs["input_ids"][1][:n1].tolist() == contexts[1]
+            assert final_info["_score"][1] and "score" not in info
+            assert info["_prompt_ids"][1] and obs["attention_mask"][1].sum() == len(info["prompt_ids"][1])
+            assert info["_logprob"].tolist() == [True, False, True]  # sub-env 1's moved to final_info
+            contexts[1] = list(info["prompt_ids"][1])
+    assert terminated.tolist() == [True, False, True]
+
+    venv = SB3VecEnv(make_vec(tiny_lm_dir, tiny_prompts, length_reward, max_new_tokens=2, autoreset_mode="SameStep"))
+    obs = venv.reset()
+    assert obs["input_ids"].shape == (N, 42) and venv.observation_space is venv.venv.single_observation_space
+    obs, rewards, dones, infos = venv.step(np.array([5, 6, 7]))
+    assert not dones.any() and all("logprob" in info for info in infos)
+    obs, rewards, dones, infos = venv.step(np.array([5, 6, 7]))
+    assert dones.all()
+    for i, info in enumerate(infos):
+        assert {"score", "response", "logprob", "terminal_observation"} <= set(info)
+        final_ids = info["terminal_observation"]["input_ids"][: info["terminal_observation"]["attention_mask"].sum()]
+        assert final_ids[-2:].tolist() == [[5, 6, 7][i]] * 2  # the prompt, then the two actions
+        assert obs["attention_mask"][i].sum() == len(venv.reset_infos[i]["prompt_ids"])
+    with pytest.raises(ValueError, match="SameStep"):
+        SB3VecEnv(make_vec(tiny_lm_dir, tiny_prompts, length_reward))
