@@ -102,8 +102,14 @@ def is_main_process() -> bool:
 
 
 def local_device(device: torch.device | str) -> torch.device:
-    """``cuda`` without an index becomes ``cuda:LOCAL_RANK`` under torchrun (one GPU per rank)."""
-    device = torch.device(device)
+    """``cuda`` without an index becomes ``cuda:LOCAL_RANK`` under torchrun (one GPU per rank).
+
+    :raises ValueError: naming a string that is no torch device
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
     if device.type == "cuda" and device.index is None and launched_by_torchrun():
         return torch.device("cuda", local_rank())
     return device

@@ -54,6 +54,40 @@ class TrainingInterrupted(KeyboardInterrupt):
         return str(self.args[0]) if self.args else "training interrupted"
 
 
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    integer: bool = False,
+    low_open: bool = False,
+) -> float | int:
+    """``value`` as a number, or a ``TypeError``/``ValueError`` that names the argument.
+
+    :param name: the argument's name, for the message
+    :param low: smallest allowed value (None: no bound)
+    :param high: largest allowed value (None: no bound)
+    :param integer: require an integer (bools are refused)
+    :param low_open: exclude ``low`` itself
+    """
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not (hasattr(value, "__index__") or hasattr(value, "__float__")):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if integer:
+        if isinstance(value, float) and not value.is_integer() or not isinstance(value, (int, float)) and not hasattr(value, "__index__"):
+            raise TypeError(f"{name} must be {kind}, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+        if math.isnan(value):
+            raise ValueError(f"{name} must be {kind}, got nan")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
 def check_finite(
     loss: torch.Tensor | float,
     grad_norm: torch.Tensor | float | None,

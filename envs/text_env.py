@@ -123,7 +123,7 @@ class TextRLHFEnv(gym.Env):
         shared_model: bool = True,
     ):
         super().__init__()
-        _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"])
+        _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
         self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
         self.reward_model = resolve_reward_spec(reward_model, device)
         self.prompts = resolve_prompts(prompts)
@@ -278,11 +278,20 @@ def context_observation(ids: Sequence[int], space: TextObservationSpace, pad_id:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-def _check_config(max_new_tokens: int, max_prompt_tokens: int, kl_estimator: str, render_mode: str | None, modes) -> None:
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if int(max_prompt_tokens) < 1:
-        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+def _check_config(
+    max_new_tokens: int, max_prompt_tokens: int, kl_estimator: str, render_mode: str | None, modes, kl_coef: float = 0.0, device: Any = "cpu"
+) -> None:
+    for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float, np.number)) or not kl_coef >= 0:
+        raise ValueError(f"kl_coef must be a number >= 0 (the weight of the KL penalty), got {kl_coef!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'") from None
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if render_mode is not None and render_mode not in modes:

@@ -45,6 +45,8 @@ def load_preferences(path: PathLike) -> list[PreferencePair]:
     :raises ValueError: on a malformed line, a missing or non-string field, or an empty file;
         the message names the file and the line number
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_preferences needs a path to a JSON Lines file, got {type(path).__name__}; for pairs in memory use as_pairs")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

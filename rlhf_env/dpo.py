@@ -168,7 +168,10 @@ def train_dpo(
     from tqdm.auto import tqdm
 
     cfg = config or DPOConfig()
-    beta = cfg.beta if beta is None else float(beta)
+    beta = cfg.beta if beta is None else beta
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"beta must be a number > 0 (the DPO temperature), got {beta!r}")
+    beta = float(beta)
     pairs = as_pairs(pairs)
     eval_pairs = as_pairs(eval_pairs) if eval_pairs is not None else None
     gen = seed_everything(cfg.seed)

@@ -260,7 +260,11 @@ class RewardModel(nn.Module):
                 f"{str(directory)!r} is not a reward-model folder (no {_CONFIG_FILE}); "
                 "write one with RewardModel.save or `rlhf-env train-rm`"
             )
-        meta = json.loads((directory / _CONFIG_FILE).read_text())
+        try:
+            meta = json.loads((directory / _CONFIG_FILE).read_text())
+            meta = {k: meta[k] for k in ("kind", "pooling", "max_length")}
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{directory / _CONFIG_FILE} is corrupt ({type(exc).__name__}: {exc}); save the reward model again") from None
         kwargs = {"local_files_only": True}
         if dtype is not None:
             kwargs["dtype"] = dtype

@@ -45,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = debug
     try:
         result = args.func(args)
-    except KeyboardInterrupt:
-        print("rlhf-env: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # agents.guards.TrainingInterrupted carries the final checkpoint it wrote
+        checkpoint = getattr(exc, "checkpoint", None)
+        if checkpoint:
+            print(f"rlhf-env {args.command}: {exc}; continue with --resume {checkpoint}", file=sys.stderr)
+        else:
+            print("rlhf-env: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for users, the traceback with --debug
         if args.debug:

@@ -25,6 +25,16 @@ def add_training_flags(p: argparse.ArgumentParser, defaults, run_name: str) -> N
     p.add_argument("--run-name", default=run_name, help=f"TensorBoard run name (default: {run_name})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints (model, optimizer, data position, RNG) here; "
+                   "Ctrl-C or SIGTERM then writes a final one and exits cleanly")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="optimiser steps between checkpoints (default: at the end and on interrupt)")
+    p.add_argument("--resume", default=None, help="continue from a checkpoint file or folder written with --checkpoint-dir (same data and batch size)")
+    p.add_argument("--on-nonfinite", default="raise", choices=["raise", "skip"], help="a NaN/inf loss or gradient stops training (raise) or drops the batch (skip)")
+
+
+def checkpoint_kwargs(args) -> dict:
+    """The trainers' checkpoint/resume/guard arguments from the flags above."""
+    return dict(checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume_from=args.resume, on_nonfinite=args.on_nonfinite)
 
 
 def apply_threads(args) -> None:

@@ -26,7 +26,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--tensorboard-log", default=None, help="TensorBoard root; runs go to DIR/ALGO_k")
     p.add_argument("--save", default=None, help="write the trained model to this .zip")
-    p.add_argument("--resume", default=None, help="continue training a model saved with --save (counters kept)")
+    p.add_argument("--resume", default=None, help="continue training a model saved with --save or a checkpoint (counters, optimizer and RNG state kept)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="write checkpoints DIR/ALGO_STEPS_steps.zip; Ctrl-C or SIGTERM then writes a final one and exits cleanly")
+    p.add_argument("--checkpoint-freq", type=int, default=None,
+                   help="vector-env steps between checkpoints (default with --checkpoint-dir: only on interrupt)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
     p.add_argument("--progress-bar", action="store_true", help="show a progress bar")
     p.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 SB3's table every log interval")
@@ -88,8 +92,17 @@ def run(args) -> int:
     learn_kwargs = dict(tb_log_name=args.algo.upper(), reset_num_timesteps=reset, progress_bar=args.progress_bar)
     if args.log_interval is not None:
         learn_kwargs["log_interval"] = args.log_interval
+    if args.checkpoint_dir or args.checkpoint_freq:
+        from agents import CheckpointCallback
+
+        freq = args.checkpoint_freq if args.checkpoint_freq else 2**62  # only the final checkpoint on interrupt
+        learn_kwargs["callback"] = CheckpointCallback(freq, args.checkpoint_dir or "checkpoints", name_prefix=args.algo)
     start = time.perf_counter()
     model.learn(total, **learn_kwargs)
+    from agents import distributed
+
+    if not distributed.is_main_process():  # under torchrun: rank 0 saves and evaluates
+        return 0
     elapsed = time.perf_counter() - start
     print(f"trained {args.algo} on {args.env}: {model.num_timesteps} steps in {elapsed:.1f} s")
     if args.save:

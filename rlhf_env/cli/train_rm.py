@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_TRAIN, add_training_flags, apply_threads, resolve_dtype
+from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_TRAIN, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype
 
 
 def add_parser(subparsers) -> None:
@@ -40,6 +40,7 @@ def run(args) -> int:
         args.train, backbone=args.backbone, eval_pairs=None if args.eval.lower() == "none" else args.eval, config=cfg,
         output_dir=args.output, log_dir=args.log_dir, run_name=args.run_name, device=args.device,
         dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
+        **checkpoint_kwargs(args),
     )
     print(" ".join(f"{k}={v:.4f}" for k, v in rm.metrics.items()), f"saved={args.output}")
     return 0
