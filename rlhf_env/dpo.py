@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from agents import distributed
 from rlhf_env.data import as_pairs
-from rlhf_env.loop import TrainLoop, setup_distributed
+from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.sft import encode_example
 from rlhf_env.training import (
     length_batches,
@@ -168,6 +168,7 @@ def train_dpo(
     from tqdm.auto import tqdm
 
     cfg = config or DPOConfig()
+    check_config(cfg)
     beta = cfg.beta if beta is None else beta
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
         raise ValueError(f"beta must be a number > 0 (the DPO temperature), got {beta!r}")

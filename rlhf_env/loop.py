@@ -274,3 +274,12 @@ def setup_distributed(device: Union[str, torch.device]) -> torch.device:
     (``cuda`` becomes ``cuda:LOCAL_RANK``)."""
     distributed.init_distributed(device)
     return distributed.local_device(device)
+
+
+def check_config(cfg: Any) -> None:
+    """Refuse a trainer config whose batch size or epoch count is not a positive integer,
+    before any model is loaded."""
+    for name in ("batch_size", "epochs"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r} (in {type(cfg).__name__})")

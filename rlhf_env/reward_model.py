@@ -32,7 +32,7 @@ from torch import nn
 
 from agents import distributed
 from rlhf_env.data import PreferencePair, as_pairs
-from rlhf_env.loop import TrainLoop, setup_distributed
+from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.training import atomic_dir, length_batches, pad_right, seed_everything, summary_writer
 
 DEFAULT_BACKBONE = "all-minilm-l6-v2"
@@ -386,6 +386,7 @@ def train_reward_model(
     from tqdm.auto import tqdm
 
     cfg = config or RewardModelConfig()
+    check_config(cfg)
     pairs = as_pairs(pairs)
     eval_pairs = as_pairs(eval_pairs) if eval_pairs is not None else None
     gen = seed_everything(cfg.seed)

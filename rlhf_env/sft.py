@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from agents import distributed
-from rlhf_env.loop import TrainLoop, setup_distributed
+from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.training import pad_right, resolve_lm, save_lm, seed_everything, summary_writer
 
 
@@ -159,6 +159,7 @@ def train_sft(
     from tqdm.auto import tqdm
 
     cfg = config or SFTConfig()
+    check_config(cfg)
     examples = _as_examples(examples)
     gen = seed_everything(cfg.seed)
     device = setup_distributed(device)

@@ -1,0 +1,326 @@
+"""Bad input at every public entry point is refused with a message that names the problem
+(and the file, where there is one), and nothing is written on failure.
+
+Each case is (entry point call, exception type, a regex the message must match). The CLI
+prints the same message in one line without a traceback and exits non-zero; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import rlhf_env  # noqa: F401  (registers the envs)
+from agents import A2C, PPO, REINFORCE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Bad files of every kind, each in a fresh folder."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    (d / "malformed.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": broken\n')
+    (d / "missing_key.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
+    (d / "wrong_type.jsonl").write_text('{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
+    (d / "empty.jsonl").write_text("")
+    (d / "good.jsonl").write_text('{"prompt": "how are you", "chosen": "great thanks", "rejected": "bad"}\n' * 4)
+    (d / "garbage.zip").write_bytes(b"this is not a zip archive")
+    model = PPO("MlpPolicy", "CartPole-v1", n_steps=8, batch_size=8, seed=0)
+    model.save(d / "ppo_cartpole.zip")
+    data = (d / "ppo_cartpole.zip").read_bytes()
+    (d / "truncated.zip").write_bytes(data[: len(data) // 2])
+    (d / "rm_corrupt").mkdir()
+    (d / "rm_corrupt" / "reward_model.json").write_text("{not json")
+    (d / "empty_dir").mkdir()
+    return d
+
+
+@pytest.fixture(scope="module")
+def text_env():
+    env = gym.make("TextRLHF-tiny-v0", max_new_tokens=4)
+    env.reset(seed=0)
+    return env
+
+
+@pytest.fixture(scope="module")
+def text_vec_env():
+    env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=4)
+    env.reset(seed=0)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cartpole_model():
+    return PPO("MlpPolicy", "CartPole-v1", n_steps=8, batch_size=8, seed=0)
+
+
+def _raises(fn, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        fn()
+    return info.value
+
+
+# --- environments --------------------------------------------------------------------
+ENV_CASES = {
+    "max_new_tokens negative": (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be >= 1, got -1"),
+    "max_new_tokens float": (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer"),
+    "max_new_tokens string": (dict(max_new_tokens="x"), TypeError, "max_new_tokens must be an integer"),
+    "kl_coef negative": (dict(kl_coef=-1.0), ValueError, "kl_coef must be a number >= 0"),
+    "kl_coef string": (dict(kl_coef="a"), ValueError, "kl_coef must be a number >= 0"),
+    "prompts empty": (dict(prompts=[]), ValueError, "prompt list is empty"),
+    "prompts not strings": (dict(prompts=[1, 2]), TypeError, "prompts must be strings"),
+    "prompt file missing": (dict(prompts="{d}/no_prompts.txt"), ValueError, "no_prompts.txt' does not exist"),
+    "model folder missing": (dict(model="{d}/no_model"), ValueError, "no_model"),
+    "model wrong type": (dict(model=123), TypeError, "model must be a name, a path"),
+    "reward folder missing": (dict(reward_model="{d}/no_rm"), ValueError, "no_rm"),
+    "reward wrong type": (dict(reward_model=42), ValueError, "unknown reward_model 42"),
+    "device unknown": (dict(device="bogus"), ValueError, "device 'bogus' is not a torch device"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENV_CASES))
+def test_env_constructor_refuses(case, files):
+    kwargs, exc, match = ENV_CASES[case]
+    kwargs = {k: v.format(d=files) if isinstance(v, str) else v for k, v in kwargs.items()}
+    env_id = "TextRLHF-v0" if "model" in kwargs else "TextRLHF-tiny-v0"  # a bad model: no need to load the default
+    _raises(lambda: gym.make(env_id, **kwargs), exc, match)
+
+
+def test_vec_env_constructor_refuses(files):
+    _raises(lambda: gym.make_vec("TextRLHF-tiny-v0", num_envs=0), ValueError, "num_envs must be >= 1")
+    _raises(lambda: gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=0), ValueError, "max_new_tokens must be >= 1")
+    _raises(lambda: gym.make_vec("TextRLHF-tiny-v0", num_envs=2, kl_coef=float("nan")), ValueError, "kl_coef")
+
+
+@pytest.mark.parametrize(
+    "action,exc,match",
+    [
+        ("vocab", ValueError, r"is not a token id: the vocabulary size is \d+"),
+        (-1, ValueError, "action -1 is not a token id"),
+        ("a", ValueError, "action must be one token id"),
+        (np.array([1, 2]), ValueError, "action must be one token id"),
+        (1.5, ValueError, "action must be one token id"),
+    ],
+)
+def test_env_step_refuses_bad_actions(text_env, action, exc, match):
+    if isinstance(action, str) and action == "vocab":
+        action = text_env.action_space.n
+    before = text_env.unwrapped._response_ids[:] if hasattr(text_env.unwrapped, "_response_ids") else None
+    _raises(lambda: text_env.step(action), exc, match)
+    if before is not None:
+        assert text_env.unwrapped._response_ids == before  # a refused action changes nothing
+
+
+def test_env_step_before_reset_is_refused():
+    env = gym.make("TextRLHF-tiny-v0", max_new_tokens=4)
+    _raises(lambda: env.step(1), Exception, "reset")
+
+
+def test_vec_env_step_refuses_bad_actions(text_vec_env):
+    n = text_vec_env.single_action_space.n
+    _raises(lambda: text_vec_env.step(np.array([1, 2, 3])), ValueError, r"expected 2 actions .* got shape \(3,\)")
+    _raises(lambda: text_vec_env.step(np.array([1, n])), ValueError, f"action {n} is not a token id")
+    _raises(lambda: text_vec_env.step(1), ValueError, "expected 2 actions")
+
+
+# --- agents ---------------------------------------------------------------------------
+AGENT_CASES = {
+    "unknown env id": (lambda: PPO("MlpPolicy", "NoSuchEnv-v0"), ValueError, "unknown environment id 'NoSuchEnv-v0'"),
+    "unknown policy": (lambda: PPO("NoSuchPolicy", "CartPole-v1"), ValueError, "unknown policy 'NoSuchPolicy'"),
+    "env of wrong type": (lambda: PPO("MlpPolicy", 42), ValueError, "env must be an environment id"),
+    "env None": (lambda: PPO("MlpPolicy", None), ValueError, "env=None: PPO needs an environment"),
+    "n_steps zero": (lambda: PPO("MlpPolicy", "CartPole-v1", n_steps=0), ValueError, "n_steps must be >= 1, got 0"),
+    "n_steps float": (lambda: A2C("MlpPolicy", "CartPole-v1", n_steps=2.5), TypeError, "n_steps must be an integer"),
+    "batch_size zero": (lambda: PPO("MlpPolicy", "CartPole-v1", batch_size=0), ValueError, "batch_size must be >= 1"),
+    "n_epochs zero": (lambda: PPO("MlpPolicy", "CartPole-v1", n_epochs=0), ValueError, "n_epochs must be >= 1"),
+    "gamma above 1": (lambda: PPO("MlpPolicy", "CartPole-v1", gamma=2.0), ValueError, "gamma must be <= 1.0"),
+    "gamma negative": (lambda: REINFORCE("MlpPolicy", "CartPole-v1", gamma=-1.0), ValueError, "gamma must be >= 0.0"),
+    "gae_lambda string": (lambda: PPO("MlpPolicy", "CartPole-v1", gae_lambda="x"), TypeError, "gae_lambda must be a number"),
+    "clip_range negative": (lambda: PPO("MlpPolicy", "CartPole-v1", clip_range=-0.1), ValueError, "clip_range must be > 0"),
+    "learning_rate unreadable": (lambda: PPO("MlpPolicy", "CartPole-v1", learning_rate="abc"), ValueError, "cannot read schedule 'abc'"),
+    "loss_type unknown": (lambda: PPO("MlpPolicy", "CartPole-v1", loss_type="huber"), ValueError, "loss_type must be 'clip' or 'kl_penalty'"),
+    "device unknown": (lambda: PPO("MlpPolicy", "CartPole-v1", device="bogus"), ValueError, "device 'bogus' is not a torch device"),
+    "unsupported action space": (lambda: PPO("MlpPolicy", gym.make("Blackjack-v1")), ValueError, "observation space|Tuple"),
+}
+
+
+@pytest.mark.parametrize("case", list(AGENT_CASES))
+def test_agent_constructor_refuses(case):
+    fn, exc, match = AGENT_CASES[case]
+    _raises(fn, exc, match)
+
+
+def test_learn_refuses_bad_total_timesteps(cartpole_model):
+    _raises(lambda: cartpole_model.learn(-1), ValueError, "total_timesteps must be >= 0, got -1")
+    _raises(lambda: cartpole_model.learn("x"), TypeError, "total_timesteps must be an integer")
+    assert cartpole_model.num_timesteps == 0
+
+
+@pytest.mark.parametrize(
+    "obs,match",
+    [
+        (np.zeros(3), r"unexpected observation shape \(3,\).*use \(4,\)"),
+        (np.zeros((2, 3)), r"unexpected observation shape \(2, 3\)"),
+        ("hello", "unexpected observation"),
+    ],
+)
+def test_predict_refuses_wrong_observations(cartpole_model, obs, match):
+    _raises(lambda: cartpole_model.predict(obs), ValueError, match)
+
+
+def test_set_env_refuses_mismatched_spaces(cartpole_model):
+    _raises(lambda: cartpole_model.set_env(gym.make("Acrobot-v1")), ValueError, r"observation space mismatch: the env has Box")
+    _raises(lambda: cartpole_model.set_env(gym.make("MountainCarContinuous-v0")), ValueError, "observation space mismatch")
+    assert cartpole_model.observation_space.shape == (4,)  # unchanged
+
+
+@pytest.mark.parametrize(
+    "name,exc,match",
+    [
+        ("missing.zip", FileNotFoundError, "no saved model at .*missing.zip"),
+        ("garbage.zip", ValueError, "garbage.zip is not a saved model .*truncated or corrupt"),
+        ("truncated.zip", ValueError, "truncated.zip is not a saved model"),
+        ("empty_dir", FileNotFoundError, "no saved model at .*empty_dir"),
+    ],
+)
+def test_load_refuses_missing_or_corrupt_files(files, name, exc, match):
+    _raises(lambda: PPO.load(files / name), exc, match)
+
+
+def test_load_refuses_other_algorithm_and_mismatched_env(files):
+    _raises(lambda: A2C.load(files / "ppo_cartpole.zip"), ValueError, "ppo_cartpole.zip holds a PPO model, not A2C: use PPO.load")
+    _raises(lambda: PPO.load(files / "ppo_cartpole.zip", env=gym.make("Acrobot-v1")), ValueError, "observation space mismatch")
+
+
+def test_save_into_an_unwritable_place_leaves_nothing(files, tmp_path, cartpole_model):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    _raises(lambda: cartpole_model.save(blocker / "model.zip"), OSError, "a_file")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+# --- data loaders ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name,exc,match",
+    [
+        ("missing.jsonl", FileNotFoundError, "missing.jsonl' does not exist"),
+        ("malformed.jsonl", ValueError, r"malformed.jsonl:2: not valid JSON"),
+        ("missing_key.jsonl", ValueError, r"missing_key.jsonl:1: missing key\(s\) \['rejected'\]"),
+        ("wrong_type.jsonl", ValueError, r"wrong_type.jsonl:1: .*chosen"),
+        ("empty.jsonl", ValueError, "empty.jsonl: the file holds no preference pairs"),
+    ],
+)
+def test_load_preferences_names_file_and_line(files, name, exc, match):
+    from rlhf_env import load_preferences
+
+    _raises(lambda: load_preferences(files / name), exc, match)
+
+
+def test_loaders_refuse_wrong_types_and_empty_sources(files):
+    from rlhf_env import load_preferences, load_prompts
+    from rlhf_env.sft import load_sft_examples
+
+    _raises(lambda: load_preferences(42), TypeError, "needs a path to a JSON Lines file, got int")
+    _raises(lambda: load_prompts(42), ValueError, "prompts must be None .* got int")
+    _raises(lambda: load_prompts(files / "empty.jsonl"), ValueError, "empty.jsonl holds no prompts")
+    _raises(lambda: load_prompts(files / "nope.txt"), ValueError, "nope.txt' does not exist")
+    _raises(lambda: load_sft_examples(files / "malformed.jsonl"), ValueError, "malformed.jsonl:2: not valid JSON")
+    _raises(lambda: load_sft_examples(files / "nope.jsonl"), FileNotFoundError, "nope.jsonl")
+
+
+# --- reward model and trainers --------------------------------------------------------
+def test_reward_model_load_refuses_missing_and_corrupt_folders(files):
+    from rlhf_env import RewardModel
+
+    _raises(lambda: RewardModel.load(files / "empty_dir"), FileNotFoundError, "empty_dir' is not a reward-model folder")
+    _raises(lambda: RewardModel.load(files / "rm_corrupt"), ValueError, r"rm_corrupt/reward_model.json is corrupt")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_path(tmp_path_factory):
+    from tests.test_sft_dpo import make_tiny_lm
+
+    return make_tiny_lm(tmp_path_factory.mktemp("bad_inputs_lm"))
+
+
+def _trainer_cases(files, lm):
+    from rlhf_env.dpo import DPOConfig, train_dpo
+    from rlhf_env.reward_model import RewardModelConfig, train_reward_model
+    from rlhf_env.sft import SFTConfig, train_sft
+
+    good = files / "good.jsonl"
+    return {
+        "rm: malformed data": (lambda out: train_reward_model(files / "malformed.jsonl", backbone=lm, output_dir=out, progress=False), ValueError, "malformed.jsonl:2"),
+        "rm: no pairs": (lambda out: train_reward_model([], backbone=lm, output_dir=out, progress=False), ValueError, "no preference pairs given"),
+        "rm: batch_size 0": (lambda out: train_reward_model(good, backbone=lm, config=RewardModelConfig(batch_size=0), output_dir=out, progress=False), ValueError, "batch_size must be a positive integer"),
+        "rm: backbone missing": (lambda out: train_reward_model(good, backbone=str(files / "no_backbone"), output_dir=out, progress=False), (ValueError, FileNotFoundError), "no_backbone"),
+        "sft: model missing": (lambda out: train_sft(good, str(files / "no_model"), output_dir=out, progress=False), ValueError, "no_model"),
+        "sft: epochs 0": (lambda out: train_sft(good, lm, config=SFTConfig(epochs=0), output_dir=out, progress=False), ValueError, "epochs must be a positive integer"),
+        "sft: on_nonfinite unknown": (lambda out: train_sft(good, lm, on_nonfinite="ignore", output_dir=out, progress=False), ValueError, "on_nonfinite must be"),
+        "dpo: batch_size -1": (lambda out: train_dpo(good, lm, config=DPOConfig(batch_size=-1), output_dir=out, progress=False), ValueError, "batch_size must be a positive integer"),
+        "dpo: beta string": (lambda out: train_dpo(good, lm, beta="x", output_dir=out, progress=False), ValueError, "beta must be a number > 0"),
+        "dpo: resume missing": (lambda out: train_dpo(good, lm, resume_from=files / "no_ckpt", output_dir=out, progress=False), FileNotFoundError, "no_ckpt"),
+        "dpo: resume garbage": (lambda out: train_dpo(good, lm, resume_from=files / "garbage.zip", output_dir=out, progress=False), ValueError, "garbage.zip is not a readable trainer checkpoint"),
+    }
+
+
+CASE_NAMES = ["rm: malformed data", "rm: no pairs", "rm: batch_size 0", "rm: backbone missing", "sft: model missing", "sft: epochs 0",
+              "sft: on_nonfinite unknown", "dpo: batch_size -1", "dpo: beta string", "dpo: resume missing", "dpo: resume garbage"]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_trainer_refuses_and_writes_nothing(case, files, tiny_lm_path, tmp_path):
+    fn, exc, match = _trainer_cases(files, str(tiny_lm_path))[case]
+    out = tmp_path / "out"
+    _raises(lambda: fn(out), exc, match)
+    assert os.listdir(tmp_path) == []  # no output folder, no temporary folder
+
+
+# --- command line ---------------------------------------------------------------------
+CLI_CASES = {
+    "train: unknown env": (["train", "--algo", "ppo", "--env", "NoSuchEnv-v0", "--timesteps", "10"], "NoSuchEnv-v0"),
+    "train: corrupt resume": (["train", "--algo", "ppo", "--env", "CartPole-v1", "--resume", "{d}/garbage.zip", "--save", "{out}/m.zip"], "garbage.zip is not a saved model"),
+    "train: negative timesteps": (["train", "--algo", "ppo", "--env", "CartPole-v1", "--timesteps", "-5", "--save", "{out}/m.zip"], "total_timesteps must be >= 0"),
+    "train-rm: malformed data": (["train-rm", "--train", "{d}/malformed.jsonl", "--eval", "none", "--output", "{out}/rm"], "malformed.jsonl:2: not valid JSON"),
+    "sft: missing data": (["sft", "--data", "{d}/nope.jsonl", "--model", "tiny", "--output", "{out}/sft"], "nope.jsonl"),
+    "dpo: missing model": (["dpo", "--train", "{d}/good.jsonl", "--eval", "none", "--model", "{d}/no_model", "--output", "{out}/dpo"], "no_model"),
+    "dpo: bad beta": (["dpo", "--train", "{d}/good.jsonl", "--eval", "none", "--model", "tiny", "--beta", "-1", "--output", "{out}/dpo"], "beta must be a number > 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_prints_one_line_and_exits_nonzero(case, files, tmp_path, capsys):
+    from rlhf_env.cli import main
+
+    argv, match = CLI_CASES[case]
+    out = tmp_path / "out"
+    argv = [a.format(d=files, out=out) for a in argv]
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith(f"rlhf-env {argv[0]}: error: ")
+    import re
+
+    assert re.search(match, err[0]), err[0]
+    assert not out.exists()
+    with pytest.raises(Exception, match=match):  # --debug: the exception itself, so its traceback
+        main(["--debug"] + argv)
+
+
+def test_cli_debug_flag_shows_the_traceback_in_a_real_process(files):
+    cmd = [sys.executable, "-m", "rlhf_env", "train-rm", "--train", str(files / "malformed.jsonl"), "--eval", "none", "--output", str(files / "cli_out")]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 1
+    assert quiet.stderr.strip().count("\n") == 0 and "malformed.jsonl:2" in quiet.stderr and "Traceback" not in quiet.stderr
+    loud = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=300)
+    assert loud.returncode != 0 and "Traceback (most recent call last)" in loud.stderr and "malformed.jsonl:2" in loud.stderr
+    assert not (files / "cli_out").exists()
