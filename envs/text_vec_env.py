@@ -179,16 +179,23 @@ class TextRLHFVectorEnv(VectorEnv):
             _put(infos, "logprob", act_rows, logprob, n)
             _put(infos, "ref_logprob", act_rows, ref_logprob, n)
             _put(infos, "kl", act_rows, kl, n)
-        continuing, cont_tokens, finished = [], [], []
+        # With NEXT_STEP autoreset the final observation is shown to the policy once more
+        # (its action is then ignored): feeding the last token in the batched forward costs
+        # no extra forward and puts that observation in the step cache, so the policy's
+        # forward on it is a lookup. With SAME_STEP the row restarts at once: no forward.
+        same_step = self.autoreset and self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+        advanced, advanced_tokens, finished = [], [], []
         for row, token in zip(act_rows, tokens):
             self._responses[row].append(token)
-            if token in self.core.eos_ids or len(self._responses[row]) >= self.max_new_tokens:
+            done = token in self.core.eos_ids or len(self._responses[row]) >= self.max_new_tokens
+            if done:
                 finished.append(row)
+            if done and same_step:
                 self.contexts.ids[row].append(token)  # complete: no forward needed
             else:
-                continuing.append(row)
-                cont_tokens.append(token)
-        self.contexts.advance(continuing, cont_tokens)
+                advanced.append(row)
+                advanced_tokens.append(token)
+        self.contexts.advance(advanced, advanced_tokens)
         if finished:
             responses = [self._decode(self._responses[row]) for row in finished]
             prompts = [self._prompts[row] for row in finished]
@@ -200,7 +207,7 @@ class TextRLHFVectorEnv(VectorEnv):
             _put(infos, "response", finished, responses, n, dtype=object)
         if reset_rows:
             self._start(reset_rows, [None] * len(reset_rows), infos)
-        if finished and self.autoreset and self.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP:
+        if finished and same_step:
             # SAME_STEP: the final observation and info move to "final_obs" / "final_info"
             # and the sub-env starts its next prompt in this very step
             final_obs = self._observations()

@@ -79,6 +79,8 @@ def test_rewards_match_independent_full_forwards_and_autoreset(tiny_lm_dir, tiny
             contexts[i].append(a)
             if terminated[i]:
                 assert info["_score"][i] and info["prompt"][i] == prompts[i]
+                # the final observation is in the step cache: the policy's forward on it is free
+                assert envs.core.lookup(tuple(contexts[i]), envs.core.version()) is not None
                 expected += info["score"][i]
             assert rewards[i] == pytest.approx(expected, abs=1e-4)
             checked += 1
