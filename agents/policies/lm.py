@@ -71,6 +71,9 @@ class LMActorCriticPolicy(BasePolicy):
     :param lr_schedule: learning rate schedule (the optimizer starts at ``lr_schedule(1)``)
     :param train_layers: None trains every actor weight; ``k`` trains only the last ``k``
         transformer blocks and the final norm (plus the value head)
+    :param lora: train LoRA adapters injected into the actor instead (a dict of
+        :func:`agents.lora.apply_lora` arguments, e.g. ``{"r": 8, "targets": ["q_proj", "v_proj"]}``;
+        excludes ``train_layers``); the env's reference stays the frozen starting model
     :param detach_value: stop the value loss's gradient at the trunk (the critic then
         trains only its head)
     :param optimizer_class: optimizer class
@@ -85,6 +88,7 @@ class LMActorCriticPolicy(BasePolicy):
         lr_schedule: Schedule | None = None,
         train_layers: int | None = None,
         detach_value: bool = False,
+        lora: dict[str, Any] | None = None,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
         use_sde: bool = False,
@@ -113,7 +117,15 @@ class LMActorCriticPolicy(BasePolicy):
         nn.init.orthogonal_(self.value_head.weight, gain=1.0 / hidden**0.5)
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(core.device)
-        set_trainable(self.actor, train_layers)
+        self.lora = None if lora is None else dict(lora)
+        if self.lora is not None:
+            if train_layers is not None:
+                raise ValueError("pass either lora= or train_layers=, not both")
+            from agents.lora import apply_lora
+
+            apply_lora(self.actor, **self.lora)
+        else:
+            set_trainable(self.actor, train_layers)
         self.build_optimizer(lr_schedule)
 
     # sampling configuration of the distribution (the env's)
@@ -174,6 +186,7 @@ class LMActorCriticPolicy(BasePolicy):
             action_space=self.action_space,
             lr_schedule=self.lr_schedule,
             train_layers=self.train_layers,
+            lora=self.lora,
             detach_value=self.detach_value,
             optimizer_class=self.optimizer_class,
             optimizer_kwargs=self.optimizer_kwargs,

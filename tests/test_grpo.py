@@ -1,0 +1,77 @@
+"""GRPO: group-normalised advantages by hand, groups made of one prompt each, the env's KL
+reward switched off, clear errors, and learning on TextRLHF-tiny-v0."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import rlhf_env  # noqa: F401
+from agents import ALGOS, GRPO
+from agents.lm_rollout import group_advantages
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_group_advantages_match_hand_computation():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.5, 0.5, 0.5, 0.5])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv = group_advantages(scores, groups, eps=1e-4)
+    g0 = np.array([1.0, 2.0, 3.0, 6.0])
+    expected = (g0 - g0.mean()) / (g0.std(ddof=1) + 1e-4)
+    assert adv[:4].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert adv[4:].tolist() == [0.0, 0.0, 0.0, 0.0]  # no spread: no signal, no division by zero
+    unscaled = group_advantages(scores, groups, scale=False)
+    assert unscaled[:4].tolist() == pytest.approx((g0 - g0.mean()).tolist(), abs=1e-6)
+
+
+def test_grpo_groups_kl_off_and_errors(tiny_lm_dir, tiny_prompts, length_reward):
+    env = gym.make_vec("TextRLHF-v0", num_envs=6, model=str(tiny_lm_dir), reward_model=length_reward,
+                       prompts=tiny_prompts, max_new_tokens=5, kl_coef=0.3, shared_model=False)
+    model = GRPO("LMPolicy", env, group_size=3, learning_rate=1e-3, seed=0)
+    assert env.unwrapped.kl_coef == 0.0  # the KL enters the loss, not the reward
+    model.learn(10)
+    segs = model._segments
+    assert len(segs) == 6 and all(s.terminated and s.score is not None for s in segs)
+    # every group answers one prompt; the env's reward is the score alone (kl_coef = 0)
+    for g in (0, 1):
+        members = [s for s in segs if s.group == g]
+        assert len(members) == 3 and len({s.prompt for s in members}) == 1
+    for s in segs:
+        assert s.rewards[:-1].abs().max() == 0 if len(s) > 1 else True
+        assert float(s.rewards[-1]) == pytest.approx(s.score, abs=1e-6)
+    assert env.unwrapped.autoreset  # restored after the rollout
+    assert ALGOS["grpo"] is GRPO
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        GRPO("LMPolicy", env, group_size=4)
+    single = gym.make("TextRLHF-v0", model=str(tiny_lm_dir), reward_model=length_reward, prompts=tiny_prompts,
+                      max_new_tokens=5, shared_model=False)
+    with pytest.raises(ValueError, match="batched text env"):
+        GRPO("LMPolicy", single, group_size=2)
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        GRPO("LMPolicy", env, group_size=1)
+
+
+def test_grpo_raises_the_reward_of_tiny_v0():
+    from rlhf_env.demo import sample_responses
+    from rlhf_env.prompts import load_prompts
+
+    torch.manual_seed(0)
+    env = gym.make_vec("TextRLHF-tiny-v0", num_envs=16, max_new_tokens=12, shared_model=False)
+    core = env.unwrapped.core
+    prompts = load_prompts(split="test")[:32]
+
+    def mean_score():
+        ids = sample_responses(core.actor, core.tokenizer, prompts, 12, seed=1)
+        texts = [core.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        return float(env.unwrapped.reward_model(prompts, texts).mean())
+
+    before = mean_score()
+    reference0 = [p.detach().clone() for p in core.reference.parameters()]
+    model = GRPO("LMPolicy", env, group_size=4, learning_rate=1e-3, n_epochs=2, beta=0.02, seed=0)
+    model.learn(16 * 13 * 7)
+    after = mean_score()
+    assert after > before + 0.25, (before, after)
+    assert all(torch.equal(a, b) for a, b in zip(reference0, core.reference.parameters()))
