@@ -1,0 +1,49 @@
+"""``rlhf-env demo --quick`` end to end: summary, curve, TensorBoard logs and a policy
+directory that Hugging Face and the env both load."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import pytest
+import torch
+
+import rlhf_env  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_env.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--iterations", "3", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "reward: tiny" in printed and "before:" in printed and "after:" in printed
+
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("score_before", "score_after", "score_std_before", "kl", "seconds", "kl_budget", "passed", "history"):
+        assert key in summary, key
+    assert summary["iterations"] == 3 and len(summary["history"]) == 3
+    assert summary["kl"] > 0.0  # the policy moved away from the reference
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((out / "tb").rglob("events.out.tfevents.*"))
+
+    policy = out / "policy"
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    tok = AutoTokenizer.from_pretrained(policy)
+    ids = torch.tensor([[tok.bos_token_id, *tok("Hello", add_special_tokens=False).input_ids]])
+    gen = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] > ids.shape[1]
+    env = gym.make("TextRLHF-v0", model=str(policy), reward_model="tiny", max_new_tokens=4, shared_model=False)
+    obs, info = env.reset(seed=0)
+    _, _, _, _, info = env.step(int(obs["input_ids"][0]))
+    assert "kl" in info
+    # the saved weights are the trained ones, not the starting model's
+    from rlhf_env.models import load_lm
+
+    start, _ = load_lm("tiny")
+    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), model.parameters()))
