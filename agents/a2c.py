@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from agents import distributed
-from agents.base import explained_variance
+from agents.base import clip_grad_norm, explained_variance
 from agents.guards import check_finite
 from agents.on_policy import OnPolicyAlgorithm
 
@@ -117,7 +117,7 @@ class A2C(OnPolicyAlgorithm):
             self.policy.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.allreduce_gradients(params, weight=len(advantages))  # data-parallel: mean over all ranks' samples
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            grad_norm = clip_grad_norm(params, self.max_grad_norm)
             if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
                 self.policy.optimizer.step()
         self._n_updates += 1

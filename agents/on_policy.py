@@ -20,7 +20,7 @@ from agents.base import BaseAlgorithm, safe_mean
 from agents.buffers import RolloutBuffer
 from agents import distributed
 from agents.callbacks import BaseCallback
-from agents.guards import training_guard
+from agents.guards import check_number, training_guard
 from agents.preprocessing import as_tensor
 from agents.vec_env import VecEnvAdapter
 
@@ -73,6 +73,12 @@ class OnPolicyAlgorithm(BaseAlgorithm):
     ):
         if use_sde:
             raise ValueError("use_sde=True is not supported by agents; pass use_sde=False")
+        check_number("n_steps", n_steps, low=1, integer=True)
+        check_number("gamma", gamma, low=0.0, high=1.0)
+        check_number("gae_lambda", gae_lambda, low=0.0, high=1.0)
+        check_number("ent_coef", ent_coef)
+        check_number("vf_coef", vf_coef)
+        check_number("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
         super().__init__(
             policy,
             env,
@@ -101,6 +107,8 @@ class OnPolicyAlgorithm(BaseAlgorithm):
             self._setup_model()
 
     def _setup_model(self) -> None:
+        if self.observation_space is None:
+            raise ValueError(f"env=None: {type(self).__name__} needs an environment to build its policy; pass one (env=None is only for load)")
         self._setup_lr_schedule()
         self.set_random_seed(self.seed)
         self.rollout_buffer = self._make_rollout_buffer()
@@ -166,16 +174,17 @@ class OnPolicyAlgorithm(BaseAlgorithm):
             done = step.terminated | step.truncated
             self._update_episode_stats(step.rewards, done, step.valid)
             n_steps += 1
+            # numpy flags are staged by the buffer and moved to the device once per rollout
             rollout_buffer.add(
                 obs_tensor,
                 actions,
-                torch.as_tensor(step.rewards).to(device, non_blocking=True),
-                torch.as_tensor(self._last_episode_starts).to(device, non_blocking=True),
+                step.rewards,
+                self._last_episode_starts,
                 values,
                 log_probs,
-                terminated=torch.as_tensor(step.terminated).to(device, non_blocking=True),
-                truncated=torch.as_tensor(step.truncated).to(device, non_blocking=True),
-                valid=torch.as_tensor(step.valid).to(device, non_blocking=True),
+                terminated=step.terminated,
+                truncated=step.truncated,
+                valid=step.valid,
             )
             if step.final_obs is not None and step.truncated.any():
                 # SAME_STEP autoreset: obs already is the reset one; bootstrap the time

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from agents.base import explained_variance
+from agents import distributed
+from agents.base import clip_grad_norm, explained_variance, optimizer_step
+from agents.guards import check_finite, check_number
 from agents.on_policy import OnPolicyAlgorithm
 from agents.schedules import get_schedule_fn
 from agents.text_ppo import RLHFConfig, collect_text_ppo_rollout, is_lm_policy, setup_text_state, train_text_ppo
@@ -95,6 +97,10 @@ class PPO(OnPolicyAlgorithm):
     ):
         if loss_type not in ("clip", "kl_penalty"):
             raise ValueError(f"loss_type must be 'clip' or 'kl_penalty', got {loss_type!r}")
+        check_number("batch_size", batch_size, low=1, integer=True)
+        check_number("n_epochs", n_epochs, low=1, integer=True)
+        if not callable(clip_range) and not isinstance(clip_range, str):
+            check_number("clip_range", clip_range, low=0.0, low_open=True)
         if normalize_advantage and batch_size < 2:
             raise ValueError(f"batch_size={batch_size} with normalize_advantage=True: use batch_size > 1")
         super().__init__(
@@ -169,8 +175,10 @@ class PPO(OnPolicyAlgorithm):
 
                 log_ratio = log_prob - batch.old_log_prob
                 ratio = torch.exp(log_ratio)
-                # k3 estimator of KL(pi_old || pi): unbiased, always >= 0
-                approx_kl = ((ratio - 1) - log_ratio).mean()
+                # k3 estimator of KL(pi_old || pi): unbiased, always >= 0; only the penalty
+                # objective differentiates it
+                with torch.set_grad_enabled(self.loss_type == "kl_penalty"):
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
                 if self.loss_type == "clip":
                     pg_loss1 = advantages * ratio
                     pg_loss2 = advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
@@ -195,16 +203,21 @@ class PPO(OnPolicyAlgorithm):
                     entropy_losses.append(entropy_loss.detach())
                     clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()))
                     approx_kls.append(approx_kl.detach())
-                if self.target_kl is not None and approx_kl.item() > 1.5 * self.target_kl:
+                # ranks decide together (their KLs differ), else one would wait for the other forever
+                if self.target_kl is not None and distributed.allreduce_mean(approx_kl) > 1.5 * self.target_kl:
                     continue_training = False
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl.item():.2f}")
                     break
 
-                self.policy.optimizer.zero_grad(set_to_none=True)
+                for p in params:  # optimizer.zero_grad(set_to_none=True) without its profiler hooks
+                    p.grad = None
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                self.policy.optimizer.step()
+                # data-parallel: every rank applies the gradient of the mean loss over all ranks' samples
+                distributed.allreduce_gradients(params, weight=len(advantages))
+                grad_norm = clip_grad_norm(params, self.max_grad_norm)
+                if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
+                    optimizer_step(self.policy.optimizer)
             self._n_updates += 1
             if not continue_training:
                 break
