@@ -1,0 +1,62 @@
+"""``rlhf-env bench NAME [ARGS...]``: run one of the benchmark scripts of ``benchmarks/``.
+
+Each benchmark runs our code and its peer in the same process and prints ratios;
+everything after NAME is passed to the script (``rlhf-env bench rlhf --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module, what it measures)
+BENCHMARKS = {
+    "classic": ("benchmarks.classic", "agents vs Stable-Baselines3 on classic control (speed and learning)"),
+    "textenv": ("benchmarks.textenv", "batched text env vs Hugging Face generate + reference forward"),
+    "pipeline": ("benchmarks.pipeline", "reward model / SFT / DPO trainers vs TRL"),
+    "rlhf": ("benchmarks.rlhf", "our GRPO vs TRL GRPOTrainer; per-phase time of a PPO iteration"),
+    "soak": ("benchmarks.soak", "long runs: memory and speed stay flat"),
+    "learning_offline": ("benchmarks.learning_offline", "offline learning (reward model, SFT, DPO) quality"),
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    listing = "; ".join(f"{name}: {desc}" for name, (_, desc) in BENCHMARKS.items())
+    parser = subparsers.add_parser(
+        "bench",
+        help="run a benchmark script (classic, textenv, pipeline, rlhf, soak)",
+        description=f"Run a benchmark of benchmarks/ and print its ratios. {listing}.",
+    )
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
+    parser.set_defaults(func=run)
+
+
+def _add_source_tree() -> None:
+    """benchmarks/ sits next to the packages in the source tree (not installed): make it
+    importable from the current directory or from the tree of an editable install."""
+    import os
+    import pathlib
+    import sys
+
+    import rlhf_env
+
+    for root in (pathlib.Path.cwd(), pathlib.Path(rlhf_env.__file__).resolve().parents[1]):
+        if (root / "benchmarks" / "__init__.py").is_file() and str(root) not in sys.path:
+            sys.path.insert(0, os.fspath(root))
+            return
+
+
+def run(args: argparse.Namespace) -> int:
+    module_name, _ = BENCHMARKS[args.name]
+    _add_source_tree()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name in (module_name, "benchmarks"):
+            raise ValueError(
+                f"benchmark {args.name!r} ({module_name}) is not in this checkout; run rlhf-env bench from the "
+                "repository root of a source checkout (benchmarks/ is not installed with the package)"
+            ) from exc
+        raise
+    return int(module.main(list(args.args)) or 0)
