@@ -1,0 +1,42 @@
+"""`rlhf-env train` and `rlhf-env plot` end to end, and the shipped hyperparameter files."""
+
+import pytest
+
+from agents import ALGOS
+from agents.hyperparams import load_hyperparams
+from rlhf_env.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c", "reinforce"])
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1", "Pendulum-v1", "LunarLander-v3"])
+def test_shipped_hyperparameters_build_a_model(algo, env_id):
+    params = load_hyperparams(algo, env_id)
+    params.pop("n_timesteps")
+    n_envs = min(params.pop("n_envs"), 2)
+    model = ALGOS[algo](params.pop("policy"), env_id, n_envs=n_envs, **params)
+    assert model.n_envs == n_envs
+
+
+def test_train_save_resume_and_plot(tmp_path, capsys):
+    tb, model = tmp_path / "tb", tmp_path / "m.zip"
+    args = ["train", "--algo", "ppo", "--env", "CartPole-v1", "--timesteps", "512", "--n-envs", "4",
+            "--tensorboard-log", str(tb), "--save", str(model), "--verbose", "0", "--eval-episodes", "2"]
+    assert main(args) == 0
+    assert model.is_file() and (tb / "PPO_1").is_dir()
+    assert main(["train", "--algo", "ppo", "--env", "CartPole-v1", "--timesteps", "256", "--n-envs", "4",
+                 "--resume", str(model), "--tensorboard-log", str(tb), "--verbose", "0", "--eval-episodes", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation over 2 deterministic episodes" in out and "resuming" in out
+    assert sorted(p.name for p in tb.iterdir()) == ["PPO_1"]  # resumed into the same run
+    assert main(["plot", str(tb), "--out", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--algo", "ppo", "--env", "NoSuchEnv-v0", "--timesteps", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "NoSuchEnv-v0" in err and "Traceback" not in err
+    assert main(["plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "c.png")]) == 1
+    assert "nothing" in capsys.readouterr().err
