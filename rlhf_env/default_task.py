@@ -277,37 +277,51 @@ def sample_responses(
 
 
 def make_pairs(
-    prompts: list[str], responses: list[list[str]], scores: list[list[float]], margin: float = 0.3, max_per_prompt: int = 2
+    prompts: list[str], responses: list[list[str]], scores: list[list[float]], margin: float = 0.3, max_per_prompt: int | None = None
 ) -> list[dict]:
-    """Preference pairs from scored samples: higher VADER score is chosen.
+    """Preference pairs from scored samples: of two responses, the higher VADER score is chosen.
 
-    For each prompt, pairs are taken best-vs-worst first, then the next best against the
-    worst, ..., keeping only pairs whose scores differ by at least ``margin`` (a clear
-    preference, so label noise stays low) and distinct texts.
+    Every two distinct, non-empty responses of a prompt whose scores differ by at least
+    ``margin`` make a pair (a clear preference, so label noise stays low), largest
+    differences first, at most ``max_per_prompt`` per prompt (``None``: all).
 
     :return: dicts with ``prompt``, ``chosen``, ``rejected``, ``chosen_score``, ``rejected_score``
     """
     rows = []
     for prompt, resp, sc in zip(prompts, responses, scores):
-        order = sorted(range(len(resp)), key=lambda i: -sc[i])
-        worst = order[-1]
-        kept = 0
-        for i in order[:-1]:
-            if kept >= max_per_prompt or sc[i] - sc[worst] < margin:
-                break
-            if resp[i] == resp[worst] or not resp[i]:
-                continue
+        candidates = []
+        for i, j in itertools.combinations(range(len(resp)), 2):
+            if sc[i] < sc[j]:
+                i, j = j, i
+            if sc[i] - sc[j] >= margin and resp[i] and resp[j] and resp[i] != resp[j]:
+                candidates.append((sc[i] - sc[j], i, j))
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        for _, i, j in candidates[:max_per_prompt]:
             rows.append(
                 {
                     "prompt": prompt,
                     "chosen": resp[i],
-                    "rejected": resp[worst],
+                    "rejected": resp[j],
                     "chosen_score": round(sc[i], 4),
-                    "rejected_score": round(sc[worst], 4),
+                    "rejected_score": round(sc[j], 4),
                 }
             )
-            kept += 1
     return rows
+
+
+def pairs_from_samples(split: str, margin: float = 0.3, out_dir: Path = TASK_DIR) -> list[dict]:
+    """Rebuild ``pairs_{split}.jsonl`` from the shipped ``samples_{split}.jsonl`` (no sampling).
+
+    :return: the pairs written
+    """
+    samples = [json.loads(line) for line in (out_dir / f"samples_{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+    by_prompt: dict[str, list[tuple[str, float]]] = {}
+    for row in samples:
+        by_prompt.setdefault(row["prompt"], []).append((row["response"], row["score"]))
+    prompts = list(by_prompt)
+    pairs = make_pairs(prompts, [[r for r, _ in by_prompt[p]] for p in prompts], [[s for _, s in by_prompt[p]] for p in prompts], margin)
+    _write_jsonl(out_dir / f"pairs_{split}.jsonl", pairs)
+    return pairs
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -370,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Rebuild the default task's prompts and preference pairs under rlhf_env/assets.",
     )
     parser.add_argument("--prompts-only", action="store_true", help="only rewrite prompts_train.txt / prompts_test.txt")
+    parser.add_argument("--from-samples", action="store_true", help="only rebuild the pairs from the shipped samples_*.jsonl (no sampling)")
     parser.add_argument("--model", default="smollm2-135m", help="starting model to sample from (default: smollm2-135m)")
     parser.add_argument("--num-samples", type=int, default=4, help="responses sampled per prompt (default: 4)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response at most (default: 48)")
@@ -386,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.prompts_only:
+        return 0
+    if args.from_samples:
+        for split in ("train", "test"):
+            print(split, len(pairs_from_samples(split, args.margin, args.out_dir)), "pairs")
         return 0
     summary = build_pairs(
         args.model, args.num_samples, args.max_new_tokens, args.batch_size, args.margin, args.seed, args.device, args.out_dir

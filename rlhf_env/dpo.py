@@ -106,13 +106,19 @@ class _EncodedPairs:
 
 
 @torch.no_grad()
-def _all_logprobs(model, data: _EncodedPairs, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probabilities of every chosen and rejected sequence (no grad)."""
+def _all_logprobs(model, data: _EncodedPairs, batch_size: int, device, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probabilities of every chosen and rejected sequence (no grad).
+
+    :param desc: progress-bar label (``None``: no bar)
+    """
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     chosen = torch.empty(len(data))
     rejected = torch.empty(len(data))
-    for idx in length_batches(data.lengths, batch_size, shuffle=False):
+    batches = length_batches(data.lengths, batch_size, shuffle=False)
+    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
         logps = sequence_logprobs(model, *data.batch(idx, device)).cpu()
         chosen[idx], rejected[idx] = logps[: len(idx)], logps[len(idx) :]
     model.train(was_training)
@@ -183,9 +189,9 @@ def train_dpo(
 
     # reference log-probs: once, before any update (the reference is frozen)
     ref_model = model if reference is None else resolve_lm(reference, tokenizer, device, dtype)[0]
-    ref_chosen, ref_rejected = _all_logprobs(ref_model, data, cfg.eval_batch_size, device)
+    ref_chosen, ref_rejected = _all_logprobs(ref_model, data, cfg.eval_batch_size, device, "reference log-probs" if progress else None)
     if eval_data is not None:
-        eval_ref = _all_logprobs(ref_model, eval_data, cfg.eval_batch_size, device)
+        eval_ref = _all_logprobs(ref_model, eval_data, cfg.eval_batch_size, device, "reference log-probs (eval)" if progress else None)
     if ref_model is not model:
         del ref_model
 

@@ -79,7 +79,8 @@ def test_prompt_files_are_the_scripted_split(tmp_path):
 
 def test_make_pairs_keeps_only_clear_margins():
     rows = make_pairs(["p", "q"], [["great", "ok", "awful"], ["fine", "fine!"]], [[0.8, 0.1, -0.5], [0.2, 0.3]], margin=0.3)
-    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("p", "great", "awful"), ("p", "ok", "awful")]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("p", "great", "awful"), ("p", "great", "ok"), ("p", "ok", "awful")]
+    assert len(make_pairs(["p"], [["great", "ok", "awful"]], [[0.8, 0.1, -0.5]], max_per_prompt=1)) == 1
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -95,6 +96,15 @@ def test_shipped_pairs_are_labelled_by_vader(split):
     for r, c, j in zip(rows, chosen, rejected):
         assert c == pytest.approx(r["chosen_score"], abs=1e-4) and j == pytest.approx(r["rejected_score"], abs=1e-4)
         assert c - j >= 0.3
+
+
+def test_shipped_pairs_are_rebuilt_from_shipped_samples(tmp_path):
+    from rlhf_env.default_task import pairs_from_samples
+
+    for split in ("train", "test"):
+        (tmp_path / f"samples_{split}.jsonl").write_bytes((ASSETS / "task" / f"samples_{split}.jsonl").read_bytes())
+        pairs_from_samples(split, out_dir=tmp_path)
+        assert (tmp_path / f"pairs_{split}.jsonl").read_bytes() == (ASSETS / "task" / f"pairs_{split}.jsonl").read_bytes()
 
 
 def test_handwritten_pairs_use_new_prompts():

@@ -66,7 +66,7 @@ def test_save_load_gives_identical_scores(trained_rm, tmp_path):
     before = trained_rm.score(PROMPTS, RESPONSES)
     trained_rm.save(tmp_path / "rm")
     loaded = RewardModel.load(tmp_path / "rm")
-    assert loaded.kind == "encoder" and loaded.pooling == "first"
+    assert loaded.kind == "encoder" and loaded.pooling == "mean"
     assert torch.equal(loaded.score(PROMPTS, RESPONSES), before)
     assert torch.equal(loaded(PROMPTS, RESPONSES), before)  # calling the model scores too
     assert not list(tmp_path.glob(".rm.tmp-*"))  # nothing half-written left behind

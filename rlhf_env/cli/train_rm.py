@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--train", default=str(DEFAULT_TRAIN), help="training pairs: JSON Lines of {prompt, chosen, rejected}")
     p.add_argument("--eval", default=str(DEFAULT_EVAL), help="held-out pairs evaluated after each epoch ('none' to skip)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="all-minilm-l6-v2, tiny, smollm2-135m, or a local Hugging Face model folder")
-    p.add_argument("--pooling", default=None, choices=["first", "mean", "last"], help="hidden state the head reads (default: first for encoders, last for causal LMs)")
+    p.add_argument("--pooling", default=None, choices=["first", "mean", "last"], help="hidden state the head reads (default: mean for encoders, last for causal LMs)")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps with linear learning-rate warm-up")
     p.add_argument("--output", "-o", required=True, help="folder to write the reward model to (replaced atomically)")
     add_training_flags(p, d, "reward_model")
