@@ -260,7 +260,6 @@ def run_naive(actor, reference, tokenizer, reward, prompts, new_tokens, allow_eo
 
 
 def timed(fn: Callable[[], int], device: torch.device) -> tuple[int, float, float]:
-    gc.collect()
     _reset_peak_rss()
     _sync(device)
     start = time.perf_counter()
@@ -318,6 +317,7 @@ def bench_model(name: str, args, results: list[Result]) -> None:
             best: dict[str, Result] = {}
             for _ in range(args.repeats):  # interleaved, so load changes hit every contender alike
                 for label, fn in contenders.items():
+                    gc.collect()  # outside the timed region
                     if args.profile and label == "env":
                         profiler = cProfile.Profile()
                         profiler.enable()
