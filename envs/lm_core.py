@@ -24,6 +24,13 @@ stale version) is a full forward without cache. Symmetrically, when the env sees
 actor's version changed since it built its actor KV cache (an update mid-episode), it
 re-prefills its contexts so the log-probabilities it charges stay exact for the current
 actor.
+
+Sharing: text envs built in one process with the same model name/path, device, dtype and
+sampling configuration share one core (``shared_model=True``), so the N envs of a
+``DummyVecEnv`` / ``SyncVectorEnv`` act with the one actor the policy trains. Envs in
+other processes (``SubprocVecEnv``, ``AsyncVectorEnv``) hold their own copies, which the
+policy cannot train: use ``DummyVecEnv``, ``gym.make_vec`` (the batched env) or
+:class:`envs.wrappers.SB3VecEnv`.
 """
 
 from __future__ import annotations
