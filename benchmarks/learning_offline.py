@@ -41,12 +41,15 @@ def reward_model_targets() -> dict:
     }
 
 
-def dpo_targets(model_name: str, epochs: int, lr: float, beta: float, trainable_layers, batch_size: int, output: str | None) -> dict:
+def dpo_targets(model_name: str, epochs: int, lr: float, beta: float, trainable_layers, batch_size: int, output: str | None,
+                train_pairs: int | None = None, num_samples: int = 4) -> dict:
     from rlhf_env.default_task import sample_responses, split_prompts, make_prompts, vader_scores
     from rlhf_env.dpo import DPOConfig, train_dpo
     from rlhf_env.reward_model import default_pairs
 
     train, test = default_pairs()
+    if train_pairs:  # a seeded subset, for a machine without time for all pairs
+        train = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:train_pairs].tolist()]
     cfg = DPOConfig(beta=beta, learning_rate=lr, batch_size=batch_size, epochs=epochs, trainable_layers=trainable_layers)
     t0 = time.perf_counter()
     model, tok = train_dpo(train, model_name, config=cfg, eval_pairs=test, output_dir=output)
@@ -54,10 +57,11 @@ def dpo_targets(model_name: str, epochs: int, lr: float, beta: float, trainable_
     before = [json.loads(line)["score"] for line in (TASK / "samples_test.jsonl").read_text().splitlines()]
     _, test_prompts = split_prompts(make_prompts())
     # the same sampling settings and seed as the shipped samples_test.jsonl (default_task.build_pairs)
-    responses = sample_responses(model, tok, test_prompts, num_samples=4, max_new_tokens=48, batch_size=16, seed=1)
+    responses = sample_responses(model, tok, test_prompts, num_samples=num_samples, max_new_tokens=48, batch_size=16, seed=1)
     after = vader_scores([r for rs in responses for r in rs])
     return {
         "dpo_seconds": round(seconds, 1),
+        "train_pairs": len(train),
         "heldout_implicit_reward_accuracy": round(model.dpo_metrics["eval/rewards/accuracy"], 4),
         "vader_mean_before": round(sum(before) / len(before), 4),
         "vader_mean_after": round(sum(after) / len(after), 4),
@@ -75,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8, help="DPO pairs per step (default: 8)")
     p.add_argument("--trainable-layers", type=int, default=None, help="DPO: train only the last N blocks (default: all)")
     p.add_argument("--output", default=None, help="save the DPO model here")
+    p.add_argument("--train-pairs", type=int, default=None, help="DPO on a seeded subset of this many pairs (default: all)")
+    p.add_argument("--num-samples", type=int, default=4, help="responses sampled per test prompt after DPO (default: 4)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
@@ -82,7 +88,8 @@ def main(argv=None) -> int:
     if args.skip != "rm":
         print(json.dumps({"reward_model": reward_model_targets()}), flush=True)
     if args.skip != "dpo":
-        out = dpo_targets(args.model, args.epochs, args.lr, args.beta, args.trainable_layers, args.batch_size, args.output)
+        out = dpo_targets(args.model, args.epochs, args.lr, args.beta, args.trainable_layers, args.batch_size, args.output,
+                          args.train_pairs, args.num_samples)
         print(json.dumps({"dpo": out}, ensure_ascii=False), flush=True)
     return 0
 

@@ -56,6 +56,8 @@ def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> di
             output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1, max_length=max_length,
             learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, report_to="none", save_strategy="no",
             logging_steps=10**6, eos_token="[SEP]", use_cpu=True, disable_tqdm=True, seed=0,
+            # float32 and no activation checkpointing, as ours (TRL defaults to bf16 and checkpointing)
+            bf16=False, gradient_checkpointing=False,
         )
         trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
         n_trl = len(trainer.train_dataset)
@@ -95,7 +97,7 @@ def bench_dpo(pairs, model_name: str, batch_size: int, max_length: int, lr: floa
         args = TRLDPOConfig(
             output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1, max_length=max_length,
             learning_rate=lr, lr_scheduler_type="constant", beta=beta, report_to="none", save_strategy="no",
-            logging_steps=10**6, use_cpu=True, disable_tqdm=True, seed=0,
+            logging_steps=10**6, use_cpu=True, disable_tqdm=True, seed=0, bf16=False, gradient_checkpointing=False,
         )
         trainer = DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
         n_trl = len(trainer.train_dataset)

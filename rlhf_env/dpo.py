@@ -27,6 +27,7 @@ from rlhf_env.data import as_pairs
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.sft import encode_example
 from rlhf_env.training import (
+    adamw,
     length_batches,
     pad_right,
     resolve_lm,
@@ -196,7 +197,7 @@ def train_dpo(
         del ref_model
 
     train_last_layers(model, cfg.trainable_layers)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
     loop = TrainLoop("dpo", model, optimizer, data.lengths, cfg.batch_size, cfg.epochs, gen, None,
                      checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
     main = distributed.is_main_process()  # rank 0 logs and saves

@@ -34,7 +34,7 @@ from torch import nn
 from agents import distributed
 from rlhf_env.data import PreferencePair, as_pairs
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
-from rlhf_env.training import atomic_dir, length_batches, pad_right, seed_everything, summary_writer
+from rlhf_env.training import adamw, atomic_dir, length_batches, pad_right, seed_everything, summary_writer
 
 DEFAULT_BACKBONE = "all-minilm-l6-v2"
 DEFAULT_CACHE_NAME = "default-v1"
@@ -406,7 +406,7 @@ def train_reward_model(
     lengths = [max(len(c), len(r)) for c, r in zip(chosen, rejected)]
     steps_per_epoch = -(-len(pairs) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = adamw(rm.parameters(), cfg.learning_rate, cfg.weight_decay)
     warmup = max(1, int(cfg.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))

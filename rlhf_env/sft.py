@@ -17,7 +17,7 @@ import torch
 
 from agents import distributed
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
-from rlhf_env.training import pad_right, resolve_lm, save_lm, seed_everything, summary_writer
+from rlhf_env.training import adamw, pad_right, resolve_lm, save_lm, seed_everything, summary_writer
 
 
 @dataclass
@@ -165,7 +165,7 @@ def train_sft(
     device = setup_distributed(device)
     model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
     encoded = [encode_example(tokenizer, p, r, cfg.max_length, cfg.add_eos) for p, r in examples]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
     loop = TrainLoop("sft", model, optimizer, [len(e[0]) for e in encoded], cfg.batch_size, cfg.epochs, gen, None,
                      checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
     total = loop.total_steps

@@ -197,3 +197,12 @@ def train_last_layers(model, n: Optional[int]) -> None:
     if norm is not None:
         for p in norm.parameters():
             p.requires_grad_(True)
+
+
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad, fused where torch supports it (CPU and CUDA float tensors)."""
+    params = [p for p in params if p.requires_grad]
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # a device or dtype the fused kernel does not cover
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
