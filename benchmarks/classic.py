@@ -32,7 +32,7 @@ TASKS = {
         "Pendulum-v1", 200_000, -200.0, 4,
         dict(n_steps=1024, batch_size=256, gae_lambda=0.95, gamma=0.9, n_epochs=10, ent_coef=0.0,
              policy_kwargs=dict(log_std_init=-1.0)),
-        {"lr": ("const", 1e-3), "clip": ("const", 0.2)},
+        {"lr": ("lin", 1e-3), "clip": ("const", 0.2)},
     ),
 }
 
