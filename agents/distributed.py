@@ -222,6 +222,18 @@ def allreduce_any(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def allreduce_min(value: int) -> int:
+    """The smallest of an integer over ranks (the integer itself in one process), e.g. a
+    number of minibatches that every rank must run."""
+    if not is_distributed():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     if is_distributed():
@@ -250,6 +262,7 @@ __all__ = [
     "allreduce_any",
     "allreduce_gradients",
     "allreduce_mean",
+    "allreduce_min",
     "barrier",
     "broadcast_parameters",
     "destroy",

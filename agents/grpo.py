@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from agents import distributed
+from agents.guards import check_finite
 from agents.kl_controller import set_env_kl_coef
 from agents.lm_rollout import (
     RolloutStats,
@@ -267,8 +269,10 @@ class GRPO(OnPolicyAlgorithm):
                         sums["loss"] += float(loss) * n_tokens
                 for key in stats:
                     stats[key].append(sums[key] / n_tokens)
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                policy.optimizer.step()
+                distributed.allreduce_gradients(params, weight=n_tokens)  # data-parallel: token mean over all ranks
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                if check_finite(sums["loss"], grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
+                    policy.optimizer.step()
             self._n_updates += 1
 
         logger = self.logger

@@ -26,6 +26,7 @@ import numpy as np
 
 import torch
 
+from agents import distributed
 from envs.lm_core import sampling_log_probs
 
 
@@ -443,7 +444,7 @@ def collect_text_rollout(
         with torch.no_grad():
             actions, values, log_probs = policy(obs_tensor)
         step = env.step(actions.cpu().numpy())
-        algo.num_timesteps += n_envs
+        algo.num_timesteps += n_envs * distributed.world_size()  # counted over ranks: all run as many iterations
         callback.update_locals(locals())
         if not callback.on_step():
             algo._last_obs = step.obs

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents import distributed
+from agents.guards import check_finite
 from agents.kl_controller import get_env_kl_coef, make_kl_controller, set_env_kl_coef
 from agents.lm_rollout import (
     RolloutStats,
@@ -180,6 +182,8 @@ def split_minibatches(segments: list[TextSegment], tokens_per_batch: int, genera
     order = torch.randperm(len(segments), generator=generator).tolist()
     total = sum(len(s) for s in segments)
     n_batches = max(1, min(len(segments), round(total / max(1, tokens_per_batch))))
+    # under torchrun every rank must take as many optimizer steps (each ends in an all-reduce)
+    n_batches = distributed.allreduce_min(n_batches)
     return [[segments[j] for j in chunk] for chunk in np.array_split(np.array(order), n_batches) if len(chunk)]
 
 
@@ -257,13 +261,15 @@ def train_text_ppo(algo: Any) -> None:
             for key in stats:
                 stats[key].append(sums[key] / n_tokens)
             approx_kl = sums["kl"] / n_tokens
-            if algo.target_kl is not None and approx_kl > 1.5 * algo.target_kl:
+            if algo.target_kl is not None and distributed.allreduce_mean(approx_kl) > 1.5 * algo.target_kl:
                 continue_training = False
                 if algo.verbose >= 1:
                     print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl:.2f}")
                 break
-            torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)
-            policy.optimizer.step()
+            distributed.allreduce_gradients(params, weight=n_tokens)  # data-parallel: token mean over all ranks
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)
+            if check_finite(sums["loss"], grad_norm, algo._n_updates, algo.on_nonfinite, algo._last_checkpoint):
+                policy.optimizer.step()
         algo._n_updates += 1
         if not continue_training:
             break
