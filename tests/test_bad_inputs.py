@@ -15,7 +15,6 @@ import sys
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 
 import rlhf_env  # noqa: F401  (registers the envs)
 from agents import A2C, PPO, REINFORCE

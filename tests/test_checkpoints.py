@@ -7,7 +7,6 @@ import signal
 import zipfile
 
 import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 
