@@ -69,7 +69,7 @@ def _ppo_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     after = record.before[1:] + [_flat_params(model.policy)]
     torch.save(
         {"before": record.before, "after": after, "rollouts": record.rollouts, "num_timesteps": model.num_timesteps,
-         "optimizer": model.policy.optimizer.state_dict()},
+         "optimizer": model.policy.optimizer.state_dict(), "helpers": _helpers_on_rank(rank)},
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
     distributed.destroy()
@@ -81,11 +81,13 @@ def _spawn(fn, world: int, tmp_path) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def test_ppo_two_ranks_identical_and_equal_to_doubled_batch(tmp_path):
+def test_two_ranks_ppo_identical_and_equal_to_doubled_batch(tmp_path):
     from agents import PPO
 
     ranks = _spawn(_ppo_rank, 2, tmp_path)
     r0, r1 = ranks
+    # the collectives on their own: weighted gradient average, broadcast, shard, min/mean/any
+    _check_helpers(r0["helpers"], r1["helpers"])
     assert r0["num_timesteps"] == r1["num_timesteps"] == 3 * 16 * 2 * 2  # global step count
     # the ranks saw different data (differently seeded envs) ...
     assert not torch.equal(r0["rollouts"][0]["observations"], r1["rollouts"][0]["observations"])
@@ -122,29 +124,27 @@ def test_ppo_two_ranks_identical_and_equal_to_doubled_batch(tmp_path):
         torch.testing.assert_close(s_state[k]["exp_avg"], v["exp_avg"], rtol=1e-4, atol=1e-7)
 
 
-def _allreduce_rank(rank: int, world: int, port: int, out_dir: str) -> None:
-    _torchrun_env(rank, world, port)
+def _helpers_on_rank(rank: int) -> dict:
+    """The collectives on their own (run inside a spawned rank)."""
     from agents import distributed
 
-    assert distributed.init_distributed("cpu")
-    # unequal shares: rank 0 has 3 samples, rank 1 has 1; weighted average = global mean gradient
+    # unequal shares: rank 0 has 3 samples, rank 1 has 1; the weighted average is the global mean gradient
     torch.manual_seed(0)
     x = torch.randn(4, 3)
     w = torch.nn.Parameter(torch.arange(3.0))
     local = [0, 1, 2] if rank == 0 else [3]
-    loss = (x[local] @ w).pow(2).mean()
-    loss.backward()
+    (x[local] @ w).pow(2).mean().backward()
     distributed.allreduce_gradients([w], weight=len(local))
-    # a parameter broadcast from rank 0
     p = torch.nn.Parameter(torch.full((2,), float(rank + 1)))
     distributed.broadcast_parameters([p])
-    torch.save({"grad": w.grad.clone(), "p": p.detach().clone(), "shard": distributed.shard(range(5))},
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    distributed.destroy()
+    return {
+        "grad": w.grad.clone(), "p": p.detach().clone(), "shard": distributed.shard(range(5)),
+        "min": distributed.allreduce_min(5 + rank), "mean": distributed.allreduce_mean(float(rank)),
+        "any": (distributed.allreduce_any(rank == 1), distributed.allreduce_any(False)),
+    }
 
 
-def test_weighted_allreduce_broadcast_and_shard(tmp_path):
-    r0, r1 = _spawn(_allreduce_rank, 2, tmp_path)
+def _check_helpers(r0: dict, r1: dict) -> None:
     torch.manual_seed(0)
     x = torch.randn(4, 3)
     w = torch.nn.Parameter(torch.arange(3.0))
@@ -153,6 +153,8 @@ def test_weighted_allreduce_broadcast_and_shard(tmp_path):
     torch.testing.assert_close(r1["grad"], w.grad)
     assert r0["p"].tolist() == r1["p"].tolist() == [1.0, 1.0]
     assert r0["shard"] == ([0, 2, 4], 3.0) and r1["shard"] == ([1, 3], 2.0)
+    assert r0["min"] == r1["min"] == 5 and r0["mean"] == r1["mean"] == 0.5
+    assert r0["any"] == r1["any"] == (True, False)
 
 
 def test_single_process_helpers_are_no_ops(monkeypatch):
