@@ -14,16 +14,17 @@ from agents import A2C, PPO, REINFORCE, evaluate_policy
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# budgets and thresholds measured with these seeds (CPU, torch 2.13): PPO 16k steps -> 253,
-# its KL-penalty variant -> 172, A2C 30k -> 268, REINFORCE 30k -> see below; thresholds leave
-# margin while staying far above a random policy (about 22)
-PPO_BUDGET, PPO_THRESHOLD, KL_THRESHOLD = 16_000, 200.0, 120.0
+# budgets and thresholds measured with these seeds (CPU, torch 2.13; the eval env is seeded
+# too): thresholds leave margin while staying far above a random policy (about 22)
+PPO_BUDGET, PPO_THRESHOLD, KL_THRESHOLD = 24_000, 200.0, 120.0
 A2C_BUDGET, A2C_THRESHOLD = 30_000, 150.0
 REINFORCE_BUDGET, REINFORCE_THRESHOLD = 30_000, 100.0
 
 
 def eval_return(model, n=10):
-    return evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=n, deterministic=True)[0]
+    env = gym.make("CartPole-v1")
+    env.reset(seed=1234)  # later resets continue this seeded generator
+    return evaluate_policy(model, env, n_eval_episodes=n, deterministic=True)[0]
 
 
 def test_ppo_learns_cartpole():
