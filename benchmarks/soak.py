@@ -57,25 +57,31 @@ def settle() -> float:
 class Report:
     def __init__(self, name: str, unit: str):
         self.name, self.unit = name, unit
-        self.samples: list[tuple[float, float]] = []  # (work done, time)
+        self.samples: list[tuple[float, float, float]] = []  # (work done, wall time, process CPU time)
 
     def add(self, done: float) -> None:
-        self.samples.append((done, time.perf_counter()))
+        self.samples.append((done, time.perf_counter(), time.process_time()))
 
-    def rate(self, lo: float, hi: float) -> float:
-        """Throughput between the samples nearest to fractions ``lo`` and ``hi`` of the work."""
+    def rate(self, lo: float, hi: float, cpu: bool = False) -> float:
+        """Throughput between the samples nearest to fractions ``lo`` and ``hi`` of the work,
+        per wall-clock second, or per second of this process's CPU time (``cpu``), which
+        other processes on a busy machine disturb much less."""
         total = self.samples[-1][0]
         pick = lambda f: min(self.samples, key=lambda s: abs(s[0] - f * total))  # noqa: E731
-        (w0, t0), (w1, t1) = pick(lo), pick(hi)
-        return (w1 - w0) / max(t1 - t0, 1e-9)
+        a, b = pick(lo), pick(hi)
+        k = 2 if cpu else 1
+        return (b[0] - a[0]) / max(b[k] - a[k], 1e-9)
 
 
-def print_phase(name: str, rss0: float, rss1: float, fds0: int, fds1: int, start_rate: float, end_rate: float, unit: str) -> bool:
+def print_phase(name: str, rss0: float, rss1: float, fds0: int, fds1: int, report: Report, unit: str) -> bool:
+    start_rate, end_rate = report.rate(0.0, 0.1), report.rate(0.9, 1.0)
+    start_cpu, end_cpu = report.rate(0.0, 0.1, cpu=True), report.rate(0.9, 1.0, cpu=True)
     growth = (rss1 - rss0) / rss0
     ok = growth < RSS_TARGET and fds1 <= fds0
     print(f"[{name}] RSS after warm-up {rss0:.1f} MiB, at the end {rss1:.1f} MiB: growth {100 * growth:+.2f}% (target < {100 * RSS_TARGET:.0f}%)")
     print(f"[{name}] open file descriptors: {fds0} after warm-up, {fds1} at the end")
     print(f"[{name}] throughput: first tenth {start_rate:,.1f} {unit}, last tenth {end_rate:,.1f} {unit} (end/start {end_rate / start_rate:.2f})")
+    print(f"[{name}] per CPU-second of this process: first tenth {start_cpu:,.1f}, last tenth {end_cpu:,.1f} (end/start {end_cpu / start_cpu:.2f})")
     print(f"[{name}] {'PASS' if ok else 'FAIL'}")
     return ok
 
@@ -111,7 +117,7 @@ def text_phase(episodes: int, num_envs: int, max_new_tokens: int, seed: int) -> 
     elapsed = time.perf_counter() - t_start
     print(f"[text] {done_episodes} episodes (warm-up {warmup}) of TextRLHF-tiny-v0, {num_envs} batched envs, "
           f"{max_new_tokens} new tokens max, {elapsed:.0f} s; mean score {np.mean(scores) if scores else float('nan'):.3f}")
-    return print_phase("text", rss0, rss1, fds0, fds1, report.rate(0.0, 0.1), report.rate(0.9, 1.0), "episodes/s")
+    return print_phase("text", rss0, rss1, fds0, fds1, report, "episodes/s")
 
 
 ZOO = dict(n_steps=32, batch_size=256, gae_lambda=0.8, gamma=0.98, n_epochs=20, ent_coef=0.0, learning_rate=1e-3, clip_range=0.2)
@@ -147,7 +153,7 @@ def cartpole_phase(steps: int, peer_steps: int, seed: int) -> bool:
     rss1, fds1 = settle(), open_fds()
     ep_rew = np.mean([ep["r"] for ep in model.ep_info_buffer]) if model.ep_info_buffer else float("nan")
     print(f"[cartpole] agents.PPO: {model.num_timesteps:,} steps in {ours_time:.0f} s, last ep_rew_mean {ep_rew:.1f}")
-    ok = print_phase("cartpole", sample.rss0, rss1, sample.fds0, fds1, sample.report.rate(0.0, 0.1), sample.report.rate(0.9, 1.0), "steps/s")
+    ok = print_phase("cartpole", sample.rss0, rss1, sample.fds0, fds1, sample.report, "steps/s")
     if peer_steps:
         try:
             from stable_baselines3 import PPO as SB3PPO

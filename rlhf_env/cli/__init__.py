@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand modules, in the order --help lists them
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        # under torchrun only rank 0 reports; the other ranks still print errors (stderr)
+        sys.stdout = open(os.devnull, "w")
     try:
         result = args.func(args)
     except KeyboardInterrupt as exc:
