@@ -25,6 +25,11 @@ actor's version changed since it built its actor KV cache (an update mid-episode
 re-prefills its contexts so the log-probabilities it charges stay exact for the current
 actor.
 
+The reference on the actor's trunk: when the actor's embeddings and lower blocks are
+frozen and identical to the reference's (the LM policy's ``train_layers=k``), the env runs
+only the reference's top blocks on the actor's hidden state (``reference_share="auto"``,
+the default; exact, see :mod:`envs.reference`).
+
 Sharing: text envs built in one process with the same model name/path, device, dtype and
 sampling configuration share one core (``shared_model=True``), so the N envs of a
 ``DummyVecEnv`` / ``SyncVectorEnv`` act with the one actor the policy trains. Envs in
@@ -238,10 +243,20 @@ class LMCore:
         self.cache_capacity = 16
         self.hits = 0
         self.misses = 0
+        self._trunk = None
 
     @property
     def device(self) -> torch.device:
         return next(self.actor.parameters()).device
+
+    def shared_trunk(self):
+        """The :class:`envs.reference.SharedTrunk` of this actor/reference pair (built once,
+        shared by the envs of this core)."""
+        if self._trunk is None:
+            from envs.reference import SharedTrunk
+
+            self._trunk = SharedTrunk(self.actor, self.reference)
+        return self._trunk
 
     def version(self) -> int:
         """Current parameter version of the actor (see :func:`params_version`)."""
@@ -427,30 +442,49 @@ class _ModelState:
         self.logits: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None
         self.version: int | None = None
+        # first model layer the cache holds (> 0: the reference's top blocks on a shared trunk)
+        self.offset = 0
+
+    def clear(self) -> None:
+        self.cache = self.mask = self.logits = self.hidden = self.version = None
 
 
 class Contexts:
     """``n`` token contexts (prompt + response so far) with a batched KV cache of the actor
     and of the reference.
 
+    With ``reference_share="auto"`` the reference runs only the blocks above the actor's
+    frozen, identical lower blocks, on the actor's hidden state (see :mod:`envs.reference`);
+    :attr:`shared_blocks` says how many lower blocks it currently takes from the actor
+    (0 = a full reference forward). The split is re-checked before every forward; when it
+    changes the reference's cache is rebuilt. On a shared trunk both caches keep the same
+    column layout (they are prefilled, stepped and trimmed together), so the reference's
+    blocks reuse the causal mask and position embeddings of the actor's forward.
+
     :param core: the models
     :param n: number of contexts (rows)
+    :param reference_share: ``"auto"`` (share the frozen trunk when exact) or ``"off"``
     """
 
-    def __init__(self, core: LMCore, n: int):
+    def __init__(self, core: LMCore, n: int, reference_share: str = "auto"):
+        from envs.reference import check_reference_share
+
         self.core = core
         self.n = n
         self.ids: list[list[int]] = [[] for _ in range(n)]
         self.prompt_len = [0] * n
         self.actor = _ModelState()
         self.ref = _ModelState()
+        self.reference_share = check_reference_share(reference_share)
+        self.trunk = core.shared_trunk() if self.reference_share == "auto" else None
+        self.shared_blocks = 0
         core.reserve(n)
 
     # -- cache surgery ---------------------------------------------------------------
     @staticmethod
     def _write_rows(state: _ModelState, model: nn.Module, rows: list[int], n: int, out: dict[str, Any]) -> None:
         """Write prefilled KV of ``rows`` into the batched cache (right-aligned)."""
-        from transformers import DynamicCache
+        from envs.reference import new_cache
 
         new_mask, kv = out["mask"], out["kv"]
         width = new_mask.shape[1]
@@ -459,7 +493,7 @@ class Contexts:
         if state.cache is None or sorted(rows) == list(range(n)):
             # every row restarts (or first fill): the prefill becomes the cache, no copy
             if list(rows) == list(range(n)):
-                state.cache = DynamicCache(ddp_cache_data=kv)
+                state.cache = new_cache(kv, state.offset)
                 state.mask = new_mask
                 Contexts._trim(state)
                 return
@@ -471,7 +505,7 @@ class Contexts:
                 fv = v.new_zeros((n, *v.shape[1:]))
                 fk[idx], fv[idx] = k, v
                 full.append((fk, fv))
-            state.cache = DynamicCache(ddp_cache_data=full)
+            state.cache = new_cache(full, state.offset)
             state.mask = mask
         else:
             layers = _cache_layers(state.cache)
@@ -510,26 +544,72 @@ class Contexts:
         for row, ids in zip(rows, prompts):
             self.ids[row] = list(ids)
             self.prompt_len[row] = len(ids)
-        if self.actor.cache is not None and self.actor.version != self.core.version():
-            self._rebuild_actor()  # every context, the new prompts included
-            self._prefill_rows(rows, actor=False, ref=True)
-        else:
-            self._prefill_rows(rows, actor=True, ref=True)
+        actor_done, ref_done = self._refresh()  # a rebuild already covers the new prompts
+        self._prefill_rows(rows, actor=not actor_done, ref=not ref_done)
+
+    def _refresh(self) -> tuple[bool, bool]:
+        """Before a forward: re-check the reference's shared trunk and the actor's weights,
+        and re-prefill every context of the model(s) whose cache is stale.
+
+        :return: ``(actor rebuilt, reference rebuilt)``; rebuilt caches already hold every
+            token of :attr:`ids`
+        """
+        split = self.trunk.split() if self.trunk is not None else 0
+        if self.actor.cache is None:  # nothing built yet
+            self.shared_blocks = self.ref.offset = split
+            return False, False
+        stale = self.actor.version != self.core.version()
+        changed = split != self.shared_blocks
+        if not (stale or changed):
+            return False, False
+        self.shared_blocks = self.ref.offset = split
+        # on a shared trunk both caches are rebuilt together so their layouts stay equal
+        rebuild_actor = stale or split > 0
+        rebuild_ref = changed or split > 0
+        rows = [row for row in range(self.n) if self.ids[row]]
+        if rebuild_actor:
+            self.actor.clear()
+        if rebuild_ref:
+            self.ref.clear()
+        self._prefill_rows(rows, actor=rebuild_actor, ref=rebuild_ref)
+        return rebuild_actor, rebuild_ref
 
     def _prefill_rows(self, rows: list[int], actor: bool, ref: bool) -> None:
+        if not rows or not (actor or ref):
+            return
         core = self.core
         seqs = [self.ids[row] for row in rows]
+        split = self.shared_blocks
+        if split and actor != ref:
+            raise RuntimeError("internal error: on a shared trunk the actor and reference caches are prefilled together")
         if actor:
             version = core.version()
-            out = prefill(core.actor, seqs, core.pad_id)
+            if split:
+                with self.trunk.capture(split) as captured:
+                    out = prefill(core.actor, seqs, core.pad_id)
+            else:
+                out = prefill(core.actor, seqs, core.pad_id)
             self._write_rows(self.actor, core.actor, rows, self.n, out)
             self._set_next(self.actor, rows, out["logits"], out["hidden"])
             self.actor.version = version
             core.store([tuple(s) for s in seqs], version, out["hidden"], out["logits"])
         if ref:
-            out = prefill(core.reference, seqs, core.pad_id, hidden=False)
+            if split:
+                out = self._reference_top_prefill(captured, out["mask"])
+            else:
+                out = prefill(core.reference, seqs, core.pad_id, hidden=False)
             self._write_rows(self.ref, core.reference, rows, self.n, out)
             self._set_next(self.ref, rows, out["logits"], None)
+
+    def _reference_top_prefill(self, captured: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
+        """:func:`prefill`'s result for the reference, from the actor's captured trunk state."""
+        from envs.reference import new_cache
+
+        cache = new_cache(None, self.shared_blocks)
+        logits = self.trunk.reference_top(self.shared_blocks, captured, cache)
+        keep = mask[:, None, :, None].bool()
+        kv = [(torch.where(keep, layer.keys, 0.0), torch.where(keep, layer.values, 0.0)) for layer in _cache_layers(cache)]
+        return {"logits": logits, "mask": mask, "kv": kv}
 
     def _set_next(self, state: _ModelState, rows: list[int], logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
         idx = torch.as_tensor(rows, device=logits.device)
@@ -541,19 +621,11 @@ class Contexts:
                 state.hidden = hidden.new_zeros((self.n, hidden.shape[-1]))
             state.hidden[idx] = hidden
 
-    def _rebuild_actor(self) -> None:
-        """The actor's weights changed since its cache was built: re-prefill every context."""
-        self.actor.cache = None
-        self.actor.logits = self.actor.hidden = None
-        rows = [row for row in range(self.n) if self.ids[row]]
-        self._prefill_rows(rows, actor=True, ref=False)
-
     @torch.no_grad()
     def log_probs(self, rows: list[int], actions: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logprob, ref_logprob, kl)`` of ``actions`` (one per row in ``rows``) at the
         current contexts, under the current actor (re-prefilled if its weights changed)."""
-        if self.actor.version != self.core.version():
-            self._rebuild_actor()
+        self._refresh()
         idx = torch.as_tensor(rows, device=self.actor.logits.device)
         actor_logp = self.core.log_probs(self.actor.logits[idx])
         ref_logp = self.core.ref_log_probs(self.ref.logits[idx].to(actor_logp.device))
@@ -568,25 +640,44 @@ class Contexts:
         for row, tok in zip(rows, tokens):
             self.ids[row].append(int(tok))
         core = self.core
-        version = core.version()
-        if self.actor.version != version:
-            # weights changed since the cache was built: rebuilding already includes the tokens
-            self._rebuild_actor()
-            self._step(self.ref, core.reference, rows, tokens, hidden=False)
-            return
-        self._step(self.actor, core.actor, rows, tokens, hidden=True)
-        core.store([tuple(self.ids[row]) for row in rows], version, self.actor.hidden[rows], self.actor.logits[rows])
-        self._step(self.ref, core.reference, rows, tokens, hidden=False)
+        # a model whose cache was rebuilt (weights changed, trunk split changed) already holds the tokens
+        actor_done, ref_done = self._refresh()
+        split = self.shared_blocks
+        if not actor_done:
+            if split:
+                if self.ref.mask.shape != self.actor.mask.shape:
+                    raise RuntimeError("internal error: the actor and reference caches lost their common layout")
+                with self.trunk.capture(split) as captured:
+                    self._step(self.actor, core.actor, rows, tokens, hidden=True)
+            else:
+                self._step(self.actor, core.actor, rows, tokens, hidden=True)
+            core.store([tuple(self.ids[row]) for row in rows], self.actor.version, self.actor.hidden[rows], self.actor.logits[rows])
+        if not ref_done:
+            if split:
+                self._step(self.ref, None, rows, tokens, hidden=False, captured=captured)
+            else:
+                self._step(self.ref, core.reference, rows, tokens, hidden=False)
 
-    def _step(self, state: _ModelState, model: nn.Module, rows: list[int], tokens: list[int], hidden: bool) -> None:
+    def _step(
+        self, state: _ModelState, model: nn.Module | None, rows: list[int], tokens: list[int], hidden: bool,
+        captured: dict[str, Any] | None = None,
+    ) -> None:
+        """One incremental forward of ``model``, or, with ``captured``, of the reference's
+        top blocks on the actor's trunk state captured during the actor's step."""
         device = state.mask.device
-        feed = torch.full((self.n, 1), self.core.pad_id, dtype=torch.long, device=device)
         live = torch.zeros((self.n, 1), dtype=torch.long, device=device)
         idx = torch.as_tensor(rows, device=device)
-        feed[idx, 0] = torch.as_tensor([int(t) for t in tokens], device=device)
         live[idx, 0] = 1
-        position_ids = state.mask.sum(-1, keepdim=True)
         mask = torch.cat([state.mask, live], dim=1)
+        if captured is not None:
+            logits = self.trunk.reference_top(self.shared_blocks, captured, state.cache)
+            state.mask = mask
+            state.logits[idx] = logits[idx].to(state.logits.dtype)
+            self._trim(state)
+            return
+        feed = torch.full((self.n, 1), self.core.pad_id, dtype=torch.long, device=device)
+        feed[idx, 0] = torch.as_tensor([int(t) for t in tokens], device=device)
+        position_ids = state.mask.sum(-1, keepdim=True)
         out = model(
             input_ids=feed,
             attention_mask=mask,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from envs.lm_core import KL_ESTIMATORS, Contexts, LMCore, TextObservationSpace, build_core
+from envs.reference import check_reference_share
 
 
 def resolve_reward_spec(spec: Any, device: str | torch.device = "cpu") -> Callable:
@@ -100,6 +101,12 @@ class TextRLHFEnv(gym.Env):
     :param shared_model: envs of one process built with the same model name, device, dtype
         and sampling configuration share one actor and one reference (so the N copies in a
         ``DummyVecEnv`` are one policy); False builds an independent copy
+    :param reference_share: ``"auto"`` (default): while the actor's embeddings and lower
+        decoder blocks are frozen (``requires_grad=False``, e.g. the LM policy's
+        ``train_layers=k``) and identical to the reference's, run only the reference's
+        blocks above them, on the actor's hidden state (exact; re-checked before every
+        forward, with a fall back to the full reference; Llama-like models only, see
+        :mod:`envs.reference`); ``"off"``: always run the full reference
     """
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
@@ -121,9 +128,11 @@ class TextRLHFEnv(gym.Env):
         reference: Any = None,
         tokenizer: Any = None,
         shared_model: bool = True,
+        reference_share: str = "auto",
     ):
         super().__init__()
         _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
+        reference_share = check_reference_share(reference_share)  # before the (slow) model load
         self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
         self.reward_model = resolve_reward_spec(reward_model, device)
         self.prompts = resolve_prompts(prompts)
@@ -136,7 +145,7 @@ class TextRLHFEnv(gym.Env):
         length = self.max_prompt_tokens + self.max_new_tokens
         self.observation_space = TextObservationSpace(length, self.core.vocab_size, self.core.key, self.core.spec)
         self.action_space = gym.spaces.Discrete(self.core.vocab_size)
-        self.contexts = Contexts(self.core, 1)
+        self.contexts = Contexts(self.core, 1, reference_share)
         self._prompt: str | None = None
         self._response_ids: list[int] = []
         self._done = True

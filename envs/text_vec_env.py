@@ -2,7 +2,8 @@
 
 ``gym.make_vec("TextRLHF-v0", num_envs=N)`` builds it (the registered
 ``vector_entry_point``). Each step runs ONE incremental forward of the actor and ONE of the
-reference over all N contexts, each with its own rows in a batched KV cache (see
+reference (only its blocks above the actor's frozen trunk when ``reference_share="auto"``
+finds one, see :mod:`envs.reference`) over all N contexts, each with its own rows in a batched KV cache (see
 :mod:`envs.lm_core`); prompts of different lengths are handled by right-aligning the rows
 and passing explicit positions. Finished sub-envs are reset by Gymnasium 1.x's default
 ``NEXT_STEP`` autoreset: the step after a sub-env terminates, its action is ignored, it
@@ -32,13 +33,14 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from envs.lm_core import Contexts, LMCore, TextObservationSpace, build_core
+from envs.reference import check_reference_share
 from envs.text_env import _check_config, as_scores, resolve_prompts, resolve_reward_spec
 
 
 class TextRLHFVectorEnv(VectorEnv):
     """``num_envs`` prompts at a time, one batched actor and reference forward per step.
 
-    Takes the arguments of :class:`envs.text_env.TextRLHFEnv` plus ``num_envs`` and
+    Takes the arguments of :class:`envs.text_env.TextRLHFEnv` (``reference_share`` included) plus ``num_envs`` and
     ``autoreset_mode`` (``"NextStep"``, the default, or ``"SameStep"``).
     ``reset(seed=s)`` seeds sub-env ``i`` with ``s + i``; ``reset(options={"prompt": p})`` with
     a string or a list of ``num_envs`` strings sets the prompts.
@@ -64,6 +66,7 @@ class TextRLHFVectorEnv(VectorEnv):
         reference: Any = None,
         tokenizer: Any = None,
         shared_model: bool = True,
+        reference_share: str = "auto",
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
     ):
         if int(num_envs) < 1:
@@ -75,6 +78,7 @@ class TextRLHFVectorEnv(VectorEnv):
         if mode is None:
             raise ValueError(f"autoreset_mode must be 'NextStep' or 'SameStep', got {autoreset_mode!r}")
         self.metadata = {**self.metadata, "autoreset_mode": mode}
+        reference_share = check_reference_share(reference_share)  # before the (slow) model load
         self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
         self.reward_model = resolve_reward_spec(reward_model, device)
         self.prompts = resolve_prompts(prompts)
@@ -89,7 +93,7 @@ class TextRLHFVectorEnv(VectorEnv):
         self.single_action_space = gym.spaces.Discrete(self.core.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        self.contexts = Contexts(self.core, self.num_envs)
+        self.contexts = Contexts(self.core, self.num_envs, reference_share)
         self._rngs = [np.random.default_rng() for _ in range(self.num_envs)]
         self._prompts: list[str | None] = [None] * self.num_envs
         self._responses: list[list[int]] = [[] for _ in range(self.num_envs)]
