@@ -228,3 +228,54 @@ def test_offline_trainers_two_ranks_match_one_process(tmp_path):
             # noise, which Adam scales to lr-sized steps; every other weight must agree
             r0[kind], single = r0[kind][:-1], single[:-1]
         torch.testing.assert_close(r0[kind], single, rtol=1e-4, atol=1e-5, msg=lambda m: f"{kind}: {m}")
+
+
+def _e_fraction(prompts, responses):
+    """A cheap deterministic reward: fraction of the letter 'e' in each response."""
+    return torch.tensor([r.count("e") / max(1, len(r)) for r in responses])
+
+
+def _text_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    _torchrun_env(rank, world, port)
+    torch.set_num_threads(1)
+    from agents import PPO
+    from agents import distributed
+    from agents.grpo import GRPO
+    from tests.conftest import PROMPTS
+
+    result = {}
+    for name in ("ppo", "grpo"):
+        env = gym_make_vec(os.path.join(out_dir, "lm"), PROMPTS)
+        if name == "ppo":
+            model = PPO("LMPolicy", env, n_steps=4, batch_size=16, n_epochs=2, learning_rate=1e-2, gamma=1.0, seed=0)
+        else:
+            model = GRPO("LMPolicy", env, group_size=2, n_epochs=2, learning_rate=1e-2, seed=0)
+        before = _flat_params(model.policy)
+        model.learn(2 * 4 * 2 * world)  # two iterations
+        result[name] = {
+            "before": before, "after": _flat_params(model.policy), "num_timesteps": model.num_timesteps,
+            "responses": sorted(tuple(s.context_ids.tolist()) + tuple(s.response_ids.tolist()) for s in model._segments),
+        }
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.destroy()
+
+
+def gym_make_vec(lm_dir: str, prompts):
+    import gymnasium as gym
+
+    import rlhf_env  # noqa: F401
+
+    return gym.make_vec("TextRLHF-v0", num_envs=2, model=lm_dir, reward_model=_e_fraction, prompts=prompts, max_new_tokens=4, shared_model=False)
+
+
+def test_text_ppo_and_grpo_two_ranks_stay_identical(tmp_path):
+    from tests.conftest import build_tiny_lm_dir
+
+    build_tiny_lm_dir(tmp_path / "lm")
+    r0, r1 = _spawn(_text_rank, 2, tmp_path)
+    for name in ("ppo", "grpo"):
+        assert r0[name]["num_timesteps"] == r1[name]["num_timesteps"] == 2 * 4 * 2 * 2
+        assert r0[name]["responses"] != r1[name]["responses"]  # each rank sampled its own responses
+        torch.testing.assert_close(r0[name]["before"], r1[name]["before"], rtol=0, atol=0)
+        torch.testing.assert_close(r0[name]["after"], r1[name]["after"], rtol=0, atol=0)
+        assert not torch.equal(r0[name]["after"], r0[name]["before"])
