@@ -291,6 +291,7 @@ CLI_CASES = {
     "train-rm: malformed data": (["train-rm", "--train", "{d}/malformed.jsonl", "--eval", "none", "--output", "{out}/rm"], "malformed.jsonl:2: not valid JSON"),
     "sft: missing data": (["sft", "--data", "{d}/nope.jsonl", "--model", "tiny", "--output", "{out}/sft"], "nope.jsonl"),
     "dpo: missing model": (["dpo", "--train", "{d}/good.jsonl", "--eval", "none", "--model", "{d}/no_model", "--output", "{out}/dpo"], "no_model"),
+    "plot: missing log dir": (["plot", "{d}/no_logs", "--out", "{out}/curve.png"], "no log directory .*no_logs"),
     "dpo: bad beta": (["dpo", "--train", "{d}/good.jsonl", "--eval", "none", "--model", "tiny", "--beta", "-1", "--output", "{out}/dpo"], "beta must be a number > 0"),
 }
 
