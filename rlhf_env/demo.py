@@ -55,6 +55,9 @@ class DemoConfig:
     :param kl_budget: the KL per response (held-out) the demo promises to stay under.
     :param score_norm: normalise scores (running mean and std).
     :param train_seconds: training stops at the first iteration boundary past this.
+    :param total_seconds: the whole demo's budget: training also stops early enough that
+        the final evaluation and the saving fit in it (first runs build the cached model
+        and the default reward model, which eats into the training time).
     :param max_iterations: hard cap on PPO iterations.
     :param eval_prompts: held-out prompts scored before and after (None: all).
     :param n_show: samples printed before and after.
@@ -80,6 +83,7 @@ class DemoConfig:
     kl_budget: float = 15.0
     score_norm: bool = True
     train_seconds: float = 330.0
+    total_seconds: float = 560.0
     max_iterations: int = 100
     eval_prompts: int | None = 48
     n_show: int = 3
@@ -106,9 +110,11 @@ def quick_config() -> DemoConfig:
         kl_horizon=2000,
         kl_budget=30.0,
         score_norm=True,
-        train_seconds=20.0,
-        max_iterations=25,
+        train_seconds=40.0,
+        total_seconds=55.0,
+        max_iterations=10,
         eval_prompts=48,
+        threads=1,  # a model this small runs faster on one thread (no spin-waits between tiny ops)
     )
 
 
@@ -339,7 +345,9 @@ def run_demo(
         test_prompts = test_prompts[: cfg.eval_prompts]
     log(f"[demo] loaded in {time.time() - t0:.1f}s; scoring {len(test_prompts)} held-out prompts before training")
 
+    t_eval = time.time()
     before = evaluate(core, reward, test_prompts, cfg)
+    eval_seconds = time.time() - t_eval
     log(f"[demo] before: score {before['mean']:.3f} +- {before['std']:.3f}, KL {before['kl']:.2f}")
     for p, r, s in list(zip(test_prompts, before["responses"], before["scores"]))[: cfg.n_show]:
         log(f"  prompt: {p}\n  response: {r.strip()!r}  (score {s:.3f})")
@@ -359,6 +367,10 @@ def run_demo(
     )
     history: list[dict[str, float]] = []
     t_train = time.time()
+    # leave room for the final evaluation (as long as the first) and the saving
+    budget = min(cfg.train_seconds, cfg.total_seconds - (t_train - t0) - 1.2 * eval_seconds - 10.0)
+    log(f"[demo] training PPO for up to {max(budget, 0):.0f}s / {cfg.max_iterations} iterations "
+        f"({cfg.num_envs} prompts x {cfg.max_new_tokens} tokens per iteration)")
     steps_per_iteration = cfg.num_envs * cfg.n_steps
     for iteration in range(1, cfg.max_iterations + 1):
         model.learn(steps_per_iteration, tb_log_name="demo_ppo", reset_num_timesteps=iteration == 1)
@@ -374,7 +386,7 @@ def run_demo(
             h = history[-1]
             log(f"[demo] iteration {iteration:3d}  score {h['score']:+.3f}  KL {h['kl']:6.2f}  kl_coef {kl_coef:.4f}  "
                 f"len {h['response_len']:.1f}  {h['seconds']:.0f}s")
-        if time.time() - t_train > cfg.train_seconds:
+        if time.time() - t_train > budget:
             break
     train_seconds = time.time() - t_train
     if model.logger is not None:
