@@ -7,7 +7,14 @@ the same thread count, and printed as ratios:
 * ``env``: ``gym.make_vec("TextRLHF-v0", num_envs=B)``; every step the acting policy reads
   the actor's next-token logits the way ``LMActorCriticPolicy`` does (``core.actor_features``,
   a lookup in the env's step cache), samples a token, and the env pays one incremental actor
-  forward, one incremental reference forward (KV caches) and the KL.
+  forward, one incremental reference forward (KV caches) and the KL. The actor is set up
+  as the LM policy sets it up for training: ``--train-layers K`` (default 2) leaves
+  ``requires_grad`` only on its top K blocks and final norm
+  (``LMActorCriticPolicy(train_layers=K)``), so with ``reference_share="auto"`` (the env's
+  default) the reference runs only its top K blocks, norm and head on the actor's hidden
+  state (exact, see ``envs/reference.py``). ``env-full`` is the same env with
+  ``reference_share="off"`` (a full reference forward each step); ``--reference-share``
+  picks which of the two run (default both).
 * ``generate+ref``: Hugging Face ``generate`` on the actor (sampling, KV cache; a logits
   processor keeps the log-probability of each sampled token) plus ONE full forward of the
   reference over prompt + response, the KL and the score: the least a hand-written pipeline
@@ -29,6 +36,7 @@ Examples::
     python -m benchmarks.textenv --quick
     python -m benchmarks.textenv --models tiny --batch 8 --new-tokens 32
     python -m benchmarks.textenv --models smollm2-135m --batch 8 32 --new-tokens 32 64 --threads 1
+    python -m benchmarks.textenv --models tiny smollm2-135m --batch 8 32 --train-layers all --reference-share off
     python -m benchmarks.textenv --models smollm2-135m --batch 8 --new-tokens 32 --profile
 """
 
@@ -278,6 +286,8 @@ def bench_model(name: str, args, results: list[Result]) -> None:
     from rlhf_env.models import load_lm
     from rlhf_env.rewards import resolve_reward
 
+    from agents.policies.lm import decoder_blocks, set_trainable
+
     device = torch.device(args.device)
     actor, tokenizer = load_lm(name, device=args.device, dtype=args.dtype)
     reference, _ = load_lm(name, device=args.device, dtype=args.dtype)
@@ -287,30 +297,39 @@ def bench_model(name: str, args, results: list[Result]) -> None:
     for batch in args.batch:
         prompts = pick_prompts(batch, args.seed)
         for new_tokens in args.new_tokens:
-            # the env shares its actor/reference with every env of the same spec in this process
-            env = gym.make_vec(
-                "TextRLHF-v0",
-                num_envs=batch,
-                model=name,
-                reward_model=reward,
-                max_new_tokens=new_tokens,
-                max_prompt_tokens=96,
-                kl_coef=KL_COEF,
-                device=args.device,
-                dtype=args.dtype,
-            )
-            contenders: dict[str, Callable[[], int]] = {
-                "env": lambda: run_env(env, prompts, new_tokens, args.allow_eos, generator),
-                "generate+ref": lambda: run_generate_ref(
-                    actor, reference, tokenizer, reward, prompts, new_tokens, args.allow_eos, device
-                ),
+            # the envs share their actor/reference with every env of the same spec in this process
+            envs = {
+                label: gym.make_vec(
+                    "TextRLHF-v0",
+                    num_envs=batch,
+                    model=name,
+                    reward_model=reward,
+                    max_new_tokens=new_tokens,
+                    max_prompt_tokens=96,
+                    kl_coef=KL_COEF,
+                    device=args.device,
+                    dtype=args.dtype,
+                    reference_share=share,
+                )
+                for label, share in (("env", "auto"), ("env-full", "off"))
+                if args.reference_share in ("both", share)
             }
+            # the actor as LMActorCriticPolicy(train_layers=K) leaves it
+            core = next(iter(envs.values())).unwrapped.core
+            set_trainable(core.actor, args.train_layers)
+            contenders: dict[str, Callable[[], int]] = {
+                label: (lambda e=e: run_env(e, prompts, new_tokens, args.allow_eos, generator)) for label, e in envs.items()
+            }
+            contenders["generate+ref"] = lambda: run_generate_ref(
+                actor, reference, tokenizer, reward, prompts, new_tokens, args.allow_eos, device
+            )
             if batch <= args.naive_max_batch.get(name, 32):
                 contenders["naive"] = lambda: run_naive(
                     actor, reference, tokenizer, reward, prompts, new_tokens, args.allow_eos, device, generator
                 )
             # warm-up (2 tokens each): first calls pay allocator growth and lazy initialisation
-            run_env(env, prompts, 2, True, generator)
+            for e in envs.values():
+                run_env(e, prompts, 2, True, generator)
             run_generate_ref(actor, reference, tokenizer, reward, prompts, 2, True, device)
             if "naive" in contenders:
                 run_naive(actor, reference, tokenizer, reward, prompts, 2, True, device, generator)
@@ -318,25 +337,29 @@ def bench_model(name: str, args, results: list[Result]) -> None:
             for _ in range(args.repeats):  # interleaved, so load changes hit every contender alike
                 for label, fn in contenders.items():
                     gc.collect()  # outside the timed region
-                    if args.profile and label == "env":
+                    if args.profile and label in envs:
                         profiler = cProfile.Profile()
                         profiler.enable()
                     tokens, seconds, rss = timed(fn, device)
-                    if args.profile and label == "env":
+                    if args.profile and label in envs:
                         profiler.disable()
-                        _print_profile(profiler, f"{name} batch={batch} T={new_tokens}")
+                        _print_profile(profiler, f"{label}, {name} batch={batch} T={new_tokens}")
                     res = Result(name, batch, new_tokens, label, tokens, seconds, rss)
                     if label not in best or res.tokens_per_s > best[label].tokens_per_s:
                         best[label] = res
             for res in best.values():
                 results.append(res)
+                shared = ""
+                if res.contender in envs:
+                    blocks = len(decoder_blocks(core.actor))
+                    shared = f" reference shares {envs[res.contender].unwrapped.contexts.shared_blocks}/{blocks} blocks"
                 print(
                     f"  {name:13s} B={batch:<3d} T={new_tokens:<3d} {res.contender:13s} "
                     f"{res.tokens:6d} tok {res.seconds:8.2f} s {res.tokens_per_s:9.1f} tok/s "
-                    f"peak RSS {res.peak_rss_mb:7.0f} MiB",
+                    f"peak RSS {res.peak_rss_mb:7.0f} MiB{shared}",
                     flush=True,
                 )
-            del env
+            del envs
             gc.collect()
 
 
@@ -354,12 +377,15 @@ def _print_profile(profiler: cProfile.Profile, title: str) -> None:
 
 
 def print_tables(results: list[Result]) -> None:
-    print("\n| model | batch | new tokens | env tok/s | generate+ref tok/s | naive tok/s | env / (generate+ref) | env / naive | peak RSS env / gen / naive (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | batch | new tokens | env tok/s | env-full tok/s | generate+ref tok/s | naive tok/s "
+        "| env / (generate+ref) | env-full / (generate+ref) | env / naive | peak RSS env / gen / naive (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     keys = sorted({(r.model, r.batch, r.new_tokens) for r in results}, key=lambda k: (k[0] != "tiny", k[0], k[1], k[2]))
     for key in keys:
         row = {r.contender: r for r in results if (r.model, r.batch, r.new_tokens) == key}
-        env, gen, naive = row.get("env"), row.get("generate+ref"), row.get("naive")
+        env, full, gen, naive = row.get("env"), row.get("env-full"), row.get("generate+ref"), row.get("naive")
 
         def tps(r):
             return f"{r.tokens_per_s:.1f}" if r else "-"
@@ -367,29 +393,37 @@ def print_tables(results: list[Result]) -> None:
         def ratio(a, b):
             return f"{a.tokens_per_s / b.tokens_per_s:.2f}x" if a and b else "-"
 
-        rss = " / ".join(f"{r.peak_rss_mb:.0f}" if r else "-" for r in (env, gen, naive))
-        print(f"| {key[0]} | {key[1]} | {key[2]} | {tps(env)} | {tps(gen)} | {tps(naive)} | {ratio(env, gen)} | {ratio(env, naive)} | {rss} |")
+        rss = " / ".join(f"{r.peak_rss_mb:.0f}" if r else "-" for r in (env or full, gen, naive))
+        print(
+            f"| {key[0]} | {key[1]} | {key[2]} | {tps(env)} | {tps(full)} | {tps(gen)} | {tps(naive)} "
+            f"| {ratio(env, gen)} | {ratio(full, gen)} | {ratio(env or full, naive)} | {rss} |"
+        )
 
 
 # ---------------------------------------------------------------------------------- fresh-process RSS
 
 
-def rss_child(model: str, num_envs: int, new_tokens: int, threads: int | None) -> None:
+def rss_child(model: str, num_envs: int, new_tokens: int, threads: int | None, train_layers: int | None = None) -> None:
     """Build ``TextRLHF-v0`` with ``num_envs`` envs in this (fresh) process, roll it out, print RSS."""
     if threads:
         torch.set_num_threads(threads)
     import gymnasium as gym
 
     import rlhf_env  # noqa: F401
+    from agents.policies.lm import set_trainable
 
     env = gym.make_vec("TextRLHF-v0", num_envs=num_envs, model=model, max_new_tokens=new_tokens, max_prompt_tokens=96)
+    set_trainable(env.unwrapped.core.actor, train_layers)
     generator = torch.Generator().manual_seed(0)
     run_env(env, pick_prompts(num_envs), new_tokens, allow_eos=False, generator=generator)
     print(json.dumps({"model": model, "num_envs": num_envs, "new_tokens": new_tokens, "peak_rss_mb": peak_rss_mb()}))
 
 
-def fresh_process_rss(model: str, num_envs: int, new_tokens: int, threads: int | None) -> float | None:
+def fresh_process_rss(
+    model: str, num_envs: int, new_tokens: int, threads: int | None, train_layers: int | None = None
+) -> float | None:
     cmd = [sys.executable, "-m", "benchmarks.textenv", "--rss-child", model, str(num_envs), str(new_tokens)]
+    cmd += ["--train-layers", "all" if train_layers is None else str(train_layers)]
     if threads:
         cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -416,6 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--reward", default="sentiment", help="reward spec for all contenders (default: VADER)")
+    p.add_argument(
+        "--train-layers",
+        type=_train_layers,
+        default=2,
+        help="configure the env's actor as LMActorCriticPolicy(train_layers=K) does: requires_grad only on its top K "
+        "blocks and final norm (default 2); 'all' leaves every weight trainable (no shared reference trunk)",
+    )
+    p.add_argument(
+        "--reference-share",
+        choices=["auto", "off", "both"],
+        default="both",
+        help="which env runs: 'auto' (contender 'env': the reference runs only the blocks above the actor's frozen "
+        "trunk), 'off' (contender 'env-full': full reference forward each step) or both (default)",
+    )
     p.add_argument("--allow-eos", action="store_true", help="let responses end at EOS (default: exactly T tokens each)")
     p.add_argument(
         "--naive-max-batch",
@@ -431,10 +479,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_layers(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--train-layers must be a block count >= 0 or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--train-layers must be >= 0 or 'all', got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rss_child:
-        rss_child(args.rss_child[0], int(args.rss_child[1]), int(args.rss_child[2]), args.threads)
+        rss_child(args.rss_child[0], int(args.rss_child[1]), int(args.rss_child[2]), args.threads, args.train_layers)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -450,6 +510,11 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, dtype {args.dtype or 'float32'}, "
         f"{'EOS allowed' if args.allow_eos else 'fixed length (EOS suppressed)'}, reward {args.reward}, kl_coef {KL_COEF}"
     )
+    trainable = "every actor weight trainable" if args.train_layers is None else (
+        f"actor trainable in its top {args.train_layers} blocks + final norm only (LMActorCriticPolicy(train_layers={args.train_layers}))"
+    )
+    print(f"configuration: {trainable}; env runs: reference_share={args.reference_share} "
+          "('env' = auto: reference on the actor's frozen trunk when exact; 'env-full' = off: full reference)")
     results: list[Result] = []
     for name in args.models:
         bench_model(name, args, results)
@@ -457,11 +522,16 @@ def main(argv: list[str] | None = None) -> int:
     rss = {}
     if not args.no_rss:
         for name in args.models:
-            rss[name] = fresh_process_rss(name, 8, 64, args.threads)
+            rss[name] = fresh_process_rss(name, 8, 64, args.threads, args.train_layers)
             if rss[name] is not None:
-                print(f"fresh process, TextRLHF-v0 model={name}, 8 envs, 64 new tokens: peak RSS {rss[name]:.0f} MiB")
+                print(f"fresh process, TextRLHF-v0 model={name}, 8 envs, 64 new tokens, train_layers={args.train_layers}: "
+                      f"peak RSS {rss[name]:.0f} MiB")
     if args.json:
-        payload = {"results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results], "fresh_rss_mb": rss}
+        payload = {
+            "config": {"train_layers": args.train_layers, "reference_share": args.reference_share, "threads": torch.get_num_threads()},
+            "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results],
+            "fresh_rss_mb": rss,
+        }
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(payload, f, indent=2)
