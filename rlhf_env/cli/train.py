@@ -27,6 +27,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tensorboard-log", default=None, help="TensorBoard root; runs go to DIR/ALGO_k")
     p.add_argument("--save", default=None, help="write the trained model to this .zip")
     p.add_argument("--resume", default=None, help="continue training a model saved with --save or a checkpoint (counters, optimizer and RNG state kept)")
+    p.add_argument("--vec-env", default=None, choices=["sync", "async"],
+                   help="how the N envs run: async = one subprocess each (gymnasium AsyncVectorEnv), for expensive "
+                   "classic envs (default: the env's own vector env, else sync)")
     p.add_argument("--checkpoint-dir", default=None,
                    help="write checkpoints DIR/ALGO_STEPS_steps.zip; Ctrl-C or SIGTERM then writes a final one and exits cleanly")
     p.add_argument("--checkpoint-freq", type=int, default=None,
@@ -73,9 +76,14 @@ def run(args) -> int:
     total = args.timesteps if args.timesteps is not None else n_timesteps
     n_envs = args.n_envs if args.n_envs is not None else n_envs
 
+    env = args.env
+    if args.vec_env is not None:
+        from agents.vec_env import make_vec_env
+
+        env = make_vec_env(args.env, n_envs=n_envs, vectorization_mode=args.vec_env)
     if args.resume:
-        model = algo_class.load(args.resume, env=args.env if n_envs == 1 else None, device=args.device)
-        if n_envs != 1:
+        model = algo_class.load(args.resume, env=env if n_envs == 1 or args.vec_env else None, device=args.device)
+        if n_envs != 1 and args.vec_env is None:
             from agents.vec_env import make_vec_env
 
             model.set_env(make_vec_env(args.env, n_envs=n_envs))
@@ -85,7 +93,7 @@ def run(args) -> int:
         print(f"resuming {args.resume} at {model.num_timesteps} steps")
     else:
         model = algo_class(
-            policy, args.env, n_envs=n_envs, seed=args.seed, device=args.device,
+            policy, env, n_envs=n_envs, seed=args.seed, device=args.device,
             tensorboard_log=args.tensorboard_log, verbose=args.verbose, **params,
         )
         reset = True
