@@ -366,3 +366,32 @@ def test_reward_model_save_failure_leaves_the_old_folder(tmp_path, tiny_lm_path,
     after = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in (tmp_path / "rm").rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rm"]  # no temporary folder left
+
+
+def test_cli_sigterm_writes_a_final_checkpoint_and_says_where(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "rlhf_env", "train", "--algo", "ppo", "--env", "CartPole-v1", "--timesteps", "100000000",
+           "--checkpoint-dir", str(ckpt), "--checkpoint-freq", "64", "--verbose", "0", "--eval-episodes", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (ckpt.is_dir() and any(ckpt.glob("*.zip"))):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never wrote a checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    last = [line for line in err.strip().splitlines() if line.startswith("rlhf-env train:")]
+    assert len(last) == 1 and "Traceback" not in err, err
+    final = last[0].split("final checkpoint written to ")[1].split(";")[0]
+    assert f"--resume {final}" in last[0]
+    loaded = PPO.load(final)
+    assert loaded.num_timesteps == max(int(p.stem.split("_")[1]) for p in ckpt.glob("ppo_*_steps.zip"))
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp")]
