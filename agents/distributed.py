@@ -67,7 +67,9 @@ def init_distributed(device: torch.device | str | None = None, backend: str | No
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} unset: launch with "
             "`torchrun --nproc_per_node=N script.py` (or unset WORLD_SIZE for one process)"
         )
-    use_cuda = device is not None and torch.device(device).type == "cuda"
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    use_cuda = local_device(device).type == "cuda"
     if backend is None:
         backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
