@@ -16,7 +16,9 @@ def register_envs() -> None:
             id="TextRLHF-v0",
             entry_point="envs.text_env:TextRLHFEnv",
             vector_entry_point="envs.text_vec_env:TextRLHFVectorEnv",
-            kwargs={"model": "smollm2-135m"},
+            # the package's trained reward model (built from the shipped preference pairs on
+            # first use, then cached); reward_model="sentiment" gives the VADER reward instead
+            kwargs={"model": "smollm2-135m", "reward_model": "default"},
         )
     if "TextRLHF-tiny-v0" not in registry:
         gym.register(

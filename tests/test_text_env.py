@@ -190,7 +190,8 @@ def test_smollm2_default_variant(tmp_path):
     from gymnasium.utils.env_checker import check_env as gym_check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    env = gym.make("TextRLHF-v0", max_new_tokens=2)  # shipped prompts, default (sentiment) reward
+    # shipped prompts; the VADER reward keeps this test from training the default reward model
+    env = gym.make("TextRLHF-v0", max_new_tokens=2, reward_model="sentiment")
     assert env.action_space.n == 49152
     gym_check_env(env.unwrapped, skip_render_check=True)
     sb3_check_env(env)
