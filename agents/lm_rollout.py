@@ -325,6 +325,13 @@ def _info_value(infos: Any, key: str, i: int) -> Any:
     """``infos[key]`` of sub-env ``i`` for Gymnasium vector infos (dict of arrays with a
     ``_key`` mask) and SB3 infos (list of dicts); None when it is not set for ``i``."""
     if isinstance(infos, dict):
+        # SAME_STEP autoreset (SyncVectorEnv of single envs): the finished step's info sits
+        # under "final_info", the reset's info in the main dict
+        final = infos.get("final_info")
+        if isinstance(final, dict) and infos.get("_final_info") is not None and infos["_final_info"][i]:
+            value = _info_value(final, key, i)
+            if value is not None:
+                return value
         if key not in infos:
             return None
         mask = infos.get("_" + key)
