@@ -219,10 +219,10 @@ def test_single_env_same_step_autoreset(tiny_prompts, length_reward, tiny_lm_dir
     env = gym.make("TextRLHF-v0", model=str(tiny_lm_dir), reward_model=length_reward, prompts=tiny_prompts,
                    max_new_tokens=4, kl_coef=0.1, shared_model=False)
     model = PPO("LMPolicy", env, n_steps=16, batch_size=16, n_epochs=1, gamma=1.0, seed=0,
-                rlhf={"kl_coef": 0.1, "target_kl": 1e-3, "kl_horizon": 100})
+                rlhf={"kl_coef": 0.1, "target_kl": 1e3, "kl_horizon": 100})
     model.learn(32)
     finished = [s for s in model._segments if s.terminated]
     assert finished and all(s.score is not None and s.response is not None for s in finished)
     assert all(not torch.isnan(s.ref_logprobs).any() for s in model._segments)
-    assert env.unwrapped.kl_coef < 0.1  # KL below the tiny target: the coefficient fell
+    assert env.unwrapped.kl_coef < 0.09  # KL far below the target: the coefficient fell twice
     assert env.unwrapped.kl_coef == pytest.approx(model._text_state.kl_controller.value)
