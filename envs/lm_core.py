@@ -547,18 +547,22 @@ class Contexts:
         actor_done, ref_done = self._refresh()  # a rebuild already covers the new prompts
         self._prefill_rows(rows, actor=not actor_done, ref=not ref_done)
 
-    def _refresh(self) -> tuple[bool, bool]:
+    def _refresh(self, check_split: bool = True) -> tuple[bool, bool]:
         """Before a forward: re-check the reference's shared trunk and the actor's weights,
         and re-prefill every context of the model(s) whose cache is stale.
 
+        :param check_split: re-check the trunk split even when the actor is not stale (a
+            step that runs no forward can skip it: logits already computed stay exact)
         :return: ``(actor rebuilt, reference rebuilt)``; rebuilt caches already hold every
             token of :attr:`ids`
         """
-        split = self.trunk.split() if self.trunk is not None else 0
         if self.actor.cache is None:  # nothing built yet
-            self.shared_blocks = self.ref.offset = split
+            self.shared_blocks = self.ref.offset = self.trunk.split() if self.trunk is not None else 0
             return False, False
         stale = self.actor.version != self.core.version()
+        if not (stale or check_split):
+            return False, False
+        split = self.trunk.split() if self.trunk is not None else 0
         changed = split != self.shared_blocks
         if not (stale or changed):
             return False, False
@@ -625,7 +629,7 @@ class Contexts:
     def log_probs(self, rows: list[int], actions: torch.Tensor, estimator: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logprob, ref_logprob, kl)`` of ``actions`` (one per row in ``rows``) at the
         current contexts, under the current actor (re-prefilled if its weights changed)."""
-        self._refresh()
+        self._refresh(check_split=False)
         idx = torch.as_tensor(rows, device=self.actor.logits.device)
         actor_logp = self.core.log_probs(self.actor.logits[idx])
         ref_logp = self.core.ref_log_probs(self.ref.logits[idx].to(actor_logp.device))

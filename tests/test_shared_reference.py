@@ -213,3 +213,21 @@ def test_off_mode_unsupported_models_and_bad_value(deep_lm_dir, length_reward):
         p.requires_grad_(False)
     trunk = SharedTrunk(gpt2, gpt2)
     assert not trunk.supported and "gpt2" in trunk.reason and trunk.split() == 0
+
+
+@pytest.mark.slow
+def test_smollm2_shared_trunk_matches_full_reference():
+    """SmolLM2-135M (30 blocks, tied head) with the actor as train_layers=2 leaves it: the
+    reference runs blocks 28-29 only, and its log-probs equal a full reference forward."""
+    envs = gym.make_vec("TextRLHF-v0", num_envs=2, max_new_tokens=3, reward_model="sentiment", shared_model=False)
+    set_trainable(envs.actor, 2)
+    perturb_blocks(envs.actor, [28, 29], scale=0.002)
+    obs, info = envs.reset(seed=0)
+    contexts = [list(ids) for ids in info["prompt_ids"]]
+    for _ in range(2):
+        actions = np.array([int(torch.argmax(full_log_probs(envs.actor, c))) for c in contexts])
+        _, rewards, _, _, step_info = envs.step(actions)
+        assert envs.unwrapped.contexts.shared_blocks == 28
+        check_step(step_info, range(2), contexts, actions, envs.actor, envs.reference, 0.05, rewards)
+        for c, a in zip(contexts, actions):
+            c.append(int(a))
