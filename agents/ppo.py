@@ -19,11 +19,36 @@ import torch
 from torch.nn import functional as F
 
 from agents import distributed
+from agents.fast_mlp import FusedPPOLoss
 from agents.base import clip_grad_norm, explained_variance, optimizer_step
 from agents.guards import check_finite, check_number
 from agents.on_policy import OnPolicyAlgorithm
 from agents.schedules import get_schedule_fn
 from agents.text_ppo import RLHFConfig, collect_text_ppo_rollout, is_lm_policy, setup_text_state, train_text_ppo
+
+
+@torch.no_grad()
+def kl_and_clip_fraction(
+    ratios: list[torch.Tensor], log_ratios: list[torch.Tensor], clip_range: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per minibatch: the k3 estimate of KL(pi_old || pi), ``mean((ratio - 1) - log ratio)``
+    (unbiased, always >= 0), and the fraction of ratios outside ``1 +- clip_range``.
+
+    :param ratios: each minibatch's ``pi(a|s) / pi_old(a|s)``
+    :param log_ratios: their logarithms
+    :param clip_range: the clip epsilon
+    :return: ``(approx_kls, clip_fractions)``, one entry per minibatch
+    """
+    if not ratios:
+        return torch.zeros(0), torch.zeros(0)
+    sizes = [len(r) for r in ratios]
+    ratio, log_ratio = torch.cat(ratios), torch.cat(log_ratios)
+    per_sample = torch.stack(((ratio - 1) - log_ratio, ((ratio - 1).abs() > clip_range).to(ratio.dtype)))
+    if len(set(sizes)) == 1:  # equal minibatches: all means in one op
+        means = per_sample.view(2, len(sizes), -1).mean(2)
+    else:
+        means = torch.stack([part.mean(1) for part in per_sample.split(sizes, dim=1)], dim=1)
+    return means[0], means[1]
 
 
 class PPO(OnPolicyAlgorithm):
@@ -53,6 +78,10 @@ class PPO(OnPolicyAlgorithm):
         :class:`agents.text_ppo.RLHFConfig` or a dict of its fields. With the language-model
         policy (``"LMPolicy"``) PPO trains on whole responses, one forward per response
         (see :mod:`agents.text_ppo`); for text use ``gamma=1.0``.
+    :param fused_update: with the plain MLP policy (``ActorCriticPolicy``, Discrete or Box
+        actions, same hidden sizes for both networks, tanh or ReLU), compute the loss's
+        gradients by hand (:mod:`agents.fast_mlp`, equal to autograd's up to rounding,
+        several times faster for small networks); False: always autograd
     Other parameters: see :class:`OnPolicyAlgorithm`.
     """
 
@@ -85,6 +114,7 @@ class PPO(OnPolicyAlgorithm):
         kl_target: float = 0.01,
         adaptive_kl: bool = True,
         rlhf: RLHFConfig | dict | None = None,
+        fused_update: bool = True,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -138,6 +168,7 @@ class PPO(OnPolicyAlgorithm):
         self.kl_target = kl_target
         self.adaptive_kl = adaptive_kl
         self.rlhf = RLHFConfig.from_any(rlhf)
+        self.fused_update = fused_update
         self._text_state = None
         if _init_setup_model:
             self._setup_model()
@@ -162,57 +193,75 @@ class PPO(OnPolicyAlgorithm):
         clip_range = self.clip_range_schedule(self._current_progress_remaining)
         clip_range_vf = None if self.clip_range_vf_schedule is None else self.clip_range_vf_schedule(self._current_progress_remaining)
         params = [p for group in self.policy.optimizer.param_groups for p in group["params"]]
+        # hand-written gradients for the plain MLP policy (agents.fast_mlp); autograd otherwise
+        fused = FusedPPOLoss.for_policy(self.policy) if getattr(self, "fused_update", True) else None
         # per-minibatch statistics stay tensors until the end: no sync per minibatch
-        pg_losses, value_losses, entropy_losses, clip_fractions, approx_kls = [], [], [], [], []
+        pg_losses, value_losses, entropy_losses, ratios, log_ratios = [], [], [], [], []
+        raw_advantages = normalized_advantages = None
         continue_training = True
         for epoch in range(self.n_epochs):
             for batch in self.rollout_buffer.get(self.batch_size):
-                values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, batch.actions)
-                values = values.flatten()
                 advantages = batch.advantages
                 if self.normalize_advantage and len(advantages) > 1:
-                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                    # a rollout taken as one minibatch returns as the same tensor every epoch
+                    if advantages is not raw_advantages:
+                        raw_advantages = advantages
+                        normalized_advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                    advantages = normalized_advantages
 
-                log_ratio = log_prob - batch.old_log_prob
-                ratio = torch.exp(log_ratio)
-                # k3 estimator of KL(pi_old || pi): unbiased, always >= 0; only the penalty
-                # objective differentiates it
-                with torch.set_grad_enabled(self.loss_type == "kl_penalty"):
-                    approx_kl = ((ratio - 1) - log_ratio).mean()
-                if self.loss_type == "clip":
-                    pg_loss1 = advantages * ratio
-                    pg_loss2 = advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-                    pg_loss = -torch.min(pg_loss1, pg_loss2).mean()
+                if fused is not None:
+                    # the loss written out below, its gradients by hand (agents.fast_mlp):
+                    # the same numbers as autograd without its per-op overhead
+                    ratio, log_ratio, pg_loss, v_loss, entropy_loss, loss = fused.loss_and_grads(
+                        batch.observations, batch.actions, batch.old_log_prob, advantages, batch.returns,
+                        batch.old_values, clip_range, clip_range_vf, self.ent_coef, self.vf_coef,
+                        kl_beta=self.kl_beta if self.loss_type == "kl_penalty" else None,
+                    )
                 else:
-                    pg_loss = -(ratio * advantages).mean() + self.kl_beta * approx_kl
+                    values, log_prob, entropy = self.policy.evaluate_actions(batch.observations, batch.actions)
+                    values = values.flatten()
 
-                if clip_range_vf is None:
-                    values_pred = values
-                else:
-                    values_pred = batch.old_values + torch.clamp(values - batch.old_values, -clip_range_vf, clip_range_vf)
-                v_loss = F.mse_loss(batch.returns, values_pred)
+                    log_ratio = log_prob - batch.old_log_prob
+                    ratio = torch.exp(log_ratio)
+                    if self.loss_type == "clip":
+                        pg_loss1 = advantages * ratio
+                        pg_loss2 = advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+                        pg_loss = -torch.min(pg_loss1, pg_loss2).mean()
+                    else:
+                        # k3 estimator of KL(pi_old || pi): unbiased, always >= 0
+                        approx_kl = ((ratio - 1) - log_ratio).mean()
+                        pg_loss = -(ratio * advantages).mean() + self.kl_beta * approx_kl
 
-                # without an analytic entropy, -log_prob estimates it
-                entropy_loss = -torch.mean(-log_prob) if entropy is None else -torch.mean(entropy)
+                    if clip_range_vf is None:
+                        values_pred = values
+                    else:
+                        values_pred = batch.old_values + torch.clamp(values - batch.old_values, -clip_range_vf, clip_range_vf)
+                    v_loss = F.mse_loss(batch.returns, values_pred)
 
-                loss = pg_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
+                    # without an analytic entropy, -log_prob estimates it
+                    entropy_loss = -torch.mean(-log_prob) if entropy is None else -torch.mean(entropy)
 
-                with torch.no_grad():
-                    pg_losses.append(pg_loss.detach())
-                    value_losses.append(v_loss.detach())
-                    entropy_losses.append(entropy_loss.detach())
-                    clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()))
-                    approx_kls.append(approx_kl.detach())
-                # ranks decide together (their KLs differ), else one would wait for the other forever
-                if self.target_kl is not None and distributed.allreduce_mean(approx_kl) > 1.5 * self.target_kl:
-                    continue_training = False
-                    if self.verbose >= 1:
-                        print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl.item():.2f}")
-                    break
+                    loss = pg_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
 
-                for p in params:  # optimizer.zero_grad(set_to_none=True) without its profiler hooks
-                    p.grad = None
-                loss.backward()
+                pg_losses.append(pg_loss.detach())
+                value_losses.append(v_loss.detach())
+                entropy_losses.append(entropy_loss.detach())
+                ratios.append(ratio.detach())
+                log_ratios.append(log_ratio.detach())
+                if self.target_kl is not None:
+                    with torch.no_grad():
+                        approx_kl = ((ratio - 1) - log_ratio).mean()
+                    # ranks decide together (their KLs differ), else one would wait for the other forever
+                    if distributed.allreduce_mean(approx_kl) > 1.5 * self.target_kl:
+                        continue_training = False
+                        if self.verbose >= 1:
+                            print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl.item():.2f}")
+                        break
+
+                if fused is None:
+                    for p in params:  # optimizer.zero_grad(set_to_none=True) without its profiler hooks
+                        p.grad = None
+                    loss.backward()
                 # data-parallel: every rank applies the gradient of the mean loss over all ranks' samples
                 distributed.allreduce_gradients(params, weight=len(advantages))
                 grad_norm = clip_grad_norm(params, self.max_grad_norm)
@@ -222,7 +271,8 @@ class PPO(OnPolicyAlgorithm):
             if not continue_training:
                 break
 
-        mean_kl = torch.stack(approx_kls).mean().item() if approx_kls else 0.0
+        approx_kls, clip_fractions = kl_and_clip_fraction(ratios, log_ratios, clip_range)
+        mean_kl = approx_kls.mean().item() if len(approx_kls) else 0.0
         if self.loss_type == "kl_penalty" and self.adaptive_kl:
             if mean_kl < self.kl_target / 1.5:
                 self.kl_beta /= 2.0
@@ -236,7 +286,7 @@ class PPO(OnPolicyAlgorithm):
         self.logger.record("train/policy_gradient_loss", torch.stack(pg_losses).mean().item())
         self.logger.record("train/value_loss", torch.stack(value_losses).mean().item())
         self.logger.record("train/approx_kl", mean_kl)
-        self.logger.record("train/clip_fraction", torch.stack(clip_fractions).mean().item())
+        self.logger.record("train/clip_fraction", clip_fractions.mean().item())
         self.logger.record("train/loss", loss.item())
         self.logger.record("train/explained_variance", explained_var)
         if hasattr(self.policy, "log_std"):

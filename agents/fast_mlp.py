@@ -1,0 +1,221 @@
+"""Hand-written forward and backward of PPO's loss for the plain MLP actor-critic.
+
+For :class:`agents.policies.mlp.ActorCriticPolicy` with its stacked policy/value MLP
+(same hidden sizes for both, tanh or ReLU) and a Discrete or 1-D Box action space, a PPO
+update step is a few dozen tiny kernels; with autograd, recording and replaying the graph
+costs more than the maths. :class:`FusedPPOLoss` computes the same loss as
+``PPO.train()``'s autograd branch (clipped surrogate or KL penalty, optionally clipped
+value loss, entropy bonus) and writes its gradients into ``param.grad`` directly:
+
+    forward   h_l = act(h_{l-1} W_l + b_l)   (policy and value stacked: one baddbmm per layer)
+              logits / mean = h_L^pi W_a + b_a,   V = h_L^vf W_v + b_v
+    backward  dL/dlog_prob = -A * ratio / B  where the unclipped term is the smaller one
+                             (clip)  or  (beta * (ratio - 1) - A * ratio) / B  (KL penalty)
+              dL/dV = vf_coef * 2 (V_pred - R) / B  (zero where the value clip is active)
+              then the chain rule through the heads and the layers, by hand
+
+The gradients match autograd's to rounding (``tests/test_fast_path.py``); grad-norm
+clipping, the gradient all-reduce and the optimizer step stay with the caller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from gymnasium import spaces
+from torch import nn
+from torch.nn import functional as F
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# the activations' own backward kernels: dy * (1 - y^2) and dy * (y > 0) in one pass each
+_tanh_backward = torch.ops.aten.tanh_backward.default
+_relu_backward = torch.ops.aten.threshold_backward.default
+
+
+class FusedLossTerms(NamedTuple):
+    """What ``PPO.train()`` logs and checks; all detached tensors."""
+
+    ratio: torch.Tensor
+    log_ratio: torch.Tensor
+    pg_loss: torch.Tensor
+    v_loss: torch.Tensor
+    entropy_loss: torch.Tensor
+    loss: torch.Tensor
+
+
+def fused_unsupported_reason(policy: Any) -> str | None:
+    """Why :class:`FusedPPOLoss` cannot serve ``policy`` (None when it can)."""
+    from agents.policies.mlp import ActorCriticPolicy  # late: agents.policies imports much
+
+    if type(policy) is not ActorCriticPolicy:
+        return f"policy class {type(policy).__name__} is not ActorCriticPolicy"
+    if not policy.mlp_extractor.stacked:
+        return "policy and value networks differ in hidden sizes (net_arch)"
+    if type(policy.mlp_extractor.activation) not in (nn.Tanh, nn.ReLU):
+        return f"activation {type(policy.mlp_extractor.activation).__name__} (only Tanh and ReLU)"
+    if not isinstance(policy.action_space, (spaces.Discrete, spaces.Box)):
+        return f"action space {type(policy.action_space).__name__} (only Discrete and Box)"
+    if isinstance(policy.action_space, spaces.Box) and getattr(policy, "squash_output", False):
+        return "squashed Box actions"
+    if not all(p.requires_grad for p in policy.parameters()):
+        return "some parameters are frozen (requires_grad=False)"
+    return None
+
+
+class FusedPPOLoss:
+    """PPO loss and its gradients for one :class:`ActorCriticPolicy` without autograd.
+
+    Build it with :meth:`for_policy` (None for a policy it does not cover); it reads the
+    policy's parameters at every call, so it stays valid across ``load_state_dict`` and
+    ``.to()``.
+
+    :param policy: an ``ActorCriticPolicy`` accepted by :func:`fused_unsupported_reason`
+    """
+
+    def __init__(self, policy: Any):
+        reason = fused_unsupported_reason(policy)
+        if reason is not None:
+            raise ValueError(f"FusedPPOLoss does not cover this policy: {reason}; use the autograd path (PPO(fused_update=False))")
+        self.policy = policy
+        self.discrete = isinstance(policy.action_space, spaces.Discrete)
+        self.tanh = isinstance(policy.mlp_extractor.activation, nn.Tanh)
+
+    @classmethod
+    def for_policy(cls, policy: Any) -> "FusedPPOLoss | None":
+        """The fused loss for ``policy``, or None when only autograd covers it."""
+        return cls(policy) if fused_unsupported_reason(policy) is None else None
+
+    def loss_and_grads(
+        self,
+        observations: torch.Tensor | dict[str, torch.Tensor],
+        actions: torch.Tensor,
+        old_log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        old_values: torch.Tensor,
+        clip_range: float,
+        clip_range_vf: float | None,
+        ent_coef: float,
+        vf_coef: float,
+        kl_beta: float | None = None,
+    ) -> FusedLossTerms:
+        """Compute PPO's loss on one minibatch and set ``param.grad`` of every parameter
+        of the policy to its gradient (replacing what was there).
+
+        :param observations: minibatch observations as stored in the rollout buffer
+        :param actions: the actions taken
+        :param old_log_prob: their log-probabilities at collection time
+        :param advantages: advantages, already normalised if the caller wants that
+        :param returns: value targets
+        :param old_values: values at collection time (for ``clip_range_vf``)
+        :param clip_range: ratio clip epsilon (ignored with ``kl_beta``)
+        :param clip_range_vf: value clip around ``old_values``, or None
+        :param ent_coef: entropy bonus weight
+        :param vf_coef: value loss weight
+        :param kl_beta: None: clipped surrogate; a number: ``-ratio*A + kl_beta * KL`` (k3 estimate)
+        """
+        with torch.no_grad():
+            return self._loss_and_grads(
+                observations, actions, old_log_prob, advantages, returns, old_values,
+                clip_range, clip_range_vf, ent_coef, vf_coef, kl_beta,
+            )
+
+    def _loss_and_grads(
+        self, observations, actions, old_log_prob, advantages, returns, old_values,
+        clip_range, clip_range_vf, ent_coef, vf_coef, kl_beta,
+    ) -> FusedLossTerms:
+        policy = self.policy
+        layers = policy.mlp_extractor._layers
+        action_w, action_b = policy.action_net.weight, policy.action_net.bias
+        value_w, value_b = policy.value_net.weight, policy.value_net.bias
+        x = policy.extract_features(observations).to(layers[0][0].dtype)
+        batch = x.shape[0]
+        inv_batch = 1.0 / batch
+
+        # --- forward: every layer's input is kept for the backward ----------------------
+        inputs = []
+        h = x.unsqueeze(0).expand(2, -1, -1)
+        for w, b in layers:
+            inputs.append(h)
+            h = torch.baddbmm(b, h, w)
+            h = h.tanh_() if self.tanh else h.relu_()
+        h_pi, h_vf = h[0], h[1]
+        flat = F.linear(h_pi, action_w, action_b)
+        values = F.linear(h_vf, value_w, value_b).view(-1)
+        if self.discrete:
+            log_probs_all = torch.log_softmax(flat, dim=-1)
+            action_idx = actions.view(-1, 1).long()
+            log_prob = log_probs_all.gather(1, action_idx).view(-1)
+            probs = log_probs_all.exp()
+            if ent_coef != 0.0:
+                entropy = (probs * log_probs_all).sum(-1).neg_()
+                entropy_loss = -entropy.mean()
+            else:  # only logged: the mean straight away
+                entropy_loss = (probs * log_probs_all).sum() * inv_batch
+        else:
+            log_std = policy.log_std
+            inv_std = torch.exp(-log_std)
+            z = (actions.reshape(batch, -1) - flat) * inv_std
+            log_prob = (z * z).sum(-1).mul_(-0.5).sub_(log_std.sum() + _HALF_LOG_2PI * log_std.numel())
+            # state-independent: the same for every sample
+            entropy_loss = -(log_std.sum() + (0.5 + _HALF_LOG_2PI) * log_std.numel())
+
+        log_ratio = log_prob - old_log_prob
+        ratio = torch.exp(log_ratio)
+        if kl_beta is None:
+            pg_loss1 = advantages * ratio
+            pg_loss2 = advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+            pg_loss = -torch.minimum(pg_loss1, pg_loss2).mean()
+            # d(-min)/dlog_prob = -A * ratio where the unclipped term is the minimum (inside
+            # the clip range both are equal and the clamp passes the gradient: also -A * ratio)
+            d_log_prob = pg_loss1.mul_(pg_loss1 <= pg_loss2).mul_(-inv_batch)
+        else:
+            ratio_minus_1 = ratio - 1
+            pg_loss = -(ratio * advantages).mean() + kl_beta * (ratio_minus_1 - log_ratio).mean()
+            d_log_prob = (ratio_minus_1 * kl_beta - ratio * advantages).mul_(inv_batch)
+
+        if clip_range_vf is None:
+            values_diff = values - returns
+            d_values = values_diff * (2.0 * vf_coef * inv_batch)
+        else:
+            delta = values - old_values
+            values_diff = old_values + torch.clamp(delta, -clip_range_vf, clip_range_vf) - returns
+            inside = (delta >= -clip_range_vf) & (delta <= clip_range_vf)
+            d_values = (values_diff * inside).mul_(2.0 * vf_coef * inv_batch)
+        v_loss = values_diff.square().mean()
+        loss = torch.add(pg_loss, v_loss, alpha=vf_coef)
+        if ent_coef != 0.0:
+            loss = loss + ent_coef * entropy_loss
+
+        # --- backward through the heads -------------------------------------------------
+        if self.discrete:
+            # log_softmax: d flat = g - p * sum(g); g is d_log_prob at the action, and the
+            # entropy bonus adds ent_coef / B * p * (log p + H)
+            coef = d_log_prob.neg().unsqueeze_(1)
+            if ent_coef != 0.0:
+                coef = coef + (log_probs_all + entropy.unsqueeze(1)) * (ent_coef * inv_batch)
+            d_flat = probs.mul_(coef)
+            d_flat.scatter_add_(1, action_idx, d_log_prob.unsqueeze(1))
+        else:
+            d_flat = (z * inv_std).mul_(d_log_prob.unsqueeze(1))  # d log_prob / d mean = z / std
+            # d log_prob / d log_std = z^2 - 1 per dimension; the entropy's is 1
+            policy.log_std.grad = (z.square_().sub_(1)).mul_(d_log_prob.unsqueeze(1)).sum(0).sub_(ent_coef)
+        action_w.grad = d_flat.t().mm(h_pi)
+        action_b.grad = d_flat.sum(0)
+        d_values = d_values.unsqueeze_(1)
+        value_w.grad = d_values.t().mm(h_vf)
+        value_b.grad = d_values.sum(0)
+        d_h = torch.stack((d_flat.mm(action_w), d_values.mm(value_w)))
+
+        # --- backward through the stacked layers ----------------------------------------
+        for i in range(len(layers) - 1, -1, -1):
+            w, b = layers[i]
+            d_pre = _tanh_backward(d_h, h) if self.tanh else _relu_backward(d_h, h, 0)
+            h = inputs[i]
+            w.grad = torch.bmm(h.transpose(1, 2), d_pre)
+            b.grad = d_pre.sum(1, keepdim=True)
+            if i > 0:
+                d_h = torch.bmm(d_pre, w.transpose(1, 2))
+        return FusedLossTerms(ratio, log_ratio, pg_loss, v_loss, entropy_loss, loss)
