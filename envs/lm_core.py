@@ -647,41 +647,29 @@ class Contexts:
         # a model whose cache was rebuilt (weights changed, trunk split changed) already holds the tokens
         actor_done, ref_done = self._refresh()
         split = self.shared_blocks
-        if not actor_done:
-            if split:
-                if self.ref.mask.shape != self.actor.mask.shape:
-                    raise RuntimeError("internal error: the actor and reference caches lost their common layout")
-                with self.trunk.capture(split) as captured:
-                    self._step(self.actor, core.actor, rows, tokens, hidden=True)
-            else:
+        if split and not actor_done:
+            self._step_shared(rows, tokens)
+        else:
+            if not actor_done:
                 self._step(self.actor, core.actor, rows, tokens, hidden=True)
-            core.store([tuple(self.ids[row]) for row in rows], self.actor.version, self.actor.hidden[rows], self.actor.logits[rows])
-        if not ref_done:
-            if split:
-                self._step(self.ref, None, rows, tokens, hidden=False, captured=captured)
-            else:
+            if not ref_done:
                 self._step(self.ref, core.reference, rows, tokens, hidden=False)
+        if not actor_done:
+            core.store([tuple(self.ids[row]) for row in rows], self.actor.version, self.actor.hidden[rows], self.actor.logits[rows])
 
-    def _step(
-        self, state: _ModelState, model: nn.Module | None, rows: list[int], tokens: list[int], hidden: bool,
-        captured: dict[str, Any] | None = None,
-    ) -> None:
-        """One incremental forward of ``model``, or, with ``captured``, of the reference's
-        top blocks on the actor's trunk state captured during the actor's step."""
+    def _feed(self, state: _ModelState, rows: list[int], tokens: list[int]) -> tuple[torch.Tensor, ...]:
+        """``(input_ids, attention_mask, position_ids, row index)`` of one incremental step."""
         device = state.mask.device
         live = torch.zeros((self.n, 1), dtype=torch.long, device=device)
         idx = torch.as_tensor(rows, device=device)
         live[idx, 0] = 1
-        mask = torch.cat([state.mask, live], dim=1)
-        if captured is not None:
-            logits = self.trunk.reference_top(self.shared_blocks, captured, state.cache)
-            state.mask = mask
-            state.logits[idx] = logits[idx].to(state.logits.dtype)
-            self._trim(state)
-            return
         feed = torch.full((self.n, 1), self.core.pad_id, dtype=torch.long, device=device)
         feed[idx, 0] = torch.as_tensor([int(t) for t in tokens], device=device)
-        position_ids = state.mask.sum(-1, keepdim=True)
+        return feed, torch.cat([state.mask, live], dim=1), state.mask.sum(-1, keepdim=True), idx
+
+    def _step(self, state: _ModelState, model: nn.Module, rows: list[int], tokens: list[int], hidden: bool) -> None:
+        """One incremental forward of ``model`` over all rows."""
+        feed, mask, position_ids, idx = self._feed(state, rows, tokens)
         out = model(
             input_ids=feed,
             attention_mask=mask,
@@ -697,3 +685,30 @@ class Contexts:
             state.hidden[idx] = out.hidden_states[-1][idx, -1].to(state.hidden.dtype)
         # rows fed a masked pad keep a dead column; columns dead in every row are dropped
         self._trim(state)
+
+    def _step_shared(self, rows: list[int], tokens: list[int]) -> None:
+        """One incremental step of the actor and of the reference's top blocks on the
+        actor's trunk state (same causal mask and position embeddings), with both heads
+        in one matmul when they are the same weights."""
+        actor, ref, split = self.actor, self.ref, self.shared_blocks
+        if ref.mask.shape != actor.mask.shape:
+            raise RuntimeError("internal error: the actor and reference caches lost their common layout")
+        feed, mask, position_ids, idx = self._feed(actor, rows, tokens)
+        with self.trunk.capture(split) as captured:
+            out = self.trunk.actor_trunk(
+                input_ids=feed,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=actor.cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+        ref_hidden = self.trunk.reference_top(split, captured, ref.cache, head=False)
+        actor_logits, ref_logits = self.trunk.heads(out.last_hidden_state[:, -1:], ref_hidden)
+        actor.cache = _output_cache(out)
+        actor.mask, ref.mask = mask, mask.clone()
+        actor.logits[idx] = actor_logits[idx].to(actor.logits.dtype)
+        actor.hidden[idx] = out.hidden_states[-1][idx, -1].to(actor.hidden.dtype)
+        ref.logits[idx] = ref_logits[idx].to(ref.logits.dtype)
+        self._trim(actor)
+        self._trim(ref)

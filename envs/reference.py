@@ -141,6 +141,8 @@ class SharedTrunk:
         self.ref_parts = ref_parts if self.reason is None else None
         self._stamp: tuple | None = None
         self._split = 0
+        # the actor's head is frozen and equal to the reference's: one matmul serves both
+        self.fused_head = False
 
     @property
     def supported(self) -> bool:
@@ -177,10 +179,20 @@ class SharedTrunk:
         if self.actor_parts is None:
             return 0
         frozen, version = self._frozen_prefix()
-        stamp = (frozen, version)
+        head_trainable, head_version = False, 0
+        for p in self.actor_parts["head"].parameters():
+            head_trainable |= p.requires_grad
+            head_version += p._version
+        for p in self.ref_parts["head"].parameters():
+            head_version += p._version
+        stamp = (frozen, version, head_trainable, head_version)
         if stamp != self._stamp:
             self._stamp = stamp
             self._split = self._equal_prefix(frozen) if frozen > 0 else 0
+            with torch.no_grad():
+                self.fused_head = (
+                    self._split > 0 and not head_trainable and _same_params(self.actor_parts["head"], self.ref_parts["head"])
+                )
         return self._split
 
     @torch.no_grad()
@@ -219,11 +231,13 @@ class SharedTrunk:
         finally:
             handle.remove()
 
-    def reference_top(self, split: int, captured: dict[str, Any], cache: Any) -> torch.Tensor:
+    def reference_top(self, split: int, captured: dict[str, Any], cache: Any, head: bool = True) -> torch.Tensor:
         """Run the reference's blocks ``split ..``, final norm and head on a captured
         actor hidden state; ``cache`` (an offset cache of those blocks) is updated in place.
 
-        :return: raw next-token logits of the last position, ``(B, vocab)``
+        :param head: False stops before the head (see :meth:`heads`)
+        :return: raw next-token logits of the last position, ``(B, vocab)``, or with
+            ``head=False`` the normed hidden state of the last position, ``(B, 1, H)``
         """
         if "hidden" not in captured:
             raise RuntimeError("the actor's forward did not reach the captured block (no hidden state recorded)")
@@ -241,7 +255,24 @@ class SharedTrunk:
             hidden = layer(hidden, **kwargs)
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
-        return self.ref_parts["head"](self.ref_parts["norm"](hidden[:, -1:]))[:, -1]
+        hidden = self.ref_parts["norm"](hidden[:, -1:])
+        return self.ref_parts["head"](hidden)[:, -1] if head else hidden
+
+    def actor_trunk(self, **kwargs: Any) -> Any:
+        """The actor's decoder without its head (``model.model(**kwargs)``): for the
+        supported models the logits are exactly ``lm_head`` of its last hidden state."""
+        return self.actor_parts["inner"](**kwargs)
+
+    def heads(self, actor_hidden: torch.Tensor, ref_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw logits ``(B, vocab)`` of the actor and of the reference from their normed last
+        hidden states ``(B, 1, H)``. When the actor's head is frozen and equal to the
+        reference's (tied, frozen embeddings), one matmul over both row sets reads the
+        vocabulary-sized weight once instead of twice (on a memory-bound device the head
+        costs as much as several decoder blocks)."""
+        if self.fused_head:
+            logits = self.actor_parts["head"](torch.cat([actor_hidden, ref_hidden.to(actor_hidden.dtype)]))[:, -1]
+            return logits[: actor_hidden.shape[0]], logits[actor_hidden.shape[0] :]
+        return self.actor_parts["head"](actor_hidden)[:, -1], self.ref_parts["head"](ref_hidden)[:, -1]
 
 
 def _same_params(a: nn.Module, b: nn.Module) -> bool:

@@ -84,6 +84,7 @@ def test_vector_env_rewards_match_full_reference_and_skip_lower_blocks(deep_lm_d
     obs, info = envs.reset(seed=0)
     off.reset(seed=0)
     assert envs.unwrapped.contexts.shared_blocks == 2 and off.unwrapped.contexts.shared_blocks == 0
+    assert envs.unwrapped.core.shared_trunk().fused_head  # frozen, equal heads: one matmul for both
     contexts = [list(ids) for ids in info["prompt_ids"]]
     restarting = np.zeros(N, dtype=bool)
     finished = 0
@@ -165,6 +166,13 @@ def test_split_follows_requires_grad_and_in_place_changes(deep_lm_dir, length_re
     envs.actor.load_state_dict(envs.actor.state_dict())
     step_and_check()
     assert contexts_state.shared_blocks == LAYERS - 1
+    # a head that differs from the reference's: still shared blocks, but separate head matmuls
+    trunk = envs.unwrapped.core.shared_trunk()
+    assert trunk.fused_head
+    with torch.no_grad():
+        envs.actor.lm_head.weight.mul_(1.1)
+    step_and_check()
+    assert contexts_state.shared_blocks == LAYERS - 1 and not trunk.fused_head
     # an in-place write to a frozen lower block: block 1 differs, so only block 0 is shared
     with torch.no_grad():
         envs.actor.model.layers[1].mlp.up_proj.weight.mul_(1.5)
