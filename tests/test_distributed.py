@@ -279,3 +279,12 @@ def test_text_ppo_and_grpo_two_ranks_stay_identical(tmp_path):
         torch.testing.assert_close(r0[name]["before"], r1[name]["before"], rtol=0, atol=0)
         torch.testing.assert_close(r0[name]["after"], r1[name]["after"], rtol=0, atol=0)
         assert not torch.equal(r0[name]["after"], r0[name]["before"])
+
+
+def test_reinforce_refuses_torchrun(monkeypatch):
+    """REINFORCE's per-episode updates cannot line up across ranks: a clear error, not a hang."""
+    from agents import REINFORCE
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="REINFORCE is not data-parallel"):
+        REINFORCE("MlpPolicy", "CartPole-v1")
