@@ -61,15 +61,20 @@ def fused_unsupported_reason(policy: Any) -> str | None:
         return "squashed Box actions"
     if not all(p.requires_grad for p in policy.parameters()):
         return "some parameters are frozen (requires_grad=False)"
+    optimizer = getattr(policy, "optimizer", None)
+    if optimizer is not None:
+        optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if optimized != {id(p) for p in policy.parameters()}:
+            return "the optimizer does not hold exactly the policy's parameters"
     return None
 
 
 class FusedPPOLoss:
     """PPO loss and its gradients for one :class:`ActorCriticPolicy` without autograd.
 
-    Build it with :meth:`for_policy` (None for a policy it does not cover); it reads the
-    policy's parameters at every call, so it stays valid across ``load_state_dict`` and
-    ``.to()``.
+    Build it with :meth:`for_policy` (None for a policy it does not cover) for one update
+    (``PPO.train()`` makes one per call): it holds the policy's parameters and a gradient
+    buffer on their device, so it is not kept across ``.to()``.
 
     :param policy: an ``ActorCriticPolicy`` accepted by :func:`fused_unsupported_reason`
     """
@@ -81,6 +86,28 @@ class FusedPPOLoss:
         self.policy = policy
         self.discrete = isinstance(policy.action_space, spaces.Discrete)
         self.tanh = isinstance(policy.mlp_extractor.activation, nn.Tanh)
+        self.box_observations = isinstance(policy.observation_space, spaces.Box)
+        self.layers = list(policy.mlp_extractor._layers)
+        self.action_net, self.value_net = policy.action_net, policy.value_net
+        params = list(policy.parameters())
+        self.dtype = params[0].dtype
+        # every gradient is a view of one flat buffer: clipping scales it in one op
+        self.flat_grad = torch.zeros(sum(p.numel() for p in params), dtype=self.dtype, device=params[0].device)
+        self.grads: dict[torch.nn.Parameter, torch.Tensor] = {}
+        offset = 0
+        for p in params:
+            self.grads[p] = self.flat_grad[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self._grad_list = list(self.grads.values())
+        self._action_src: torch.Tensor | None = None
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale all gradients by ``max_norm / (norm + 1e-6)`` when the global norm exceeds
+        ``max_norm`` (``torch.nn.utils.clip_grad_norm_``'s maths); returns the norm before."""
+        # the norm summed per parameter as agents.base.clip_grad_norm does: the same rounding
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._grad_list)))
+        self.flat_grad.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
 
     @classmethod
     def for_policy(cls, policy: Any) -> "FusedPPOLoss | None":
@@ -126,11 +153,15 @@ class FusedPPOLoss:
         self, observations, actions, old_log_prob, advantages, returns, old_values,
         clip_range, clip_range_vf, ent_coef, vf_coef, kl_beta,
     ) -> FusedLossTerms:
-        policy = self.policy
-        layers = policy.mlp_extractor._layers
-        action_w, action_b = policy.action_net.weight, policy.action_net.bias
-        value_w, value_b = policy.value_net.weight, policy.value_net.bias
-        x = policy.extract_features(observations).to(layers[0][0].dtype)
+        policy, layers, grads = self.policy, self.layers, self.grads
+        action_w, action_b = self.action_net.weight, self.action_net.bias
+        value_w, value_b = self.value_net.weight, self.value_net.bias
+        if self.box_observations:
+            x = observations.reshape(observations.shape[0], -1)
+        else:
+            x = policy.extract_features(observations)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
         batch = x.shape[0]
         inv_batch = 1.0 / batch
 
@@ -146,7 +177,9 @@ class FusedPPOLoss:
         values = F.linear(h_vf, value_w, value_b).view(-1)
         if self.discrete:
             log_probs_all = torch.log_softmax(flat, dim=-1)
-            action_idx = actions.view(-1, 1).long()
+            if actions is not self._action_src:  # the whole-rollout minibatch repeats every epoch
+                self._action_src, self._action_idx = actions, actions.view(-1, 1).long()
+            action_idx = self._action_idx
             log_prob = log_probs_all.gather(1, action_idx).view(-1)
             probs = log_probs_all.exp()
             if ent_coef != 0.0:
@@ -201,12 +234,14 @@ class FusedPPOLoss:
         else:
             d_flat = (z * inv_std).mul_(d_log_prob.unsqueeze(1))  # d log_prob / d mean = z / std
             # d log_prob / d log_std = z^2 - 1 per dimension; the entropy's is 1
-            policy.log_std.grad = (z.square_().sub_(1)).mul_(d_log_prob.unsqueeze(1)).sum(0).sub_(ent_coef)
-        action_w.grad = d_flat.t().mm(h_pi)
-        action_b.grad = d_flat.sum(0)
+            log_std_grad = grads[policy.log_std]
+            torch.sum(z.square_().sub_(1).mul_(d_log_prob.unsqueeze(1)), 0, out=log_std_grad)
+            log_std_grad.sub_(ent_coef)
+        torch.mm(d_flat.t(), h_pi, out=grads[action_w])
+        torch.sum(d_flat, 0, out=grads[action_b])
         d_values = d_values.unsqueeze_(1)
-        value_w.grad = d_values.t().mm(h_vf)
-        value_b.grad = d_values.sum(0)
+        torch.mm(d_values.t(), h_vf, out=grads[value_w])
+        torch.sum(d_values, 0, out=grads[value_b])
         d_h = torch.stack((d_flat.mm(action_w), d_values.mm(value_w)))
 
         # --- backward through the stacked layers ----------------------------------------
@@ -214,8 +249,10 @@ class FusedPPOLoss:
             w, b = layers[i]
             d_pre = _tanh_backward(d_h, h) if self.tanh else _relu_backward(d_h, h, 0)
             h = inputs[i]
-            w.grad = torch.bmm(h.transpose(1, 2), d_pre)
-            b.grad = d_pre.sum(1, keepdim=True)
+            torch.bmm(h.transpose(1, 2), d_pre, out=grads[w])
+            torch.sum(d_pre, 1, keepdim=True, out=grads[b])
             if i > 0:
                 d_h = torch.bmm(d_pre, w.transpose(1, 2))
+        for p, grad in grads.items():
+            p.grad = grad
         return FusedLossTerms(ratio, log_ratio, pg_loss, v_loss, entropy_loss, loss)

@@ -264,7 +264,10 @@ class PPO(OnPolicyAlgorithm):
                     loss.backward()
                 # data-parallel: every rank applies the gradient of the mean loss over all ranks' samples
                 distributed.allreduce_gradients(params, weight=len(advantages))
-                grad_norm = clip_grad_norm(params, self.max_grad_norm)
+                if fused is not None:  # its gradients share one buffer: one norm, one scale
+                    grad_norm = fused.clip_grad_norm_(self.max_grad_norm)
+                else:
+                    grad_norm = clip_grad_norm(params, self.max_grad_norm)
                 if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
                     optimizer_step(self.policy.optimizer)
             self._n_updates += 1
