@@ -76,6 +76,15 @@ class REINFORCE(OnPolicyAlgorithm):
         n_envs: int = 1,
         env_kwargs: dict[str, Any] | None = None,
     ):
+        from agents.distributed import launched_by_torchrun
+
+        if launched_by_torchrun():
+            # ranks finish different numbers of episodes per update, so their gradient
+            # all-reduces would not line up and the run would hang
+            raise RuntimeError(
+                "REINFORCE is not data-parallel: it updates after a number of finished episodes, "
+                "which differs between ranks; run it in one process, or use PPO/A2C under torchrun"
+            )
         super().__init__(
             policy,
             env,
@@ -103,15 +112,6 @@ class REINFORCE(OnPolicyAlgorithm):
             self._setup_model()
 
     def _setup_model(self) -> None:
-        from agents.distributed import launched_by_torchrun
-
-        if launched_by_torchrun():
-            # ranks finish different numbers of episodes per update, so their gradient
-            # all-reduces would not line up and the run would hang
-            raise RuntimeError(
-                "REINFORCE is not data-parallel: it updates after a number of finished episodes, "
-                "which differs between ranks; run it in one process, or use PPO/A2C under torchrun"
-            )
         super()._setup_model()
         self._clear_episodes()
 
