@@ -14,8 +14,9 @@ value loss, entropy bonus) and writes its gradients into ``param.grad`` directly
               dL/dV = vf_coef * 2 (V_pred - R) / B  (zero where the value clip is active)
               then the chain rule through the heads and the layers, by hand
 
-The gradients match autograd's to rounding (``tests/test_fast_path.py``); grad-norm
-clipping, the gradient all-reduce and the optimizer step stay with the caller.
+The gradients match autograd's to rounding (``tests/test_fast_path.py``). They live in one
+flat buffer, so :meth:`FusedPPOLoss.clip_grad_norm_` scales them in one op; the gradient
+all-reduce and the optimizer step stay with the caller.
 """
 
 from __future__ import annotations
@@ -59,8 +60,11 @@ def fused_unsupported_reason(policy: Any) -> str | None:
         return f"action space {type(policy.action_space).__name__} (only Discrete and Box)"
     if isinstance(policy.action_space, spaces.Box) and getattr(policy, "squash_output", False):
         return "squashed Box actions"
-    if not all(p.requires_grad for p in policy.parameters()):
+    params = list(policy.parameters())
+    if not all(p.requires_grad for p in params):
         return "some parameters are frozen (requires_grad=False)"
+    if len({(p.dtype, p.device) for p in params}) != 1:
+        return "parameters of several dtypes or devices"
     optimizer = getattr(policy, "optimizer", None)
     if optimizer is not None:
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -143,7 +147,9 @@ class FusedPPOLoss:
         :param vf_coef: value loss weight
         :param kl_beta: None: clipped surrogate; a number: ``-ratio*A + kl_beta * KL`` (k3 estimate)
         """
-        with torch.no_grad():
+        # inference mode: no autograd bookkeeping at all on the intermediates (cheaper per op
+        # than no_grad); the gradients go into the flat buffer made outside it
+        with torch.inference_mode():
             return self._loss_and_grads(
                 observations, actions, old_log_prob, advantages, returns, old_values,
                 clip_range, clip_range_vf, ent_coef, vf_coef, kl_beta,

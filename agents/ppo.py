@@ -199,11 +199,15 @@ class PPO(OnPolicyAlgorithm):
         pg_losses, value_losses, entropy_losses, ratios, log_ratios = [], [], [], [], []
         raw_advantages = normalized_advantages = None
         continue_training = True
+        # a rollout that fits in one minibatch is that same minibatch every epoch: fetch it once
+        buffer = self.rollout_buffer
+        n_samples = getattr(buffer, "buffer_size", 0) * getattr(buffer, "n_envs", 0)
+        whole_rollout = list(buffer.get(self.batch_size)) if 0 < n_samples <= self.batch_size else None
         for epoch in range(self.n_epochs):
-            for batch in self.rollout_buffer.get(self.batch_size):
+            for batch in whole_rollout if whole_rollout is not None else buffer.get(self.batch_size):
                 advantages = batch.advantages
                 if self.normalize_advantage and len(advantages) > 1:
-                    # a rollout taken as one minibatch returns as the same tensor every epoch
+                    # normalised once when the same minibatch returns every epoch
                     if advantages is not raw_advantages:
                         raw_advantages = advantages
                         normalized_advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
@@ -281,7 +285,6 @@ class PPO(OnPolicyAlgorithm):
                 self.kl_beta /= 2.0
             elif mean_kl > self.kl_target * 1.5:
                 self.kl_beta *= 2.0
-        buffer = self.rollout_buffer
         valid = buffer.valid.reshape(-1)
         explained_var = explained_variance(buffer.values.reshape(-1)[valid], buffer.returns.reshape(-1)[valid])
 
