@@ -163,7 +163,8 @@ class OnPolicyAlgorithm(BaseAlgorithm):
             else:
                 rollout_buffer.observations[t].copy_(torch.as_tensor(self._last_obs), non_blocking=True)
                 obs_tensor = rollout_buffer.observations[t]
-            with torch.no_grad():
+            # inference mode: no autograd bookkeeping per op; the outputs are only copied
+            with torch.inference_mode():
                 actions, values, log_probs = self.policy(obs_tensor)
             step = env.step(self._env_actions(actions))
             # counted over all ranks, so every rank runs the same number of iterations
