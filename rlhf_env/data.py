@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -53,7 +53,19 @@ def load_preferences(path: PathLike) -> list[PreferencePair]:
             f"preference file {str(path)!r} does not exist; pass a JSON Lines file with one "
             '{"prompt": ..., "chosen": ..., "rejected": ...} object per line'
         )
-    pairs: list[PreferencePair] = []
+    pairs = [_pair_from_obj(obj, where) for where, obj in iter_jsonl(path)]
+    if not pairs:
+        raise ValueError(
+            f"{path}: the file holds no preference pairs; expected one "
+            '{"prompt": ..., "chosen": ..., "rejected": ...} object per line'
+        )
+    return pairs
+
+
+def iter_jsonl(path: Union[str, os.PathLike]) -> Iterator[tuple[str, object]]:
+    """Yield ``(where, obj)`` for every non-blank line of a JSON Lines file, ``where`` being
+    ``"FILE:LINE"`` for error messages; a line that is not JSON is a ``ValueError`` naming
+    the file and the line. Shared by the preference, SFT and prompt readers."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -62,13 +74,7 @@ def load_preferences(path: PathLike) -> list[PreferencePair]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            pairs.append(_pair_from_obj(obj, f"{path}:{lineno}"))
-    if not pairs:
-        raise ValueError(
-            f"{path}: the file holds no preference pairs; expected one "
-            '{"prompt": ..., "chosen": ..., "rejected": ...} object per line'
-        )
-    return pairs
+            yield f"{path}:{lineno}", obj
 
 
 def _pair_from_obj(obj: object, where: str) -> PreferencePair:

@@ -7,6 +7,8 @@ import os
 import pathlib
 from typing import Sequence, Union
 
+from rlhf_env.data import iter_jsonl
+
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 SPLITS = ("train", "test")
 
@@ -25,17 +27,11 @@ def _read_txt(path: pathlib.Path) -> list[str]:
 
 def _read_jsonl(path: pathlib.Path) -> list[str]:
     prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from err
+    for where, record in iter_jsonl(path):
         if not isinstance(record, dict) or "prompt" not in record:
-            raise ValueError(f'{path}, line {lineno}: expected an object with a "prompt" key, got {line.strip()[:80]!r}')
+            raise ValueError(f'{where}: expected an object with a "prompt" key, got {json.dumps(record)[:80]}')
         if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise ValueError(f'{path}, line {lineno}: "prompt" must be a non-empty string, got {record["prompt"]!r}')
+            raise ValueError(f'{where}: "prompt" must be a non-empty string, got {record["prompt"]!r}')
         prompts.append(record["prompt"])
     return prompts
 

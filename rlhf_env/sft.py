@@ -7,7 +7,6 @@ tokens (EOS included); prompt tokens condition the model but are not trained on.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from agents import distributed
+from rlhf_env.data import iter_jsonl
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.training import adamw, pad_right, resolve_lm, save_lm, seed_everything, summary_writer
 
@@ -51,18 +51,11 @@ def load_sft_examples(path: Union[str, os.PathLike]) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"SFT data file {str(path)!r} does not exist; pass JSON Lines with 'prompt' and 'response' keys")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            response = obj.get("response", obj.get("chosen")) if isinstance(obj, dict) else None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not isinstance(response, str):
-                raise ValueError(f"{path}:{lineno}: need string fields 'prompt' and 'response' (or 'chosen')")
-            out.append((obj["prompt"], response))
+    for where, obj in iter_jsonl(path):
+        response = obj.get("response", obj.get("chosen")) if isinstance(obj, dict) else None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not isinstance(response, str):
+            raise ValueError(f"{where}: need string fields 'prompt' and 'response' (or 'chosen')")
+        out.append((obj["prompt"], response))
     if not out:
         raise ValueError(f"{path}: the file holds no examples")
     return out

@@ -45,10 +45,10 @@ def test_jsonl_file(tmp_path):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("{not json", r"bad\.jsonl, line 2: not valid JSON"),
-        ('{"text": "no prompt key"}', r'bad\.jsonl, line 2: expected an object with a "prompt" key'),
-        ('{"prompt": 3}', r'bad\.jsonl, line 2: "prompt" must be a non-empty string'),
-        ('["prompt"]', r"bad\.jsonl, line 2"),
+        ("{not json", r"bad\.jsonl:2: not valid JSON"),
+        ('{"text": "no prompt key"}', r'bad\.jsonl:2: expected an object with a "prompt" key'),
+        ('{"prompt": 3}', r'bad\.jsonl:2: "prompt" must be a non-empty string'),
+        ('["prompt"]', r"bad\.jsonl:2"),
     ],
 )
 def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
