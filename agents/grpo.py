@@ -17,12 +17,16 @@ Per iteration:
        k3_t = exp(log ref - log pi) - (log ref - log pi) - 1
 
    averaged over the minibatch's tokens (TRL's default ``"dapo"`` aggregation, which has
-   no length bias). ``log ref`` is the reference log-probability the env already computed
-   for each token (its info ``ref_logprob``), so no reference forward is needed here.
+   no length bias). ``log ref`` comes from ONE teacher-forced, gradient-free forward of the
+   reference over every response of the rollout (before the epochs, micro-batched like the
+   update), not from the env: a per-token reference forward during the rollout would cost
+   one incremental forward per token for the same numbers.
 
-**The env's KL reward is switched off**: GRPO sets the env's ``kl_coef`` to 0 when it
-is built (the KL to the reference enters through the loss term ``beta * k3`` instead,
-as in the paper), so the env's rewards are the scores alone.
+**The env's KL reward and per-token reference are switched off**: GRPO sets the env's
+``kl_coef`` to 0 and ``reference_logprobs`` to False when it is built (the KL to the
+reference enters through the loss term ``beta * k3`` instead, as in the paper), so the
+env's rewards are the scores alone and its infos carry no ``ref_logprob``/``kl``.
+``old log pi`` is the log-probability the rollout sampled with (no extra actor forward).
 """
 
 from __future__ import annotations
@@ -161,6 +165,8 @@ class GRPO(OnPolicyAlgorithm):
             )
         # the KL enters through the loss (beta * k3), not through the env's reward
         set_env_kl_coef(self.env, 0.0)
+        # ... so the rollout needs no reference forward: train() scores whole responses once
+        text_env.reference_logprobs = False
         self.n_steps = int(text_env.max_new_tokens) + 1
 
     def _setup_model(self) -> None:
@@ -232,6 +238,8 @@ class GRPO(OnPolicyAlgorithm):
         policy = self.policy
         core = policy.core
         device = self.device
+        if self.beta != 0:
+            self._reference_logprobs(segments)
         params = [p for group in policy.optimizer.param_groups for p in group["params"]]
         stats = {k: [] for k in ("pg", "kl_ref", "ent", "clip", "kl", "loss")}
         for _ in range(self.n_epochs):
@@ -256,7 +264,8 @@ class GRPO(OnPolicyAlgorithm):
                     pg_losses = -torch.min(advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
                     # k3: an unbiased, always non-negative estimate of KL(pi || ref)
                     ref_diff = ref_log_prob - log_prob
-                    kl_ref = torch.exp(ref_diff) - ref_diff - 1
+                    # beta = 0: no reference was run (its log-probs are NaN), no KL term
+                    kl_ref = torch.exp(ref_diff) - ref_diff - 1 if self.beta != 0 else torch.zeros_like(log_prob)
                     token_loss = pg_losses + self.beta * kl_ref - self.ent_coef * entropy
                     loss = (token_loss * mask).sum() / n_tokens
                     loss.backward()
@@ -285,6 +294,23 @@ class GRPO(OnPolicyAlgorithm):
         logger.record("train/beta", self.beta)
         logger.record("train/advantage_std", float(response_advantages.std()) if len(segments) > 1 else 0.0)
         logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    @torch.no_grad()
+    def _reference_logprobs(self, segments: list[TextSegment]) -> None:
+        """``seg.ref_logprobs``: log ref(a_t|s_t) of every response token, from one
+        teacher-forced forward of the reference per micro-batch (the env's distribution:
+        same temperature, no top-k, as :meth:`envs.lm_core.LMCore.ref_log_probs`)."""
+        core = self.policy.core
+        order = sorted(segments, key=lambda s: len(s.context_ids) + len(s), reverse=True)
+        for micro in micro_batches(order, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
+            ids, attn, positions, targets = pack_segments(micro, core.pad_id, self.device)
+            ref_log_prob, _, _ = evaluate_tokens(
+                core.reference, ids, attn, positions, targets, value_head=None,
+                temperature=core.temperature, top_k=0, with_entropy=False,
+            )
+            ref_log_prob = ref_log_prob.float().cpu()
+            for i, seg in enumerate(micro):
+                seg.ref_logprobs = ref_log_prob[i, : len(seg)].clone()
 
     def learn(
         self,

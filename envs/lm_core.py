@@ -464,6 +464,11 @@ class Contexts:
     :param core: the models
     :param n: number of contexts (rows)
     :param reference_share: ``"auto"`` (share the frozen trunk when exact) or ``"off"``
+
+    :attr:`with_reference` False (see :meth:`set_reference`) runs no reference forward at
+    all: only the actor's cache is kept and :meth:`log_probs` returns NaN for
+    ``ref_logprob`` and ``kl`` (for trainers that compute reference log-probs themselves,
+    once per response, e.g. GRPO).
     """
 
     def __init__(self, core: LMCore, n: int, reference_share: str = "auto"):
@@ -478,7 +483,21 @@ class Contexts:
         self.reference_share = check_reference_share(reference_share)
         self.trunk = core.shared_trunk() if self.reference_share == "auto" else None
         self.shared_blocks = 0
+        self.with_reference = True
         core.reserve(n)
+
+    def set_reference(self, enabled: bool) -> None:
+        """Switch the per-token reference forward on or off. Switching it back on rebuilds
+        both caches of every live context (so the reference's covers every token)."""
+        enabled = bool(enabled)
+        if enabled == self.with_reference:
+            return
+        self.with_reference = enabled
+        self.actor.clear()
+        self.ref.clear()
+        rows = [row for row in range(self.n) if self.ids[row]]
+        self.shared_blocks = self.ref.offset = self.trunk.split() if (enabled and self.trunk is not None) else 0
+        self._prefill_rows(rows, actor=True, ref=enabled)
 
     # -- cache surgery ---------------------------------------------------------------
     @staticmethod
@@ -556,20 +575,21 @@ class Contexts:
         :return: ``(actor rebuilt, reference rebuilt)``; rebuilt caches already hold every
             token of :attr:`ids`
         """
+        share = self.trunk is not None and self.with_reference
         if self.actor.cache is None:  # nothing built yet
-            self.shared_blocks = self.ref.offset = self.trunk.split() if self.trunk is not None else 0
+            self.shared_blocks = self.ref.offset = self.trunk.split() if share else 0
             return False, False
         stale = self.actor.version != self.core.version()
         if not (stale or check_split):
             return False, False
-        split = self.trunk.split() if self.trunk is not None else 0
+        split = self.trunk.split() if share else 0
         changed = split != self.shared_blocks
         if not (stale or changed):
             return False, False
         self.shared_blocks = self.ref.offset = split
         # on a shared trunk both caches are rebuilt together so their layouts stay equal
         rebuild_actor = stale or split > 0
-        rebuild_ref = changed or split > 0
+        rebuild_ref = (changed or split > 0) and self.with_reference
         rows = [row for row in range(self.n) if self.ids[row]]
         if rebuild_actor:
             self.actor.clear()
@@ -597,7 +617,7 @@ class Contexts:
             self._set_next(self.actor, rows, out["logits"], out["hidden"])
             self.actor.version = version
             core.store([tuple(s) for s in seqs], version, out["hidden"], out["logits"])
-        if ref:
+        if ref and self.with_reference:
             if split:
                 out = self._reference_top_prefill(captured, out["mask"])
             else:
@@ -632,6 +652,10 @@ class Contexts:
         self._refresh(check_split=False)
         idx = torch.as_tensor(rows, device=self.actor.logits.device)
         actor_logp = self.core.log_probs(self.actor.logits[idx])
+        if not self.with_reference:
+            logprob = actor_logp.gather(-1, actions.to(actor_logp.device)[:, None]).squeeze(-1)
+            nan = torch.full_like(logprob, float("nan"))
+            return logprob, nan, nan.clone()
         ref_logp = self.core.ref_log_probs(self.ref.logits[idx].to(actor_logp.device))
         return kl_terms(actor_logp, ref_logp, actions.to(actor_logp.device), estimator)
 
@@ -652,7 +676,7 @@ class Contexts:
         else:
             if not actor_done:
                 self._step(self.actor, core.actor, rows, tokens, hidden=True)
-            if not ref_done:
+            if not ref_done and self.with_reference:
                 self._step(self.ref, core.reference, rows, tokens, hidden=False)
         if not actor_done:
             core.store([tuple(self.ids[row]) for row in rows], self.actor.version, self.actor.hidden[rows], self.actor.logits[rows])

@@ -17,6 +17,12 @@ Setting :attr:`TextRLHFVectorEnv.autoreset` to False (GRPO does, during its roll
 keeps a finished sub-env idle instead: its actions are ignored, it is not re-prefilled
 with a new prompt, and it returns reward 0 and its final observation until ``reset()``.
 
+``reference_logprobs=False`` (or setting the attribute of that name between rollouts) runs
+no reference forward at all during the rollout: the info then has no ``ref_logprob`` and
+no ``kl`` keys, and ``kl_coef`` must be 0 (the KL reward needs them). For trainers that
+score the reference once per response in one teacher-forced forward (GRPO does). Default
+True: every step carries ``ref_logprob`` and ``kl`` as documented in DESIGN.md.
+
 Rewards, info keys and observations are those of :class:`envs.text_env.TextRLHFEnv`; in the
 vector info each key ``k`` comes with the boolean mask ``_k`` of the sub-envs it is set for.
 """
@@ -41,7 +47,9 @@ class TextRLHFVectorEnv(VectorEnv):
     """``num_envs`` prompts at a time, one batched actor and reference forward per step.
 
     Takes the arguments of :class:`envs.text_env.TextRLHFEnv` (``reference_share`` included) plus ``num_envs`` and
-    ``autoreset_mode`` (``"NextStep"``, the default, or ``"SameStep"``).
+    ``autoreset_mode`` (``"NextStep"``, the default, or ``"SameStep"``) and
+    ``reference_logprobs`` (default True; False: no per-token reference forward, no
+    ``ref_logprob``/``kl`` info, requires ``kl_coef=0``).
     ``reset(seed=s)`` seeds sub-env ``i`` with ``s + i``; ``reset(options={"prompt": p})`` with
     a string or a list of ``num_envs`` strings sets the prompts.
     """
@@ -68,6 +76,7 @@ class TextRLHFVectorEnv(VectorEnv):
         shared_model: bool = True,
         reference_share: str = "auto",
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+        reference_logprobs: bool = True,
     ):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -101,6 +110,16 @@ class TextRLHFVectorEnv(VectorEnv):
         # False: finished sub-envs stay idle until reset() (for whole-batch rollouts, GRPO)
         self.autoreset = True
         self._started = False
+        self.reference_logprobs = reference_logprobs
+
+    @property
+    def reference_logprobs(self) -> bool:
+        """Whether each step runs the reference and reports ``ref_logprob`` and ``kl``."""
+        return self.contexts.with_reference
+
+    @reference_logprobs.setter
+    def reference_logprobs(self, enabled: bool) -> None:
+        self.contexts.set_reference(bool(enabled))
 
     @property
     def actor(self) -> torch.nn.Module:
@@ -170,6 +189,11 @@ class TextRLHFVectorEnv(VectorEnv):
         reset_rows = [i for i in range(n) if self._autoreset[i]] if self.autoreset else []
         act_rows = [i for i in range(n) if not self._autoreset[i]]
         tokens = [self._check_action(actions[i]) for i in act_rows]
+        if act_rows and not self.contexts.with_reference and self.kl_coef != 0:
+            raise ValueError(
+                f"kl_coef={self.kl_coef} needs the reference's per-token log-probs, but this env was set "
+                "reference_logprobs=False: set kl_coef=0 or reference_logprobs=True"
+            )
         if act_rows:
             logprob, ref_logprob, kl = self.contexts.log_probs(act_rows, torch.tensor(tokens), self.kl_estimator)
             logprob, ref_logprob, kl = logprob.cpu().numpy(), ref_logprob.cpu().numpy(), kl.cpu().numpy()
@@ -179,10 +203,11 @@ class TextRLHFVectorEnv(VectorEnv):
                     f"action {bad} is outside the top_k={self.core.top_k} tokens of the policy's distribution "
                     "(probability 0): sample actions from the policy or build the env with top_k=0"
                 )
-            rewards[act_rows] = -self.kl_coef * kl
             _put(infos, "logprob", act_rows, logprob, n)
-            _put(infos, "ref_logprob", act_rows, ref_logprob, n)
-            _put(infos, "kl", act_rows, kl, n)
+            if self.contexts.with_reference:
+                rewards[act_rows] = -self.kl_coef * kl
+                _put(infos, "ref_logprob", act_rows, ref_logprob, n)
+                _put(infos, "kl", act_rows, kl, n)
         # With NEXT_STEP autoreset the final observation is shown to the policy once more
         # (its action is then ignored): feeding the last token in the batched forward costs
         # no extra forward and puts that observation in the step cache, so the policy's

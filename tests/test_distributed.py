@@ -249,7 +249,9 @@ def _text_rank(rank: int, world: int, port: int, out_dir: str) -> None:
         if name == "ppo":
             model = PPO("LMPolicy", env, n_steps=4, batch_size=16, n_epochs=2, learning_rate=1e-2, gamma=1.0, seed=0)
         else:
-            model = GRPO("LMPolicy", env, group_size=2, n_epochs=2, learning_rate=1e-2, seed=0)
+            # the tiny LM's responses all score 0 (no signal in the advantages): an entropy bonus
+            # makes the update move the weights, so that staying identical across ranks means something
+            model = GRPO("LMPolicy", env, group_size=2, n_epochs=2, learning_rate=1e-2, ent_coef=0.01, seed=0)
         before = _flat_params(model.policy)
         model.learn(2 * 4 * 2 * world)  # two iterations
         result[name] = {

@@ -75,3 +75,47 @@ def test_grpo_raises_the_reward_of_tiny_v0():
     after = mean_score()
     assert after > before + 0.25, (before, after)
     assert all(torch.equal(a, b) for a, b in zip(reference0, core.reference.parameters()))
+
+
+@pytest.mark.parametrize("train_layers", [None, 1])
+def test_grpo_reference_logprobs_equal_the_envs_per_token_ones(tiny_lm_dir, tiny_prompts, length_reward, train_layers):
+    """GRPO turns the env's per-token reference off and scores whole responses in one
+    teacher-forced reference forward: the same numbers as the env's ``ref_logprob`` info
+    (with the env's reference on the actor's frozen trunk too, train_layers=1)."""
+    env = gym.make_vec("TextRLHF-v0", num_envs=4, model=str(tiny_lm_dir), reward_model=length_reward,
+                       prompts=tiny_prompts, max_new_tokens=6, temperature=0.7, shared_model=False)
+    kwargs = {} if train_layers is None else {"train_layers": train_layers}
+    model = GRPO("LMPolicy", env, group_size=2, learning_rate=1e-3, beta=0.1, seed=0, policy_kwargs=kwargs)
+    text_env = env.unwrapped
+    assert text_env.reference_logprobs is False  # GRPO switched the per-token reference off
+    model.learn(4 * 7)  # a rollout without the env's reference; train() filled in log ref
+    assert all(torch.isfinite(s.ref_logprobs).all() and len(s.ref_logprobs) == len(s) for s in model._segments)
+    text_env.reference_logprobs = True  # back on: the env's per-token ref_logprob for comparison
+    seen = []
+    lazy = model._reference_logprobs
+
+    def compare(segments):
+        env_ref = [s.ref_logprobs.clone() for s in segments]
+        lazy(segments)
+        seen.append(len(segments))
+        for s, expected in zip(segments, env_ref):
+            assert not torch.isnan(expected).any()
+            torch.testing.assert_close(s.ref_logprobs, expected, atol=2e-5, rtol=1e-5)
+
+    model._reference_logprobs = compare
+    model.learn(4 * 7 * 2, reset_num_timesteps=False)  # the actor has moved: ref != actor
+    assert len(seen) >= 2 and set(seen) == {4}
+    if train_layers:
+        assert text_env.contexts.shared_blocks == 1
+
+
+def test_env_without_reference_logprobs(tiny_lm_dir, tiny_prompts, length_reward):
+    env = gym.make_vec("TextRLHF-v0", num_envs=2, model=str(tiny_lm_dir), reward_model=length_reward,
+                       prompts=tiny_prompts, max_new_tokens=3, kl_coef=0.0, reference_logprobs=False, shared_model=False)
+    env.reset(seed=0)
+    _, rewards, _, _, infos = env.step(np.array([5, 6]))
+    assert "ref_logprob" not in infos and "kl" not in infos and infos["_logprob"].all()
+    assert rewards.tolist() == [0.0, 0.0]
+    env.unwrapped.kl_coef = 0.1
+    with pytest.raises(ValueError, match="reference_logprobs=False"):
+        env.step(np.array([5, 6]))
