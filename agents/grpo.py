@@ -31,6 +31,7 @@ env's rewards are the scores alone and its infos carry no ``ref_logprob``/``kl``
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -238,11 +239,14 @@ class GRPO(OnPolicyAlgorithm):
         policy = self.policy
         core = policy.core
         device = self.device
-        if self.beta != 0:
+        # the reference's lower blocks equal the actor's frozen ones (train_layers=k): its top
+        # blocks run on the hidden state of the update's own forward; else one forward of its own
+        trunk, split = self._shared_trunk()
+        if self.beta != 0 and not split:
             self._reference_logprobs(segments)
         params = [p for group in policy.optimizer.param_groups for p in group["params"]]
         stats = {k: [] for k in ("pg", "kl_ref", "ent", "clip", "kl", "loss")}
-        for _ in range(self.n_epochs):
+        for epoch in range(self.n_epochs):
             for batch in split_minibatches(segments, self.batch_size):
                 n_tokens = sum(len(s) for s in batch)
                 sums = dict.fromkeys(stats, 0.0)
@@ -251,10 +255,14 @@ class GRPO(OnPolicyAlgorithm):
                 for micro in micro_batches(batch, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
                     ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
                     mask = response_mask(micro, device)
-                    log_prob, entropy, _ = evaluate_tokens(
-                        policy.actor, ids, attn, positions, targets, value_head=None,
-                        temperature=core.temperature, top_k=core.top_k, with_entropy=True,
-                    )
+                    with contextlib.ExitStack() as stack:
+                        captured = stack.enter_context(trunk.capture(split)) if split and epoch == 0 and self.beta != 0 else None
+                        log_prob, entropy, _ = evaluate_tokens(
+                            policy.actor, ids, attn, positions, targets, value_head=None,
+                            temperature=core.temperature, top_k=core.top_k, with_entropy=True,
+                        )
+                    if captured is not None:
+                        self._reference_top_logprobs(trunk, split, captured, micro, positions, targets)
                     old_log_prob = pad_field(micro, "old_logprobs", device)
                     ref_log_prob = pad_field(micro, "ref_logprobs", device)
                     advantages = pad_field(micro, "advantages", device)
@@ -294,6 +302,41 @@ class GRPO(OnPolicyAlgorithm):
         logger.record("train/beta", self.beta)
         logger.record("train/advantage_std", float(response_advantages.std()) if len(segments) > 1 else 0.0)
         logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _shared_trunk(self) -> tuple[Any, int]:
+        """``(SharedTrunk, split)`` when the reference can take its lower ``split`` blocks
+        from the actor (the env's ``reference_share`` is ``"auto"`` and they are frozen and
+        equal), else ``(None, 0)``."""
+        text_env = self._text_env()
+        if text_env.contexts.reference_share != "auto":
+            return None, 0
+        trunk = self.policy.core.shared_trunk()
+        split = trunk.split()
+        return (trunk, split) if split else (None, 0)
+
+    @torch.no_grad()
+    def _reference_top_logprobs(
+        self, trunk: Any, split: int, captured: dict[str, Any], micro: list[TextSegment],
+        positions: torch.Tensor, targets: torch.Tensor,
+    ) -> None:
+        """``seg.ref_logprobs`` of the segments of one micro-batch from the reference's blocks
+        ``split ..`` run on the actor's captured input of block ``split`` (the same tensor the
+        reference's equal, frozen lower blocks would produce)."""
+        if "hidden" not in captured:
+            raise RuntimeError("the actor's forward did not reach the captured block (no hidden state recorded)")
+        parts = trunk.ref_parts
+        hidden = captured["hidden"].detach()
+        for layer in parts["layers"][split:]:
+            hidden = layer(hidden, **captured["kwargs"])
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        h = parts["norm"](torch.gather(hidden, 1, index))
+        core = self.policy.core
+        ref_log_prob = torch.gather(core.ref_log_probs(parts["head"](h)), -1, targets.unsqueeze(-1)).squeeze(-1)
+        ref_log_prob = ref_log_prob.float().cpu()
+        for i, seg in enumerate(micro):
+            seg.ref_logprobs = ref_log_prob[i, : len(seg)].clone()
 
     @torch.no_grad()
     def _reference_logprobs(self, segments: list[TextSegment]) -> None:

@@ -94,7 +94,13 @@ def run_ours(model_dir: str, prompts: list[str], args: argparse.Namespace, n_ste
     times, cpu = [], []
     for i in range(n_steps):
         t, c = time.perf_counter(), time.process_time()
-        model.learn(env.num_envs * (args.max_new_tokens + 1), reset_num_timesteps=i == 0)
+        before = model._iteration
+        # exactly one iteration (one rollout, one optimizer step), as one TRL step: a budget of
+        # n_envs * (max_new_tokens + 1) timesteps would run a second iteration whenever every
+        # response of the first ended early (the rollout stops then, with fewer timesteps)
+        model.learn(1, reset_num_timesteps=i == 0)
+        if model._iteration != before + 1:
+            raise RuntimeError(f"internal error: a benchmark step ran {model._iteration - before} GRPO iterations, not 1")
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     env.close()

@@ -92,19 +92,20 @@ def test_grpo_reference_logprobs_equal_the_envs_per_token_ones(tiny_lm_dir, tiny
     assert all(torch.isfinite(s.ref_logprobs).all() and len(s.ref_logprobs) == len(s) for s in model._segments)
     text_env.reference_logprobs = True  # back on: the env's per-token ref_logprob for comparison
     seen = []
-    lazy = model._reference_logprobs
+    train = model.train
 
-    def compare(segments):
-        env_ref = [s.ref_logprobs.clone() for s in segments]
-        lazy(segments)
-        seen.append(len(segments))
-        for s, expected in zip(segments, env_ref):
+    def compare():
+        env_ref = [s.ref_logprobs.clone() for s in model._segments]
+        train()  # recomputes log ref (on the shared trunk when train_layers=1) for its k3 term
+        seen.append(len(env_ref))
+        for s, expected in zip(model._segments, env_ref):
             assert not torch.isnan(expected).any()
             torch.testing.assert_close(s.ref_logprobs, expected, atol=2e-5, rtol=1e-5)
 
-    model._reference_logprobs = compare
+    model.train = compare
     model.learn(4 * 7 * 2, reset_num_timesteps=False)  # the actor has moved: ref != actor
     assert len(seen) >= 2 and set(seen) == {4}
+    assert model._shared_trunk()[1] == (1 if train_layers else 0)
     if train_layers:
         assert text_env.contexts.shared_blocks == 1
 
