@@ -218,6 +218,9 @@ class GRPO(OnPolicyAlgorithm):
     def _record_rollout(self, stats: RolloutStats) -> None:
         from agents.text_ppo import RLHFConfig, TextPPOState, record_rollout_stats
 
+        if not self._text_env().reference_logprobs:
+            # the rollout ran no reference: its KL is not measured (not 0); see train/kl_ref
+            stats.kls = [float("nan")] * len(stats.kls)
         state = TextPPOState(RLHFConfig(sample_every=self.sample_every), 0.0)
         state.iteration = self._iteration
         record_rollout_stats(self, stats, state, 0.0)
