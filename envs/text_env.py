@@ -76,6 +76,24 @@ def as_scores(values: Any, n: int) -> np.ndarray:
     return scores
 
 
+def encode_env_prompt(tokenizer: Any, prompt: str, max_prompt_tokens: int, where: str = "prompt") -> list[int]:
+    """The token ids of ``prompt`` as the env's first observation holds them (chat template
+    where the model has one); an empty encoding or one longer than ``max_prompt_tokens`` is
+    a ``ValueError`` naming ``where``. Shared by the single and the batched env."""
+    from rlhf_env.models import encode_prompt
+
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise ValueError(f"{where} ({prompt!r}) encodes to zero tokens and the tokenizer has no BOS token")
+    if len(ids) > max_prompt_tokens:
+        raise ValueError(
+            f"{where} is {len(ids)} tokens long (after the chat template), more than "
+            f"max_prompt_tokens={max_prompt_tokens}: shorten it or pass a larger max_prompt_tokens "
+            f"(prompt starts {prompt[:60]!r})"
+        )
+    return ids
+
+
 class TextRLHFEnv(gym.Env):
     """One prompt at a time; the agent writes the response token by token.
 
@@ -170,18 +188,7 @@ class TextRLHFEnv(gym.Env):
     def encode(self, prompt: str, where: str = "prompt") -> list[int]:
         """Prompt token ids (chat template where the model has one), checked against
         ``max_prompt_tokens``."""
-        from rlhf_env.models import encode_prompt
-
-        ids = encode_prompt(self.core.tokenizer, prompt)
-        if not ids:
-            raise ValueError(f"{where} ({prompt!r}) encodes to zero tokens and the tokenizer has no BOS token")
-        if len(ids) > self.max_prompt_tokens:
-            raise ValueError(
-                f"{where} is {len(ids)} tokens long (after the chat template), more than "
-                f"max_prompt_tokens={self.max_prompt_tokens}: shorten it or pass a larger max_prompt_tokens "
-                f"(prompt starts {prompt[:60]!r})"
-            )
-        return ids
+        return encode_env_prompt(self.core.tokenizer, prompt, self.max_prompt_tokens, where)
 
     # -- Gymnasium API -------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

@@ -40,7 +40,7 @@ from gymnasium.vector.utils import batch_space
 
 from envs.lm_core import Contexts, LMCore, TextObservationSpace, build_core
 from envs.reference import check_reference_share
-from envs.text_env import _check_config, as_scores, resolve_prompts, resolve_reward_spec
+from envs.text_env import _check_config, as_scores, encode_env_prompt, resolve_prompts, resolve_reward_spec
 
 
 class TextRLHFVectorEnv(VectorEnv):
@@ -134,18 +134,7 @@ class TextRLHFVectorEnv(VectorEnv):
         return self.core.tokenizer
 
     def _encode(self, prompt: str, where: str) -> list[int]:
-        from rlhf_env.models import encode_prompt
-
-        ids = encode_prompt(self.core.tokenizer, prompt)
-        if not ids:
-            raise ValueError(f"{where} ({prompt!r}) encodes to zero tokens and the tokenizer has no BOS token")
-        if len(ids) > self.max_prompt_tokens:
-            raise ValueError(
-                f"{where} is {len(ids)} tokens long (after the chat template), more than "
-                f"max_prompt_tokens={self.max_prompt_tokens}: shorten it or pass a larger max_prompt_tokens "
-                f"(prompt starts {prompt[:60]!r})"
-            )
-        return ids
+        return encode_env_prompt(self.core.tokenizer, prompt, self.max_prompt_tokens, where)
 
     # -- Gymnasium vector API --------------------------------------------------------------
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
