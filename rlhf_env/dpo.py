@@ -9,8 +9,17 @@ log-probability of the response tokens (EOS included) and ``pi_ref`` the frozen 
 
 The reference never changes, so its log-probabilities are computed once, before training,
 under ``no_grad`` (with ``reference=None`` the reference is the policy's starting point,
-so no second model is kept in memory). Each step runs chosen and rejected in one
-right-padded forward pass.
+so no second model is kept in memory), once per distinct sequence (a response that appears
+in several pairs is scored once). Each step runs chosen and rejected in one right-padded
+forward pass.
+
+With ``trainable_layers=k`` the lower blocks never change, so (``keep_trunk=True``, the
+default, for Llama-like models) the hidden state entering the top ``k`` blocks is computed
+once per distinct sequence and kept (:mod:`rlhf_env.frozen_trunk`); every step, the
+reference log-probabilities (``reference=None``) and the held-out evaluation run only the
+top blocks, the norm and the head (the head only at response tokens). Exact: the same
+log-probabilities as full forwards up to float rounding. Memory: about
+``distinct sequences x length x hidden`` floats (SmolLM2-135M, default task: ~0.3 GB).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import torch.nn.functional as F
 
 from agents import distributed
 from rlhf_env.data import as_pairs
+from rlhf_env.frozen_trunk import FrozenTrunk
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.sft import encode_example
 from rlhf_env.training import (
@@ -53,6 +63,9 @@ class DPOConfig:
     :param eval_batch_size: pairs per forward pass when computing log-probabilities without gradients
     :param trainable_layers: train only the last N transformer blocks and the final norm
         (``None``: all weights); much cheaper on CPU
+    :param keep_trunk: with ``trainable_layers``, compute the frozen lower blocks once per
+        sequence and run only the top blocks afterwards (exact; ignored for models
+        :mod:`rlhf_env.frozen_trunk` does not support)
     """
 
     beta: float = 0.1
@@ -64,6 +77,7 @@ class DPOConfig:
     seed: int = 0
     eval_batch_size: int = 16
     trainable_layers: Optional[int] = None
+    keep_trunk: bool = True
 
 
 def dpo_loss(
@@ -85,30 +99,61 @@ def dpo_loss(
 
 
 class _EncodedPairs:
-    """Chosen and rejected sequences of each pair, with response masks."""
+    """Chosen and rejected sequences of each pair, with response masks.
+
+    ``chosen[i]``/``rejected[i]`` are ``(token ids, prompt length)``; ``slots`` maps every
+    sequence (chosen rows, then rejected rows) to its index among the distinct sequences
+    ``distinct``. After :meth:`keep_trunk`, the trunk's model is scored from the kept hidden states.
+    """
 
     def __init__(self, pairs, tokenizer, max_length: int):
         self.chosen = [encode_example(tokenizer, p.prompt, p.chosen, max_length) for p in pairs]
         self.rejected = [encode_example(tokenizer, p.prompt, p.rejected, max_length) for p in pairs]
         self.lengths = [max(len(c[0]), len(r[0])) for c, r in zip(self.chosen, self.rejected)]
         self.pad_id = tokenizer.pad_token_id
+        unique: dict = {}
+        self.slots = [unique.setdefault((tuple(ids), n), len(unique)) for ids, n in self.chosen + self.rejected]
+        self.distinct = [(list(ids), n) for ids, n in unique]
+        self.trunk: Optional[FrozenTrunk] = None
+        self.kept: Optional[list[torch.Tensor]] = None  # per distinct sequence
 
     def __len__(self) -> int:
         return len(self.chosen)
 
-    def batch(self, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(input_ids, attention_mask, loss_mask)`` of chosen rows then rejected rows."""
-        seqs = [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx]
-        ids, mask = pad_right([s[0] for s in seqs], self.pad_id, device)
+    def keep_trunk(self, trunk: FrozenTrunk, batch_size: int, desc: Optional[str] = None) -> None:
+        """Compute and keep the frozen trunk's output of every distinct sequence."""
+        self.kept = trunk.keep([ids for ids, _ in self.distinct], self.pad_id, batch_size, desc)
+        self.trunk = trunk
+
+    @staticmethod
+    def _tensors(seqs, pad_id, device):
+        ids, mask = pad_right([s[0] for s in seqs], pad_id, device)
         loss_mask = mask.clone()
         for row, (_, prompt_len) in enumerate(seqs):
             loss_mask[row, :prompt_len] = 0
         return ids, mask, loss_mask
 
+    def batch(self, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, loss_mask)`` of chosen rows then rejected rows."""
+        return self._tensors([self.chosen[i] for i in idx] + [self.rejected[i] for i in idx], self.pad_id, device)
+
+    def logprobs(self, model, idx: list[int], device) -> torch.Tensor:
+        """Summed response log-probabilities of the chosen rows then the rejected rows of
+        pairs ``idx`` (with gradients when enabled)."""
+        return self._sequence_logprobs(model, [self.slots[i] for i in idx] + [self.slots[len(self) + i] for i in idx], device)
+
+    def _sequence_logprobs(self, model, slots: list[int], device) -> torch.Tensor:
+        ids, mask, loss_mask = self._tensors([self.distinct[j] for j in slots], self.pad_id, device)
+        if self.kept is None or model is not self.trunk.model:  # another model (a reference): full forward
+            return sequence_logprobs(model, ids, mask, loss_mask)
+        hidden = FrozenTrunk.pad([self.kept[j] for j in slots], ids.shape[1])
+        return self.trunk.logprobs(hidden, mask, ids, loss_mask)
+
 
 @torch.no_grad()
 def _all_logprobs(model, data: _EncodedPairs, batch_size: int, device, desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probabilities of every chosen and rejected sequence (no grad).
+    """Summed response log-probabilities of every chosen and rejected sequence (no grad), each
+    distinct sequence once: from the kept trunk when ``model`` is its model, else full forwards.
 
     :param desc: progress-bar label (``None``: no bar)
     """
@@ -116,14 +161,15 @@ def _all_logprobs(model, data: _EncodedPairs, batch_size: int, device, desc: str
 
     was_training = model.training
     model.eval()
-    chosen = torch.empty(len(data))
-    rejected = torch.empty(len(data))
-    batches = length_batches(data.lengths, batch_size, shuffle=False)
-    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-        logps = sequence_logprobs(model, *data.batch(idx, device)).cpu()
-        chosen[idx], rejected[idx] = logps[: len(idx)], logps[len(idx) :]
-    model.train(was_training)
-    return chosen, rejected
+    scores = torch.empty(len(data.distinct))
+    batches = length_batches([len(ids) for ids, _ in data.distinct], batch_size, shuffle=False)
+    try:
+        for slots in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+            scores[slots] = data._sequence_logprobs(model, slots, device).float().cpu()
+    finally:
+        model.train(was_training)
+    per_row = scores[torch.tensor(data.slots)]
+    return per_row[: len(data)], per_row[len(data) :]
 
 
 def train_dpo(
@@ -188,6 +234,14 @@ def train_dpo(
     data = _EncodedPairs(pairs, tokenizer, cfg.max_length)
     eval_data = _EncodedPairs(eval_pairs, tokenizer, cfg.max_length) if eval_pairs else None
 
+    train_last_layers(model, cfg.trainable_layers)
+    # the frozen lower blocks: once per distinct sequence (exact; see rlhf_env.frozen_trunk)
+    trunk = FrozenTrunk.build(model, cfg.trainable_layers) if cfg.keep_trunk else None
+    if trunk is not None:
+        for d, label in ((data, "frozen trunk"), (eval_data, "frozen trunk (eval)")):
+            if d is not None:
+                d.keep_trunk(trunk, cfg.eval_batch_size, label if progress else None)
+
     # reference log-probs: once, before any update (the reference is frozen)
     ref_model = model if reference is None else resolve_lm(reference, tokenizer, device, dtype)[0]
     ref_chosen, ref_rejected = _all_logprobs(ref_model, data, cfg.eval_batch_size, device, "reference log-probs" if progress else None)
@@ -196,7 +250,6 @@ def train_dpo(
     if ref_model is not model:
         del ref_model
 
-    train_last_layers(model, cfg.trainable_layers)
     optimizer = adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
     loop = TrainLoop("dpo", model, optimizer, data.lengths, cfg.batch_size, cfg.epochs, gen, None,
                      checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
@@ -214,7 +267,7 @@ def train_dpo(
             if not idx:
                 loop.step(None, weight)
                 continue
-            logps = sequence_logprobs(model, *data.batch(idx, model.device))
+            logps = data.logprobs(model, idx, model.device)
             policy_chosen, policy_rejected = logps[: len(idx)], logps[len(idx) :]
             loss, chosen_rewards, rejected_rewards = dpo_loss(
                 policy_chosen, policy_rejected, ref_chosen[idx].to(logps.device), ref_rejected[idx].to(logps.device), beta

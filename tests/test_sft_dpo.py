@@ -197,3 +197,93 @@ def test_cli_sft_and_dpo(tiny_lm, tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
     assert main(["dpo", "--train", str(tmp_path / "bad.jsonl"), "--model", str(tiny_lm), "--output", str(tmp_path / "x"), "--no-progress"]) == 1
     assert not (tmp_path / "x").exists()
+
+
+# --- the kept frozen trunk (rlhf_env.frozen_trunk) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_lm3(tmp_path_factory) -> Path:
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm3"), layers=3, seed=1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_kept_trunk_logprobs_and_gradients_equal_the_full_forward(tiny_lm3, k):
+    from rlhf_env.frozen_trunk import FrozenTrunk
+    from rlhf_env.models import load_lm
+    from rlhf_env.training import train_last_layers
+
+    model, tok = load_lm(tiny_lm3)
+    train_last_layers(model, k)
+    trunk = FrozenTrunk.build(model, k)
+    assert trunk is not None and trunk.split == 3 - k
+    seqs = [encode_example(tok, p.prompt, r, 64) for p in PAIRS for r in (p.chosen, p.rejected)]
+    kept = trunk.keep([s[0] for s in seqs], tok.pad_token_id, batch_size=3)  # other batches than below
+    ids, mask = pad_right([s[0] for s in seqs], tok.pad_token_id)
+    loss_mask = mask.clone()
+    for row, (_, n) in enumerate(seqs):
+        loss_mask[row, :n] = 0
+    model.train()
+    full = sequence_logprobs(model, ids, mask, loss_mask)
+    full.sum().backward()
+    full_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    top = trunk.logprobs(FrozenTrunk.pad(kept, ids.shape[1]), mask, ids, loss_mask)
+    top.sum().backward()
+    assert torch.allclose(top, full, atol=1e-4), (top, full)
+    assert full_grads and all(torch.allclose(p.grad, full_grads[n], atol=1e-5) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    assert len(model.model.layers) == 3  # the block list is restored after the top forward
+
+
+def test_kept_trunk_runs_each_distinct_sequence_once(tiny_lm3):
+    from rlhf_env.frozen_trunk import FrozenTrunk
+    from rlhf_env.models import load_lm
+    from rlhf_env.training import train_last_layers
+
+    model, tok = load_lm(tiny_lm3)
+    train_last_layers(model, 1)
+    trunk = FrozenTrunk(model, 1)
+    calls = []
+    handle = model.model.layers[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    a, b = [1, 5, 6, 7], [1, 8, 9]
+    kept = trunk.keep([a, b, a, a], tok.pad_token_id, batch_size=8)
+    handle.remove()
+    assert sum(calls) == 2 and kept[0] is kept[2] is kept[3] and kept[1].shape[0] == 3
+    assert [h.shape[0] for h in kept] == [4, 3, 4, 4]
+
+
+def test_kept_trunk_refuses_what_it_cannot_keep(tiny_lm3):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf_env.frozen_trunk import FrozenTrunk, unsupported_reason
+    from rlhf_env.models import load_lm
+    from rlhf_env.training import train_last_layers
+
+    model, _ = load_lm(tiny_lm3)
+    assert FrozenTrunk.build(model, None) is None  # every weight trains
+    assert "trainable" in unsupported_reason(model, 1)  # train_last_layers not applied: lower blocks train
+    train_last_layers(model, 1)
+    assert FrozenTrunk.build(model, 1) is not None and FrozenTrunk.build(model, 4) is None
+    with pytest.raises(ValueError, match="1..3"):
+        FrozenTrunk(model, 0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    train_last_layers(gpt2, 1)
+    assert "gpt2" in unsupported_reason(gpt2, 1)
+
+
+def test_dpo_with_kept_trunk_trains_like_full_forwards(tiny_lm3):
+    common = dict(learning_rate=3e-3, batch_size=2, epochs=3, trainable_layers=2)
+    a, _ = train_dpo(PAIRS + PAIRS[:2], str(tiny_lm3), config=DPOConfig(keep_trunk=True, **common), eval_pairs=PAIRS, progress=False)
+    b, _ = train_dpo(PAIRS + PAIRS[:2], str(tiny_lm3), config=DPOConfig(keep_trunk=False, **common), eval_pairs=PAIRS, progress=False)
+    assert a.dpo_metrics["eval/rewards/accuracy"] == b.dpo_metrics["eval/rewards/accuracy"]
+    assert a.dpo_metrics["train/loss"] == pytest.approx(b.dpo_metrics["train/loss"], abs=1e-4)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-4), name
+    assert any(not torch.equal(pa, pb0) for pa, pb0 in zip(a.parameters(), _fresh_params(tiny_lm3)))
+
+
+def _fresh_params(path):
+    from rlhf_env.models import load_lm
+
+    return list(load_lm(path)[0].parameters())
