@@ -7,6 +7,7 @@ its constructor) excluded. Prints pairs/s and the ratio ours / TRL (>1 means we 
 
     python benchmarks/pipeline.py                      # reward model (MiniLM) + DPO (tiny)
     python benchmarks/pipeline.py --dpo-model smollm2-135m --threads 1
+    python benchmarks/pipeline.py --skip rm --dpo-model smollm2-135m --dpo-trainable-layers 4 --threads 1
 
 Noise: on a shared machine run both in the same invocation (as here) and compare ratios.
 """
@@ -67,17 +68,27 @@ def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> di
     return _row("reward model (all-MiniLM-L6-v2)", len(pairs), ours_s, n_trl, trl_s)
 
 
-def bench_dpo(pairs, model_name: str, batch_size: int, max_length: int, lr: float, beta: float) -> dict:
+def bench_dpo(pairs, model_name: str, batch_size: int, max_length: int, lr: float, beta: float,
+              trainable_layers=None, trl_precompute_ref: bool = False) -> dict:
+    """DPO pairs/s, ours vs TRL's ``DPOTrainer``: same model, pairs, batch, max length, float32,
+    lr, beta, one epoch, and the same trainable parameters (``trainable_layers``: the last N
+    blocks and the final norm on both sides, frozen with the same function).
+
+    Ours is timed from the call (tokenisation, kept trunk and reference log-probs included).
+    TRL: ``precompute_ref_log_probs=False`` (its default: a reference forward every step) times
+    ``train()`` only; ``True`` also times the constructor, where TRL precomputes them.
+    """
     from datasets import Dataset
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
     from rlhf_env.dpo import DPOConfig, train_dpo
     from rlhf_env.models import load_lm
+    from rlhf_env.training import train_last_layers
 
     model, tok = load_lm(model_name)
     model_dir = model.name_or_path  # the local folder load_lm read
-    cfg = DPOConfig(beta=beta, learning_rate=lr, batch_size=batch_size, epochs=1, max_length=max_length)
+    cfg = DPOConfig(beta=beta, learning_rate=lr, batch_size=batch_size, epochs=1, max_length=max_length, trainable_layers=trainable_layers)
     t0 = time.perf_counter()
     train_dpo(pairs, model, tokenizer=tok, config=cfg, progress=False)
     ours_s = time.perf_counter() - t0
@@ -85,6 +96,7 @@ def bench_dpo(pairs, model_name: str, batch_size: int, max_length: int, lr: floa
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    train_last_layers(policy, trainable_layers)  # the same trainable parameters as ours
     if getattr(tok, "chat_template", None):  # conversational format: TRL applies the same chat template
         rows = [
             {"prompt": [{"role": "user", "content": p.prompt}], "chosen": [{"role": "assistant", "content": p.chosen}],
@@ -98,13 +110,17 @@ def bench_dpo(pairs, model_name: str, batch_size: int, max_length: int, lr: floa
             output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1, max_length=max_length,
             learning_rate=lr, lr_scheduler_type="constant", beta=beta, report_to="none", save_strategy="no",
             logging_steps=10**6, use_cpu=True, disable_tqdm=True, seed=0, bf16=False, gradient_checkpointing=False,
+            precompute_ref_log_probs=trl_precompute_ref, precompute_ref_batch_size=16,
         )
-        trainer = DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
-        n_trl = len(trainer.train_dataset)
         t0 = time.perf_counter()
+        trainer = DPOTrainer(model=policy, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        t_init = time.perf_counter()
+        n_trl = len(trainer.train_dataset)
         trainer.train()
-        trl_s = time.perf_counter() - t0
-    return _row(f"DPO ({model_name})", len(pairs), ours_s, n_trl, trl_s)
+        trl_s = time.perf_counter() - (t0 if trl_precompute_ref else t_init)
+    layers = "all weights" if trainable_layers is None else f"last {trainable_layers} blocks"
+    ref = "TRL ref precomputed" if trl_precompute_ref else "TRL ref every step"
+    return _row(f"DPO ({model_name}, {layers}, {ref})", len(pairs), ours_s, n_trl, trl_s)
 
 
 def _warm_up() -> None:
@@ -130,6 +146,10 @@ def main(argv=None) -> int:
     p.add_argument("--dpo-batch-size", type=int, default=8, help="DPO pairs per step (default: 8)")
     p.add_argument("--max-length", type=int, default=256, help="longest sequence in tokens, both sides (default: 256)")
     p.add_argument("--dpo-model", default="tiny", help="DPO model: tiny, smollm2-135m or a folder (default: tiny)")
+    p.add_argument("--dpo-trainable-layers", type=int, default=None,
+                   help="DPO: train only the last N blocks and the final norm, on both sides (default: all weights)")
+    p.add_argument("--trl-precompute-ref", action="store_true",
+                   help="TRL computes the reference log-probs once before training (timed) instead of every step (its default)")
     p.add_argument("--skip", choices=["rm", "dpo"], default=None, help="skip one benchmark")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -143,11 +163,12 @@ def main(argv=None) -> int:
         results.append(bench_reward_model(pairs, args.rm_batch_size, args.max_length, 5e-5))
         print(json.dumps(results[-1]), flush=True)
     if args.skip != "dpo":
-        results.append(bench_dpo(pairs, args.dpo_model, args.dpo_batch_size, args.max_length, 5e-6, 0.1))
+        results.append(bench_dpo(pairs, args.dpo_model, args.dpo_batch_size, args.max_length, 5e-6, 0.1,
+                                 args.dpo_trainable_layers, args.trl_precompute_ref))
         print(json.dumps(results[-1]), flush=True)
-    print(f"\n{'benchmark':36s} {'ours pairs/s':>13s} {'TRL pairs/s':>12s} {'ratio':>6s}")
+    print(f"\n{'benchmark':70s} {'ours pairs/s':>13s} {'TRL pairs/s':>12s} {'ratio':>6s}")
     for r in results:
-        print(f"{r['name']:36s} {r['ours_pairs_per_s']:13.2f} {r['trl_pairs_per_s']:12.2f} {r['ratio']:5.2f}x")
+        print(f"{r['name']:70s} {r['ours_pairs_per_s']:13.2f} {r['trl_pairs_per_s']:12.2f} {r['ratio']:5.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
