@@ -17,10 +17,17 @@ Per iteration:
        k3_t = exp(log ref - log pi) - (log ref - log pi) - 1
 
    averaged over the minibatch's tokens (TRL's default ``"dapo"`` aggregation, which has
-   no length bias). ``log ref`` comes from ONE teacher-forced, gradient-free forward of the
-   reference over every response of the rollout (before the epochs, micro-batched like the
-   update), not from the env: a per-token reference forward during the rollout would cost
-   one incremental forward per token for the same numbers.
+   no length bias). ``log ref`` is computed once per response in the first epoch, not by
+   the env (a per-token reference forward during the rollout would cost one incremental
+   forward per token for the same numbers): when the reference's lower blocks equal the
+   actor's frozen ones (``train_layers=k``) only its top blocks run, on the actor's hidden
+   state; else one teacher-forced, gradient-free forward of the reference per micro-batch.
+
+   When only the top ``k`` blocks train, the rollout kept the output of the frozen lower
+   blocks for every token (:attr:`agents.lm_rollout.TextSegment.trunk_states`) and the
+   update runs only the top blocks, the norm and the head on it (exact up to float
+   rounding; the full forward whenever the lower weights changed, see
+   :mod:`envs.trunk_states`).
 
 **The env's KL reward and per-token reference are switched off**: GRPO sets the env's
 ``kl_coef`` to 0 and ``reference_logprobs`` to False when it is built (the KL to the
@@ -45,8 +52,10 @@ from agents.lm_rollout import (
     RolloutStats,
     TextSegment,
     collect_text_rollout,
+    evaluate_kept,
     evaluate_tokens,
     find_text_env,
+    kept_trunk_batch,
     group_advantages,
     micro_batches,
     pack_segments,
@@ -250,13 +259,13 @@ class GRPO(OnPolicyAlgorithm):
         core = policy.core
         device = self.device
         # the reference's lower blocks equal the actor's frozen ones (train_layers=k): its top
-        # blocks run on the hidden state of the update's own forward; else one forward of its own
+        # blocks run on the actor's hidden state at block `split` (kept from the rollout, or
+        # captured in the update's forward); else one forward of its own per micro-batch
         trunk, split = self._shared_trunk()
-        if self.beta != 0 and not split:
-            self._reference_logprobs(segments)
         params = [p for group in policy.optimizer.param_groups for p in group["params"]]
         stats = {k: [] for k in ("pg", "kl_ref", "ent", "clip", "kl", "loss")}
         for epoch in range(self.n_epochs):
+            with_ref = self.beta != 0 and epoch == 0  # the reference's log-probs, once per rollout
             for batch in split_minibatches(segments, self.batch_size):
                 n_tokens = sum(len(s) for s in batch)
                 sums = dict.fromkeys(stats, 0.0)
@@ -265,14 +274,31 @@ class GRPO(OnPolicyAlgorithm):
                 for micro in micro_batches(batch, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
                     ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
                     mask = response_mask(micro, device)
-                    with contextlib.ExitStack() as stack:
-                        captured = stack.enter_context(trunk.capture(split)) if split and epoch == 0 and self.beta != 0 else None
-                        log_prob, entropy, _ = evaluate_tokens(
-                            policy.actor, ids, attn, positions, targets, value_head=None,
+                    kept = kept_trunk_batch(policy.actor, micro)
+                    if kept is not None:
+                        # the frozen trunk's output was kept by the rollout: only the top blocks run
+                        hidden, kept_mask, kept_split = kept
+                        log_prob, entropy, _ = evaluate_kept(
+                            policy.actor, hidden, kept_mask, kept_split, positions, targets, value_head=None,
                             temperature=core.temperature, top_k=core.top_k, with_entropy=True,
                         )
-                    if captured is not None:
-                        self._reference_top_logprobs(trunk, split, captured, micro, positions, targets)
+                        if with_ref and split == kept_split:
+                            self._reference_top_logprobs(trunk, split, hidden, kept_mask, micro, positions, targets)
+                        elif with_ref:
+                            self._reference_logprobs(micro)
+                    else:
+                        if with_ref and not split:
+                            self._reference_logprobs(micro)
+                        with contextlib.ExitStack() as stack:
+                            captured = stack.enter_context(trunk.capture(split)) if split and with_ref else None
+                            log_prob, entropy, _ = evaluate_tokens(
+                                policy.actor, ids, attn, positions, targets, value_head=None,
+                                temperature=core.temperature, top_k=core.top_k, with_entropy=True,
+                            )
+                        if captured is not None:
+                            if "hidden" not in captured:
+                                raise RuntimeError("the actor's forward did not reach the captured block (no hidden state recorded)")
+                            self._reference_top_logprobs(trunk, split, captured["hidden"][:, :-1], attn[:, :-1], micro, positions, targets)
                     old_log_prob = pad_field(micro, "old_logprobs", device)
                     ref_log_prob = pad_field(micro, "ref_logprobs", device)
                     advantages = pad_field(micro, "advantages", device)
@@ -326,36 +352,32 @@ class GRPO(OnPolicyAlgorithm):
 
     @torch.no_grad()
     def _reference_top_logprobs(
-        self, trunk: Any, split: int, captured: dict[str, Any], micro: list[TextSegment],
+        self, trunk: Any, split: int, hidden: torch.Tensor, attention_mask: torch.Tensor, micro: list[TextSegment],
         positions: torch.Tensor, targets: torch.Tensor,
     ) -> None:
         """``seg.ref_logprobs`` of the segments of one micro-batch from the reference's blocks
-        ``split ..`` run on the actor's captured input of block ``split`` (the same tensor the
-        reference's equal, frozen lower blocks would produce)."""
-        if "hidden" not in captured:
-            raise RuntimeError("the actor's forward did not reach the captured block (no hidden state recorded)")
+        ``split ..`` (its own decoder code: :func:`envs.trunk_states.top_hidden`) run on the
+        actor's input of block ``split`` (the tensor the reference's equal, frozen lower blocks
+        would produce), right-padded ``(B, L, H)`` with its ``(B, L)`` mask."""
+        from envs.trunk_states import top_hidden
+
         parts = trunk.ref_parts
-        hidden = captured["hidden"].detach()
-        for layer in parts["layers"][split:]:
-            hidden = layer(hidden, **captured["kwargs"])
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
-        index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-        h = parts["norm"](torch.gather(hidden, 1, index))
+        h = top_hidden(parts, split, hidden.detach(), attention_mask)
+        index = positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])
+        logits = parts["head"](torch.gather(h, 1, index))
         core = self.policy.core
-        ref_log_prob = torch.gather(core.ref_log_probs(parts["head"](h)), -1, targets.unsqueeze(-1)).squeeze(-1)
+        ref_log_prob = torch.gather(core.ref_log_probs(logits), -1, targets.unsqueeze(-1)).squeeze(-1)
         ref_log_prob = ref_log_prob.float().cpu()
         for i, seg in enumerate(micro):
             seg.ref_logprobs = ref_log_prob[i, : len(seg)].clone()
 
     @torch.no_grad()
-    def _reference_logprobs(self, segments: list[TextSegment]) -> None:
-        """``seg.ref_logprobs``: log ref(a_t|s_t) of every response token, from one
-        teacher-forced forward of the reference per micro-batch (the env's distribution:
-        same temperature, no top-k, as :meth:`envs.lm_core.LMCore.ref_log_probs`)."""
+    def _reference_logprobs(self, micro: list[TextSegment]) -> None:
+        """``seg.ref_logprobs``: log ref(a_t|s_t) of every response token of one micro-batch,
+        from one teacher-forced forward of the reference (the env's distribution: same
+        temperature, no top-k, as :meth:`envs.lm_core.LMCore.ref_log_probs`)."""
         core = self.policy.core
-        order = sorted(segments, key=lambda s: len(s.context_ids) + len(s), reverse=True)
-        for micro in micro_batches(order, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
+        if micro:
             ids, attn, positions, targets = pack_segments(micro, core.pad_id, self.device)
             ref_log_prob, _, _ = evaluate_tokens(
                 core.reference, ids, attn, positions, targets, value_head=None,

@@ -48,6 +48,10 @@ class TextSegment:
     :param prompt: the prompt text, for logging.
     :param response: the decoded response, for logging.
     :param group: index of the prompt group (GRPO), or -1.
+    :param trunk_states: the actor's hidden states entering its first trainable block for
+        the first ``len(context_ids) + T - 1`` tokens, kept by the env during the rollout
+        (None when not kept); see :func:`kept_trunk_batch`.
+    :param trunk_sig: the :func:`envs.trunk_states.frozen_signature` they were made under.
     """
 
     context_ids: torch.Tensor
@@ -64,6 +68,8 @@ class TextSegment:
     group: int = -1
     advantages: torch.Tensor | None = field(default=None, repr=False)
     returns: torch.Tensor | None = field(default=None, repr=False)
+    trunk_states: torch.Tensor | None = field(default=None, repr=False)
+    trunk_sig: tuple | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.response_ids.shape[0])
@@ -243,6 +249,21 @@ def evaluate_tokens(
     trunk, head = _trunk_and_head(model)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
+    return _token_outputs(hidden, head, positions, targets, value_head, temperature, with_entropy, top_k)
+
+
+def _token_outputs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    value_head: Callable[[torch.Tensor], torch.Tensor] | None,
+    temperature: float,
+    with_entropy: bool,
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs, entropies and values at ``positions`` of the decoder's normed last
+    hidden state ``(B, L, H)`` (the tail of :func:`evaluate_tokens`)."""
     index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     h = torch.gather(hidden, 1, index)  # (B, T, H)
     logp_all = sampling_log_probs(head(h), temperature, top_k)
@@ -257,6 +278,54 @@ def evaluate_tokens(
             values = values.squeeze(-1)
         values = values.float()
     return logprobs, entropies, values
+
+
+def kept_trunk_batch(model: torch.nn.Module, segments: Sequence[TextSegment]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """``(hidden (B, L, H), attention_mask (B, L), split)``: the kept frozen-trunk states of
+    ``segments`` right-padded, when every segment has them and they were made by the
+    model's current frozen weights (same :func:`envs.trunk_states.frozen_signature`, so
+    the lower blocks are still frozen and unchanged); else None (run the full forward).
+    ``L`` is one less than :func:`pack_segments`'s width: the last token predicts nothing."""
+    from envs.reference import decoder_parts
+    from envs.trunk_states import frozen_signature, pad_states
+
+    sig = segments[0].trunk_sig if segments else None
+    if sig is None or any(s.trunk_states is None or s.trunk_sig != sig for s in segments):
+        return None
+    parts = decoder_parts(_base_model(model))[0]
+    if parts is None or frozen_signature(parts, sig[0]) != sig:
+        return None
+    device = next(model.parameters()).device
+    hidden, mask = pad_states([s.trunk_states.to(device) for s in segments])
+    return hidden, mask, sig[0]
+
+
+def evaluate_kept(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    split: int,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    top_k: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`evaluate_tokens` from kept frozen-trunk states (:func:`kept_trunk_batch`):
+    only blocks ``split ..``, the final norm and the head run (with gradients), on the
+    model's own decoder code (:func:`envs.trunk_states.top_hidden`); equal to the full
+    forward up to float rounding."""
+    from envs.reference import decoder_parts
+    from envs.trunk_states import top_hidden
+
+    parts = decoder_parts(_base_model(model))[0]
+    h = top_hidden(parts, split, hidden, attention_mask)
+    return _token_outputs(h, parts["head"], positions, targets, value_head, temperature, with_entropy, top_k)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def evaluate_segments(
@@ -372,6 +441,12 @@ class RolloutStats:
 class _OpenSegment:
     __slots__ = ("context", "tokens", "logprobs", "rewards", "values", "ref_logprobs", "group")
 
+    def kept(self, contexts: Any, row: int) -> tuple[torch.Tensor, tuple] | None:
+        """The env's kept trunk states of this segment's tokens (all but the last), if any."""
+        if contexts is None or not self.tokens:
+            return None
+        return contexts.kept_states(row, self.context.tolist() + self.tokens[:-1])
+
     def __init__(self, context: torch.Tensor, group: int):
         self.context = context
         self.tokens: list[int] = []
@@ -381,7 +456,8 @@ class _OpenSegment:
         self.ref_logprobs: list[float] = []
         self.group = group
 
-    def close(self, terminated: bool, last_value: float, score: float | None, prompt: str, response: str) -> TextSegment:
+    def close(self, terminated: bool, last_value: float, score: float | None, prompt: str, response: str,
+              kept: tuple[torch.Tensor, tuple] | None = None) -> TextSegment:
         t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
         return TextSegment(
             context_ids=self.context,
@@ -396,6 +472,8 @@ class _OpenSegment:
             prompt=prompt or "",
             response=response or "",
             group=self.group,
+            trunk_states=None if kept is None else kept[0],
+            trunk_sig=None if kept is None else kept[1],
         )
 
 
@@ -421,6 +499,10 @@ def collect_text_rollout(
     env's step cache), and the log-probability, value, reward and the env's info
     (``ref_logprob``, ``kl``, ``score``, ``prompt``, ``response``) are recorded per token.
 
+    With the batched env, its ``keep_trunk`` is switched on and each segment takes the
+    actor's frozen-trunk states of its tokens (``TextSegment.trunk_states``) for the
+    update (see :func:`kept_trunk_batch`).
+
     :param algo: the algorithm (its ``policy``, ``_last_obs``, counters, episode stats).
     :param env: its :class:`agents.vec_env.VecEnvAdapter`.
     :param callback: the callback of ``learn`` (``on_step`` is called every step).
@@ -443,6 +525,10 @@ def collect_text_rollout(
     if getattr(algo, "_response_kl", None) is None or len(algo._response_kl) != n_envs or groups is not None:
         algo._response_kl = np.zeros(n_envs)
         algo._response_len = np.zeros(n_envs, dtype=np.int64)
+    text_env = find_text_env(env)
+    contexts = getattr(text_env, "contexts", None) if hasattr(text_env, "num_envs") else None
+    if contexts is not None and not contexts.keep_trunk:
+        contexts.keep_trunk = True  # contexts prefilled from now on keep their trunk states
     callback.on_rollout_start()
     n_steps = 0
     last_obs = algo._last_obs
@@ -487,7 +573,8 @@ def collect_text_rollout(
                 if step.truncated[i] and not step.terminated[i]:
                     last_value = _truncation_value(algo, step, i, device)
                 segments.append(seg.close(bool(step.terminated[i]), last_value,
-                                          None if score is None else float(score), prompt, response))
+                                          None if score is None else float(score), prompt, response,
+                                          kept=seg.kept(contexts, i)))
                 if score is not None:
                     stats.scores.append(float(score))
                     stats.kls.append(float(algo._response_kl[i]))
@@ -510,7 +597,7 @@ def collect_text_rollout(
         with torch.no_grad():
             last_values = policy.predict_values(as_tensor(last_obs, algo.observation_space, device)).reshape(-1)
         for i in still_open:
-            segments.append(open_segs[i].close(False, float(last_values[i]), None, "", ""))
+            segments.append(open_segs[i].close(False, float(last_values[i]), None, "", "", kept=open_segs[i].kept(contexts, i)))
     callback.update_locals(locals())
     callback.on_rollout_end()
     return True, segments, stats

@@ -17,7 +17,9 @@ One iteration, in the order of the RLHF recipe:
 4. **Update**: ``n_epochs`` passes over minibatches of whole responses; each minibatch is
    evaluated by ONE teacher-forced forward per micro-batch over ``prompt + response``
    (:func:`agents.lm_rollout.evaluate_tokens`), giving the new log-probs, entropies and
-   values of every token; the loss per token is the clipped surrogate
+   values of every token (when only the top ``k`` blocks train, the rollout kept the
+   frozen lower blocks' output and only the top blocks run:
+   :func:`agents.lm_rollout.evaluate_kept`); the loss per token is the clipped surrogate
    ``-min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)`` plus ``vf_coef * (V - R)^2``
    (optionally clipped around the old value) minus ``ent_coef * H``, averaged over the
    minibatch's tokens; micro-batches accumulate gradients so memory stays bounded.
@@ -42,7 +44,9 @@ from agents.lm_rollout import (
     RolloutStats,
     TextSegment,
     collect_text_rollout,
+    evaluate_kept,
     evaluate_tokens,
+    kept_trunk_batch,
     micro_batches,
     pack_segments,
     pad_field,
@@ -229,10 +233,17 @@ def train_text_ppo(algo: Any) -> None:
             for micro in micro_batches(batch, cfg.micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
                 ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
                 mask = response_mask(micro, device)
-                log_prob, entropy, values = evaluate_tokens(
-                    policy.actor, ids, attn, positions, targets, value_head=policy._values,
-                    temperature=core.temperature, top_k=core.top_k,
-                )
+                kept = kept_trunk_batch(policy.actor, micro)
+                if kept is not None:  # the rollout kept the frozen trunk's output: only the top blocks run
+                    log_prob, entropy, values = evaluate_kept(
+                        policy.actor, *kept, positions, targets, value_head=policy._values,
+                        temperature=core.temperature, top_k=core.top_k,
+                    )
+                else:
+                    log_prob, entropy, values = evaluate_tokens(
+                        policy.actor, ids, attn, positions, targets, value_head=policy._values,
+                        temperature=core.temperature, top_k=core.top_k,
+                    )
                 old_log_prob = pad_field(micro, "old_logprobs", device)
                 advantages = pad_field(micro, "advantages", device)
                 returns = pad_field(micro, "returns", device)

@@ -40,6 +40,7 @@ policy cannot train: use ``DummyVecEnv``, ``gym.make_vec`` (the batched env) or
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import uuid
 import weakref
@@ -50,6 +51,8 @@ import numpy as np
 import torch
 from gymnasium import spaces
 from torch import nn
+
+from envs.trunk_states import capture_block_input
 
 KL_ESTIMATORS = ("k1", "k3", "full")
 
@@ -188,6 +191,18 @@ def _cache_layers(cache: Any) -> list:
                 "text env; use a model with full attention in every layer"
             )
     return layers
+
+
+def _expand(out: dict[str, Any], inverse: list[int]) -> dict[str, Any]:
+    """A :func:`prefill` result for the unique sequences, repeated to one row per
+    sequence (``inverse[j]`` is the unique row of sequence ``j``)."""
+    if inverse == list(range(len(inverse))):
+        return out
+    idx = torch.as_tensor(inverse, device=out["mask"].device)
+    expanded = {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+    if "kv" in out:
+        expanded["kv"] = [(k[idx], v[idx]) for k, v in out["kv"]]
+    return expanded
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,6 +484,14 @@ class Contexts:
     all: only the actor's cache is kept and :meth:`log_probs` returns NaN for
     ``ref_logprob`` and ``kl`` (for trainers that compute reference log-probs themselves,
     once per response, e.g. GRPO).
+
+    :attr:`keep_trunk` True (set by the text trainers) also keeps, per context, the actor's
+    hidden state entering its first trainable block ``s`` (:attr:`keep_split`, the number of
+    leading frozen blocks) for every token the actor has run; :meth:`kept_states` hands
+    them to the update, which then runs only the top blocks (see :mod:`envs.trunk_states`).
+
+    Contexts with equal token ids in one prefill (GRPO's group of ``G`` copies of a prompt)
+    are run once and their KV caches copied.
     """
 
     def __init__(self, core: LMCore, n: int, reference_share: str = "auto"):
@@ -484,6 +507,15 @@ class Contexts:
         self.trunk = core.shared_trunk() if self.reference_share == "auto" else None
         self.shared_blocks = 0
         self.with_reference = True
+        # the actor's frozen-trunk states per context (see keep_trunk / kept_states)
+        from envs.reference import decoder_parts
+
+        self._actor_parts = decoder_parts(core.actor)[0]
+        self.keep_trunk = False
+        self.keep_split = 0
+        self._keep_sig: tuple | None = None
+        self._kept: list[list[torch.Tensor] | None] = [None] * n
+        self._kept_len = [0] * n
         core.reserve(n)
 
     def set_reference(self, enabled: bool) -> None:
@@ -603,27 +635,83 @@ class Contexts:
             return
         core = self.core
         seqs = [self.ids[row] for row in rows]
+        # equal contexts (a GRPO group) are run once: their rows get copies of one prefill
+        first: dict[tuple, int] = {}
+        inverse = [first.setdefault(tuple(s), len(first)) for s in seqs]
+        unique = [list(key) for key in first]
         split = self.shared_blocks
         if split and actor != ref:
             raise RuntimeError("internal error: on a shared trunk the actor and reference caches are prefilled together")
+        ref_out = None
         if actor:
             version = core.version()
-            if split:
-                with self.trunk.capture(split) as captured:
-                    out = prefill(core.actor, seqs, core.pad_id)
-            else:
-                out = prefill(core.actor, seqs, core.pad_id)
+            keep = self._keep_begin(rows)
+            with contextlib.ExitStack() as stack:
+                captured = stack.enter_context(self.trunk.capture(split)) if split else None
+                kept = stack.enter_context(capture_block_input(self._actor_parts["layers"][keep])) if keep else None
+                out = prefill(core.actor, unique, core.pad_id)
+            if split and ref and self.with_reference:
+                ref_out = _expand(self._reference_top_prefill(captured, out["mask"]), inverse)
+            if keep:
+                states = kept["hidden"].detach()
+                for j, row in enumerate(rows):
+                    u = inverse[j]
+                    self._kept[row] = [states[u, out["mask"][u].bool()]]
+                    self._kept_len[row] = len(seqs[j])
+            out = _expand(out, inverse)
             self._write_rows(self.actor, core.actor, rows, self.n, out)
             self._set_next(self.actor, rows, out["logits"], out["hidden"])
             self.actor.version = version
             core.store([tuple(s) for s in seqs], version, out["hidden"], out["logits"])
         if ref and self.with_reference:
-            if split:
-                out = self._reference_top_prefill(captured, out["mask"])
-            else:
-                out = prefill(core.reference, seqs, core.pad_id, hidden=False)
-            self._write_rows(self.ref, core.reference, rows, self.n, out)
-            self._set_next(self.ref, rows, out["logits"], None)
+            if ref_out is None:
+                ref_out = _expand(prefill(core.reference, unique, core.pad_id, hidden=False), inverse)
+            self._write_rows(self.ref, core.reference, rows, self.n, ref_out)
+            self._set_next(self.ref, rows, ref_out["logits"], None)
+
+    # -- the actor's frozen-trunk states (keep_trunk) -----------------------------------
+    def _keep_begin(self, rows: list[int]) -> int:
+        """Before a prefill of ``rows``: the block whose input to keep (0 = none). A change
+        of the frozen prefix drops the states of every other row."""
+        from envs.trunk_states import frozen_blocks, frozen_signature
+
+        if not self.keep_trunk or self._actor_parts is None:
+            split, sig = 0, None
+        else:
+            split = frozen_blocks(self._actor_parts)
+            sig = frozen_signature(self._actor_parts, split)
+        if split != self.keep_split or sig != self._keep_sig:
+            self._kept = [None] * self.n
+            self._kept_len = [0] * self.n
+        self.keep_split, self._keep_sig = split, sig
+        return split
+
+    def kept_states(self, row: int, ids: Sequence[int]) -> tuple[torch.Tensor, tuple] | None:
+        """``(states, signature)``: the actor's input of block :attr:`keep_split` for the
+        tokens ``ids`` of context ``row`` (``(len(ids), H)``, no gradient) and the
+        :func:`envs.trunk_states.frozen_signature` of the weights that made them; None when
+        the context does not start with ``ids`` or its states were not kept."""
+        chunks = self._kept[row]
+        n = len(ids)
+        if chunks is None or self._kept_len[row] < n or n == 0 or self.ids[row][:n] != list(ids):
+            return None
+        if len(chunks) > 1:
+            chunks[:] = [torch.cat(chunks)]
+        return chunks[0][:n], self._keep_sig
+
+    def _keep_step(self, rows: list[int], box: dict[str, Any] | None) -> None:
+        if box is None:
+            return
+        hidden = box["hidden"].detach()
+        for row in rows:
+            if self._kept[row] is not None:
+                self._kept[row].append(hidden[row])
+                self._kept_len[row] += 1
+
+    def _keep_capture(self, stack: contextlib.ExitStack) -> dict[str, Any] | None:
+        if not self.keep_split:
+            return None
+        return stack.enter_context(capture_block_input(self._actor_parts["layers"][self.keep_split]))
 
     def _reference_top_prefill(self, captured: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
         """:func:`prefill`'s result for the reference, from the actor's captured trunk state."""
@@ -694,14 +782,17 @@ class Contexts:
     def _step(self, state: _ModelState, model: nn.Module, rows: list[int], tokens: list[int], hidden: bool) -> None:
         """One incremental forward of ``model`` over all rows."""
         feed, mask, position_ids, idx = self._feed(state, rows, tokens)
-        out = model(
-            input_ids=feed,
-            attention_mask=mask,
-            position_ids=position_ids,
-            cache=state.cache,
-            use_cache=True,
-            output_hidden_states=hidden,
-        )
+        with contextlib.ExitStack() as stack:
+            box = self._keep_capture(stack) if state is self.actor else None
+            out = model(
+                input_ids=feed,
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=state.cache,
+                use_cache=True,
+                output_hidden_states=hidden,
+            )
+        self._keep_step(rows, box)
         state.cache = _output_cache(out)
         state.mask = mask
         state.logits[idx] = out.logits[idx, -1].to(state.logits.dtype)
@@ -718,7 +809,8 @@ class Contexts:
         if ref.mask.shape != actor.mask.shape:
             raise RuntimeError("internal error: the actor and reference caches lost their common layout")
         feed, mask, position_ids, idx = self._feed(actor, rows, tokens)
-        with self.trunk.capture(split) as captured:
+        with self.trunk.capture(split) as captured, contextlib.ExitStack() as stack:
+            box = self._keep_capture(stack)
             out = self.trunk.actor_trunk(
                 input_ids=feed,
                 attention_mask=mask,
@@ -727,6 +819,7 @@ class Contexts:
                 use_cache=True,
                 output_hidden_states=True,
             )
+        self._keep_step(rows, box)
         ref_hidden = self.trunk.reference_top(split, captured, ref.cache, head=False)
         actor_logits, ref_logits = self.trunk.heads(out.last_hidden_state[:, -1:], ref_hidden)
         actor.cache = _output_cache(out)

@@ -122,6 +122,17 @@ class TextRLHFVectorEnv(VectorEnv):
         self.contexts.set_reference(bool(enabled))
 
     @property
+    def keep_trunk(self) -> bool:
+        """Whether the env keeps the actor's frozen-trunk hidden states of each context for
+        the trainer's update (:meth:`envs.lm_core.Contexts.kept_states`; default False, the
+        text trainers switch it on). Takes effect for contexts prefilled from then on."""
+        return self.contexts.keep_trunk
+
+    @keep_trunk.setter
+    def keep_trunk(self, enabled: bool) -> None:
+        self.contexts.keep_trunk = bool(enabled)
+
+    @property
     def actor(self) -> torch.nn.Module:
         return self.core.actor
 

@@ -142,7 +142,9 @@ def test_one_forward_of_each_model_per_step(tiny_lm_dir, tiny_prompts, length_re
     envs.reference.register_forward_hook(lambda m, args, kwargs, out: calls["reference"].append(kwargs["input_ids"].shape),
                                          with_kwargs=True)
     envs.reset(seed=0)
-    assert [s[0] for s in calls["actor"]] == [N] and [s[0] for s in calls["reference"]] == [N]  # batched prefill
+    # one batched prefill of the distinct prompts (sub-envs that drew the same prompt share it)
+    distinct = len({tuple(ids) for ids in envs.contexts.ids})
+    assert [s[0] for s in calls["actor"]] == [distinct] and [s[0] for s in calls["reference"]] == [distinct]
     for _ in range(3):
         envs.step(np.array([5, 6, 7]))
     # one incremental forward (N rows, ONE new token) of each model per step, no re-forward

@@ -1,0 +1,127 @@
+"""The actor's frozen-trunk states kept from the rollout (envs/trunk_states.py): the update's
+log-probs, entropies and values from them equal a full teacher-forced forward, stale states
+are never used, and GRPO groups are prefilled once per prompt with the same numbers."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import rlhf_env  # noqa: F401
+from agents import GRPO, PPO
+from agents.lm_rollout import evaluate_kept, evaluate_tokens, kept_trunk_batch, pack_segments
+from agents.policies.lm import set_trainable
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _compare(policy, segments, values: bool) -> None:
+    core = policy.core
+    kept = kept_trunk_batch(policy.actor, segments)
+    assert kept is not None
+    ids, attn, positions, targets = pack_segments(segments, core.pad_id)
+    assert kept[0].shape[1] == ids.shape[1] - 1  # every token but the last
+    value_head = policy._values if values else None
+    with torch.no_grad():
+        full = evaluate_tokens(policy.actor, ids, attn, positions, targets, value_head=value_head,
+                               temperature=core.temperature, top_k=core.top_k)
+        fast = evaluate_kept(policy.actor, *kept, positions, targets, value_head=value_head,
+                             temperature=core.temperature, top_k=core.top_k)
+    mask = torch.zeros_like(full[0], dtype=torch.bool)
+    for i, s in enumerate(segments):
+        mask[i, : len(s)] = True
+    for a, b in zip(full, fast):
+        if a is None:
+            assert b is None
+            continue
+        torch.testing.assert_close(b[mask], a[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_grpo_kept_states_equal_the_full_forward_and_go_stale(tiny_lm_dir, tiny_prompts, length_reward):
+    env = gym.make_vec("TextRLHF-v0", num_envs=4, model=str(tiny_lm_dir), reward_model=length_reward,
+                       prompts=tiny_prompts, max_new_tokens=6, temperature=0.7, shared_model=False)
+    model = GRPO("LMPolicy", env, group_size=2, learning_rate=1e-2, beta=0.1, seed=0, policy_kwargs={"train_layers": 1})
+    model.learn(4 * 7 * 2)  # two iterations: the top block has moved since the states were kept
+    segments = model._segments
+    assert env.unwrapped.contexts.keep_split == 1
+    for s in segments:
+        assert s.trunk_states is not None and s.trunk_states.shape[0] == len(s.context_ids) + len(s) - 1
+    _compare(model.policy, segments, values=False)
+
+    # the update uses the kept states; after a change of a lower weight it runs the full forward
+    import agents.grpo as grpo
+
+    calls = {"kept": 0, "full": 0}
+    kept_fn, full_fn = grpo.evaluate_kept, grpo.evaluate_tokens
+
+    def count(name, fn):
+        def wrapped(model_, *a, **k):
+            if model_ is model.policy.actor:  # the actor's forwards (not the reference's)
+                calls[name] += 1
+            return fn(model_, *a, **k)
+        return wrapped
+
+    grpo.evaluate_kept, grpo.evaluate_tokens = count("kept", kept_fn), count("full", full_fn)
+    try:
+        model.train()
+        assert calls == {"kept": 1, "full": 0}
+        lower = model.policy.actor.model.layers[0].mlp.down_proj.weight
+        with torch.no_grad():
+            lower.mul_(1.5)  # in place: the states kept by the rollout no longer match the weights
+        assert kept_trunk_batch(model.policy.actor, segments) is None
+        model.train()
+        assert calls == {"kept": 1, "full": 1}
+        # the next rollout keeps states made by the new weights: used again
+        model.learn(4 * 7, reset_num_timesteps=False)
+        assert kept_trunk_batch(model.policy.actor, model._segments) is not None
+    finally:
+        grpo.evaluate_kept, grpo.evaluate_tokens = kept_fn, full_fn
+    # a lower block turned trainable: its gradient would be missing, so no kept states
+    set_trainable(model.policy.actor, None)
+    assert kept_trunk_batch(model.policy.actor, model._segments) is None
+
+
+def test_ppo_kept_states_across_rollouts_with_values(tiny_lm_dir, tiny_prompts, length_reward):
+    # n_steps shorter than a response: segments continue a response begun in an earlier rollout
+    env = gym.make_vec("TextRLHF-v0", num_envs=3, model=str(tiny_lm_dir), reward_model=length_reward,
+                       prompts=tiny_prompts, max_new_tokens=7, kl_coef=0.1, shared_model=False)
+    model = PPO("LMPolicy", env, n_steps=3, batch_size=9, n_epochs=2, learning_rate=1e-2, seed=0,
+                policy_kwargs={"train_layers": 1})
+    model.learn(3 * 3 * 4)
+    segments = [s for s in model._segments if len(s)]
+    continued = [s for s in segments if s.trunk_states is not None and len(s.context_ids) > 8]
+    assert all(s.trunk_states is not None for s in segments)
+    assert continued, [len(s.context_ids) for s in segments]
+    _compare(model.policy, segments, values=True)
+
+
+def test_no_kept_states_when_lower_blocks_train(tiny_lm_dir, tiny_prompts, length_reward):
+    for kwargs in ({}, {"lora": {"r": 2, "targets": ["q_proj", "v_proj"]}}):
+        env = gym.make_vec("TextRLHF-v0", num_envs=2, model=str(tiny_lm_dir), reward_model=length_reward,
+                           prompts=tiny_prompts, max_new_tokens=4, shared_model=False)
+        model = GRPO("LMPolicy", env, group_size=2, learning_rate=1e-3, seed=0, policy_kwargs=kwargs)
+        model.learn(2 * 5)
+        assert env.unwrapped.contexts.keep_split == 0
+        assert all(s.trunk_states is None for s in model._segments)
+
+
+def test_equal_prompts_are_prefilled_once_with_the_same_numbers(tiny_lm_dir, tiny_prompts, length_reward):
+    prompts = [tiny_prompts[0], tiny_prompts[0], tiny_prompts[2], tiny_prompts[0]]
+    kwargs = dict(model=str(tiny_lm_dir), reward_model=length_reward, prompts=tiny_prompts, max_new_tokens=4,
+                  shared_model=False)
+    batched = gym.make_vec("TextRLHF-v0", num_envs=4, **kwargs)
+    batched.reset(options={"prompt": prompts})
+    actions = np.array([[5, 6, 7, 8], [9, 10, 11, 12]])
+    infos = [batched.step(a)[4] for a in actions]
+    contexts = batched.unwrapped.contexts
+    for layer in contexts.actor.cache.layers:  # the copies of one prompt hold equal caches
+        assert torch.equal(layer.keys[0, :, :-2], layer.keys[1, :, :-2])  # the prompt's columns
+    for row, prompt in enumerate(prompts):
+        single = gym.make_vec("TextRLHF-v0", num_envs=1, **kwargs)
+        single.reset(options={"prompt": prompt})
+        for step, a in enumerate(actions):
+            info = single.step(np.array([a[row]]))[4]
+            for key in ("logprob", "ref_logprob"):
+                assert info[key][0] == pytest.approx(infos[step][key][row], abs=1e-5)
