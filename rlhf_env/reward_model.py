@@ -177,6 +177,9 @@ class RewardModel(nn.Module):
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             kwargs["use_cache"] = False
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return self._pool_and_score(hidden, attention_mask)
+
+    def _pool_and_score(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "first":
             pooled = hidden[:, 0]
         elif self.pooling == "last":
@@ -186,6 +189,39 @@ class RewardModel(nn.Module):
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
         return self.head(pooled).squeeze(-1).float()
+
+    # ---- layer-wise forward (encoders): frozen lower layers computed once -----------
+    def encoder_layers(self) -> nn.ModuleList:
+        """The transformer blocks of a BERT-like encoder backbone (``backbone.encoder.layer``).
+
+        :raises ValueError: for a causal LM or an encoder without that layout
+        """
+        layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
+        if self.kind != "encoder" or not isinstance(layers, nn.ModuleList) or not hasattr(self.backbone, "embeddings"):
+            raise ValueError(
+                "a frozen lower trunk (train_layers) needs a BERT-like encoder backbone with .embeddings and "
+                f".encoder.layer; this {self.kind} backbone is {type(self.backbone).__name__}: train all layers (train_layers=None)"
+            )
+        return layers
+
+    def _run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in self.encoder_layers()[start:stop]:  # as BertEncoder.forward does
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def hidden_after(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_layers: int) -> torch.Tensor:
+        """Hidden states after the embeddings and the first ``n_layers`` blocks (encoders),
+        shape ``(batch, length, hidden)``; :meth:`score_hidden` finishes the forward."""
+        hidden = self.backbone.embeddings(input_ids=input_ids)
+        return self._run_layers(hidden, attention_mask, 0, n_layers)
+
+    def score_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+        """Scores from the hidden states after block ``start`` (from :meth:`hidden_after`):
+        the remaining blocks, pooling and head. Equals :meth:`forward_ids` on the same ids."""
+        return self._pool_and_score(self._run_layers(hidden, attention_mask, start, len(self.encoder_layers())), attention_mask)
 
     def __call__(self, *args, **kwargs):
         # rm(prompts, responses) scores texts (the env's reward interface); tensors go to forward
@@ -224,11 +260,9 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def accuracy(self, pairs, batch_size: int = 64) -> float:
         """Fraction of pairs where ``score(chosen) > score(rejected)``."""
-        pairs = as_pairs(pairs)
-        prompts = [p.prompt for p in pairs]
-        chosen = self.score(prompts, [p.chosen for p in pairs], batch_size)
-        rejected = self.score(prompts, [p.rejected for p in pairs], batch_size)
-        return float((chosen > rejected).float().mean())
+        keys, c_idx, r_idx = unique_inputs(as_pairs(pairs))  # a response shared by pairs is scored once
+        scores = self.score([k[0] for k in keys], [k[1] for k in keys], batch_size)
+        return float((scores[c_idx] > scores[r_idx]).float().mean())
 
     # ---- persistence -------------------------------------------------------------
     def save(self, directory: Union[str, os.PathLike]) -> Path:
@@ -326,6 +360,13 @@ class RewardModelConfig:
     :param eval_batch_size: inputs per forward pass in evaluation
     :param disable_dropout: turn the backbone's dropout off (as TRL does): the scores of
         chosen and rejected then come from the same network, and steps are cheaper
+    :param group_by_prompt: a step takes whole prompts, all their pairs (about
+        ``batch_size`` pairs a step on average), and scores each distinct response once
+        (InstructGPT's "all comparisons of a prompt as one batch element"). The loss is the
+        same mean over the step's pairs; ``False``: ``batch_size`` pairs drawn freely
+    :param train_layers: train only the top ``train_layers`` blocks of an encoder backbone
+        (and the head); the embeddings and the blocks below stay frozen and their output
+        is computed once for every distinct input before training. ``None``: train all
     """
 
     learning_rate: float = 5e-5
@@ -338,11 +379,110 @@ class RewardModelConfig:
     seed: int = 0
     eval_batch_size: int = 64
     disable_dropout: bool = True
+    group_by_prompt: bool = True
+    train_layers: Optional[int] = None
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
     """``mean(-log sigmoid(s_chosen - s_rejected))``."""
     return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def unique_inputs(pairs: Sequence[PreferencePair]) -> tuple[list[tuple[str, str]], torch.Tensor, torch.Tensor]:
+    """The distinct (prompt, response) inputs of a pair set and, for each pair, the index of
+    its chosen and of its rejected input among them.
+
+    Several responses sampled for one prompt make up to ``k(k-1)/2`` pairs from ``k``
+    inputs: scoring each input once gives every pair's score at a fraction of the cost.
+
+    :return: ``(inputs, chosen_index, rejected_index)`` (long tensors of shape ``(len(pairs),)``)
+    """
+    index: dict[tuple[str, str], int] = {}
+    c = [index.setdefault((p.prompt, p.chosen), len(index)) for p in pairs]
+    r = [index.setdefault((p.prompt, p.rejected), len(index)) for p in pairs]
+    return list(index), torch.tensor(c, dtype=torch.long), torch.tensor(r, dtype=torch.long)
+
+
+class PairInputs:
+    """A pair set's distinct inputs, tokenised once, scored once per use.
+
+    :param rm: the reward model (its tokenizer and ``max_length``)
+    :param pairs: the preference pairs
+    :param frozen_layers: when > 0, the hidden states after the embeddings and the first
+        ``frozen_layers`` blocks (frozen in training) are computed once here, without
+        gradient, and every later :meth:`scores` runs only the blocks above them
+    :param batch_size: inputs per forward pass when computing those states
+    """
+
+    def __init__(self, rm: "RewardModel", pairs: Sequence[PreferencePair], frozen_layers: int = 0, batch_size: int = 64):
+        self.rm, self.frozen_layers = rm, int(frozen_layers)
+        keys, self.chosen, self.rejected = unique_inputs(pairs)
+        self.prompts = [k[0] for k in keys]
+        self.seqs = rm.encode_batch(self.prompts, [k[1] for k in keys])
+        self.features: Optional[list[torch.Tensor]] = None
+        if self.frozen_layers > 0:
+            self.features = [None] * len(self.seqs)
+            was_training = rm.training
+            rm.eval()  # the frozen trunk runs without dropout
+            with torch.no_grad():
+                for idx in length_batches([len(s) for s in self.seqs], batch_size, shuffle=False):
+                    ids, mask = pad_right([self.seqs[i] for i in idx], rm.tokenizer.pad_token_id, rm.device)
+                    hidden = rm.hidden_after(ids, mask, self.frozen_layers)
+                    for row, i in enumerate(idx):
+                        self.features[i] = hidden[row, : len(self.seqs[i])].clone()
+            rm.train(was_training)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def lengths(self) -> list[int]:
+        """Each pair's longer input, in tokens."""
+        n = [len(s) for s in self.seqs]
+        return [max(n[c], n[r]) for c, r in zip(self.chosen.tolist(), self.rejected.tolist())]
+
+    def groups(self) -> list[list[int]]:
+        """Pair indices grouped by prompt, in order of first appearance."""
+        by_prompt: dict[str, list[int]] = {}
+        for i, c in enumerate(self.chosen.tolist()):
+            by_prompt.setdefault(self.prompts[c], []).append(i)
+        return list(by_prompt.values())
+
+    def input_scores(self, inputs: Sequence[int]) -> torch.Tensor:
+        """Differentiable scores of the given distinct inputs, in one padded forward."""
+        rm = self.rm
+        if self.features is None:
+            ids, mask = pad_right([self.seqs[i] for i in inputs], rm.tokenizer.pad_token_id, rm.device)
+            return rm.forward_ids(ids, mask)
+        feats = [self.features[i] for i in inputs]
+        width = max(f.shape[0] for f in feats)
+        hidden = feats[0].new_zeros(len(feats), width, feats[0].shape[-1])
+        mask = torch.zeros(len(feats), width, dtype=torch.long, device=hidden.device)
+        for row, f in enumerate(feats):
+            hidden[row, : f.shape[0]] = f
+            mask[row, : f.shape[0]] = 1
+        return rm.score_hidden(hidden, mask, self.frozen_layers)
+
+    def scores(self, pair_idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen_scores, rejected_scores)`` of the given pairs, each distinct input scored once."""
+        pair_idx = torch.as_tensor(list(pair_idx), dtype=torch.long)
+        c, r = self.chosen[pair_idx], self.rejected[pair_idx]
+        needed, inverse = torch.unique(torch.cat([c, r]), return_inverse=True)
+        scores = self.input_scores(needed.tolist())
+        return scores[inverse[: len(pair_idx)]], scores[inverse[len(pair_idx) :]]
+
+    @torch.no_grad()
+    def accuracy(self, batch_size: int = 64) -> float:
+        """Fraction of the pairs whose chosen input scores higher (model in eval mode)."""
+        was_training = self.rm.training
+        self.rm.eval()
+        try:
+            order = length_batches([len(s) for s in self.seqs], batch_size, shuffle=False)
+            scores = torch.empty(len(self.seqs))
+            for idx in order:
+                scores[idx] = self.input_scores(idx).float().cpu()
+        finally:
+            self.rm.train(was_training)
+        return float((scores[self.chosen] > scores[self.rejected]).float().mean())
 
 
 def train_reward_model(
@@ -366,8 +506,10 @@ def train_reward_model(
     Under ``torchrun --nproc_per_node=N`` each rank trains on its share of every batch and
     the gradients are averaged (see :mod:`rlhf_env.loop`); rank 0 logs and saves.
 
-    Each step scores the chosen and rejected inputs of a batch in one forward pass and
-    minimises ``-log sigmoid(s_chosen - s_rejected)``.
+    Each step scores the distinct inputs of its pairs in one forward pass (a response
+    shared by several pairs once) and minimises the mean of ``-log sigmoid(s_chosen -
+    s_rejected)`` over the step's pairs. See :class:`RewardModelConfig` for grouping pairs
+    by prompt and for training only the top blocks over a frozen, precomputed trunk.
 
     :param pairs: a JSON Lines path or an iterable of pairs (``PreferencePair``, dicts, tuples)
     :param backbone: a backbone name or folder (see :func:`load_backbone`) or a ``RewardModel`` to fine-tune
@@ -401,17 +543,34 @@ def train_reward_model(
         for module in rm.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-    chosen = rm.encode_batch([p.prompt for p in pairs], [p.chosen for p in pairs])
-    rejected = rm.encode_batch([p.prompt for p in pairs], [p.rejected for p in pairs])
-    lengths = [max(len(c), len(r)) for c, r in zip(chosen, rejected)]
-    steps_per_epoch = -(-len(pairs) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    optimizer = adamw(rm.parameters(), cfg.learning_rate, cfg.weight_decay)
+    frozen = 0
+    if cfg.train_layers is not None:
+        n_layers = len(rm.encoder_layers())
+        if isinstance(cfg.train_layers, bool) or not isinstance(cfg.train_layers, int) or not 0 <= cfg.train_layers <= n_layers:
+            raise ValueError(f"train_layers must be an integer in 0..{n_layers} (this backbone's blocks) or None, got {cfg.train_layers!r}")
+        frozen = n_layers - cfg.train_layers
+    frozen_params = []
+    if frozen:
+        frozen_params = [p for p in rm.backbone.embeddings.parameters()] + [p for layer in rm.encoder_layers()[:frozen] for p in layer.parameters()]
+        frozen_params = [p for p in frozen_params if p.requires_grad]
+        for p in frozen_params:
+            p.requires_grad_(False)
+    train_inputs = PairInputs(rm, pairs, frozen, cfg.eval_batch_size)  # tokenised (and lower blocks run) once
+    eval_inputs = PairInputs(rm, eval_pairs, frozen, cfg.eval_batch_size) if eval_pairs is not None else None
+    if cfg.group_by_prompt:  # an example is a prompt with all its pairs
+        examples = train_inputs.groups()
+        per_step = max(1, round(cfg.batch_size * len(examples) / len(pairs)))
+    else:
+        examples, per_step = [[i] for i in range(len(pairs))], cfg.batch_size
+    pair_lengths = train_inputs.lengths()
+    lengths = [max(pair_lengths[i] for i in ex) for ex in examples]
+    total = -(-len(examples) // per_step) * cfg.epochs
+    optimizer = adamw([p for p in rm.parameters() if p.requires_grad], cfg.learning_rate, cfg.weight_decay)
     warmup = max(1, int(cfg.warmup_ratio * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     )
-    loop = TrainLoop("reward_model", rm, optimizer, lengths, cfg.batch_size, cfg.epochs, gen, scheduler,
+    loop = TrainLoop("reward_model", rm, optimizer, lengths, per_step, cfg.epochs, gen, scheduler,
                      checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
     main = distributed.is_main_process()  # rank 0 logs and saves
     writer = summary_writer(log_dir, run_name) if main else None
@@ -419,38 +578,39 @@ def train_reward_model(
     step = loop.step_count
     bar = tqdm(total=total, initial=step, desc="reward model", disable=not progress or not main)
     rm.train()
-    for epoch in loop.epochs():
-        for idx in loop.batches(epoch):
-            idx, weight = loop.shard(idx)  # this rank's share of the global batch
-            optimizer.zero_grad(set_to_none=True)
-            if not idx:
-                loop.step(None, weight)
-                continue
-            # chosen and rejected in one forward: one padded batch of 2n inputs
-            ids, mask = pad_right([chosen[i] for i in idx] + [rejected[i] for i in idx], rm.tokenizer.pad_token_id, rm.device)
-            scores = rm.forward_ids(ids, mask)
-            chosen_scores, rejected_scores = scores[: len(idx)], scores[len(idx) :]
-            loss = bradley_terry_loss(chosen_scores, rejected_scores)
-            loss.backward()
-            loop.step(loss, weight)  # all-reduce, NaN guard, optimizer and schedule step, checkpoint
-            step = loop.step_count
-            margin = (chosen_scores - rejected_scores).detach()
-            acc = float((margin > 0).float().mean())
-            if writer is not None:
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/accuracy", acc, step)
-                writer.add_scalar("train/margin", margin.mean().item(), step)
-                writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
-            metrics.update({"train/loss": loss.item(), "train/accuracy": acc})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-        if eval_pairs is not None:
-            eval_acc = rm.accuracy(eval_pairs, cfg.eval_batch_size)
-            metrics["eval/accuracy"] = eval_acc
-            if writer is not None:
-                writer.add_scalar("eval/accuracy", eval_acc, step)
-            bar.set_postfix(loss=f"{loss.item():.3f}", eval_acc=f"{eval_acc:.3f}")
-            rm.train()
+    try:
+        for epoch in loop.epochs():
+            for idx in loop.batches(epoch):
+                idx, _ = loop.shard(idx)  # this rank's share of the global batch
+                pair_idx = [i for ex in idx for i in examples[ex]]
+                optimizer.zero_grad(set_to_none=True)
+                if not pair_idx:
+                    loop.step(None, 0.0)
+                    continue
+                chosen_scores, rejected_scores = train_inputs.scores(pair_idx)
+                loss = bradley_terry_loss(chosen_scores, rejected_scores)
+                loss.backward()
+                loop.step(loss, float(len(pair_idx)))  # all-reduce (weighted by pairs), NaN guard, optimizer and schedule step, checkpoint
+                step = loop.step_count
+                margin = (chosen_scores - rejected_scores).detach()
+                acc = float((margin > 0).float().mean())
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss.item(), step)
+                    writer.add_scalar("train/accuracy", acc, step)
+                    writer.add_scalar("train/margin", margin.mean().item(), step)
+                    writer.add_scalar("train/learning_rate", scheduler.get_last_lr()[0], step)
+                metrics.update({"train/loss": loss.item(), "train/accuracy": acc})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
+            if eval_inputs is not None:
+                eval_acc = eval_inputs.accuracy(cfg.eval_batch_size)
+                metrics["eval/accuracy"] = eval_acc
+                if writer is not None:
+                    writer.add_scalar("eval/accuracy", eval_acc, step)
+                bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}", eval_acc=f"{eval_acc:.3f}")
+    finally:
+        for p in frozen_params:  # the returned model is whole again
+            p.requires_grad_(True)
     bar.close()
     if writer is not None:
         writer.close()

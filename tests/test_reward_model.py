@@ -134,8 +134,79 @@ def test_cli_train_rm(tmp_path, capsys):
 
     save_preferences(SEPARABLE, tmp_path / "pairs.jsonl")
     code = main(["train-rm", "--train", str(tmp_path / "pairs.jsonl"), "--eval", "none", "--output", str(tmp_path / "rm"),
-                 "--epochs", "1", "--batch-size", "8", "--no-progress"])
+                 "--epochs", "1", "--batch-size", "8", "--train-layers", "2", "--no-progress"])
     assert code == 0 and "saved=" in capsys.readouterr().out
     assert RewardModel.load(tmp_path / "rm").kind == "encoder"
     code = main(["train-rm", "--train", str(tmp_path / "pairs.jsonl"), "--eval", "none", "--backbone", str(tmp_path / "missing_backbone"), "--output", str(tmp_path / "rm2")])
     assert code == 1 and "missing_backbone" in capsys.readouterr().err
+
+
+# several responses per prompt, every pair of them: responses are shared between pairs
+SHARED = [
+    PreferencePair(p, a, b)
+    for p, rs in [
+        ("How was the film?", ["I loved it, a wonderful story!", "It was fine.", "Boring and awful.", "Meh, too long."]),
+        ("Reply to: I got the job!", ["Congratulations, fantastic news!", "Nice.", "So what."]),
+    ]
+    for k, a in enumerate(rs)
+    for b in rs[k + 1 :]
+]
+
+
+def test_unique_inputs_scores_each_response_once_with_the_pairwise_loss():
+    from rlhf_env.reward_model import PairInputs, unique_inputs
+    from rlhf_env.training import pad_right
+
+    keys, c, r = unique_inputs(SHARED)
+    assert len(SHARED) == 9 and len(keys) == 7  # 6 + 3 pairs from 4 + 3 responses
+    assert [keys[i] for i in c.tolist()] == [(p.prompt, p.chosen) for p in SHARED]
+    assert [keys[i] for i in r.tolist()] == [(p.prompt, p.rejected) for p in SHARED]
+    rm = RewardModel.from_backbone(seed=1).eval()
+    inputs = PairInputs(rm, SHARED)
+    dedup_c, dedup_r = inputs.scores(range(len(SHARED)))
+    # pairwise: chosen and rejected of every pair in one padded batch of 2n inputs
+    seqs = rm.encode_batch([p.prompt for p in SHARED] * 2, [p.chosen for p in SHARED] + [p.rejected for p in SHARED])
+    ids, mask = pad_right(seqs, rm.tokenizer.pad_token_id)
+    pairwise = rm.forward_ids(ids, mask)
+    assert torch.allclose(dedup_c, pairwise[:9], atol=1e-5) and torch.allclose(dedup_r, pairwise[9:], atol=1e-5)
+    assert bradley_terry_loss(dedup_c, dedup_r).item() == pytest.approx(bradley_terry_loss(pairwise[:9], pairwise[9:]).item(), abs=1e-6)
+    # a subset of pairs: the same scores as in the whole set
+    sub_c, sub_r = inputs.scores([8, 0, 3])
+    assert torch.allclose(sub_c, dedup_c[[8, 0, 3]], atol=1e-5) and torch.allclose(sub_r, dedup_r[[8, 0, 3]], atol=1e-5)
+    assert inputs.groups() == [list(range(6)), [6, 7, 8]]
+
+
+@pytest.mark.parametrize("frozen", [1, 4, 6])
+def test_cached_lower_blocks_give_the_full_forward_scores(frozen):
+    from rlhf_env.reward_model import PairInputs, unique_inputs
+
+    rm = RewardModel.from_backbone(seed=2).eval()
+    full = PairInputs(rm, SHARED)
+    cached = PairInputs(rm, SHARED, frozen_layers=frozen, batch_size=3)  # other batches, other padding
+    assert cached.features is not None and len(cached.features) == 7
+    everything = list(range(7))
+    assert torch.allclose(cached.input_scores(everything), full.input_scores(everything), atol=1e-5)
+    responses = [k[1] for k in unique_inputs(SHARED)[0]]
+    assert torch.allclose(cached.input_scores(everything), rm.score(cached.prompts, responses), atol=1e-5)
+    assert cached.accuracy() == full.accuracy()
+
+
+def test_train_layers_trains_only_the_top_blocks_and_head():
+    rm = RewardModel.from_backbone(seed=3)
+    before = {k: v.clone() for k, v in rm.state_dict().items()}
+    cfg = RewardModelConfig(learning_rate=1e-3, batch_size=4, epochs=3, warmup_ratio=0.0, train_layers=1)
+    trained = train_reward_model(SHARED, backbone=rm, eval_pairs=SHARED[:3], config=cfg, progress=False)
+    after = trained.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("head.", "backbone.encoder.layer.5.")) for k in changed), sorted(changed)
+    assert any(k.startswith("backbone.encoder.layer.5.") for k in changed) and "head.weight" in changed
+    assert all(p.requires_grad for p in trained.parameters())  # whole again after training
+    assert trained.accuracy(SHARED) == 1.0 and trained.metrics["eval/accuracy"] == 1.0
+    with pytest.raises(ValueError, match="train_layers must be an integer in 0..6"):
+        train_reward_model(SHARED, backbone=rm, config=RewardModelConfig(train_layers=7), progress=False)
+
+
+def test_train_layers_needs_an_encoder(tmp_path):
+    rm = RewardModel.from_backbone(make_tiny_lm(tmp_path / "lm"))
+    with pytest.raises(ValueError, match="BERT-like encoder"):
+        train_reward_model(TINY_PAIRS, backbone=rm, config=RewardModelConfig(train_layers=1), progress=False)

@@ -23,6 +23,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="all-minilm-l6-v2, tiny, smollm2-135m, or a local Hugging Face model folder")
     p.add_argument("--pooling", default=None, choices=["first", "mean", "last"], help="hidden state the head reads (default: mean for encoders, last for causal LMs)")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps with linear learning-rate warm-up")
+    p.add_argument("--train-layers", type=int, default=d.train_layers, help="train only the top N blocks of an encoder backbone "
+                   "(and the head) over a frozen trunk run once per input (default: all blocks)")
+    p.add_argument("--no-group-by-prompt", dest="group_by_prompt", action="store_false", help="draw pairs freely instead of whole prompts "
+                   "whose shared responses are scored once (same loss, more forward passes)")
     p.add_argument("--output", "-o", required=True, help="folder to write the reward model to (replaced atomically)")
     add_training_flags(p, d, "reward_model")
     p.set_defaults(func=run)
@@ -35,6 +39,7 @@ def run(args) -> int:
     cfg = RewardModelConfig(
         learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs, max_length=args.max_length,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, pooling=args.pooling, seed=args.seed,
+        train_layers=args.train_layers, group_by_prompt=args.group_by_prompt,
     )
     rm = train_reward_model(
         args.train, backbone=args.backbone, eval_pairs=None if args.eval.lower() == "none" else args.eval, config=cfg,
