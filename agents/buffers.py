@@ -75,10 +75,10 @@ def compute_gae(
     deltas = rewards + gamma * next_values * (1.0 - terminated) - values
     decay = gamma * gae_lambda * (1.0 - done)
     advantages = torch.empty_like(values)
+    # one op per step: A_t = delta_t + decay_t * A_{t+1}, written straight into its row
     last_gae = torch.zeros_like(values[0])
-    for t in range(values.shape[0] - 1, -1, -1):
-        last_gae = deltas[t] + decay[t] * last_gae
-        advantages[t] = last_gae
+    for delta, dec, out in zip(reversed(deltas.unbind(0)), reversed(decay.unbind(0)), reversed(advantages.unbind(0))):
+        last_gae = torch.addcmul(delta, dec, last_gae, out=out)
     return advantages, advantages + values
 
 
@@ -126,6 +126,7 @@ class RolloutBuffer:
         self.valid.fill_(True)
         self._staging["valid"].fill(True)
         self._staged.clear()
+        self._pending.clear()
         self._full_batch: RolloutBufferSamples | None = None
 
     def _allocate(self) -> None:
@@ -157,6 +158,9 @@ class RolloutBuffer:
             "valid": np.ones(shape, bool),
         }
         self._staged: set[str] = set()
+        # (actions, values, log_probs) of the steps added since the last flush, from row _pending_start
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_start = 0
 
     def add(
         self,
@@ -170,16 +174,21 @@ class RolloutBuffer:
         truncated: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
     ) -> None:
-        """Store one step for all envs (tensors with first axis n_envs)."""
+        """Store one step for all envs (tensors with first axis n_envs).
+
+        ``obs`` None: the observation is already in ``observations[pos]`` (the rollout loop
+        writes it there before acting). Actions, values and log-probs are kept as given
+        and copied into their tensors in one op each when the rollout ends
+        (:meth:`compute_returns_and_advantage`, :meth:`get`)."""
         t = self.pos
         if isinstance(obs, dict):
             for key, value in obs.items():
                 self.observations[key][t] = value
-        else:
+        elif obs is not None:
             self.observations[t] = obs
-        self.actions[t] = actions.reshape(self.actions[t].shape)
-        self.values[t] = values.reshape(-1)
-        self.log_probs[t] = log_probs.reshape(-1)
+        if not self._pending:
+            self._pending_start = t
+        self._pending.append((actions, values, log_probs))
         for name, value in (
             ("rewards", rewards),
             ("episode_starts", episode_starts),
@@ -219,6 +228,14 @@ class RolloutBuffer:
         for name in self._staged:
             getattr(self, name).copy_(torch.from_numpy(self._staging[name]))
         self._staged.clear()
+        if self._pending:
+            start, n = self._pending_start, len(self._pending)
+            actions, values, log_probs = zip(*self._pending)
+            self._pending.clear()
+            rows = slice(start, start + n)
+            self.actions[rows] = torch.stack(actions).reshape(self.actions[rows].shape)
+            self.values[rows] = torch.stack(values).reshape(n, self.n_envs)
+            self.log_probs[rows] = torch.stack(log_probs).reshape(n, self.n_envs)
 
     def flat_valid_indices(self) -> torch.Tensor:
         return torch.nonzero(self.valid.reshape(-1), as_tuple=True)[0]
@@ -229,6 +246,7 @@ class RolloutBuffer:
     def get(self, batch_size: int | None = None) -> Iterator[RolloutBufferSamples]:
         """Minibatches over the valid transitions in a fresh random order
         (the last one may be smaller)."""
+        self._flush_staging()
         if isinstance(self.observations, dict):
             obs = {k: self._flat(v) for k, v in self.observations.items()}
         else:

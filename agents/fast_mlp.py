@@ -73,6 +73,106 @@ def fused_unsupported_reason(policy: Any) -> str | None:
     return None
 
 
+class FlatAdam:
+    """``torch.optim.Adam(fused=True).step()`` as ONE fused kernel call on flat buffers.
+
+    The parameters, their gradients and Adam's ``exp_avg``/``exp_avg_sq``/``step`` state
+    are re-pointed to views of one flat tensor each (``param.data``, ``optimizer.state``),
+    so the optimizer, ``state_dict`` and ``load_state_dict`` keep working unchanged while
+    one update covers all tensors: Adam's maths is elementwise, so the numbers are
+    exactly those of ``optimizer.step()`` (``tests/test_fast_path.py`` checks it against
+    ``torch.optim.Adam``). The layout is kept on the optimizer and checked by pointer
+    each time one is built; state loaded or replaced since is copied in again.
+
+    Build it with :meth:`for_optimizer` (None where it does not apply).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], flat_grad: torch.Tensor):
+        self.optimizer = optimizer
+        self.group = optimizer.param_groups[0]
+        self.flat_grad = flat_grad
+        layout = getattr(optimizer, "_flat_adam_layout", None)
+        if layout is None or not self._is_current(layout, params):
+            layout = self._flatten(optimizer, params)
+            optimizer._flat_adam_layout = layout
+        self.flat_param, self.exp_avg, self.exp_avg_sq, self.steps = layout
+        self.step_view = self.steps[0]
+
+    @classmethod
+    def for_optimizer(
+        cls, optimizer: torch.optim.Optimizer | None, params: list[torch.Tensor], flat_grad: torch.Tensor
+    ) -> "FlatAdam | None":
+        """A flat Adam for ``optimizer`` over ``params`` (whose gradients are the views of
+        ``flat_grad`` in that order), or None: the optimizer is not a single-group fused
+        ``torch.optim.Adam`` with plain settings, or its state is not one shared step."""
+        if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+            return None
+        group = optimizer.param_groups[0]
+        if (
+            not group.get("fused") or group["amsgrad"] or group["maximize"] or group.get("differentiable")
+            or group.get("capturable") or group.get("decoupled_weight_decay") or isinstance(group["lr"], torch.Tensor)
+            or len(group["params"]) != len(params) or any(a is not b for a, b in zip(group["params"], params))
+        ):
+            return None
+        states = [optimizer.state.get(p) for p in params]
+        if any(states) and not all(st and {"step", "exp_avg", "exp_avg_sq"} <= st.keys() for st in states):
+            return None  # some parameters have state, others not: leave it to optimizer.step()
+        if all(states) and len({float(st["step"]) for st in states}) != 1:
+            return None
+        return cls(optimizer, params, flat_grad)
+
+    def _is_current(self, layout: tuple[torch.Tensor, ...], params: list[torch.Tensor]) -> bool:
+        flat_param, exp_avg, exp_avg_sq, steps = layout
+        if flat_param.numel() != self.flat_grad.numel() or len(steps) != len(params):
+            return False
+        size, offset = flat_param.element_size(), 0
+        for i, p in enumerate(params):
+            st = self.optimizer.state.get(p)
+            if (
+                not st or p.data_ptr() != flat_param.data_ptr() + offset * size
+                or st["exp_avg"].data_ptr() != exp_avg.data_ptr() + offset * size
+                or st["exp_avg_sq"].data_ptr() != exp_avg_sq.data_ptr() + offset * size
+                or st["step"].data_ptr() != steps.data_ptr() + i * steps.element_size()
+            ):
+                return False
+            offset += p.numel()
+        return True
+
+    @torch.no_grad()
+    def _flatten(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        flat_param = torch.cat([p.detach().reshape(-1) for p in params])
+        states = [optimizer.state.get(p) for p in params]
+        if all(states):  # copy the existing state in
+            exp_avg = torch.cat([st["exp_avg"].reshape(-1) for st in states]).to(flat_param)
+            exp_avg_sq = torch.cat([st["exp_avg_sq"].reshape(-1) for st in states]).to(flat_param)
+            steps = torch.stack([st["step"].reshape(()) for st in states]).to(device=flat_param.device, dtype=torch.float32)
+        else:  # Adam's first step creates zero state, as here
+            exp_avg, exp_avg_sq = torch.zeros_like(flat_param), torch.zeros_like(flat_param)
+            steps = torch.zeros(len(params), dtype=torch.float32, device=flat_param.device)
+        offset = 0
+        for i, p in enumerate(params):
+            n = p.numel()
+            p.data = flat_param[offset : offset + n].view_as(p)
+            optimizer.state[p] = {
+                "step": steps[i],
+                "exp_avg": exp_avg[offset : offset + n].view_as(p),
+                "exp_avg_sq": exp_avg_sq[offset : offset + n].view_as(p),
+            }
+            offset += n
+        return flat_param, exp_avg, exp_avg_sq, steps
+
+    def step(self) -> None:
+        """One Adam update of all parameters from the gradients in ``flat_grad``."""
+        group = self.group
+        self.steps.add_(1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adam_(
+            [self.flat_param], [self.flat_grad], [self.exp_avg], [self.exp_avg_sq], [], [self.step_view],
+            amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False, grad_scale=None, found_inf=None,
+        )
+
+
 class FusedPPOLoss:
     """PPO loss and its gradients for one :class:`ActorCriticPolicy` without autograd.
 
@@ -93,7 +193,9 @@ class FusedPPOLoss:
         self.box_observations = isinstance(policy.observation_space, spaces.Box)
         self.layers = list(policy.mlp_extractor._layers)
         self.action_net, self.value_net = policy.action_net, policy.value_net
-        params = list(policy.parameters())
+        optimizer = getattr(policy, "optimizer", None)
+        # the optimizer's order (when it holds them) so that a flat Adam lines up with the gradients
+        params = list(optimizer.param_groups[0]["params"]) if optimizer is not None and len(optimizer.param_groups) == 1 else list(policy.parameters())
         self.dtype = params[0].dtype
         # every gradient is a view of one flat buffer: clipping scales it in one op
         self.flat_grad = torch.zeros(sum(p.numel() for p in params), dtype=self.dtype, device=params[0].device)
@@ -102,15 +204,31 @@ class FusedPPOLoss:
         for p in params:
             self.grads[p] = self.flat_grad[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
-        self._grad_list = list(self.grads.values())
         self._action_src: torch.Tensor | None = None
+        self.optimizer = optimizer
+        # the parameters and Adam's state as views of flat buffers: one fused update (None: not Adam)
+        self.flat_adam = FlatAdam.for_optimizer(optimizer, params, self.flat_grad) if optimizer is not None else None
+        # transposed weights for the backward, views that follow the in-place updates
+        self._layers_t = [w.transpose(1, 2) for w, _ in self.layers]
+        for p, grad in self.grads.items():
+            p.grad = grad
+
+    def optimizer_step(self) -> None:
+        """Apply the optimizer to the gradients in :attr:`flat_grad`: one fused Adam step
+        on the flat buffers (:class:`FlatAdam`) or, for any other optimizer,
+        :func:`agents.base.optimizer_step`."""
+        if self.flat_adam is not None:
+            self.flat_adam.step()
+        else:
+            from agents.base import optimizer_step  # late: agents.base imports the policies
+
+            optimizer_step(self.optimizer)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale all gradients by ``max_norm / (norm + 1e-6)`` when the global norm exceeds
         ``max_norm`` (``torch.nn.utils.clip_grad_norm_``'s maths); returns the norm before."""
-        # the norm summed per parameter as agents.base.clip_grad_norm does: the same rounding
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._grad_list)))
-        self.flat_grad.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        total = torch.linalg.vector_norm(self.flat_grad)
+        self.flat_grad.mul_(total.add(1e-6).reciprocal_().mul_(max_norm).clamp_(max=1.0))
         return total
 
     @classmethod
@@ -173,7 +291,7 @@ class FusedPPOLoss:
 
         # --- forward: every layer's input is kept for the backward ----------------------
         inputs = []
-        h = x.unsqueeze(0).expand(2, -1, -1)
+        h = x.expand(2, -1, -1)
         for w, b in layers:
             inputs.append(h)
             h = torch.baddbmm(b, h, w)
@@ -258,7 +376,8 @@ class FusedPPOLoss:
             torch.bmm(h.transpose(1, 2), d_pre, out=grads[w])
             torch.sum(d_pre, 1, keepdim=True, out=grads[b])
             if i > 0:
-                d_h = torch.bmm(d_pre, w.transpose(1, 2))
+                d_h = torch.bmm(d_pre, self._layers_t[i])
         for p, grad in grads.items():
-            p.grad = grad
+            if p.grad is not grad:  # set once per update unless someone replaced it
+                p.grad = grad
         return FusedLossTerms(ratio, log_ratio, pg_loss, v_loss, entropy_loss, loss)

@@ -151,6 +151,11 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         callback.on_rollout_start()
         obs_is_dict = isinstance(self.observation_space, spaces.Dict)
         device = self.device
+        if not obs_is_dict:
+            # per-row views, made once: each step writes its observation into its row
+            obs_rows = rollout_buffer.observations.unbind(0)
+            # on the CPU through numpy, cheaper per call than a torch copy
+            obs_rows_np = rollout_buffer.observations.numpy() if rollout_buffer.observations.device.type == "cpu" else None
         n_steps = 0
         step = None
         while n_steps < n_rollout_steps:
@@ -161,8 +166,11 @@ class OnPolicyAlgorithm(BaseAlgorithm):
                     rollout_buffer.observations[key][t].copy_(torch.as_tensor(value), non_blocking=True)
                 obs_tensor = {key: value[t] for key, value in rollout_buffer.observations.items()}
             else:
-                rollout_buffer.observations[t].copy_(torch.as_tensor(self._last_obs), non_blocking=True)
-                obs_tensor = rollout_buffer.observations[t]
+                obs_tensor = obs_rows[t]
+                if obs_rows_np is not None:
+                    obs_rows_np[t] = self._last_obs
+                else:
+                    obs_tensor.copy_(torch.as_tensor(self._last_obs), non_blocking=True)
             # inference mode: no autograd bookkeeping per op; the outputs are only copied
             with torch.inference_mode():
                 actions, values, log_probs = self.policy(obs_tensor)
@@ -177,7 +185,7 @@ class OnPolicyAlgorithm(BaseAlgorithm):
             n_steps += 1
             # numpy flags are staged by the buffer and moved to the device once per rollout
             rollout_buffer.add(
-                obs_tensor,
+                None,  # the observation is already in its row
                 actions,
                 step.rewards,
                 self._last_episode_starts,

@@ -195,6 +195,7 @@ class PPO(OnPolicyAlgorithm):
         params = [p for group in self.policy.optimizer.param_groups for p in group["params"]]
         # hand-written gradients for the plain MLP policy (agents.fast_mlp); autograd otherwise
         fused = FusedPPOLoss.for_policy(self.policy) if getattr(self, "fused_update", True) else None
+        is_distributed = distributed.is_distributed()
         # per-minibatch statistics stay tensors until the end: no sync per minibatch
         pg_losses, value_losses, entropy_losses, ratios, log_ratios = [], [], [], [], []
         raw_advantages = normalized_advantages = None
@@ -266,14 +267,17 @@ class PPO(OnPolicyAlgorithm):
                     for p in params:  # optimizer.zero_grad(set_to_none=True) without its profiler hooks
                         p.grad = None
                     loss.backward()
-                # data-parallel: every rank applies the gradient of the mean loss over all ranks' samples
-                distributed.allreduce_gradients(params, weight=len(advantages))
-                if fused is not None:  # its gradients share one buffer: one norm, one scale
+                if is_distributed:
+                    # data-parallel: every rank applies the gradient of the mean loss over all ranks' samples
+                    distributed.allreduce_gradients(params, weight=len(advantages))
+                if fused is not None:  # its gradients share one buffer: one norm, one scale, one Adam step
                     grad_norm = fused.clip_grad_norm_(self.max_grad_norm)
+                    if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
+                        fused.optimizer_step()
                 else:
                     grad_norm = clip_grad_norm(params, self.max_grad_norm)
-                if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
-                    optimizer_step(self.policy.optimizer)
+                    if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
+                        optimizer_step(self.policy.optimizer)
             self._n_updates += 1
             if not continue_training:
                 break

@@ -172,3 +172,69 @@ class _NoCallback:
 
     def on_rollout_end(self):
         pass
+
+
+def _adam_pair(fused_reference):
+    torch.manual_seed(0)
+    policy = ActorCriticPolicy(OBS_SPACE, spaces.Discrete(3), lambda _: 1e-3)
+    reference = copy.deepcopy(policy)
+    reference.optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, eps=1e-5, fused=fused_reference)
+    return policy, reference
+
+
+@pytest.mark.parametrize("fused_reference", [True, False], ids=["fused", "foreach"])
+def test_flat_adam_is_torch_adam(fused_reference):
+    """FlatAdam's one update on flat buffers equals torch.optim.Adam's (fused and default
+    implementations, to rounding), keeps the state in the optimizer's state_dict and
+    takes loaded state back in."""
+    from agents.fast_mlp import FlatAdam
+
+    policy, reference = _adam_pair(fused_reference)
+    batch = random_batch(policy, policy.action_space)
+    kwargs = SETTINGS["clip+vf_clip+entropy"]
+    for step in range(6):
+        if step == 3:  # the optimizer's state replaced from outside: copied into the flat buffers again
+            policy.optimizer.load_state_dict(copy.deepcopy(policy.optimizer.state_dict()))
+        reference.optimizer.param_groups[0]["lr"] = policy.optimizer.param_groups[0]["lr"] = 1e-3 * (1 + step)
+        fused = FusedPPOLoss(policy)
+        assert isinstance(fused.flat_adam, FlatAdam)
+        fused.loss_and_grads(*batch, **kwargs)
+        grads = {name: p.grad.clone() for name, p in policy.named_parameters()}
+        fused.optimizer_step()
+        for name, p in reference.named_parameters():
+            p.grad = grads[name].clone()
+        reference.optimizer.step()
+        for (name, p), q in zip(policy.named_parameters(), reference.parameters()):
+            # the same formula; only the vectorised vs scalar rounding of the kernels differs
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    # the parameters and the state are views of the flat buffers, and the state_dict has it all
+    flat_param = policy.optimizer._flat_adam_layout[0]
+    assert all(p.data_ptr() >= flat_param.data_ptr() for p in policy.parameters())
+    ours, theirs = policy.optimizer.state_dict(), reference.optimizer.state_dict()
+    assert ours["state"].keys() == theirs["state"].keys()
+    for key, st in theirs["state"].items():
+        assert float(ours["state"][key]["step"]) == float(st["step"]) == 6
+        torch.testing.assert_close(ours["state"][key]["exp_avg"], st["exp_avg"], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(ours["state"][key]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+
+
+def test_flat_adam_not_used_where_it_does_not_apply():
+    from agents.fast_mlp import FlatAdam
+
+    policy = ActorCriticPolicy(OBS_SPACE, spaces.Discrete(3), lambda _: 1e-3)
+    grad = torch.zeros(sum(p.numel() for p in policy.parameters()))
+    params = list(policy.parameters())
+    assert FlatAdam.for_optimizer(policy.optimizer, params, grad) is not None
+    assert FlatAdam.for_optimizer(torch.optim.Adam(params, fused=True, amsgrad=True), params, grad) is None
+    assert FlatAdam.for_optimizer(torch.optim.Adam(params), params, grad) is None  # not the fused kernel
+    assert FlatAdam.for_optimizer(torch.optim.SGD(params, lr=0.1), params, grad) is None
+    assert FlatAdam.for_optimizer(policy.optimizer, params[::-1], grad) is None
+    # another optimizer still steps through the fused loss (agents.base.optimizer_step)
+    policy.optimizer = torch.optim.SGD(params, lr=0.1)
+    fused = FusedPPOLoss(policy)
+    assert fused.flat_adam is None
+    before = [p.detach().clone() for p in params]
+    fused.loss_and_grads(*random_batch(policy, policy.action_space), **SETTINGS["clip"])
+    fused.optimizer_step()
+    for p, b, g in zip(params, before, fused.grads.values()):
+        torch.testing.assert_close(p.detach(), b - 0.1 * g)

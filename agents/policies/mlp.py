@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from gymnasium import spaces
 from torch import nn
+from torch.nn import functional as F
 
 from agents.distributions import DiagGaussianDistribution, Distribution, make_proba_distribution
 from agents.policies.base import BasePolicy, Schedule
@@ -174,6 +175,22 @@ class ActorCriticPolicy(BasePolicy):
                 module.bias.data.fill_(0.0)
         if lr_schedule is not None:
             self.build_optimizer(lr_schedule)
+        self._lean = self._lean_forward_applies()
+
+    def _lean_forward_applies(self) -> bool:
+        """Whether :meth:`forward` may take the lean path: this class's own maths (not a
+        subclass's), stacked tanh/ReLU layers, Box observations, linear heads and a
+        Discrete or unsquashed Box action space."""
+        return (
+            type(self) is ActorCriticPolicy
+            and self.mlp_extractor.stacked
+            and type(self.mlp_extractor.activation) in (nn.Tanh, nn.ReLU)
+            and isinstance(self.observation_space, spaces.Box)
+            and isinstance(self.action_space, (spaces.Discrete, spaces.Box))
+            and not self.squash_output
+            and type(self.action_net) is nn.Linear
+            and type(self.value_net) is nn.Linear
+        )
 
     def extract_features(self, obs: Any) -> torch.Tensor:
         return preprocess_obs(obs, self.observation_space)
@@ -185,6 +202,8 @@ class ActorCriticPolicy(BasePolicy):
         return self.action_dist.proba_distribution(flat)
 
     def forward(self, obs: Any, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._lean and isinstance(obs, torch.Tensor):
+            return self._lean_forward(obs, deterministic)
         latent_pi, latent_vf = self.mlp_extractor(self.extract_features(obs))
         values = self.value_net(latent_vf)
         distribution = self._distribution(latent_pi)
@@ -192,6 +211,36 @@ class ActorCriticPolicy(BasePolicy):
         log_prob = distribution.log_prob(actions)
         actions = actions.reshape((-1, *self.action_space.shape))
         return actions, values, log_prob
+
+    def _lean_forward(self, obs: torch.Tensor, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s numbers (the same ops in the same order, so the same samples
+        for the same RNG state) without the module calls and distribution objects, which
+        cost more than the maths for the few rows of a rollout step."""
+        x = obs.reshape(obs.shape[0], -1)
+        if x.dtype != torch.float32:
+            x = x.float()
+        h = x.expand(2, -1, -1)
+        tanh = self.mlp_extractor._activation is torch.tanh
+        for w, b in self.mlp_extractor._layers:
+            h = torch.baddbmm(b, h, w)
+            h = h.tanh_() if tanh else h.relu_()
+        latent_pi, latent_vf = h.unbind(0)
+        values = F.linear(latent_vf, self.value_net.weight, self.value_net.bias)
+        flat = F.linear(latent_pi, self.action_net.weight, self.action_net.bias)
+        if isinstance(self.action_space, spaces.Discrete):
+            logits = torch.log_softmax(flat, dim=-1)
+            if deterministic:
+                actions = torch.argmax(logits, dim=-1)
+            else:  # Gumbel-max, as agents.distributions samples
+                noise = torch.rand_like(logits).clamp_(min=1e-20).log_().neg_().log_()
+                actions = torch.argmax(logits - noise, dim=-1)
+            log_prob = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+            return actions, values, log_prob
+        log_std = self.log_std.expand_as(flat)
+        actions = flat if deterministic else flat + torch.randn_like(flat) * log_std.exp()
+        z = (actions - flat) * torch.exp(-log_std)
+        log_prob = (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return actions.reshape((-1, *self.action_space.shape)), values, log_prob
 
     def evaluate_actions(self, obs: Any, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         latent_pi, latent_vf = self.mlp_extractor(self.extract_features(obs))
