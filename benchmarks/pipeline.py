@@ -33,7 +33,10 @@ from rlhf_env.data import load_preferences  # noqa: E402
 TASK = Path(__file__).resolve().parent.parent / "rlhf_env" / "assets" / "task"
 
 
-def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> dict:
+def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> list[dict]:
+    """Two rows against one TRL run: ours as it trains by default (steps of whole prompts,
+    each distinct response scored once: fewer forward passes for the same loss) and ours
+    pairwise (two inputs per pair, the computation TRL does). All weights trained on both sides."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -41,12 +44,14 @@ def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> di
     from rlhf_env.reward_model import RewardModel, RewardModelConfig, default_backbone_dir, train_reward_model
 
     backbone = default_backbone_dir()
-    # ours
-    rm = RewardModel.from_backbone(backbone, max_length=max_length)
-    cfg = RewardModelConfig(learning_rate=lr, batch_size=batch_size, epochs=1, max_length=max_length, warmup_ratio=0.0, weight_decay=0.0)
-    t0 = time.perf_counter()
-    train_reward_model(pairs, backbone=rm, config=cfg, progress=False)
-    ours_s = time.perf_counter() - t0
+    ours_s = {}
+    for grouped in (True, False):
+        rm = RewardModel.from_backbone(backbone, max_length=max_length)
+        cfg = RewardModelConfig(learning_rate=lr, batch_size=batch_size, epochs=1, max_length=max_length, warmup_ratio=0.0,
+                                weight_decay=0.0, group_by_prompt=grouped)
+        t0 = time.perf_counter()
+        train_reward_model(pairs, backbone=rm, config=cfg, progress=False)
+        ours_s[grouped] = time.perf_counter() - t0
 
     # TRL: sequence-classification head on the same backbone
     tok = AutoTokenizer.from_pretrained(backbone)
@@ -65,7 +70,10 @@ def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> di
         t0 = time.perf_counter()
         trainer.train()
         trl_s = time.perf_counter() - t0
-    return _row("reward model (all-MiniLM-L6-v2)", len(pairs), ours_s, n_trl, trl_s)
+    return [
+        _row("reward model (all-MiniLM-L6-v2), ours: by prompt, each response once", len(pairs), ours_s[True], n_trl, trl_s),
+        _row("reward model (all-MiniLM-L6-v2), ours: pairwise, as TRL", len(pairs), ours_s[False], n_trl, trl_s),
+    ]
 
 
 def bench_dpo(pairs, model_name: str, batch_size: int, max_length: int, lr: float, beta: float,
@@ -160,8 +168,9 @@ def main(argv=None) -> int:
     _warm_up()
     results = []
     if args.skip != "rm":
-        results.append(bench_reward_model(pairs, args.rm_batch_size, args.max_length, 5e-5))
-        print(json.dumps(results[-1]), flush=True)
+        for row in bench_reward_model(pairs, args.rm_batch_size, args.max_length, 5e-5):
+            results.append(row)
+            print(json.dumps(row), flush=True)
     if args.skip != "dpo":
         results.append(bench_dpo(pairs, args.dpo_model, args.dpo_batch_size, args.max_length, 5e-6, 0.1,
                                  args.dpo_trainable_layers, args.trl_precompute_ref))
