@@ -280,7 +280,7 @@ class GRPO(OnPolicyAlgorithm):
                         hidden, kept_mask, kept_split = kept
                         log_prob, entropy, _ = evaluate_kept(
                             policy.actor, hidden, kept_mask, kept_split, positions, targets, value_head=None,
-                            temperature=core.temperature, top_k=core.top_k, with_entropy=True,
+                            temperature=core.temperature, top_k=core.top_k, with_entropy=True, entropy_grad=self.ent_coef != 0,
                         )
                         if with_ref and split == kept_split:
                             self._reference_top_logprobs(trunk, split, hidden, kept_mask, micro, positions, targets)
@@ -293,7 +293,7 @@ class GRPO(OnPolicyAlgorithm):
                             captured = stack.enter_context(trunk.capture(split)) if split and with_ref else None
                             log_prob, entropy, _ = evaluate_tokens(
                                 policy.actor, ids, attn, positions, targets, value_head=None,
-                                temperature=core.temperature, top_k=core.top_k, with_entropy=True,
+                                temperature=core.temperature, top_k=core.top_k, with_entropy=True, entropy_grad=self.ent_coef != 0,
                             )
                         if captured is not None:
                             if "hidden" not in captured:

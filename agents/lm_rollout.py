@@ -227,6 +227,7 @@ def evaluate_tokens(
     temperature: float = 1.0,
     with_entropy: bool = True,
     top_k: int = 0,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One teacher-forced forward: log-probs (and entropies, values) of the target tokens.
 
@@ -244,12 +245,14 @@ def evaluate_tokens(
         ``softmax(logits / temperature)``, the distribution the actions were drawn from.
     :param with_entropy: also return the entropy of each predicted distribution.
     :param top_k: the env's top-k (0 = off), part of the sampling distribution.
+    :param entropy_grad: False computes the entropies without gradient (for logging only:
+        a loss with ``ent_coef = 0`` then skips their vocabulary-sized backward).
     :return: ``(logprobs, entropies, values)``, each ``(B, T)`` (the last two may be None).
     """
     trunk, head = _trunk_and_head(model)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
-    return _token_outputs(hidden, head, positions, targets, value_head, temperature, with_entropy, top_k)
+    return _token_outputs(hidden, head, positions, targets, value_head, temperature, with_entropy, top_k, entropy_grad)
 
 
 def _token_outputs(
@@ -261,6 +264,7 @@ def _token_outputs(
     temperature: float,
     with_entropy: bool,
     top_k: int,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs, entropies and values at ``positions`` of the decoder's normed last
     hidden state ``(B, L, H)`` (the tail of :func:`evaluate_tokens`)."""
@@ -270,7 +274,8 @@ def _token_outputs(
     logprobs = torch.gather(logp_all, -1, targets.unsqueeze(-1)).squeeze(-1)
     entropies = None
     if with_entropy:
-        entropies = -(logp_all.exp() * logp_all).sum(-1)
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropies = -(logp_all.exp() * logp_all).sum(-1)
     values = None
     if value_head is not None:
         values = value_head(h)
@@ -311,6 +316,7 @@ def evaluate_kept(
     temperature: float = 1.0,
     with_entropy: bool = True,
     top_k: int = 0,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """:func:`evaluate_tokens` from kept frozen-trunk states (:func:`kept_trunk_batch`):
     only blocks ``split ..``, the final norm and the head run (with gradients), on the
@@ -321,7 +327,7 @@ def evaluate_kept(
 
     parts = decoder_parts(_base_model(model))[0]
     h = top_hidden(parts, split, hidden, attention_mask)
-    return _token_outputs(h, parts["head"], positions, targets, value_head, temperature, with_entropy, top_k)
+    return _token_outputs(h, parts["head"], positions, targets, value_head, temperature, with_entropy, top_k, entropy_grad)
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -237,12 +237,12 @@ def train_text_ppo(algo: Any) -> None:
                 if kept is not None:  # the rollout kept the frozen trunk's output: only the top blocks run
                     log_prob, entropy, values = evaluate_kept(
                         policy.actor, *kept, positions, targets, value_head=policy._values,
-                        temperature=core.temperature, top_k=core.top_k,
+                        temperature=core.temperature, top_k=core.top_k, entropy_grad=algo.ent_coef != 0,
                     )
                 else:
                     log_prob, entropy, values = evaluate_tokens(
                         policy.actor, ids, attn, positions, targets, value_head=policy._values,
-                        temperature=core.temperature, top_k=core.top_k,
+                        temperature=core.temperature, top_k=core.top_k, entropy_grad=algo.ent_coef != 0,
                     )
                 old_log_prob = pad_field(micro, "old_logprobs", device)
                 advantages = pad_field(micro, "advantages", device)

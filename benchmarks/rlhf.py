@@ -14,8 +14,9 @@ time goes.
 2. **PPO phases.** One ``agents.PPO`` iteration on ``TextRLHF-v0`` split into: rollout
    (token-by-token generation with the actor's and the reference's KV caches, which
    yields the old and reference log-probabilities), scoring (the reward model), the
-   teacher-forced log-probability/value forwards of the update, and the rest of the update
-   (backward and optimizer steps).
+   teacher-forced log-probability/value forwards of the update (only the top blocks on the
+   kept trunk states when ``--train-layers k``), and the rest of the update (backward and
+   optimizer steps).
 
 Run: ``python -m benchmarks.rlhf`` (SmolLM2-135M, several minutes on 2 CPU cores) or
 ``--quick`` (the tiny model, seconds). ``rlhf-env bench rlhf`` runs the same.
@@ -37,7 +38,7 @@ import torch
 
 
 class TimedReward:
-    """A reward callable that adds up the time spent in it."""
+    """A reward callable that adds up the CPU time spent in it."""
 
     def __init__(self, fn: Any):
         self.fn = fn
@@ -45,9 +46,9 @@ class TimedReward:
         self.calls = 0
 
     def __call__(self, prompts, responses):
-        t = time.perf_counter()
+        t = time.process_time()
         out = self.fn(prompts, responses)
-        self.seconds += time.perf_counter() - t
+        self.seconds += time.process_time() - t
         self.calls += 1
         return out
 
@@ -171,7 +172,8 @@ def run_trl(model_dir: str, prompts: list[str], args: argparse.Namespace, n_step
 
 
 def ppo_phases(model_dir: str, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """Seconds of each phase of one PPO iteration (after a warm-up iteration)."""
+    """CPU seconds of each phase of one PPO iteration (after a warm-up iteration; CPU time,
+    as the GRPO comparison, so that other load on a shared machine does not count)."""
     import gymnasium as gym
 
     import agents.text_ppo as text_ppo
@@ -188,37 +190,41 @@ def ppo_phases(model_dir: str, prompts: list[str], args: argparse.Namespace) -> 
                 n_epochs=2, learning_rate=args.lr, gamma=1.0, seed=0, policy_kwargs=policy_kwargs,
                 rlhf={"kl_coef": 0.05, "target_kl": 6.0})
     timings = {"forward": 0.0}
-    original = text_ppo.evaluate_tokens
+    originals = {name: getattr(text_ppo, name) for name in ("evaluate_tokens", "evaluate_kept")}
 
-    def timed_evaluate(*a, **k):
-        t = time.perf_counter()
-        out = original(*a, **k)
-        timings["forward"] += time.perf_counter() - t
-        return out
+    def timed(fn):
+        def timed_evaluate(*a, **k):
+            t = time.process_time()
+            out = fn(*a, **k)
+            timings["forward"] += time.process_time() - t
+            return out
+        return timed_evaluate
 
     collect, train = model.collect_rollouts, model.train
     phase = {}
 
     def timed_collect(*a, **k):
-        t = time.perf_counter()
+        t = time.process_time()
         out = collect(*a, **k)
-        phase["collect"] = time.perf_counter() - t
+        phase["collect"] = time.process_time() - t
         return out
 
     def timed_train():
-        t = time.perf_counter()
+        t = time.process_time()
         train()
-        phase["train"] = time.perf_counter() - t
+        phase["train"] = time.process_time() - t
 
     model.collect_rollouts, model.train = timed_collect, timed_train
-    text_ppo.evaluate_tokens = timed_evaluate
+    for name, fn in originals.items():  # the full teacher-forced forward or the top blocks on kept states
+        setattr(text_ppo, name, timed(fn))
     try:
         steps = n_envs * (args.max_new_tokens + 1)
         model.learn(steps)  # warm-up
         reward.seconds, timings["forward"] = 0.0, 0.0
         model.learn(steps, reset_num_timesteps=False)
     finally:
-        text_ppo.evaluate_tokens = original
+        for name, fn in originals.items():
+            setattr(text_ppo, name, fn)
     env.close()
     tokens = sum(len(s) for s in model._segments)
     return {
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             results["ppo_phases"] = phases
             tokens = phases.pop("tokens")
             total = sum(phases.values())
-            print(f"PPO iteration ({tokens} response tokens, {args.prompts_per_step * args.group} envs): {total:.2f}s")
+            print(f"PPO iteration ({tokens} response tokens, {args.prompts_per_step * args.group} envs): {total:.2f} CPU s")
             for name, sec in phases.items():
                 print(f"  {name:55s} {sec:7.2f}s  {100 * sec / total:5.1f}%")
     if args.json:

@@ -215,3 +215,22 @@ def test_same_step_autoreset_and_the_sb3_vec_env_adapter(tiny_lm_dir, tiny_promp
         assert obs["attention_mask"][i].sum() == len(venv.reset_infos[i]["prompt_ids"])
     with pytest.raises(ValueError, match="SameStep"):
         SB3VecEnv(make_vec(tiny_lm_dir, tiny_prompts, length_reward))
+
+
+def test_params_version_sees_parameters_added_later():
+    """The env's staleness check (params_version) caches the parameter list: a module or a
+    parameter registered later (LoRA injection, a new head) must still count."""
+    from envs.lm_core import params_version
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    version = params_version(model)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert params_version(model) == version + 1
+    model.append(torch.nn.Linear(2, 2))  # add_module
+    model[0].extra = torch.nn.Parameter(torch.zeros(1))  # setattr of a Parameter
+    version = params_version(model)
+    with torch.no_grad():
+        model[1].bias.add_(1.0)
+        model[0].extra.add_(1.0)
+    assert params_version(model) == version + 2
