@@ -238,3 +238,28 @@ def test_flat_adam_not_used_where_it_does_not_apply():
     fused.optimizer_step()
     for p, b, g in zip(params, before, fused.grads.values()):
         torch.testing.assert_close(p.detach(), b - 0.1 * g)
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("action_space", [spaces.Discrete(3), spaces.Box(-1.0, 1.0, (2,), np.float32)], ids=["discrete", "box"])
+def test_lean_rollout_forward_equals_the_general_one(action_space, activation):
+    """The rollout's lean forward of ActorCriticPolicy gives the general path's actions,
+    values and log-probs, the same samples for the same RNG state."""
+    policy = ActorCriticPolicy(OBS_SPACE, action_space, lambda _: 1e-3, activation_fn=activation)
+    assert policy._lean
+    obs = torch.randn(8, 4)
+    for deterministic in (False, True):
+        torch.manual_seed(3)
+        lean = policy(obs, deterministic)
+        policy._lean = False
+        torch.manual_seed(3)
+        general = policy(obs, deterministic)
+        policy._lean = True
+        for a, b in zip(lean, general):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.equal(a, b)
+
+    class Custom(ActorCriticPolicy):  # a subclass may change the maths: general path
+        pass
+
+    assert not Custom(OBS_SPACE, action_space, lambda _: 1e-3)._lean

@@ -176,6 +176,13 @@ class ActorCriticPolicy(BasePolicy):
         if lr_schedule is not None:
             self.build_optimizer(lr_schedule)
         self._lean = self._lean_forward_applies()
+        # the parameters the lean path reads (nn.Module attribute lookups cost more than its
+        # small ops); the Parameter objects stay the same through .to() and load_state_dict
+        self._lean_params = (
+            self.mlp_extractor._layers, self.mlp_extractor._activation is torch.tanh,
+            self.value_net.weight, self.value_net.bias, self.action_net.weight, self.action_net.bias,
+        ) if self._lean else None
+        self._lean_discrete = isinstance(action_space, spaces.Discrete)
 
     def _lean_forward_applies(self) -> bool:
         """Whether :meth:`forward` may take the lean path: this class's own maths (not a
@@ -216,18 +223,17 @@ class ActorCriticPolicy(BasePolicy):
         """:meth:`forward`'s numbers (the same ops in the same order, so the same samples
         for the same RNG state) without the module calls and distribution objects, which
         cost more than the maths for the few rows of a rollout step."""
+        layers, tanh, value_w, value_b, action_w, action_b = self._lean_params
         x = obs.reshape(obs.shape[0], -1)
         if x.dtype != torch.float32:
             x = x.float()
         h = x.expand(2, -1, -1)
-        tanh = self.mlp_extractor._activation is torch.tanh
-        for w, b in self.mlp_extractor._layers:
+        for w, b in layers:
             h = torch.baddbmm(b, h, w)
             h = h.tanh_() if tanh else h.relu_()
-        latent_pi, latent_vf = h.unbind(0)
-        values = F.linear(latent_vf, self.value_net.weight, self.value_net.bias)
-        flat = F.linear(latent_pi, self.action_net.weight, self.action_net.bias)
-        if isinstance(self.action_space, spaces.Discrete):
+        values = F.linear(h[1], value_w, value_b)
+        flat = F.linear(h[0], action_w, action_b)
+        if self._lean_discrete:
             logits = torch.log_softmax(flat, dim=-1)
             if deterministic:
                 actions = torch.argmax(logits, dim=-1)
