@@ -309,7 +309,7 @@ def make_pairs(
     return rows
 
 
-def pairs_from_samples(split: str, margin: float = 0.3, out_dir: Path = TASK_DIR) -> list[dict]:
+def pairs_from_samples(split: str, margin: float = 0.3, out_dir: Path = TASK_DIR, max_per_prompt: int | None = None) -> list[dict]:
     """Rebuild ``pairs_{split}.jsonl`` from the shipped ``samples_{split}.jsonl`` (no sampling).
 
     :return: the pairs written
@@ -319,7 +319,7 @@ def pairs_from_samples(split: str, margin: float = 0.3, out_dir: Path = TASK_DIR
     for row in samples:
         by_prompt.setdefault(row["prompt"], []).append((row["response"], row["score"]))
     prompts = list(by_prompt)
-    pairs = make_pairs(prompts, [[r for r, _ in by_prompt[p]] for p in prompts], [[s for _, s in by_prompt[p]] for p in prompts], margin)
+    pairs = make_pairs(prompts, [[r for r, _ in by_prompt[p]] for p in prompts], [[s for _, s in by_prompt[p]] for p in prompts], margin, max_per_prompt)
     _write_jsonl(out_dir / f"pairs_{split}.jsonl", pairs)
     return pairs
 
@@ -337,8 +337,13 @@ def build_pairs(
     seed: int = 0,
     device: str = "cpu",
     out_dir: Path = TASK_DIR,
+    round_size: int = 4,
+    max_per_prompt: int | None = None,
 ) -> dict:
     """Sample, score and pair responses for both prompt splits; write the JSON Lines files.
+
+    Responses are sampled in rounds of ``round_size`` per prompt (see the code for seeds);
+    pairs are made by :func:`make_pairs` with ``margin`` and ``max_per_prompt``.
 
     Writes ``samples_{split}.jsonl`` (every sampled response with its score) and
     ``pairs_{split}.jsonl`` (the preference pairs) for ``split`` in train/test.
@@ -353,9 +358,14 @@ def build_pairs(
     summary: dict = {"model": model_name, "num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed}
     for split, prompts, split_seed in (("train", train, seed), ("test", test, seed + 1)):
         t0 = time.time()
-        responses = sample_responses(
-            model, tokenizer, prompts, num_samples, max_new_tokens, batch_size, seed=split_seed, device=device
-        )
+        # rounds of `round_size` samples per prompt, round r seeded split_seed + 2r: the first
+        # round is the same whatever num_samples, so a larger set extends a smaller one
+        responses = [[] for _ in prompts]
+        for r in range(-(-num_samples // round_size)):
+            k = min(round_size, num_samples - r * round_size)
+            got = sample_responses(model, tokenizer, prompts, k, max_new_tokens, batch_size, seed=split_seed + 2 * r, device=device)
+            for mine, new in zip(responses, got):
+                mine.extend(new)
         flat = [r for rs in responses for r in rs]
         flat_scores = vader_scores(flat)
         scores = [flat_scores[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
@@ -364,7 +374,7 @@ def build_pairs(
             for p, rs, ss in zip(prompts, responses, scores)
             for r, s in zip(rs, ss)
         ]
-        pairs = make_pairs(prompts, responses, scores, margin=margin)
+        pairs = make_pairs(prompts, responses, scores, margin=margin, max_per_prompt=max_per_prompt)
         _write_jsonl(out_dir / f"samples_{split}.jsonl", samples)
         _write_jsonl(out_dir / f"pairs_{split}.jsonl", pairs)
         summary[split] = {
@@ -390,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response at most (default: 48)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (default: 16)")
     parser.add_argument("--margin", type=float, default=0.3, help="least VADER score difference of a pair (default: 0.3)")
+    parser.add_argument("--max-per-prompt", type=int, default=None, help="pairs per prompt at most, largest differences first (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a shared machine)")
@@ -404,10 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_samples:
         for split in ("train", "test"):
-            print(split, len(pairs_from_samples(split, args.margin, args.out_dir)), "pairs")
+            print(split, len(pairs_from_samples(split, args.margin, args.out_dir, args.max_per_prompt)), "pairs")
         return 0
     summary = build_pairs(
-        args.model, args.num_samples, args.max_new_tokens, args.batch_size, args.margin, args.seed, args.device, args.out_dir
+        args.model, args.num_samples, args.max_new_tokens, args.batch_size, args.margin, args.seed, args.device, args.out_dir,
+        max_per_prompt=args.max_per_prompt,
     )
     print(json.dumps(summary))
     return 0
