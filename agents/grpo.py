@@ -184,6 +184,7 @@ class GRPO(OnPolicyAlgorithm):
         set_env_kl_coef(self.env, 0.0)
         # ... so the rollout needs no reference forward: train() scores whole responses once
         text_env.reference_logprobs = False
+        text_env.keep_trunk = True  # the frozen trunk's output of every token, for the update
         self.n_steps = int(text_env.max_new_tokens) + 1
 
     def _setup_model(self) -> None:

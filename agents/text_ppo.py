@@ -146,7 +146,18 @@ def setup_text_state(algo: Any, config: RLHFConfig) -> TextPPOState:
     state = TextPPOState(config, get_env_kl_coef(algo.env) if algo.env is not None else None)
     if algo.env is not None and (config.kl_coef is not None or config.target_kl is not None):
         set_env_kl_coef(algo.env, state.kl_controller.value)
+    keep_trunk_states(algo.env)
     return state
+
+
+def keep_trunk_states(env: Any) -> None:
+    """Have the batched text env behind ``env`` keep the actor's frozen-trunk states from
+    its next prefill on (for :func:`agents.lm_rollout.evaluate_kept`); other envs: nothing."""
+    from agents.lm_rollout import find_text_env
+
+    text_env = find_text_env(env) if env is not None else None
+    if text_env is not None and hasattr(text_env, "num_envs") and hasattr(text_env, "keep_trunk"):
+        text_env.keep_trunk = True
 
 
 def shape_scores(segments: list[TextSegment], state: TextPPOState) -> None:

@@ -284,6 +284,7 @@ class LMCore:
         self.hits = 0
         self.misses = 0
         self._trunk = None
+        self._contexts: "weakref.WeakSet[Contexts]" = weakref.WeakSet()
 
     @property
     def device(self) -> torch.device:
@@ -330,12 +331,30 @@ class LMCore:
             return None
         return entry[1], entry[2]
 
+    def register_contexts(self, contexts: "Contexts") -> None:
+        """Let :meth:`actor_features` bring ``contexts`` up to date after an actor update."""
+        self._contexts.add(contexts)
+
+    def _refresh_contexts(self, version: int, keys: set[tuple]) -> bool:
+        """Refresh the live contexts that hold one of the contexts ``keys`` and whose actor
+        cache predates ``version``; whether any was."""
+        refreshed = False
+        for contexts in list(self._contexts):
+            if contexts.actor.cache is not None and contexts.actor.version != version:
+                if any(tuple(ids) in keys for ids in contexts.ids):
+                    contexts.refresh()
+                    refreshed = True
+        return refreshed
+
     def actor_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden state and raw next-token logits of each observation row.
 
         Rows are the env's observations: tokens left-aligned, then padding (mask 0). Without
-        gradients each row is first looked up in :attr:`step_cache`; misses (and every row
-        when gradients are on) get one batched forward without cache.
+        gradients each row is first looked up in :attr:`step_cache`; when rows miss because
+        the actor changed since the env's contexts were computed (the first step after an
+        update), the env's contexts are refreshed first (what its next step would do anyway)
+        and looked up again; remaining misses (and every row when gradients are on) get one
+        batched forward without cache.
 
         :return: ``(hidden (B, H), logits (B, vocab))``
         """
@@ -355,6 +374,18 @@ class LMCore:
                     missing.append(row)
                 else:
                     hidden[row], logits[row] = found
+            if missing and self._refresh_contexts(version, {seqs[row] for row in missing}):
+                # the actor changed since the env's last forward (an update): the env's
+                # contexts were brought up to date (cheaply, see Contexts._refresh_top) and
+                # stored their logits; look the misses up again
+                still = []
+                for row in missing:
+                    found = self.lookup(seqs[row], version)
+                    if found is None:
+                        still.append(row)
+                    else:
+                        hidden[row], logits[row] = found
+                missing = still
             self.hits += len(seqs) - len(missing)
         self.misses += len(missing)
         if missing:
@@ -542,6 +573,7 @@ class Contexts:
         self._kept: list[list[torch.Tensor] | None] = [None] * n
         self._kept_len = [0] * n
         core.reserve(n)
+        core.register_contexts(self)
 
     def set_reference(self, enabled: bool) -> None:
         """Switch the per-token reference forward on or off. Switching it back on rebuilds
@@ -623,6 +655,12 @@ class Contexts:
         actor_done, ref_done = self._refresh()  # a rebuild already covers the new prompts
         self._prefill_rows(rows, actor=not actor_done, ref=not ref_done)
 
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Bring the caches up to date with the current actor (what the next forward does
+        first); the next-token logits of every context land in the core's step cache."""
+        self._refresh(check_split=False)
+
     def _refresh(self, check_split: bool = True) -> tuple[bool, bool]:
         """Before a forward: re-check the reference's shared trunk and the actor's weights,
         and re-prefill every context of the model(s) whose cache is stale.
@@ -642,6 +680,10 @@ class Contexts:
         split = self.trunk.split() if share else 0
         changed = split != self.shared_blocks
         if not (stale or changed):
+            return False, False
+        if stale and not changed and self._refresh_top():
+            # only the actor's top blocks changed: their KV recomputed in place from the kept
+            # trunk states, same layout (the reference's cache stays valid); nothing advanced
             return False, False
         self.shared_blocks = self.ref.offset = split
         # on a shared trunk both caches are rebuilt together so their layouts stay equal
@@ -710,6 +752,48 @@ class Contexts:
             self._kept_len = [0] * self.n
         self.keep_split, self._keep_sig = split, sig
         return split
+
+    @torch.no_grad()
+    def _refresh_top(self) -> bool:
+        """After an update of the actor's top blocks only (its lower blocks still make the
+        kept states, same :func:`envs.trunk_states.frozen_signature`), recompute the KV of
+        blocks :attr:`keep_split` .. of every cached token and the next-token logits from
+        the kept trunk states, in the cache's own column layout, instead of re-prefilling
+        every context through the whole model. False (nothing done) unless every cached
+        token's state was kept."""
+        from envs.reference import new_cache
+        from envs.trunk_states import frozen_signature, top_hidden
+
+        split, state, core = self.keep_split, self.actor, self.core
+        if not split or state.cache is None or state.mask is None or self.actor.offset != 0:
+            return False
+        if frozen_signature(self._actor_parts, split) != self._keep_sig:
+            return False
+        counts = state.mask.sum(-1).tolist()
+        rows = [row for row in range(self.n) if counts[row]]
+        if not rows or any(self._kept[row] is None or self._kept_len[row] != counts[row] for row in rows):
+            return False
+        mask = state.mask
+        keep = mask.bool()
+        parts = self._actor_parts
+        states = torch.cat([chunk for row in rows for chunk in self._kept[row]])
+        hidden = states.new_zeros((*mask.shape, states.shape[-1]))
+        hidden[keep] = states.reshape(-1, states.shape[-1])
+        cache = new_cache(None, split)
+        out = top_hidden(parts, split, hidden, mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache)
+        layers = _cache_layers(state.cache)
+        kv_keep = keep[:, None, :, None]
+        for layer, new in zip(layers[split:], _cache_layers(cache)):
+            layer.keys = torch.where(kv_keep, new.keys, 0.0)
+            layer.values = torch.where(kv_keep, new.values, 0.0)
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # each row's last real column
+        idx = torch.as_tensor(rows, device=mask.device)
+        h_last = out[idx, last[idx]]
+        logits = parts["head"](h_last[:, None])[:, -1]
+        self._set_next(state, rows, logits, h_last)
+        state.version = core.version()
+        core.store([tuple(self.ids[row][: counts[row]]) for row in rows], state.version, h_last, logits)
+        return True
 
     def kept_states(self, row: int, ids: Sequence[int]) -> tuple[torch.Tensor, tuple] | None:
         """``(states, signature)``: the actor's input of block :attr:`keep_split` for the

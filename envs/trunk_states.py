@@ -93,12 +93,20 @@ def _top_layers(parts: dict[str, Any], split: int) -> Iterator[None]:
         inner.layers = full
 
 
-def top_hidden(parts: dict[str, Any], split: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def top_hidden(
+    parts: dict[str, Any], split: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None, cache: Any = None,
+) -> torch.Tensor:
     """The decoder's normed last hidden state ``(B, L, H)`` from the input of block ``split``:
-    ``model.model(inputs_embeds=hidden)`` with only blocks ``split ..`` (right padding,
-    default positions, as a teacher-forced forward over ``input_ids``)."""
+    ``model.model(inputs_embeds=hidden)`` with only blocks ``split ..`` (default positions,
+    as a right-padded teacher-forced forward over ``input_ids``, unless ``position_ids``).
+
+    :param cache: a KV cache for blocks ``split ..`` (:func:`envs.reference.new_cache` with
+        ``offset=split``) to fill, or None (no cache)
+    """
     with _top_layers(parts, split):
-        out = parts["inner"](inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
+        out = parts["inner"](inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                             cache=cache, use_cache=cache is not None)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 

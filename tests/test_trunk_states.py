@@ -125,3 +125,48 @@ def test_equal_prompts_are_prefilled_once_with_the_same_numbers(tiny_lm_dir, tin
             info = single.step(np.array([a[row]]))[4]
             for key in ("logprob", "ref_logprob"):
                 assert info[key][0] == pytest.approx(infos[step][key][row], abs=1e-5)
+
+
+def test_update_of_the_top_blocks_refreshes_only_their_cache(tiny_lm_dir, tiny_prompts, length_reward):
+    """After an update that changed only the top block, the env recomputes that block's KV
+    from the kept trunk states (no full re-prefill); the log-probs it then charges equal a
+    full forward of the updated actor, and the reference's stay exact."""
+    from envs.lm_core import Contexts, sampling_log_probs
+
+    env = gym.make_vec("TextRLHF-v0", num_envs=3, model=str(tiny_lm_dir), reward_model=length_reward,
+                       prompts=tiny_prompts, max_new_tokens=8, kl_coef=0.1, temperature=0.8, shared_model=False)
+    text_env = env.unwrapped
+    set_trainable(text_env.actor, 1)
+    text_env.keep_trunk = True
+    text_env.reset(seed=0)
+    for actions in ([5, 6, 7], [8, 9, 10]):
+        env.step(np.array(actions))
+    with torch.no_grad():
+        text_env.actor.model.layers[1].mlp.down_proj.weight.mul_(1.3)  # the trainable top block
+    results = []
+    original = Contexts._refresh_top
+
+    def spy(self):
+        results.append(original(self))
+        return results[-1]
+
+    Contexts._refresh_top = spy
+    try:
+        contexts_before = [list(ids) for ids in text_env.contexts.ids]
+        info = env.step(np.array([11, 12, 13]))[4]
+    finally:
+        Contexts._refresh_top = original
+    assert results == [True]
+    for row, ids in enumerate(contexts_before):
+        with torch.no_grad():
+            actor = sampling_log_probs(text_env.actor(input_ids=torch.tensor([ids])).logits[0, -1], 0.8)
+            ref = sampling_log_probs(text_env.reference(input_ids=torch.tensor([ids])).logits[0, -1], 0.8)
+        assert info["logprob"][row] == pytest.approx(float(actor[11 + row]), abs=1e-5)
+        assert info["ref_logprob"][row] == pytest.approx(float(ref[11 + row]), abs=1e-5)
+    # and the next step continues from the refreshed cache
+    info = env.step(np.array([14, 15, 16]))[4]
+    for row in range(3):
+        ids = text_env.contexts.ids[row][:-1]
+        with torch.no_grad():
+            actor = sampling_log_probs(text_env.actor(input_ids=torch.tensor([ids])).logits[0, -1], 0.8)
+        assert info["logprob"][row] == pytest.approx(float(actor[14 + row]), abs=1e-5)
