@@ -14,6 +14,8 @@ The functions here are pure (tensors in, tensors out) so that they can be tested
 * :class:`TextSegment`: one response (or part of one) with its per-token rollout data.
 * :func:`token_gae`: GAE over the tokens of a segment.
 * :func:`evaluate_segments`: the teacher-forced forward.
+* :func:`kept_trunk_batch` / :func:`evaluate_kept`: the same forward from the frozen lower
+  blocks' output that the rollout kept (only the trainable top blocks run).
 * :func:`group_advantages`: GRPO's group-normalised score advantages.
 """
 

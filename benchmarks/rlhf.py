@@ -18,6 +18,9 @@ time goes.
    kept trunk states when ``--train-layers k``), and the rest of the update (backward and
    optimizer steps).
 
+3. **Demo PPO iterations** (``--demo-iterations N``): CPU seconds per PPO iteration with
+   the settings of ``rlhf-env demo`` (:class:`rlhf_env.demo.DemoConfig`).
+
 Run: ``python -m benchmarks.rlhf`` (SmolLM2-135M, several minutes on 2 CPU cores) or
 ``--quick`` (the tiny model, seconds). ``rlhf-env bench rlhf`` runs the same.
 """
@@ -236,6 +239,54 @@ def ppo_phases(model_dir: str, prompts: list[str], args: argparse.Namespace) -> 
     }
 
 
+def demo_ppo_iterations(n_iterations: int) -> dict[str, float]:
+    """CPU seconds per PPO iteration with the demo's settings (:class:`rlhf_env.demo.DemoConfig`:
+    SmolLM2, its reward, 16 envs, ``n_steps`` 25, 24 new tokens, the top 4 blocks, minibatches
+    of 96 tokens, 4 epochs), medians over ``n_iterations`` after a warm-up iteration."""
+    import gymnasium as gym
+
+    import rlhf_env  # noqa: F401
+    from agents import PPO
+    from agents.text_ppo import RLHFConfig
+    from rlhf_env.demo import DemoConfig, _resolve_demo_reward
+
+    cfg = DemoConfig()
+    reward, _ = _resolve_demo_reward(cfg.reward, cfg.device, lambda *a: None)
+    env = gym.make_vec("TextRLHF-v0", num_envs=cfg.num_envs, model=cfg.model, reward_model=reward, prompts=cfg.prompts,
+                       max_new_tokens=cfg.max_new_tokens, kl_coef=cfg.kl_coef, temperature=cfg.temperature)
+    policy_kwargs = {"train_layers": cfg.train_layers} if cfg.lora is None else {"lora": dict(cfg.lora)}
+    model = PPO("LMPolicy", env, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
+                n_epochs=cfg.n_epochs, gamma=1.0, gae_lambda=0.95, clip_range=0.2, vf_coef=0.5, ent_coef=0.0,
+                max_grad_norm=1.0, seed=cfg.seed, policy_kwargs=policy_kwargs,
+                rlhf=RLHFConfig(kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, kl_horizon=cfg.kl_horizon,
+                                score_norm=cfg.score_norm))
+    phase: dict[str, float] = {}
+    collect, train = model.collect_rollouts, model.train
+
+    def timed_collect(*a, **k):
+        t = time.process_time()
+        out = collect(*a, **k)
+        phase["collect"] = time.process_time() - t
+        return out
+
+    def timed_train():
+        t = time.process_time()
+        train()
+        phase["train"] = time.process_time() - t
+
+    model.collect_rollouts, model.train = timed_collect, timed_train
+    rows = []
+    for i in range(n_iterations + 1):
+        c = time.process_time()
+        model.learn(cfg.num_envs * cfg.n_steps, reset_num_timesteps=i == 0)
+        rows.append((time.process_time() - c, phase["collect"], phase["train"]))
+        print(f"  demo PPO iteration {i}{' (warm-up)' if i == 0 else ''}: {rows[-1][0]:.2f} CPU s "
+              f"(rollout {rows[-1][1]:.2f}, update {rows[-1][2]:.2f})", flush=True)
+    env.close()
+    median = lambda j: statistics.median(r[j] for r in rows[1:])  # noqa: E731
+    return {"iteration_s": median(0), "rollout_s": median(1), "update_s": median(2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the tiny model (seconds instead of minutes)")
@@ -253,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-ppo", action="store_true")
+    parser.add_argument("--demo-iterations", type=int, default=0,
+                        help="also time this many PPO iterations with the demo's settings (SmolLM2, after a warm-up)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.train_layers = None if str(args.train_layers) == "all" else int(args.train_layers)
@@ -295,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"PPO iteration ({tokens} response tokens, {args.prompts_per_step * args.group} envs): {total:.2f} CPU s")
             for name, sec in phases.items():
                 print(f"  {name:55s} {sec:7.2f}s  {100 * sec / total:5.1f}%")
+    if args.demo_iterations:
+        demo = demo_ppo_iterations(args.demo_iterations)
+        results["demo_ppo"] = demo
+        print(f"PPO iteration with the demo's settings (median CPU s): {demo['iteration_s']:.2f} "
+              f"(rollout {demo['rollout_s']:.2f}, update {demo['update_s']:.2f})", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2, default=str)

@@ -16,6 +16,7 @@ SAME_STEP layout; :class:`envs.wrappers.SB3VecEnv` relies on it).
 Setting :attr:`TextRLHFVectorEnv.autoreset` to False (GRPO does, during its rollout)
 keeps a finished sub-env idle instead: its actions are ignored, it is not re-prefilled
 with a new prompt, and it returns reward 0 and its final observation until ``reset()``.
+A step in which every sub-env still running finishes then runs no forward at all.
 
 ``reference_logprobs=False`` (or setting the attribute of that name between rollouts) runs
 no reference forward at all during the rollout: the info then has no ``ref_logprob`` and
@@ -224,7 +225,14 @@ class TextRLHFVectorEnv(VectorEnv):
             else:
                 advanced.append(row)
                 advanced_tokens.append(token)
-        self.contexts.advance(advanced, advanced_tokens)
+        if advanced and not self.autoreset and len(finished) == len(advanced):
+            # every row this step feeds ends here and none restarts (autoreset off): no forward
+            # would ever be read, so the tokens are only appended (as generate stops after its
+            # last token); a later policy forward on these final observations is a cache miss
+            for row, token in zip(advanced, advanced_tokens):
+                self.contexts.ids[row].append(token)
+        else:
+            self.contexts.advance(advanced, advanced_tokens)
         if finished:
             responses = [self._decode(self._responses[row]) for row in finished]
             prompts = [self._prompts[row] for row in finished]

@@ -234,3 +234,21 @@ def test_params_version_sees_parameters_added_later():
         model[1].bias.add_(1.0)
         model[0].extra.add_(1.0)
     assert params_version(model) == version + 2
+
+
+def test_without_autoreset_the_step_that_ends_every_running_row_runs_no_forward(tiny_lm_dir, tiny_prompts, length_reward):
+    envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward, max_new_tokens=3)
+    envs.autoreset = False
+    calls = []
+    envs.actor.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    envs.reset(seed=0)
+    eos = envs.core.tokenizer.eos_token_id
+    envs.step(np.array([eos, 5, 6]))  # sub-env 0 ends; the others go on: one forward
+    envs.step(np.array([7, 8, 9]))  # sub-env 0 idle: one forward
+    assert len(calls) == 3
+    obs, rewards, terminated, _, infos = envs.step(np.array([7, 10, 11]))  # the last two end together
+    assert len(calls) == 3  # nothing would read that forward
+    assert terminated.tolist() == [False, True, True] and infos["_score"].tolist() == [False, True, True]
+    for row, last in ((1, 10), (2, 11)):  # the final observations hold the last tokens
+        n = int(obs["attention_mask"][row].sum())
+        assert obs["input_ids"][row][n - 1] == last and n == len(envs.contexts.ids[row])
