@@ -890,23 +890,36 @@ class Contexts:
 
     def _step(self, state: _ModelState, model: nn.Module, rows: list[int], tokens: list[int], hidden: bool) -> None:
         """One incremental forward of ``model`` over all rows."""
+        from envs.reference import decode_head
+
         feed, mask, position_ids, idx = self._feed(state, rows, tokens)
+        parts = self._actor_parts if state is self.actor else None
         with contextlib.ExitStack() as stack:
             box = self._keep_capture(stack) if state is self.actor else None
-            out = model(
-                input_ids=feed,
-                attention_mask=mask,
-                position_ids=position_ids,
-                cache=state.cache,
-                use_cache=True,
-                output_hidden_states=hidden,
-            )
+            if parts is not None:
+                # decoder, then the head on the last position (logits = head(norm(h)) for the
+                # supported models; see decode_head)
+                out = parts["inner"](input_ids=feed, attention_mask=mask, position_ids=position_ids,
+                                     cache=state.cache, use_cache=True)
+                last = out.last_hidden_state[:, -1:]
+                logits, last_hidden = decode_head(parts["head"], last)[:, -1], last[:, -1]
+            else:
+                out = model(
+                    input_ids=feed,
+                    attention_mask=mask,
+                    position_ids=position_ids,
+                    cache=state.cache,
+                    use_cache=True,
+                    output_hidden_states=hidden,
+                )
+                logits = out.logits[:, -1]
+                last_hidden = out.hidden_states[-1][:, -1] if hidden else None
         self._keep_step(rows, box)
         state.cache = _output_cache(out)
         state.mask = mask
-        state.logits[idx] = out.logits[idx, -1].to(state.logits.dtype)
+        state.logits[idx] = logits[idx].to(state.logits.dtype)
         if hidden:
-            state.hidden[idx] = out.hidden_states[-1][idx, -1].to(state.hidden.dtype)
+            state.hidden[idx] = last_hidden[idx].to(state.hidden.dtype)
         # rows fed a masked pad keep a dead column; columns dead in every row are dropped
         self._trim(state)
 

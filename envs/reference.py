@@ -38,6 +38,7 @@ the full reference.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -273,9 +274,32 @@ class SharedTrunk:
         vocabulary-sized weight once instead of twice (on a memory-bound device the head
         costs as much as several decoder blocks)."""
         if self.fused_head:
-            logits = self.actor_parts["head"](torch.cat([actor_hidden, ref_hidden.to(actor_hidden.dtype)]))[:, -1]
+            logits = decode_head(self.actor_parts["head"], torch.cat([actor_hidden, ref_hidden.to(actor_hidden.dtype)]))[:, -1]
             return logits[: actor_hidden.shape[0]], logits[actor_hidden.shape[0] :]
-        return self.actor_parts["head"](actor_hidden)[:, -1], self.ref_parts["head"](ref_hidden)[:, -1]
+        return decode_head(self.actor_parts["head"], actor_hidden)[:, -1], decode_head(self.ref_parts["head"], ref_hidden)[:, -1]
+
+
+_HEAD_T: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int, int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def decode_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)`` for the few rows of an incremental step. On CPU a bias-free linear
+    head is applied as ``hidden @ W^T`` with ``W^T`` kept as a contiguous ``(H, vocab)``
+    copy (rebuilt whenever the weight changes: new tensor, in-place version): for 4 rows of
+    SmolLM2's 49k x 576 head this takes about 14 ms instead of 18 ms (float rounding aside,
+    the same numbers). Elsewhere, or with gradients on, it is ``head(hidden)``."""
+    weight = getattr(head, "weight", None)
+    if (
+        type(head) is not nn.Linear or head.bias is not None or weight is None or weight.device.type != "cpu"
+        or torch.is_grad_enabled() and weight.requires_grad
+    ):
+        return head(hidden)
+    key = (id(weight), weight.data_ptr(), weight._version)
+    cached = _HEAD_T.get(head)
+    if cached is None or cached[:3] != key:
+        cached = _HEAD_T[head] = (*key, weight.detach().t().contiguous())
+    return hidden.to(weight.dtype) @ cached[3]
 
 
 def _same_params(a: nn.Module, b: nn.Module) -> bool:

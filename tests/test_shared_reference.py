@@ -239,3 +239,20 @@ def test_smollm2_shared_trunk_matches_full_reference():
         check_step(step_info, range(2), contexts, actions, envs.actor, envs.reference, 0.05, rewards)
         for c, a in zip(contexts, actions):
             c.append(int(a))
+
+
+def test_decode_head_equals_the_head_and_follows_weight_changes():
+    from envs.reference import decode_head
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False)
+    x = torch.randn(4, 1, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(decode_head(head, x), head(x), atol=1e-5, rtol=1e-5)
+        head.weight.mul_(2.0)  # in place: the transposed copy must be rebuilt
+        torch.testing.assert_close(decode_head(head, x), head(x), atol=1e-5, rtol=1e-5)
+        head.weight = torch.nn.Parameter(torch.randn(300, 16))  # a new tensor
+        torch.testing.assert_close(decode_head(head, x), head(x), atol=1e-5, rtol=1e-5)
+    biased = torch.nn.Linear(16, 300)
+    with torch.no_grad():
+        assert torch.equal(decode_head(biased, x), biased(x))  # other heads: the module itself

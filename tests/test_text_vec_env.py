@@ -137,8 +137,9 @@ def test_weight_update_mid_rollout_rebuilds_the_batched_actor_cache(tiny_lm_dir,
 def test_one_forward_of_each_model_per_step(tiny_lm_dir, tiny_prompts, length_reward):
     envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward, max_new_tokens=6)
     calls = {"actor": [], "reference": []}
-    envs.actor.register_forward_hook(lambda m, args, kwargs, out: calls["actor"].append(kwargs["input_ids"].shape),
-                                     with_kwargs=True)
+    # the actor's decoder (the env's incremental steps run it and then the head on the last position)
+    envs.actor.model.register_forward_hook(lambda m, args, kwargs, out: calls["actor"].append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
     envs.reference.register_forward_hook(lambda m, args, kwargs, out: calls["reference"].append(kwargs["input_ids"].shape),
                                          with_kwargs=True)
     envs.reset(seed=0)
@@ -240,7 +241,7 @@ def test_without_autoreset_the_step_that_ends_every_running_row_runs_no_forward(
     envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward, max_new_tokens=3)
     envs.autoreset = False
     calls = []
-    envs.actor.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    envs.actor.model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
     envs.reset(seed=0)
     eos = envs.core.tokenizer.eos_token_id
     envs.step(np.array([eos, 5, 6]))  # sub-env 0 ends; the others go on: one forward
