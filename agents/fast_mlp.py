@@ -68,7 +68,7 @@ def fused_unsupported_reason(policy: Any) -> str | None:
     optimizer = getattr(policy, "optimizer", None)
     if optimizer is not None:
         optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if optimized != {id(p) for p in policy.parameters()}:
+        if optimized != {id(p) for p in params}:
             return "the optimizer does not hold exactly the policy's parameters"
     return None
 
@@ -183,8 +183,8 @@ class FusedPPOLoss:
     :param policy: an ``ActorCriticPolicy`` accepted by :func:`fused_unsupported_reason`
     """
 
-    def __init__(self, policy: Any):
-        reason = fused_unsupported_reason(policy)
+    def __init__(self, policy: Any, _checked: bool = False):
+        reason = None if _checked else fused_unsupported_reason(policy)
         if reason is not None:
             raise ValueError(f"FusedPPOLoss does not cover this policy: {reason}; use the autograd path (PPO(fused_update=False))")
         self.policy = policy
@@ -234,7 +234,7 @@ class FusedPPOLoss:
     @classmethod
     def for_policy(cls, policy: Any) -> "FusedPPOLoss | None":
         """The fused loss for ``policy``, or None when only autograd covers it."""
-        return cls(policy) if fused_unsupported_reason(policy) is None else None
+        return cls(policy, _checked=True) if fused_unsupported_reason(policy) is None else None
 
     def loss_and_grads(
         self,

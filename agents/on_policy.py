@@ -146,7 +146,8 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         """Fill ``rollout_buffer`` with ``n_rollout_steps`` steps of every env, then compute
         advantages and returns. Returns False if a callback asked to stop."""
         assert self._last_obs is not None, "no previous observation: call _setup_learn first"
-        self.policy.set_training_mode(False)
+        if self.policy.training is not False:
+            self.policy.set_training_mode(False)
         rollout_buffer.reset()
         callback.on_rollout_start()
         obs_is_dict = isinstance(self.observation_space, spaces.Dict)
@@ -156,6 +157,10 @@ class OnPolicyAlgorithm(BaseAlgorithm):
             obs_rows = rollout_buffer.observations.unbind(0)
             # on the CPU through numpy, cheaper per call than a torch copy
             obs_rows_np = rollout_buffer.observations.numpy() if rollout_buffer.observations.device.type == "cpu" else None
+        # loop invariants, looked up once
+        steps_per_iteration = env.num_envs * distributed.world_size()  # counted over all ranks
+        env_actions, next_step_autoreset = self._env_actions, env.next_step_autoreset
+        inference_mode = torch.inference_mode()  # one context object, entered once per step
         n_steps = 0
         step = None
         while n_steps < n_rollout_steps:
@@ -172,11 +177,11 @@ class OnPolicyAlgorithm(BaseAlgorithm):
                 else:
                     obs_tensor.copy_(torch.as_tensor(self._last_obs), non_blocking=True)
             # inference mode: no autograd bookkeeping per op; the outputs are only copied
-            with torch.inference_mode():
+            with inference_mode:
                 actions, values, log_probs = self.policy(obs_tensor)
-            step = env.step(self._env_actions(actions))
+            step = env.step(env_actions(actions))
             # counted over all ranks, so every rank runs the same number of iterations
-            self.num_timesteps += env.num_envs * distributed.world_size()
+            self.num_timesteps += steps_per_iteration
             callback.update_locals(locals())
             if not callback.on_step():
                 return False
@@ -206,7 +211,7 @@ class OnPolicyAlgorithm(BaseAlgorithm):
             self._last_obs = step.obs
             # NEXT_STEP autoreset: the row after a done only resets, so the episode starts
             # one row later, where the step was not valid
-            self._last_episode_starts = ~step.valid if env.next_step_autoreset else done
+            self._last_episode_starts = ~step.valid if next_step_autoreset else done
         with torch.no_grad():
             last_values = self.policy.predict_values(as_tensor(self._last_obs, self.observation_space, device))
         rollout_buffer.compute_returns_and_advantage(last_values=last_values)

@@ -188,7 +188,8 @@ class PPO(OnPolicyAlgorithm):
     def train(self) -> None:
         if self._text_state is not None:  # one forward per response instead of per token
             return train_text_ppo(self)
-        self.policy.set_training_mode(True)
+        if self.policy.training is not True:  # (the module-tree walk costs more than an update here)
+            self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range_schedule(self._current_progress_remaining)
         clip_range_vf = None if self.clip_range_vf_schedule is None else self.clip_range_vf_schedule(self._current_progress_remaining)
