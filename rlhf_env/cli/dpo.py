@@ -23,10 +23,25 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="policy to train: smollm2-135m, tiny, or a local Hugging Face model folder")
     p.add_argument("--reference", default=None, help="frozen reference model (default: the policy before training)")
     p.add_argument("--beta", type=float, default=d.beta, help="DPO beta: strength of the implicit KL constraint")
-    p.add_argument("--trainable-layers", type=int, default=d.trainable_layers, help="train only the last N transformer blocks and the final norm (default: all weights)")
+    p.add_argument("--trainable-layers", type=_layers, default=d.trainable_layers,
+                   help="train only the last N transformer blocks and the final norm; 'all' trains every weight")
+    p.add_argument("--no-keep-trunk", action="store_true",
+                   help="run full forwards every step instead of keeping the frozen lower blocks' output (same result, slower)")
     p.add_argument("--output", "-o", required=True, help="folder to write the trained policy to (replaced atomically)")
     add_training_flags(p, d, "dpo")
     p.set_defaults(func=run)
+
+
+def _layers(value: str):
+    if value.lower() in ("all", "none"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'all', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 block (or 'all'), got {n}")
+    return n
 
 
 def run(args) -> int:
@@ -36,6 +51,7 @@ def run(args) -> int:
     cfg = DPOConfig(
         beta=args.beta, learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
         max_length=args.max_length, weight_decay=args.weight_decay, seed=args.seed, trainable_layers=args.trainable_layers,
+        keep_trunk=not args.no_keep_trunk,
     )
     model, _ = train_dpo(
         args.train, args.model, reference=args.reference, config=cfg,
