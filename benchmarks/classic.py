@@ -29,8 +29,8 @@ TASKS = {
     # name: (env id, steps, threshold, n_envs, kwargs, per-library schedule args)
     "ppo-cartpole": ("CartPole-v1", 100_000, 475.0, 8, CARTPOLE_PPO, {"lr": ("lin", 1e-3), "clip": ("lin", 0.2)}),
     "ppo-pendulum": (
-        "Pendulum-v1", 200_000, -200.0, 4,
-        dict(n_steps=1024, batch_size=256, gae_lambda=0.95, gamma=0.9, n_epochs=10, ent_coef=0.0,
+        "Pendulum-v1", 200_000, -200.0, 8,  # as agents/hyperparams/ppo.yml
+        dict(n_steps=256, batch_size=128, gae_lambda=0.95, gamma=0.9, n_epochs=20, ent_coef=0.0, max_grad_norm=10.0,
              policy_kwargs=dict(log_std_init=-1.0)),
         {"lr": ("lin", 1e-3), "clip": ("const", 0.2)},
     ),
