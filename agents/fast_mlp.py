@@ -15,8 +15,10 @@ value loss, entropy bonus) and writes its gradients into ``param.grad`` directly
               then the chain rule through the heads and the layers, by hand
 
 The gradients match autograd's to rounding (``tests/test_fast_path.py``). They live in one
-flat buffer, so :meth:`FusedPPOLoss.clip_grad_norm_` scales them in one op; the gradient
-all-reduce and the optimizer step stay with the caller.
+flat buffer, so :meth:`FusedPPOLoss.clip_grad_norm_` scales them in one op, and with the
+policy's default fused Adam the parameters and the optimizer state are views of flat
+buffers too (:class:`FlatAdam`), so :meth:`FusedPPOLoss.optimizer_step` is one kernel
+call. The gradient all-reduce (under torchrun) stays with the caller.
 """
 
 from __future__ import annotations
