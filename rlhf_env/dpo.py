@@ -53,6 +53,13 @@ from rlhf_env.training import (
 class DPOConfig:
     """Hyperparameters of :func:`train_dpo`.
 
+    The defaults are the best setting measured on the default task with SmolLM2-135M-Instruct
+    (862 training pairs, 200 held-out pairs from other prompts; 1 CPU thread): the last 2
+    blocks and the norm, lr 1e-4, beta 0.1, 2 epochs. Held-out implicit-reward accuracy 67.5%
+    after 1 epoch, 69.0% after 2 (training accuracy 98%: more epochs overfit). With the kept
+    trunk, one epoch costs about 0.27 s a pair on an idle core, after a one-time trunk pass of
+    about 0.25 s per distinct sequence.
+
     :param beta: strength of the implicit KL constraint to the reference
     :param learning_rate: AdamW learning rate
     :param batch_size: preference pairs per step (each step runs 2 x batch_size sequences)
@@ -62,21 +69,21 @@ class DPOConfig:
     :param seed: seed for the data order
     :param eval_batch_size: pairs per forward pass when computing log-probabilities without gradients
     :param trainable_layers: train only the last N transformer blocks and the final norm
-        (``None``: all weights); much cheaper on CPU
+        (``None``: all weights, embeddings and head included); much cheaper on CPU
     :param keep_trunk: with ``trainable_layers``, compute the frozen lower blocks once per
         sequence and run only the top blocks afterwards (exact; ignored for models
         :mod:`rlhf_env.frozen_trunk` does not support)
     """
 
     beta: float = 0.1
-    learning_rate: float = 5e-6
+    learning_rate: float = 1e-4
     batch_size: int = 8
-    epochs: int = 1
+    epochs: int = 2
     max_length: int = 256
     weight_decay: float = 0.0
     seed: int = 0
     eval_batch_size: int = 16
-    trainable_layers: Optional[int] = None
+    trainable_layers: Optional[int] = 2
     keep_trunk: bool = True
 
 
