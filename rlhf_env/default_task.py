@@ -12,6 +12,10 @@ files under ``rlhf_env/assets``:
   scoring each with VADER's compound score (an independent scorer, not the reward model)
   and keeping the best and worst response when their scores differ by a clear margin.
 
+* ``task/samples_{split}_r1.jsonl``: a second sampling round (4 more responses per
+  prompt, ``--round 1``); the default reward model trains on the pairs of both rounds
+  (:func:`all_round_pairs`), the other trainers' default files stay the round-0 pairs.
+
 ``python -m rlhf_env.default_task --prompts-only`` rewrites only the prompt files.
 """
 
@@ -324,6 +328,73 @@ def pairs_from_samples(split: str, margin: float = 0.3, out_dir: Path = TASK_DIR
     return pairs
 
 
+def shipped_samples(split: str, task_dir: Path = TASK_DIR) -> dict[str, list[tuple[str, float]]]:
+    """Every shipped sample of a split, by prompt: ``samples_{split}.jsonl`` (round 0, the
+    one the shipped pairs come from) then the extra rounds ``samples_{split}_r1.jsonl``,
+    ``_r2``, ... (see :func:`sample_round`), in that order.
+
+    :return: ``{prompt: [(response, vader_score), ...]}`` in the files' prompt order
+    """
+    files = [task_dir / f"samples_{split}.jsonl"]
+    k = 1
+    while (task_dir / f"samples_{split}_r{k}.jsonl").is_file():
+        files.append(task_dir / f"samples_{split}_r{k}.jsonl")
+        k += 1
+    by_prompt: dict[str, list[tuple[str, float]]] = {}
+    for path in files:
+        for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines: a response may hold U+2028
+            if not line:
+                continue
+            row = json.loads(line)
+            by_prompt.setdefault(row["prompt"], []).append((row["response"], row["score"]))
+    return by_prompt
+
+
+def all_round_pairs(split: str, margin: float = 0.3, task_dir: Path = TASK_DIR) -> list[dict]:
+    """Preference pairs from all shipped sampling rounds of a split (:func:`shipped_samples`):
+    every two responses of a prompt whose VADER scores differ by at least ``margin``.
+
+    With the round-1 files shipped, 8 responses per prompt give 4,124 train pairs (862 from
+    round 0 alone): the default reward model trains on these. ``pairs_{split}.jsonl`` stay
+    the round-0 pairs.
+    """
+    by_prompt = shipped_samples(split, task_dir)
+    prompts = list(by_prompt)
+    return make_pairs(prompts, [[r for r, _ in by_prompt[p]] for p in prompts], [[sc for _, sc in by_prompt[p]] for p in prompts], margin)
+
+
+def sample_round(
+    r: int, model_name: str = "smollm2-135m", max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0,
+    device: str = "cpu", out_dir: Path = TASK_DIR, round_size: int = 4,
+) -> dict:
+    """Sample extra round ``r`` (>= 1) for both splits into ``samples_{split}_r{r}.jsonl``:
+    ``round_size`` responses per prompt, seeded exactly as round ``r`` of
+    :func:`build_pairs` (train ``seed + 2r``, test ``seed + 1 + 2r``).
+
+    :return: a summary (counts, mean scores, seconds)
+    """
+    from rlhf_env.models import load_lm
+
+    if r < 1:
+        raise ValueError(f"round must be >= 1 (round 0 is samples_{{split}}.jsonl, written by build_pairs), got {r}")
+    train, test = split_prompts(make_prompts())
+    model, tokenizer = load_lm(model_name, device=device)
+    model.eval()
+    summary: dict = {"round": r}
+    for split, prompts, split_seed in (("train", train, seed), ("test", test, seed + 1)):
+        t0 = time.time()
+        responses = sample_responses(model, tokenizer, prompts, round_size, max_new_tokens, batch_size, seed=split_seed + 2 * r, device=device)
+        flat = [x for rs in responses for x in rs]
+        scores = vader_scores(flat)
+        rows = [{"prompt": p, "response": x} for p, rs in zip(prompts, responses) for x in rs]
+        for row, sc in zip(rows, scores):
+            row["score"] = round(sc, 4)
+        _write_jsonl(out_dir / f"samples_{split}_r{r}.jsonl", rows)
+        summary[split] = {"samples": len(rows), "mean_score": round(sum(scores) / len(scores), 4), "seconds": round(time.time() - t0, 1)}
+        print(f"{split}: {summary[split]}", flush=True)
+    return summary
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -395,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prompts-only", action="store_true", help="only rewrite prompts_train.txt / prompts_test.txt")
     parser.add_argument("--from-samples", action="store_true", help="only rebuild the pairs from the shipped samples_*.jsonl (no sampling)")
+    parser.add_argument("--round", type=int, default=None, help="only sample extra round R >= 1 into samples_{train,test}_rR.jsonl "
+                        "(the shipped samples_*_r1.jsonl: --round 1 --threads 1)")
     parser.add_argument("--model", default="smollm2-135m", help="starting model to sample from (default: smollm2-135m)")
     parser.add_argument("--num-samples", type=int, default=4, help="responses sampled per prompt (default: 4)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per response at most (default: 48)")
@@ -412,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.prompts_only:
+        return 0
+    if args.round is not None:
+        print(json.dumps(sample_round(args.round, args.model, args.max_new_tokens, args.batch_size, args.seed, args.device, args.out_dir)))
         return 0
     if args.from_samples:
         for split in ("train", "test"):

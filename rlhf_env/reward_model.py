@@ -37,7 +37,7 @@ from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.training import adamw, atomic_dir, length_batches, pad_right, seed_everything, summary_writer
 
 DEFAULT_BACKBONE = "all-minilm-l6-v2"
-DEFAULT_CACHE_NAME = "default-v1"
+DEFAULT_CACHE_NAME = "default-v2"  # v2: trained on both sampling rounds, steps of whole prompts
 _CONFIG_FILE = "reward_model.json"
 _HEAD_FILE = "head.safetensors"
 _FORMAT = 1
@@ -323,18 +323,33 @@ class RewardModel(nn.Module):
     def default(cls, device="cpu", progress: bool = True) -> "RewardModel":
         """The default task's reward model (``TextRLHF-v0``'s default reward).
 
-        Trained on the shipped pairs (``rlhf_env/assets/task/pairs_train.jsonl``) on first
-        use, with a progress bar and a fixed seed, then cached under
-        ``cache_dir()/reward_models/default-v1`` and loaded from there afterwards.
+        Trained on first use on :func:`default_training_pairs` (all pairs of the shipped
+        samples, 8 responses per train prompt) with :func:`default_config`, evaluated on
+        ``pairs_test.jsonl``, with a progress bar and a fixed seed, then cached under
+        ``cache_dir()/reward_models/default-v2`` and loaded from there afterwards.
         """
         from rlhf_env.models import cache_dir
 
         folder = Path(cache_dir()) / "reward_models" / DEFAULT_CACHE_NAME
         if not (folder / _CONFIG_FILE).is_file():
-            train, test = default_pairs()
-            rm = train_reward_model(train, eval_pairs=test, config=RewardModelConfig(), device=device, progress=progress)
+            rm = train_reward_model(default_training_pairs(), eval_pairs=default_pairs()[1], config=default_config(),
+                                    device=device, progress=progress)
             rm.save(folder)
         return cls.load(folder, device=device)
+
+
+def default_training_pairs() -> list[PreferencePair]:
+    """The default reward model's training pairs: every two responses of a train prompt, over
+    all shipped sampling rounds (8 per prompt), whose VADER scores differ by >= 0.3
+    (:func:`rlhf_env.default_task.all_round_pairs`); a superset of ``pairs_train.jsonl``."""
+    from rlhf_env.default_task import all_round_pairs
+
+    return as_pairs(all_round_pairs("train"))
+
+
+def default_config() -> "RewardModelConfig":
+    """The settings :meth:`RewardModel.default` trains with."""
+    return RewardModelConfig(learning_rate=1e-4, epochs=2)
 
 
 def default_pairs() -> tuple[list[PreferencePair], list[PreferencePair]]:
@@ -363,7 +378,8 @@ class RewardModelConfig:
     :param group_by_prompt: a step takes whole prompts, all their pairs (about
         ``batch_size`` pairs a step on average), and scores each distinct response once
         (InstructGPT's "all comparisons of a prompt as one batch element"). The loss is the
-        same mean over the step's pairs; ``False``: ``batch_size`` pairs drawn freely
+        same mean over the step's pairs; ``False``: ``batch_size`` pairs drawn freely, both
+        inputs of every pair scored (the pairwise computation, as TRL's ``RewardTrainer``)
     :param train_layers: train only the top ``train_layers`` blocks of an encoder backbone
         (and the head); the embeddings and the blocks below stay frozen and their output
         is computed once for every distinct input before training. ``None``: train all
@@ -462,10 +478,17 @@ class PairInputs:
             mask[row, : f.shape[0]] = 1
         return rm.score_hidden(hidden, mask, self.frozen_layers)
 
-    def scores(self, pair_idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(chosen_scores, rejected_scores)`` of the given pairs, each distinct input scored once."""
+    def scores(self, pair_idx: Sequence[int], dedup: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen_scores, rejected_scores)`` of the given pairs.
+
+        :param dedup: score each distinct input once; ``False``: both inputs of every pair,
+            ``2 * len(pair_idx)`` in all (the pairwise computation)
+        """
         pair_idx = torch.as_tensor(list(pair_idx), dtype=torch.long)
         c, r = self.chosen[pair_idx], self.rejected[pair_idx]
+        if not dedup:
+            scores = self.input_scores(torch.cat([c, r]).tolist())
+            return scores[: len(pair_idx)], scores[len(pair_idx) :]
         needed, inverse = torch.unique(torch.cat([c, r]), return_inverse=True)
         scores = self.input_scores(needed.tolist())
         return scores[inverse[: len(pair_idx)]], scores[inverse[len(pair_idx) :]]
@@ -587,7 +610,7 @@ def train_reward_model(
                 if not pair_idx:
                     loop.step(None, 0.0)
                     continue
-                chosen_scores, rejected_scores = train_inputs.scores(pair_idx)
+                chosen_scores, rejected_scores = train_inputs.scores(pair_idx, dedup=cfg.group_by_prompt)
                 loss = bradley_terry_loss(chosen_scores, rejected_scores)
                 loss.backward()
                 loop.step(loss, float(len(pair_idx)))  # all-reduce (weighted by pairs), NaN guard, optimizer and schedule step, checkpoint

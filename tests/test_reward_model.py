@@ -174,6 +174,14 @@ def test_unique_inputs_scores_each_response_once_with_the_pairwise_loss():
     sub_c, sub_r = inputs.scores([8, 0, 3])
     assert torch.allclose(sub_c, dedup_c[[8, 0, 3]], atol=1e-5) and torch.allclose(sub_r, dedup_r[[8, 0, 3]], atol=1e-5)
     assert inputs.groups() == [list(range(6)), [6, 7, 8]]
+    # pairwise (group_by_prompt=False): both inputs of every pair, the same scores
+    seen = []
+    forward = inputs.input_scores
+    inputs.input_scores = lambda idx: seen.append(len(idx)) or forward(idx)
+    pw_c, pw_r = inputs.scores(range(len(SHARED)), dedup=False)
+    inputs.scores(range(len(SHARED)))
+    assert seen == [18, 7]
+    assert torch.allclose(pw_c, dedup_c, atol=1e-5) and torch.allclose(pw_r, dedup_r, atol=1e-5)
 
 
 @pytest.mark.parametrize("frozen", [1, 4, 6])
@@ -210,3 +218,24 @@ def test_train_layers_needs_an_encoder(tmp_path):
     rm = RewardModel.from_backbone(make_tiny_lm(tmp_path / "lm"))
     with pytest.raises(ValueError, match="BERT-like encoder"):
         train_reward_model(TINY_PAIRS, backbone=rm, config=RewardModelConfig(train_layers=1), progress=False)
+
+
+def test_default_training_pairs_cover_both_sampling_rounds():
+    import json
+
+    from rlhf_env.data import load_preferences
+    from rlhf_env.default_task import ASSETS, shipped_samples, vader_scores
+    from rlhf_env.reward_model import default_pairs, default_training_pairs
+
+    pairs = default_training_pairs()
+    round0, test = default_pairs()
+    assert set(round0) <= set(pairs) and len(pairs) == 4124 and len(round0) == 862
+    samples = shipped_samples("train")
+    assert len(samples) == 282 and all(len(v) == 8 for v in samples.values())
+    assert {p.prompt for p in pairs} <= set(samples) and not {p.prompt for p in pairs} & {p.prompt for p in test}
+    score = {(p, r): s for p, rs in samples.items() for r, s in rs}
+    assert all(score[(p.prompt, p.chosen)] - score[(p.prompt, p.rejected)] >= 0.3 for p in pairs)
+    # the round-1 files are VADER-labelled like round 0
+    rows = [json.loads(line) for line in (ASSETS / "task" / "samples_train_r1.jsonl").read_text(encoding="utf-8").split("\n") if line][:50]
+    assert [r["score"] for r in rows] == pytest.approx(vader_scores([r["response"] for r in rows]), abs=1e-4)
+    assert load_preferences(ASSETS / "task" / "pairs_train.jsonl") == round0  # the other trainers' file is unchanged
