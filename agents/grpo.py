@@ -17,7 +17,9 @@ Per iteration:
        k3_t = exp(log ref - log pi) - (log ref - log pi) - 1
 
    averaged over the minibatch's tokens (TRL's default ``"dapo"`` aggregation, which has
-   no length bias). ``log ref`` is computed once per response in the first epoch, not by
+   no length bias). Micro-batches hold responses to one prompt, whose prompt then runs
+   once for the whole group (:func:`agents.lm_rollout.evaluate_shared_context`; exact up
+   to float rounding). ``log ref`` is computed once per response in the first epoch, not by
    the env (a per-token reference forward during the rollout would cost one incremental
    forward per token for the same numbers): when the reference's lower blocks equal the
    actor's frozen ones (``train_layers=k``) only its top blocks run, on the actor's hidden
@@ -53,14 +55,17 @@ from agents.lm_rollout import (
     TextSegment,
     collect_text_rollout,
     evaluate_kept,
+    evaluate_shared_context,
     evaluate_tokens,
     find_text_env,
-    kept_trunk_batch,
     group_advantages,
+    group_by_context,
+    kept_trunk_batch,
     micro_batches,
     pack_segments,
     pad_field,
     response_mask,
+    shared_context,
 )
 from agents.on_policy import OnPolicyAlgorithm
 from agents.schedules import get_schedule_fn
@@ -272,7 +277,10 @@ class GRPO(OnPolicyAlgorithm):
                 sums = dict.fromkeys(stats, 0.0)
                 policy.optimizer.zero_grad(set_to_none=True)
                 batch = sorted(batch, key=lambda s: len(s.context_ids) + len(s), reverse=True)
-                for micro in micro_batches(batch, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
+                # micro-batches within one prompt's group: its prompt then runs once
+                micros = [m for run in group_by_context(batch)
+                          for m in micro_batches(run, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s))]
+                for micro in micros:
                     ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
                     mask = response_mask(micro, device)
                     kept = kept_trunk_batch(policy.actor, micro)
@@ -287,6 +295,14 @@ class GRPO(OnPolicyAlgorithm):
                             self._reference_top_logprobs(trunk, split, hidden, kept_mask, micro, positions, targets)
                         elif with_ref:
                             self._reference_logprobs(micro)
+                    elif shared_context(micro) and not (split and with_ref):
+                        # one group's responses: the prompt runs once (for the reference too)
+                        if with_ref:
+                            self._reference_logprobs(micro)
+                        log_prob, entropy, _ = evaluate_shared_context(
+                            policy.actor, micro, core.pad_id, value_head=None,
+                            temperature=core.temperature, top_k=core.top_k, with_entropy=True, entropy_grad=self.ent_coef != 0,
+                        )
                     else:
                         if with_ref and not split:
                             self._reference_logprobs(micro)
@@ -378,12 +394,17 @@ class GRPO(OnPolicyAlgorithm):
         from one teacher-forced forward of the reference (the env's distribution: same
         temperature, no top-k, as :meth:`envs.lm_core.LMCore.ref_log_probs`)."""
         core = self.policy.core
-        if micro:
+        if shared_context(micro):  # one group's responses: the prompt runs once
+            ref_log_prob, _, _ = evaluate_shared_context(
+                core.reference, micro, core.pad_id, temperature=core.temperature, top_k=0, with_entropy=False,
+            )
+        elif micro:
             ids, attn, positions, targets = pack_segments(micro, core.pad_id, self.device)
             ref_log_prob, _, _ = evaluate_tokens(
                 core.reference, ids, attn, positions, targets, value_head=None,
                 temperature=core.temperature, top_k=0, with_entropy=False,
             )
+        if micro:
             ref_log_prob = ref_log_prob.float().cpu()
             for i, seg in enumerate(micro):
                 seg.ref_logprobs = ref_log_prob[i, : len(seg)].clone()

@@ -16,6 +16,8 @@ The functions here are pure (tensors in, tensors out) so that they can be tested
 * :func:`evaluate_segments`: the teacher-forced forward.
 * :func:`kept_trunk_batch` / :func:`evaluate_kept`: the same forward from the frozen lower
   blocks' output that the rollout kept (only the trainable top blocks run).
+* :func:`evaluate_shared_context`: the same forward for responses to one prompt, the
+  prompt run once.
 * :func:`group_advantages`: GRPO's group-normalised score advantages.
 """
 
@@ -285,6 +287,69 @@ def _token_outputs(
             values = values.squeeze(-1)
         values = values.float()
     return logprobs, entropies, values
+
+
+def group_by_context(segments: Sequence[TextSegment]) -> list[list[TextSegment]]:
+    """The segments split into runs with equal contexts (first-seen order, order kept
+    inside each run), so each run's micro-batches can use :func:`evaluate_shared_context`."""
+    runs: dict[tuple, list[TextSegment]] = {}
+    for seg in segments:
+        runs.setdefault(tuple(seg.context_ids.tolist()), []).append(seg)
+    return list(runs.values())
+
+
+def shared_context(segments: Sequence[TextSegment]) -> bool:
+    """Whether two or more segments all continue the same context (a GRPO group's responses
+    to one prompt), so :func:`evaluate_shared_context` applies."""
+    if len(segments) < 2 or any(len(s) == 0 for s in segments):
+        return False
+    first = segments[0].context_ids
+    return all(s.context_ids.shape == first.shape and torch.equal(s.context_ids, first) for s in segments[1:])
+
+
+def evaluate_shared_context(
+    model: torch.nn.Module,
+    segments: Sequence[TextSegment],
+    pad_token_id: int,
+    value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    top_k: int = 0,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`evaluate_tokens` for segments with one common context (:func:`shared_context`):
+    the context runs ONCE (its KV cache, with gradients, repeated to every segment) and
+    then the responses, so a group of ``G`` responses to a prompt of ``c`` tokens costs
+    ``c + G * T`` token-forwards instead of ``G * (c + T)``. Same outputs, in the layout of
+    :func:`pack_segments` (``(B, Tmax)``), up to float rounding; gradients flow through
+    the shared context into every weight.
+    """
+    from envs.lm_core import _output_cache
+
+    trunk, head = _trunk_and_head(model)
+    device = next(model.parameters()).device
+    context = segments[0].context_ids.to(device)
+    c, B, T = len(context), len(segments), max(len(s) for s in segments)
+    first = trunk(input_ids=context[None], use_cache=True)
+    hidden = first.last_hidden_state[:, -1:].expand(B, 1, -1)
+    targets = torch.zeros((B, T), dtype=torch.long)
+    for i, s in enumerate(segments):
+        targets[i, : len(s)] = s.response_ids
+    targets = targets.to(device)
+    if T > 1:
+        cache = _output_cache(first)
+        cache.batch_repeat_interleave(B)
+        # the responses' tokens but the last (which predicts nothing), right-padded
+        response_mask = torch.zeros((B, T - 1), dtype=torch.long)
+        for i, s in enumerate(segments):
+            response_mask[i, : len(s) - 1] = 1
+        feed = targets[:, : T - 1].masked_fill(~response_mask.bool().to(device), int(pad_token_id))
+        attention_mask = torch.cat([torch.ones((B, c), dtype=torch.long), response_mask], 1).to(device)
+        position_ids = (c + torch.arange(T - 1, device=device))[None].expand(B, T - 1)
+        rest = trunk(input_ids=feed, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+        hidden = torch.cat([hidden, rest.last_hidden_state], 1)
+    positions = torch.arange(T, device=device)[None].expand(B, T)
+    return _token_outputs(hidden, head, positions, targets, value_head, temperature, with_entropy, top_k, entropy_grad)
 
 
 def kept_trunk_batch(model: torch.nn.Module, segments: Sequence[TextSegment]) -> tuple[torch.Tensor, torch.Tensor, int] | None:

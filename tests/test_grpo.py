@@ -120,3 +120,38 @@ def test_env_without_reference_logprobs(tiny_lm_dir, tiny_prompts, length_reward
     env.unwrapped.kl_coef = 0.1
     with pytest.raises(ValueError, match="reference_logprobs=False"):
         env.step(np.array([5, 6]))
+
+
+def test_shared_context_forward_equals_the_full_forward_with_gradients(tiny_lm_dir):
+    """A group's responses to one prompt: the prompt run once (KV cache repeated) gives the
+    log-probs, entropies and gradients of one full teacher-forced forward per response."""
+    from agents.lm_rollout import (
+        TextSegment, evaluate_shared_context, evaluate_tokens, group_by_context, pack_segments, shared_context,
+    )
+    from rlhf_env.models import load_lm
+
+    model, tok = load_lm(str(tiny_lm_dir))
+    torch.manual_seed(0)
+    context = torch.randint(3, 200, (9,))
+    segs = [TextSegment(context, torch.randint(3, 200, (T,)), *(torch.zeros(T) for _ in range(4))) for T in (5, 1, 7, 3)]
+    other = TextSegment(torch.randint(3, 200, (4,)), torch.randint(3, 200, (2,)), *(torch.zeros(2) for _ in range(4)))
+    assert shared_context(segs) and not shared_context(segs + [other])
+    assert group_by_context([segs[0], other, segs[1]]) == [[segs[0], segs[1]], [other]]
+    mask = torch.zeros((4, 7), dtype=torch.bool)
+    for i, s in enumerate(segs):
+        mask[i, : len(s)] = True
+    outputs, grads = [], []
+    for shared in (False, True):
+        if shared:
+            out = evaluate_shared_context(model, segs, tok.pad_token_id, temperature=0.7)
+        else:
+            ids, attn, positions, targets = pack_segments(segs, tok.pad_token_id)
+            out = evaluate_tokens(model, ids, attn, positions, targets, temperature=0.7)
+        (out[0][mask].sum() + out[1][mask].sum()).backward()
+        outputs.append([x.detach() for x in out[:2]])
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(b[mask], a[mask], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):  # float rounding relative to each weight's largest gradient (the head is x20)
+        torch.testing.assert_close(b, a, atol=1e-5 * float(a.abs().max()) + 1e-7, rtol=1e-4)

@@ -54,7 +54,7 @@ def test_grpo_kept_states_equal_the_full_forward_and_go_stale(tiny_lm_dir, tiny_
     import agents.grpo as grpo
 
     calls = {"kept": 0, "full": 0}
-    kept_fn, full_fn = grpo.evaluate_kept, grpo.evaluate_tokens
+    kept_fn, full_fn, shared_fn = grpo.evaluate_kept, grpo.evaluate_tokens, grpo.evaluate_shared_context
 
     def count(name, fn):
         def wrapped(model_, *a, **k):
@@ -64,20 +64,21 @@ def test_grpo_kept_states_equal_the_full_forward_and_go_stale(tiny_lm_dir, tiny_
         return wrapped
 
     grpo.evaluate_kept, grpo.evaluate_tokens = count("kept", kept_fn), count("full", full_fn)
+    grpo.evaluate_shared_context = count("full", shared_fn)  # a full forward too (prompt once)
     try:
         model.train()
-        assert calls == {"kept": 1, "full": 0}
+        assert calls["kept"] == 2 and calls["full"] == 0  # one micro-batch per prompt group
         lower = model.policy.actor.model.layers[0].mlp.down_proj.weight
         with torch.no_grad():
             lower.mul_(1.5)  # in place: the states kept by the rollout no longer match the weights
         assert kept_trunk_batch(model.policy.actor, segments) is None
         model.train()
-        assert calls == {"kept": 1, "full": 1}
+        assert calls == {"kept": 2, "full": 2}
         # the next rollout keeps states made by the new weights: used again
         model.learn(4 * 7, reset_num_timesteps=False)
         assert kept_trunk_batch(model.policy.actor, model._segments) is not None
     finally:
-        grpo.evaluate_kept, grpo.evaluate_tokens = kept_fn, full_fn
+        grpo.evaluate_kept, grpo.evaluate_tokens, grpo.evaluate_shared_context = kept_fn, full_fn, shared_fn
     # a lower block turned trainable: its gradient would be missing, so no kept states
     set_trainable(model.policy.actor, None)
     assert kept_trunk_batch(model.policy.actor, model._segments) is None
