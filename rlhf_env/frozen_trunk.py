@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# decoders whose forward is: hidden = inputs_embeds -> blocks -> norm, logits = lm_head(hidden)
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+from envs.reference import SUPPORTED_MODEL_TYPES, decoder_parts  # noqa: F401 (SUPPORTED_MODEL_TYPES: re-exported, documented above)
 
 
 class _Stop(Exception):
@@ -46,21 +45,12 @@ class _Stop(Exception):
 
 
 def _parts(model: nn.Module) -> tuple[Optional[tuple[nn.Module, nn.ModuleList, nn.Module, nn.Module]], Optional[str]]:
-    """``((inner, layers, embed, head), None)`` or ``(None, reason)``."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return None, f"model type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}"
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    embed = getattr(inner, "embed_tokens", None)
-    head = getattr(model, "lm_head", None)
-    if not isinstance(layers, nn.ModuleList) or not isinstance(embed, nn.Module) or not isinstance(head, nn.Module):
-        return None, f"{type(model).__name__} has no model.layers / model.embed_tokens / lm_head"
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            return None, f"its logits are rescaled ({attr}={getattr(config, attr)})"
-    return (inner, layers, embed, head), None
+    """``((inner, layers, embed, head), None)`` or ``(None, reason)`` (see
+    :func:`envs.reference.decoder_parts`, which the env's shared reference uses too)."""
+    parts, reason = decoder_parts(model)
+    if parts is None:
+        return None, reason
+    return (parts["inner"], parts["layers"], parts["embed"], parts["head"]), None
 
 
 def unsupported_reason(model: nn.Module, trainable_layers: Optional[int]) -> Optional[str]:
