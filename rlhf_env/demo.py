@@ -53,6 +53,10 @@ class DemoConfig:
     :param target_kl: target KL per response of the adaptive controller.
     :param kl_horizon: horizon of the controller, in tokens.
     :param kl_budget: the KL per response (held-out) the demo promises to stay under.
+    :param kl_stop: training stops after the first iteration whose rollout KL per response
+        (the controller's measurement) reaches this (None: no such stop). The final policy
+        is one update past that rollout, so its held-out KL lands about one iteration's
+        growth above it: ``kl_stop`` sits below ``kl_budget`` by that margin.
     :param score_norm: normalise scores (running mean and std).
     :param train_seconds: training stops at the first iteration boundary past this.
     :param total_seconds: the whole demo's budget: training also stops early enough that
@@ -81,6 +85,7 @@ class DemoConfig:
     target_kl: float | None = 10.0
     kl_horizon: int = 400
     kl_budget: float = 20.0
+    kl_stop: float | None = 12.0
     score_norm: bool = True
     train_seconds: float = 420.0
     total_seconds: float = 560.0
@@ -109,6 +114,7 @@ def quick_config() -> DemoConfig:
         target_kl=12.0,
         kl_horizon=2000,
         kl_budget=30.0,
+        kl_stop=None,
         score_norm=True,
         train_seconds=40.0,
         total_seconds=55.0,
@@ -377,6 +383,7 @@ def run_demo(
     log(f"[demo] training PPO for up to {max(budget, 0):.0f}s / {cfg.max_iterations} iterations "
         f"({cfg.num_envs} prompts x {cfg.max_new_tokens} tokens per iteration)")
     steps_per_iteration = cfg.num_envs * cfg.n_steps
+    stop_reason = "max_iterations"
     for iteration in range(1, cfg.max_iterations + 1):
         model.learn(steps_per_iteration, tb_log_name="demo_ppo", reset_num_timesteps=iteration == 1)
         stats = model._last_rollout_stats
@@ -392,8 +399,14 @@ def run_demo(
             log(f"[demo] iteration {iteration:3d}  score {h['score']:+.3f}  KL {h['kl']:6.2f}  kl_coef {kl_coef:.4f}  "
                 f"len {h['response_len']:.1f}  {h['seconds']:.0f}s")
         if time.time() - t_train > budget:
+            stop_reason = "time budget"
+            break
+        if cfg.kl_stop is not None and history and history[-1]["iteration"] == iteration \
+                and history[-1]["kl"] >= cfg.kl_stop:
+            stop_reason = f"rollout KL {history[-1]['kl']:.2f} >= kl_stop {cfg.kl_stop:g}"
             break
     train_seconds = time.time() - t_train
+    log(f"[demo] training stopped after {len(history)} iterations: {stop_reason}")
     if model.logger is not None:
         model.logger.close()
 
@@ -421,6 +434,7 @@ def run_demo(
         "response_len_after": after["length"],
         "passed": bool(rise >= 1.0 and after["kl"] <= cfg.kl_budget),
         "iterations": len(history),
+        "stop_reason": stop_reason,
         "train_seconds": train_seconds,
         "seconds": time.time() - t0,
         "cpu_seconds": time.process_time() - cpu0,

@@ -48,3 +48,17 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     start, _ = load_lm("tiny")
     assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), model.parameters()))
+
+
+def test_demo_stops_when_rollout_kl_reaches_kl_stop(tmp_path):
+    from rlhf_env.demo import quick_config, run_demo
+
+    cfg = quick_config()
+    cfg.kl_stop, cfg.max_iterations = 0.05, 8
+    cfg.train_seconds = cfg.total_seconds = float("inf")  # no time budget: the KL rule alone stops it
+    summary = run_demo(tmp_path / "demo", config=cfg, log=lambda _: None)
+    kls = [h["kl"] for h in summary["history"]]
+    assert summary["stop_reason"].startswith("rollout KL"), (summary["stop_reason"], kls)
+    assert kls[-1] >= 0.05 and all(k < 0.05 for k in kls[:-1])
+    assert summary["iterations"] == len(kls) < 8
+    assert summary["config"]["kl_stop"] == 0.05

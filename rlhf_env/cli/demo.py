@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+_CONFIG = object()  # an option left out: the config's value stays
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -25,7 +27,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
     parser.add_argument("--iterations", type=int, default=None, help="stop after this many PPO iterations")
+    parser.add_argument("--kl-stop", type=_kl_stop, default=_CONFIG, metavar="KL",
+                        help="stop training after the iteration whose rollout KL per response reaches KL; 'none' "
+                        "switches the rule off (default: 12 within the 20 nat KL budget; quick: none)")
     parser.set_defaults(func=run)
+
+
+def _kl_stop(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,5 +51,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.threads = args.threads
     if args.iterations is not None:
         cfg.max_iterations = args.iterations
+    if args.kl_stop is not _CONFIG:
+        cfg.kl_stop = args.kl_stop
     run_demo(args.out, config=cfg)
     return 0
