@@ -20,6 +20,7 @@ Loss: ``-log sigmoid(s_chosen - s_rejected)`` (Bradley-Terry).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -186,9 +187,12 @@ class RewardModel(nn.Module):
             last = attention_mask.sum(-1) - 1  # right padding: the last real token
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
+            hidden = hidden.to(self.head.weight.dtype)  # pool in the head's dtype (float32 under autocast)
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-        return self.head(pooled).squeeze(-1).float()
+        # the head runs in its own dtype even under autocast: a score's precision is not bf16's
+        with torch.autocast(pooled.device.type, enabled=False):
+            return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
 
     # ---- layer-wise forward (encoders): frozen lower layers computed once -----------
     def encoder_layers(self) -> nn.ModuleList:
@@ -326,7 +330,9 @@ class RewardModel(nn.Module):
         Trained on first use on :func:`default_training_pairs` (all pairs of the shipped
         samples, 8 responses per train prompt) with :func:`default_config`, evaluated on
         ``pairs_test.jsonl``, with a progress bar and a fixed seed, then cached under
-        ``cache_dir()/reward_models/default-v2`` and loaded from there afterwards.
+        ``cache_dir()/reward_models/default-v2`` and loaded from there afterwards. Trained in
+        float32: bf16 autocast trained it in 198 s instead of 237 s here, but to 89.0% on
+        ``pairs_test.jsonl`` against 91.0% (see :class:`RewardModelConfig` ``autocast``).
         """
         from rlhf_env.models import cache_dir
 
@@ -349,7 +355,7 @@ def default_training_pairs() -> list[PreferencePair]:
 
 def default_config() -> "RewardModelConfig":
     """The settings :meth:`RewardModel.default` trains with."""
-    return RewardModelConfig(learning_rate=1e-4, epochs=2)
+    return RewardModelConfig(learning_rate=1e-4, epochs=2, autocast="off")  # bf16: 89.0% on pairs_test, below 90%
 
 
 def default_pairs() -> tuple[list[PreferencePair], list[PreferencePair]]:
@@ -383,6 +389,17 @@ class RewardModelConfig:
     :param train_layers: train only the top ``train_layers`` blocks of an encoder backbone
         (and the head); the embeddings and the blocks below stay frozen and their output
         is computed once for every distinct input before training. ``None``: train all
+    :param autocast: mixed precision of the training steps (:func:`resolve_autocast`):
+        ``"off"`` (or ``None``, the default) is float32 throughout; ``"auto"`` runs the
+        backbone's forward and backward under bfloat16 ``torch.autocast`` where the device
+        computes bfloat16 natively (a CUDA GPU that supports it; a CPU with AMX or
+        AVX512-BF16), float32 elsewhere; ``"bf16"`` forces it. The weights, the optimizer
+        state, the pooling, the head and the loss stay float32; evaluation and
+        :meth:`RewardModel.score` run in float32 either way. Measured on the default task
+        (MiniLM, one thread, an AMX CPU): training steps 1.6x faster, the default reward
+        model trained in 198 s against 237 s (the rest is tokenising, evaluation, loading),
+        but held-out accuracy 89.0% against 91.0% on ``pairs_test.jsonl`` and 88.5% against
+        89.4% on all rounds' test pairs, hence float32 by default.
     """
 
     learning_rate: float = 5e-5
@@ -397,6 +414,69 @@ class RewardModelConfig:
     disable_dropout: bool = True
     group_by_prompt: bool = True
     train_layers: Optional[int] = None
+    autocast: Optional[str] = "off"
+
+
+AUTOCAST_CHOICES = ("auto", "bf16", "off")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (x86 AMX tiles or
+    AVX512-BF16, as oneDNN uses them), so that bf16 autocast is faster, not just emulated."""
+    cpu = getattr(torch, "cpu", None)
+    for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(cpu, check, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # an older torch without cpuinfo support: treat as absent
+            pass
+    return False
+
+
+def autocast_context(device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """The context a training forward runs in: ``torch.autocast`` to ``dtype`` on ``device``
+    (nothing when ``dtype`` is ``None``).
+
+    On a CPU it also selects the math backend of ``scaled_dot_product_attention``: the
+    backward of torch's fused CPU attention kernel is several times slower in bfloat16 than in
+    float32 (measured with MiniLM: 32 ms against 5 ms a call), which cancelled the gain of the
+    bfloat16 matrix products; the math backend's are ordinary matrix products.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    dev = torch.device(device)
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(dev.type, dtype=dtype))
+    if dev.type == "cpu":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
+
+
+def resolve_autocast(setting: Optional[str], device) -> Optional[torch.dtype]:
+    """The autocast dtype a :class:`RewardModelConfig` ``autocast`` setting means on ``device``.
+
+    :param setting: ``"auto"``: ``torch.bfloat16`` on a CUDA device with
+        ``torch.cuda.is_bf16_supported()`` and on a CPU with :func:`cpu_has_native_bf16`,
+        else ``None``; ``"bf16"``: ``torch.bfloat16`` on any device; ``"off"``/``None``: ``None``
+    :param device: the training device
+    :return: ``torch.bfloat16``, or ``None`` for float32 (no autocast)
+    :raises ValueError: for another setting
+    """
+    if setting is None or setting == "off":
+        return None
+    if setting not in AUTOCAST_CHOICES:
+        raise ValueError(f"autocast must be one of {AUTOCAST_CHOICES} or None, got {setting!r}")
+    if setting == "bf16":
+        return torch.bfloat16
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    if dev.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else None
+    return None
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
@@ -554,6 +634,7 @@ def train_reward_model(
 
     cfg = config or RewardModelConfig()
     check_config(cfg)
+    resolve_autocast(cfg.autocast, "cpu")  # refuse a bad setting before loading anything
     pairs = as_pairs(pairs)
     eval_pairs = as_pairs(eval_pairs) if eval_pairs is not None else None
     gen = seed_everything(cfg.seed)
@@ -562,6 +643,9 @@ def train_reward_model(
         rm = backbone.to(device)
     else:
         rm = RewardModel.from_backbone(backbone, cfg.pooling, cfg.max_length, device, dtype, cfg.seed)
+    amp_dtype = resolve_autocast(cfg.autocast, rm.device)
+    if amp_dtype is not None and rm.head.weight.dtype == amp_dtype:
+        amp_dtype = None  # weights already in that dtype: nothing to autocast
     if cfg.disable_dropout:
         for module in rm.modules():
             if isinstance(module, nn.Dropout):
@@ -610,8 +694,9 @@ def train_reward_model(
                 if not pair_idx:
                     loop.step(None, 0.0)
                     continue
-                chosen_scores, rejected_scores = train_inputs.scores(pair_idx, dedup=cfg.group_by_prompt)
-                loss = bradley_terry_loss(chosen_scores, rejected_scores)
+                with autocast_context(rm.device, amp_dtype):
+                    chosen_scores, rejected_scores = train_inputs.scores(pair_idx, dedup=cfg.group_by_prompt)
+                loss = bradley_terry_loss(chosen_scores, rejected_scores)  # float32 scores, float32 loss
                 loss.backward()
                 loop.step(loss, float(len(pair_idx)))  # all-reduce (weighted by pairs), NaN guard, optimizer and schedule step, checkpoint
                 step = loop.step_count

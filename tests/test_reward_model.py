@@ -10,8 +10,10 @@ from rlhf_env.reward_model import (
     RewardModel,
     RewardModelConfig,
     bradley_terry_loss,
+    cpu_has_native_bf16,
     default_backbone_dir,
     load_backbone,
+    resolve_autocast,
     train_reward_model,
 )
 from tests.test_sft_dpo import PAIRS as TINY_PAIRS
@@ -60,6 +62,56 @@ def test_default_backbone_is_the_shipped_minilm():
 def test_learns_a_separable_set_to_100_percent(trained_rm):
     assert trained_rm.accuracy(SEPARABLE) == 1.0
     assert trained_rm.metrics["train/accuracy"] == 1.0
+
+
+def _matmul_dtypes(rm):
+    """Record the output dtype of the first block's query projection on every forward."""
+    seen = []
+    rm.backbone.encoder.layer[0].attention.self.query.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("setting,expected", [("bf16", torch.bfloat16), ("off", torch.float32)])
+def test_autocast_training_runs_in_that_precision_and_learns(setting, expected):
+    rm = RewardModel.from_backbone()
+    seen = _matmul_dtypes(rm)
+    cfg = RewardModelConfig(learning_rate=1e-4, batch_size=4, epochs=4, warmup_ratio=0.0, autocast=setting)
+    train_reward_model(SEPARABLE, backbone=rm, config=cfg, progress=False)
+    assert seen and set(seen) == {expected}  # every training forward ran in that precision
+    assert all(p.dtype == torch.float32 for p in rm.parameters())  # master weights stay float32
+    assert rm.metrics["train/accuracy"] == 1.0
+    seen.clear()
+    scores = rm.score([p.prompt for p in SEPARABLE], [p.chosen for p in SEPARABLE])
+    assert set(seen) == {torch.float32} and scores.dtype == torch.float32  # scoring is float32 either way
+    assert rm.accuracy(SEPARABLE) == 1.0
+
+
+def test_autocast_auto_resolves_by_device_support(monkeypatch):
+    import rlhf_env.reward_model as rm_module
+
+    monkeypatch.setattr(rm_module, "cpu_has_native_bf16", lambda: False)
+    assert resolve_autocast("auto", "cpu") is None  # emulated bf16 would be slower: float32
+    assert resolve_autocast("bf16", "cpu") is torch.bfloat16  # forced
+    monkeypatch.setattr(rm_module, "cpu_has_native_bf16", lambda: True)
+    assert resolve_autocast("auto", "cpu") is torch.bfloat16
+    assert resolve_autocast("off", "cpu") is None and resolve_autocast(None, "cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_autocast("auto", "cuda") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_autocast("auto", "cuda:0") is torch.bfloat16
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        resolve_autocast("fp16", "cpu")
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        train_reward_model(SEPARABLE, config=RewardModelConfig(autocast="float16"), progress=False)
+
+
+def test_cpu_bf16_check_reads_the_cpu_features(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert cpu_has_native_bf16() is True
 
 
 def test_save_load_gives_identical_scores(trained_rm, tmp_path):
@@ -134,7 +186,7 @@ def test_cli_train_rm(tmp_path, capsys):
 
     save_preferences(SEPARABLE, tmp_path / "pairs.jsonl")
     code = main(["train-rm", "--train", str(tmp_path / "pairs.jsonl"), "--eval", "none", "--output", str(tmp_path / "rm"),
-                 "--epochs", "1", "--batch-size", "8", "--train-layers", "2", "--no-progress"])
+                 "--epochs", "1", "--batch-size", "8", "--train-layers", "2", "--autocast", "bf16", "--no-progress"])
     assert code == 0 and "saved=" in capsys.readouterr().out
     assert RewardModel.load(tmp_path / "rm").kind == "encoder"
     code = main(["train-rm", "--train", str(tmp_path / "pairs.jsonl"), "--eval", "none", "--backbone", str(tmp_path / "missing_backbone"), "--output", str(tmp_path / "rm2")])

@@ -8,7 +8,7 @@ from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_TRAIN, add_training_flags
 
 
 def add_parser(subparsers) -> None:
-    from rlhf_env.reward_model import DEFAULT_BACKBONE, RewardModelConfig
+    from rlhf_env.reward_model import AUTOCAST_CHOICES, DEFAULT_BACKBONE, RewardModelConfig
 
     d = RewardModelConfig()
     p = subparsers.add_parser(
@@ -27,6 +27,9 @@ def add_parser(subparsers) -> None:
                    "(and the head) over a frozen trunk run once per input (default: all blocks)")
     p.add_argument("--no-group-by-prompt", dest="group_by_prompt", action="store_false", help="draw pairs freely instead of whole prompts "
                    "whose shared responses are scored once (same loss, more forward passes)")
+    p.add_argument("--autocast", default=d.autocast, choices=list(AUTOCAST_CHOICES), help="mixed precision of training steps: off = float32; "
+                   "auto = bfloat16 autocast where the device computes bf16 natively (CUDA with bf16, CPU with AMX/AVX512-BF16), "
+                   "bf16 = always; weights, optimizer and loss stay float32")
     p.add_argument("--output", "-o", required=True, help="folder to write the reward model to (replaced atomically)")
     add_training_flags(p, d, "reward_model")
     p.set_defaults(func=run)
@@ -39,7 +42,7 @@ def run(args) -> int:
     cfg = RewardModelConfig(
         learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs, max_length=args.max_length,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, pooling=args.pooling, seed=args.seed,
-        train_layers=args.train_layers, group_by_prompt=args.group_by_prompt,
+        train_layers=args.train_layers, group_by_prompt=args.group_by_prompt, autocast=args.autocast,
     )
     rm = train_reward_model(
         args.train, backbone=args.backbone, eval_pairs=None if args.eval.lower() == "none" else args.eval, config=cfg,
