@@ -36,14 +36,20 @@ TASK = Path(__file__).resolve().parent.parent / "rlhf_env" / "assets" / "task"
 def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> list[dict]:
     """Two rows against one TRL run: ours as it trains by default (steps of whole prompts,
     each distinct response scored once: fewer forward passes for the same loss) and ours
-    pairwise (two inputs per pair, the computation TRL does). All weights trained on both sides."""
+    pairwise (two inputs per pair, the computation TRL does). All weights trained on both sides.
+
+    Precision: ours trains with its default ``RewardModelConfig.autocast`` (float32; with
+    ``"auto"``, bf16 autocast where the device computes bf16 natively); TRL gets the same
+    (``bf16=True``, its autocast, exactly when ours resolves to bf16), named in the rows."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf_env.reward_model import RewardModel, RewardModelConfig, default_backbone_dir, train_reward_model
+    from rlhf_env.reward_model import RewardModel, RewardModelConfig, default_backbone_dir, resolve_autocast, train_reward_model
 
     backbone = default_backbone_dir()
+    bf16 = resolve_autocast(RewardModelConfig().autocast, "cpu") is torch.bfloat16  # same precision on both sides
+    precision = "bf16 autocast" if bf16 else "float32"
     ours_s = {}
     for grouped in (True, False):
         rm = RewardModel.from_backbone(backbone, max_length=max_length)
@@ -62,8 +68,8 @@ def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> li
             output_dir=out, per_device_train_batch_size=batch_size, num_train_epochs=1, max_length=max_length,
             learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, report_to="none", save_strategy="no",
             logging_steps=10**6, eos_token="[SEP]", use_cpu=True, disable_tqdm=True, seed=0,
-            # float32 and no activation checkpointing, as ours (TRL defaults to bf16 and checkpointing)
-            bf16=False, gradient_checkpointing=False,
+            # the same precision as ours, and no activation checkpointing, as ours (TRL defaults to bf16 and checkpointing)
+            bf16=bf16, gradient_checkpointing=False,
         )
         trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
         n_trl = len(trainer.train_dataset)
@@ -71,8 +77,8 @@ def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> li
         trainer.train()
         trl_s = time.perf_counter() - t0
     return [
-        _row("reward model (all-MiniLM-L6-v2), ours: by prompt, each response once", len(pairs), ours_s[True], n_trl, trl_s),
-        _row("reward model (all-MiniLM-L6-v2), ours: pairwise, as TRL", len(pairs), ours_s[False], n_trl, trl_s),
+        _row(f"reward model (all-MiniLM-L6-v2, {precision} both), ours: by prompt, each response once", len(pairs), ours_s[True], n_trl, trl_s),
+        _row(f"reward model (all-MiniLM-L6-v2, {precision} both), ours: pairwise, as TRL", len(pairs), ours_s[False], n_trl, trl_s),
     ]
 
 
