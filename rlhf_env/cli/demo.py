@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="stop after this many PPO iterations")
     parser.add_argument("--kl-stop", type=_kl_stop, default=_CONFIG, metavar="KL",
                         help="stop training after the iteration whose rollout KL per response reaches KL; 'none' "
-                        "switches the rule off (default: 12 within the 20 nat KL budget; quick: none)")
+                        "switches the rule off (default: 10 within the 20 nat KL budget; quick: none)")
     parser.set_defaults(func=run)
 
 
