@@ -331,8 +331,9 @@ class RewardModel(nn.Module):
         samples, 8 responses per train prompt) with :func:`default_config`, evaluated on
         ``pairs_test.jsonl``, with a progress bar and a fixed seed, then cached under
         ``cache_dir()/reward_models/default-v2`` and loaded from there afterwards. Trained in
-        float32: bf16 autocast trained it in 198 s instead of 237 s here, but to 89.0% on
-        ``pairs_test.jsonl`` against 91.0% (see :class:`RewardModelConfig` ``autocast``).
+        float32: bf16 autocast trained it in 198 s instead of 340 s (same machine and load),
+        but to 89.0% on ``pairs_test.jsonl`` against 91.0% (see :class:`RewardModelConfig`
+        ``autocast``).
         """
         from rlhf_env.models import cache_dir
 
@@ -396,8 +397,8 @@ class RewardModelConfig:
         AVX512-BF16), float32 elsewhere; ``"bf16"`` forces it. The weights, the optimizer
         state, the pooling, the head and the loss stay float32; evaluation and
         :meth:`RewardModel.score` run in float32 either way. Measured on the default task
-        (MiniLM, one thread, an AMX CPU): training steps 1.6x faster, the default reward
-        model trained in 198 s against 237 s (the rest is tokenising, evaluation, loading),
+        (MiniLM, one thread, an AMX CPU): training steps 1.6x faster, :meth:`RewardModel.default`
+        from an empty cache 198 s against 340 s under the same load (1.7x),
         but held-out accuracy 89.0% against 91.0% on ``pairs_test.jsonl`` and 88.5% against
         89.4% on all rounds' test pairs, hence float32 by default.
     """
