@@ -3,7 +3,9 @@
 * the default reward model (``RewardModel.default()``: trained on first use, then cached):
   accuracy on the held-out generated pairs (target >= 0.90) and on the hand-written pairs
   on new prompts (target >= 0.85);
-* DPO of SmolLM2-135M-Instruct on the shipped pairs: held-out implicit-reward accuracy
+* DPO of SmolLM2-135M-Instruct (settings: :class:`rlhf_env.dpo.DPOConfig`'s defaults unless
+  given) on the default task's training pairs of all sampling rounds (``--train-set round0``:
+  ``pairs_train.jsonl`` only): held-out implicit-reward accuracy on ``pairs_test.jsonl``
   (target >= 0.80) and the VADER mean of responses sampled on the test prompts, before
   (the shipped ``samples_test.jsonl``, same sampling settings) and after.
 
@@ -41,16 +43,19 @@ def reward_model_targets() -> dict:
     }
 
 
-def dpo_targets(model_name: str, epochs: int, lr: float, beta: float, trainable_layers, batch_size: int, output: str | None,
+def dpo_targets(model_name: str, settings: dict, output: str | None, train_set: str = "all",
                 train_pairs: int | None = None, num_samples: int = 4) -> dict:
+    """:param settings: :class:`DPOConfig` fields that differ from its defaults"""
     from rlhf_env.default_task import sample_responses, split_prompts, make_prompts, vader_scores
     from rlhf_env.dpo import DPOConfig, train_dpo
-    from rlhf_env.reward_model import default_pairs
+    from rlhf_env.reward_model import default_pairs, default_training_pairs
 
     train, test = default_pairs()
+    if train_set == "all":
+        train = default_training_pairs()
     if train_pairs:  # a seeded subset, for a machine without time for all pairs
         train = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:train_pairs].tolist()]
-    cfg = DPOConfig(beta=beta, learning_rate=lr, batch_size=batch_size, epochs=epochs, trainable_layers=trainable_layers)
+    cfg = DPOConfig(**settings)
     t0 = time.perf_counter()
     model, tok = train_dpo(train, model_name, config=cfg, eval_pairs=test, output_dir=output)
     seconds = time.perf_counter() - t0
@@ -61,6 +66,7 @@ def dpo_targets(model_name: str, epochs: int, lr: float, beta: float, trainable_
     after = vader_scores([r for rs in responses for r in rs])
     return {
         "dpo_seconds": round(seconds, 1),
+        "dpo_config": vars(cfg),
         "train_pairs": len(train),
         "heldout_implicit_reward_accuracy": round(model.dpo_metrics["eval/rewards/accuracy"], 4),
         "vader_mean_before": round(sum(before) / len(before), 4),
@@ -73,11 +79,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--skip", choices=["rm", "dpo"], default=None, help="skip one part")
     p.add_argument("--model", default="smollm2-135m", help="DPO policy (default: smollm2-135m)")
-    p.add_argument("--epochs", type=int, default=1, help="DPO epochs (default: 1)")
-    p.add_argument("--lr", type=float, default=5e-6, help="DPO learning rate (default: 5e-6)")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: 0.1)")
-    p.add_argument("--batch-size", type=int, default=8, help="DPO pairs per step (default: 8)")
-    p.add_argument("--trainable-layers", type=int, default=None, help="DPO: train only the last N blocks (default: all)")
+    p.add_argument("--epochs", type=int, default=None, help="DPO epochs (default: DPOConfig's)")
+    p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default: DPOConfig's)")
+    p.add_argument("--beta", type=float, default=None, help="DPO beta (default: DPOConfig's)")
+    p.add_argument("--batch-size", type=int, default=None, help="DPO pairs per step (default: DPOConfig's)")
+    p.add_argument("--trainable-layers", type=int, default=None, help="DPO: train only the last N blocks (default: DPOConfig's)")
+    p.add_argument("--train-set", choices=["all", "round0"], default="all",
+                   help="DPO training pairs: all sampling rounds (default_training_pairs) or pairs_train.jsonl")
     p.add_argument("--output", default=None, help="save the DPO model here")
     p.add_argument("--train-pairs", type=int, default=None, help="DPO on a seeded subset of this many pairs (default: all)")
     p.add_argument("--num-samples", type=int, default=4, help="responses sampled per test prompt after DPO (default: 4)")
@@ -88,7 +96,9 @@ def main(argv=None) -> int:
     if args.skip != "rm":
         print(json.dumps({"reward_model": reward_model_targets()}), flush=True)
     if args.skip != "dpo":
-        out = dpo_targets(args.model, args.epochs, args.lr, args.beta, args.trainable_layers, args.batch_size, args.output,
+        given = {"epochs": args.epochs, "learning_rate": args.lr, "beta": args.beta, "batch_size": args.batch_size,
+                 "trainable_layers": args.trainable_layers}
+        out = dpo_targets(args.model, {k: v for k, v in given.items() if v is not None}, args.output, args.train_set,
                           args.train_pairs, args.num_samples)
         print(json.dumps({"dpo": out}, ensure_ascii=False), flush=True)
     return 0

@@ -290,3 +290,60 @@ def _fresh_params(path):
     from rlhf_env.models import load_lm
 
     return list(load_lm(path)[0].parameters())
+
+
+# --- whole prompts per step (DPOConfig.group_by_prompt) --------------------------------------
+
+GROUPED = [  # all 3 pairs of 3 responses for each of 2 prompts: 6 pairs, 6 distinct sequences
+    PreferencePair(prompt, a, b)
+    for prompt, (good, mid, bad) in [
+        ("tell me about dogs", ("dogs are wonderful and happy", "dogs are dogs", "dogs are bad and sad")),
+        ("the weather today", ("the weather is very lovely today", "it is the weather", "the weather is awful today")),
+    ]
+    for a, b in [(good, mid), (good, bad), (mid, bad)]
+]
+
+
+def test_dedup_logprobs_and_gradients_equal_the_pairwise_ones(tiny_lm3):
+    from rlhf_env.dpo import _EncodedPairs
+    from rlhf_env.models import load_lm
+
+    model, tok = load_lm(tiny_lm3)
+    data = _EncodedPairs(GROUPED, tok, 64)
+    assert data.groups() == [[0, 1, 2], [3, 4, 5]] and len(data.distinct) == 6
+    out = {}
+    for dedup in (False, True):
+        model.zero_grad(set_to_none=True)
+        logps = data.logprobs(model, [0, 1, 2, 4], "cpu", dedup=dedup)
+        (logps * torch.arange(1.0, 9.0)).sum().backward()  # distinct weights: each row's gradient counts
+        out[dedup] = logps.detach(), [p.grad.clone() for p in model.parameters()]
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(out[True][1], out[False][1]))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_group_by_prompt_runs_each_distinct_response_once_per_step(tiny_lm3, grouped):
+    from rlhf_env.models import load_lm
+
+    model, tok = load_lm(tiny_lm3)
+    rows = []  # rows through the trained top block with gradients (training steps only)
+    model.model.layers[2].register_forward_hook(lambda m, a, o: rows.append(a[0].shape[0]) if torch.is_grad_enabled() else None)
+    cfg = DPOConfig(learning_rate=3e-3, batch_size=3, epochs=8, trainable_layers=1, group_by_prompt=grouped)
+    model, _ = train_dpo(GROUPED, model, tokenizer=tok, beta=0.5, config=cfg, eval_pairs=GROUPED, progress=False)
+    # grouped: one prompt (3 pairs, 3 distinct responses) a step; else 3 pairs a step, 6 rows each
+    assert rows == ([3] * 16 if grouped else [6] * 16)
+    assert model.dpo_metrics["eval/rewards/accuracy"] == 1.0
+
+
+def test_cli_dpo_trains_on_the_default_pairs_by_default(tiny_lm, tmp_path, monkeypatch):
+    import rlhf_env.reward_model
+    from rlhf_env.cli import main
+
+    given = []
+    monkeypatch.setattr(rlhf_env.reward_model, "default_training_pairs", lambda: given.append(1) or list(GROUPED))
+    assert main(["dpo", "--model", str(tiny_lm), "--eval", "none", "--output", str(tmp_path / "dpo"), "--epochs", "1",
+                 "--no-progress"]) == 0
+    assert given == [1] and (tmp_path / "dpo").is_dir()
+    assert main(["dpo", "--model", str(tiny_lm), "--eval", "none", "--output", str(tmp_path / "dpo2"), "--epochs", "1",
+                 "--no-group-by-prompt", "--no-progress"]) == 0
+    assert given == [1, 1]

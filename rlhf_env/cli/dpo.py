@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_TRAIN, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype
+from rlhf_env.cli._common import DEFAULT_EVAL, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype
 
 
 def add_parser(subparsers) -> None:
@@ -18,7 +18,10 @@ def add_parser(subparsers) -> None:
         "beta*log(pi/pi_ref)(rejected)) and save a model folder that gym.make('TextRLHF-v0', model=DIR) accepts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--train", default=str(DEFAULT_TRAIN), help="training pairs: JSON Lines of {prompt, chosen, rejected}")
+    p.add_argument("--train", default="default",
+                   help="training pairs: JSON Lines of {prompt, chosen, rejected}, or 'default': the default task's pairs of "
+                   "all sampling rounds (rlhf_env.reward_model.default_training_pairs, 4,124 pairs; "
+                   "pairs_train.jsonl holds the first round's 862)")
     p.add_argument("--eval", default=str(DEFAULT_EVAL), help="held-out pairs; implicit-reward accuracy after each epoch ('none' to skip)")
     p.add_argument("--model", default="smollm2-135m", help="policy to train: smollm2-135m, tiny, or a local Hugging Face model folder")
     p.add_argument("--reference", default=None, help="frozen reference model (default: the policy before training)")
@@ -27,6 +30,8 @@ def add_parser(subparsers) -> None:
                    help="train only the last N transformer blocks and the final norm; 'all' trains every weight")
     p.add_argument("--no-keep-trunk", action="store_true",
                    help="run full forwards every step instead of keeping the frozen lower blocks' output (same result, slower)")
+    p.add_argument("--no-group-by-prompt", action="store_true",
+                   help="draw --batch-size pairs freely per step instead of whole prompts (all their pairs, each distinct response run once)")
     p.add_argument("--output", "-o", required=True, help="folder to write the trained policy to (replaced atomically)")
     add_training_flags(p, d, "dpo")
     p.set_defaults(func=run)
@@ -48,13 +53,18 @@ def run(args) -> int:
     from rlhf_env.dpo import DPOConfig, train_dpo
 
     apply_threads(args)
+    train = args.train
+    if train == "default":
+        from rlhf_env.reward_model import default_training_pairs
+
+        train = default_training_pairs()
     cfg = DPOConfig(
         beta=args.beta, learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
         max_length=args.max_length, weight_decay=args.weight_decay, seed=args.seed, trainable_layers=args.trainable_layers,
-        keep_trunk=not args.no_keep_trunk,
+        keep_trunk=not args.no_keep_trunk, group_by_prompt=not args.no_group_by_prompt,
     )
     model, _ = train_dpo(
-        args.train, args.model, reference=args.reference, config=cfg,
+        train, args.model, reference=args.reference, config=cfg,
         eval_pairs=None if args.eval.lower() == "none" else args.eval, output_dir=args.output, log_dir=args.log_dir,
         run_name=args.run_name, device=args.device, dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
         **checkpoint_kwargs(args),
