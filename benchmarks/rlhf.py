@@ -174,6 +174,27 @@ def run_trl(model_dir: str, prompts: list[str], args: argparse.Namespace, n_step
 # PPO phases
 
 
+def time_phases(model) -> dict[str, float]:
+    """Wrap ``model.collect_rollouts`` and ``model.train`` so that each call records its CPU
+    seconds in the returned dict (keys ``collect`` and ``train``: the latest call's)."""
+    collect, train = model.collect_rollouts, model.train
+    phase: dict[str, float] = {}
+
+    def timed_collect(*a, **k):
+        t = time.process_time()
+        out = collect(*a, **k)
+        phase["collect"] = time.process_time() - t
+        return out
+
+    def timed_train():
+        t = time.process_time()
+        train()
+        phase["train"] = time.process_time() - t
+
+    model.collect_rollouts, model.train = timed_collect, timed_train
+    return phase
+
+
 def ppo_phases(model_dir: str, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
     """CPU seconds of each phase of one PPO iteration (after a warm-up iteration; CPU time,
     as the GRPO comparison, so that other load on a shared machine does not count)."""
@@ -203,21 +224,7 @@ def ppo_phases(model_dir: str, prompts: list[str], args: argparse.Namespace) -> 
             return out
         return timed_evaluate
 
-    collect, train = model.collect_rollouts, model.train
-    phase = {}
-
-    def timed_collect(*a, **k):
-        t = time.process_time()
-        out = collect(*a, **k)
-        phase["collect"] = time.process_time() - t
-        return out
-
-    def timed_train():
-        t = time.process_time()
-        train()
-        phase["train"] = time.process_time() - t
-
-    model.collect_rollouts, model.train = timed_collect, timed_train
+    phase = time_phases(model)
     for name, fn in originals.items():  # the full teacher-forced forward or the top blocks on kept states
         setattr(text_ppo, name, timed(fn))
     try:
@@ -260,21 +267,7 @@ def demo_ppo_iterations(n_iterations: int) -> dict[str, float]:
                 max_grad_norm=1.0, seed=cfg.seed, policy_kwargs=policy_kwargs,
                 rlhf=RLHFConfig(kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, kl_horizon=cfg.kl_horizon,
                                 score_norm=cfg.score_norm))
-    phase: dict[str, float] = {}
-    collect, train = model.collect_rollouts, model.train
-
-    def timed_collect(*a, **k):
-        t = time.process_time()
-        out = collect(*a, **k)
-        phase["collect"] = time.process_time() - t
-        return out
-
-    def timed_train():
-        t = time.process_time()
-        train()
-        phase["train"] = time.process_time() - t
-
-    model.collect_rollouts, model.train = timed_collect, timed_train
+    phase = time_phases(model)
     rows = []
     for i in range(n_iterations + 1):
         c = time.process_time()
