@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf_env.cli._common import block_count
+
 
 class TimedReward:
     """A reward callable that adds up the CPU time spent in it."""
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--beta", type=float, default=0.04, help="KL-to-reference coefficient (both sides)")
     parser.add_argument("--lr", type=float, default=1e-6)
-    parser.add_argument("--train-layers", default="all",
+    parser.add_argument("--train-layers", default="all", type=block_count(0),
                         help="trainable weights on both sides: 'all' or k (last k blocks + final norm)")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per side (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -301,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time this many PPO iterations with the demo's settings (SmolLM2, after a warm-up)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    args.train_layers = None if str(args.train_layers) == "all" else int(args.train_layers)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_name = args.model or ("tiny" if args.quick else "smollm2-135m")

@@ -59,6 +59,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from rlhf_env.cli._common import block_count
+
 KL_COEF = 0.05
 
 
@@ -452,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", default="sentiment", help="reward spec for all contenders (default: VADER)")
     p.add_argument(
         "--train-layers",
-        type=_train_layers,
+        type=block_count(0),
         default=2,
         help="configure the env's actor as LMActorCriticPolicy(train_layers=K) does: requires_grad only on its top K "
         "blocks and final norm (default 2); 'all' leaves every weight trainable (no shared reference trunk)",
@@ -478,17 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss-child", nargs=3, metavar=("MODEL", "ENVS", "TOKENS"), help=argparse.SUPPRESS)
     return p
 
-
-def _train_layers(text: str) -> int | None:
-    if text == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--train-layers must be a block count >= 0 or 'all', got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--train-layers must be >= 0 or 'all', got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

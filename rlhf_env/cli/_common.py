@@ -10,6 +10,25 @@ DEFAULT_TRAIN = TASK_DIR / "pairs_train.jsonl"
 DEFAULT_EVAL = TASK_DIR / "pairs_test.jsonl"
 
 
+def block_count(minimum: int = 1):
+    """An argparse ``type`` for "the last N transformer blocks, or all weights": ``'all'``
+    (or ``'none'``) gives None, a number ``>= minimum`` gives that int; anything else is a
+    one-line usage error naming the value."""
+
+    def parse(text: str) -> int | None:
+        if str(text).lower() in ("all", "none"):
+            return None
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of blocks >= {minimum} or 'all', got {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number of blocks >= {minimum} or 'all', got {n}")
+        return n
+
+    return parse
+
+
 def add_training_flags(p: argparse.ArgumentParser, defaults, run_name: str) -> None:
     """--learning-rate, --batch-size, --epochs, --max-length, --seed, --device, --dtype,
     --log-dir, --run-name, --threads, --no-progress, with the config dataclass's defaults."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rlhf_env.cli._common import DEFAULT_EVAL, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype
+from rlhf_env.cli._common import DEFAULT_EVAL, add_training_flags, apply_threads, block_count, checkpoint_kwargs, resolve_dtype
 
 
 def add_parser(subparsers) -> None:
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", default="smollm2-135m", help="policy to train: smollm2-135m, tiny, or a local Hugging Face model folder")
     p.add_argument("--reference", default=None, help="frozen reference model (default: the policy before training)")
     p.add_argument("--beta", type=float, default=d.beta, help="DPO beta: strength of the implicit KL constraint")
-    p.add_argument("--trainable-layers", type=_layers, default=d.trainable_layers,
+    p.add_argument("--trainable-layers", type=block_count(1), default=d.trainable_layers,
                    help="train only the last N transformer blocks and the final norm; 'all' trains every weight")
     p.add_argument("--no-keep-trunk", action="store_true",
                    help="run full forwards every step instead of keeping the frozen lower blocks' output (same result, slower)")
@@ -36,17 +36,6 @@ def add_parser(subparsers) -> None:
     add_training_flags(p, d, "dpo")
     p.set_defaults(func=run)
 
-
-def _layers(value: str):
-    if value.lower() in ("all", "none"):
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'all', got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1 block (or 'all'), got {n}")
-    return n
 
 
 def run(args) -> int:
