@@ -193,6 +193,31 @@ def test_cli_train_rm(tmp_path, capsys):
     assert code == 1 and "missing_backbone" in capsys.readouterr().err
 
 
+def test_cli_train_rm_defaults_are_the_default_reward_model(tmp_path, monkeypatch):
+    """With no flags but -o, `rlhf-env train-rm` trains what RewardModel.default() trains:
+    the same pairs, the same settings, the same held-out file."""
+    import rlhf_env.reward_model as rm_module
+    from rlhf_env.cli import main
+    from rlhf_env.cli._common import DEFAULT_EVAL
+    from rlhf_env.reward_model import default_config, default_training_pairs
+
+    seen = {}
+
+    def fake_train(pairs, backbone, eval_pairs, config, **kwargs):
+        seen.update(pairs=pairs, backbone=backbone, eval_pairs=eval_pairs, config=config)
+
+        class Trained:
+            metrics = {"eval/accuracy": 1.0}
+
+        return Trained()
+
+    monkeypatch.setattr(rm_module, "train_reward_model", fake_train)
+    assert main(["train-rm", "-o", str(tmp_path / "rm")]) == 0
+    assert seen["pairs"] == default_training_pairs() and len(seen["pairs"]) > 4000
+    assert seen["config"] == default_config()
+    assert seen["backbone"] == rm_module.DEFAULT_BACKBONE and seen["eval_pairs"] == str(DEFAULT_EVAL)
+
+
 # several responses per prompt, every pair of them: responses are shared between pairs
 SHARED = [
     PreferencePair(p, a, b)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rlhf_env.cli._common import DEFAULT_EVAL, add_training_flags, apply_threads, block_count, checkpoint_kwargs, resolve_dtype
+from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_PAIRS_HELP, add_training_flags, apply_threads, block_count, checkpoint_kwargs, resolve_dtype, training_pairs
 
 
 def add_parser(subparsers) -> None:
@@ -18,10 +18,7 @@ def add_parser(subparsers) -> None:
         "beta*log(pi/pi_ref)(rejected)) and save a model folder that gym.make('TextRLHF-v0', model=DIR) accepts.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--train", default="default",
-                   help="training pairs: JSON Lines of {prompt, chosen, rejected}, or 'default': the default task's pairs of "
-                   "all sampling rounds (rlhf_env.reward_model.default_training_pairs, 4,124 pairs; "
-                   "pairs_train.jsonl holds the first round's 862)")
+    p.add_argument("--train", default="default", help=DEFAULT_PAIRS_HELP)
     p.add_argument("--eval", default=str(DEFAULT_EVAL), help="held-out pairs; implicit-reward accuracy after each epoch ('none' to skip)")
     p.add_argument("--model", default="smollm2-135m", help="policy to train: smollm2-135m, tiny, or a local Hugging Face model folder")
     p.add_argument("--reference", default=None, help="frozen reference model (default: the policy before training)")
@@ -42,11 +39,7 @@ def run(args) -> int:
     from rlhf_env.dpo import DPOConfig, train_dpo
 
     apply_threads(args)
-    train = args.train
-    if train == "default":
-        from rlhf_env.reward_model import default_training_pairs
-
-        train = default_training_pairs()
+    train = training_pairs(args.train)
     cfg = DPOConfig(
         beta=args.beta, learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
         max_length=args.max_length, weight_decay=args.weight_decay, seed=args.seed, trainable_layers=args.trainable_layers,

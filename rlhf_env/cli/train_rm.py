@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_TRAIN, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype
+from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_PAIRS_HELP, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype, training_pairs
 
 
 def add_parser(subparsers) -> None:
-    from rlhf_env.reward_model import AUTOCAST_CHOICES, DEFAULT_BACKBONE, RewardModelConfig
+    from rlhf_env.reward_model import AUTOCAST_CHOICES, DEFAULT_BACKBONE, default_config
 
-    d = RewardModelConfig()
+    d = default_config()  # with no flags: the same pairs and settings as RewardModel.default()
     p = subparsers.add_parser(
         "train-rm",
         help="train a reward model on preference pairs (JSON Lines)",
@@ -18,7 +18,7 @@ def add_parser(subparsers) -> None:
         "as a folder that RewardModel.load and gym.make('TextRLHF-v0', reward_model=DIR) accept.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--train", default=str(DEFAULT_TRAIN), help="training pairs: JSON Lines of {prompt, chosen, rejected}")
+    p.add_argument("--train", default="default", help=DEFAULT_PAIRS_HELP)
     p.add_argument("--eval", default=str(DEFAULT_EVAL), help="held-out pairs evaluated after each epoch ('none' to skip)")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="all-minilm-l6-v2, tiny, smollm2-135m, or a local Hugging Face model folder")
     p.add_argument("--pooling", default=None, choices=["first", "mean", "last"], help="hidden state the head reads (default: mean for encoders, last for causal LMs)")
@@ -45,7 +45,7 @@ def run(args) -> int:
         train_layers=args.train_layers, group_by_prompt=args.group_by_prompt, autocast=args.autocast,
     )
     rm = train_reward_model(
-        args.train, backbone=args.backbone, eval_pairs=None if args.eval.lower() == "none" else args.eval, config=cfg,
+        training_pairs(args.train), backbone=args.backbone, eval_pairs=None if args.eval.lower() == "none" else args.eval, config=cfg,
         output_dir=args.output, log_dir=args.log_dir, run_name=args.run_name, device=args.device,
         dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
         **checkpoint_kwargs(args),
