@@ -11,16 +11,34 @@
 - ``length_reward``: a cheap deterministic reward callable ``(prompts, responses) -> tensor``
   (fraction of the letter "e" in each response).
 
+Stable-Baselines3's own algorithms (the peer, and SB3 PPO driving our LM policy) make a
+logger folder even when they log nothing: ``$SB3_LOGDIR``, else a new ``/tmp/SB3-<time>``
+per model. The session points ``SB3_LOGDIR`` into pytest's temporary folder, so the suite
+leaves nothing in ``/tmp``.
+
 Tests marked ``@pytest.mark.slow`` (real models such as SmolLM2-135M) are skipped unless
 pytest runs with ``--runslow`` or ``RLHF_ENV_SLOW_TESTS=1``.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sb3_logdir(tmp_path_factory):
+    """SB3's logger folder (see the module docstring) inside pytest's temporary folder."""
+    old = os.environ.get("SB3_LOGDIR")
+    os.environ["SB3_LOGDIR"] = str(tmp_path_factory.mktemp("sb3_logs"))
+    yield
+    if old is None:
+        os.environ.pop("SB3_LOGDIR", None)
+    else:
+        os.environ["SB3_LOGDIR"] = old
 
 CORPUS = [
     "the cat sat on the mat and looked at the sun",
