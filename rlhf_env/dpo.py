@@ -245,7 +245,8 @@ def train_dpo(
     :param output_dir: if given, the policy and tokenizer are saved there (atomically), a folder
         that ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` accept
     :param log_dir: TensorBoard root; run in ``{log_dir}/{run_name}_{k}``; tags ``train/loss``,
-        ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracy``, ``rewards/margin``
+        ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracy``, ``rewards/margin`` (the last two
+        also as ``train/accuracy`` and ``train/margin``, the reward model's names)
     :param device: torch device
     :param dtype: weights dtype when loading by name
     :param progress: show a progress bar
@@ -331,6 +332,9 @@ def train_dpo(
             if writer is not None:
                 for tag, value in metrics.items():
                     writer.add_scalar(tag, value, step)
+                # the design card's names for the same two numbers (the reward model logs these)
+                writer.add_scalar("train/accuracy", metrics["rewards/accuracy"], step)
+                writer.add_scalar("train/margin", metrics["rewards/margin"], step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{metrics['rewards/accuracy']:.2f}")
         if eval_data is not None:

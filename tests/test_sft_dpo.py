@@ -151,7 +151,8 @@ def test_dpo_learns_preferences_and_logs(tiny_lm, tmp_path):
     events = EventAccumulator(str(tmp_path / "tb" / "dpo_1"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "eval/rewards/accuracy"} <= tags
+    assert {"train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "eval/rewards/accuracy",
+            "train/accuracy", "train/margin"} <= tags
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the start
     assert losses[-1] < 0.3
