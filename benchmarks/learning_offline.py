@@ -11,6 +11,7 @@
 
     python benchmarks/learning_offline.py --threads 1
     python benchmarks/learning_offline.py --skip dpo        # reward model only
+    python benchmarks/learning_offline.py --skip rm --evaluate DPO_DIR   # a policy `rlhf-env dpo` wrote
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+
+from rlhf_env.cli._common import block_count  # noqa: E402
 
 TASK = Path(__file__).resolve().parent.parent / "rlhf_env" / "assets" / "task"
 
@@ -44,8 +47,10 @@ def reward_model_targets() -> dict:
 
 
 def dpo_targets(model_name: str, settings: dict, output: str | None, train_set: str = "all",
-                train_pairs: int | None = None, num_samples: int = 4) -> dict:
-    """:param settings: :class:`DPOConfig` fields that differ from its defaults"""
+                train_pairs: int | None = None, num_samples: int = 4, evaluate: str | None = None) -> dict:
+    """:param settings: :class:`DPOConfig` fields that differ from its defaults
+    :param evaluate: a DPO-trained model folder to measure instead of training one (``model_name``
+        is then its reference)"""
     from rlhf_env.default_task import sample_responses, split_prompts, make_prompts, vader_scores
     from rlhf_env.dpo import DPOConfig, train_dpo
     from rlhf_env.reward_model import default_pairs, default_training_pairs
@@ -57,7 +62,15 @@ def dpo_targets(model_name: str, settings: dict, output: str | None, train_set: 
         train = [train[i] for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:train_pairs].tolist()]
     cfg = DPOConfig(**settings)
     t0 = time.perf_counter()
-    model, tok = train_dpo(train, model_name, config=cfg, eval_pairs=test, output_dir=output)
+    if evaluate is None:
+        model, tok = train_dpo(train, model_name, config=cfg, eval_pairs=test, output_dir=output)
+        accuracy = model.dpo_metrics["eval/rewards/accuracy"]
+    else:  # a trained policy folder, against model_name as the reference
+        from rlhf_env.dpo import evaluate_dpo
+        from rlhf_env.models import load_lm
+
+        model, tok = load_lm(evaluate)
+        accuracy = evaluate_dpo(model, model_name, test, tokenizer=tok, beta=cfg.beta, max_length=cfg.max_length)
     seconds = time.perf_counter() - t0
     before = [json.loads(line)["score"] for line in (TASK / "samples_test.jsonl").read_text().splitlines()]
     _, test_prompts = split_prompts(make_prompts())
@@ -65,10 +78,11 @@ def dpo_targets(model_name: str, settings: dict, output: str | None, train_set: 
     responses = sample_responses(model, tok, test_prompts, num_samples=num_samples, max_new_tokens=48, batch_size=16, seed=1)
     after = vader_scores([r for rs in responses for r in rs])
     return {
-        "dpo_seconds": round(seconds, 1),
-        "dpo_config": vars(cfg),
-        "train_pairs": len(train),
-        "heldout_implicit_reward_accuracy": round(model.dpo_metrics["eval/rewards/accuracy"], 4),
+        "dpo_seconds" if evaluate is None else "evaluate_seconds": round(seconds, 1),
+        "dpo_config": vars(cfg) if evaluate is None else None,
+        "evaluated": evaluate,
+        "train_pairs": len(train) if evaluate is None else None,
+        "heldout_implicit_reward_accuracy": round(accuracy, 4),
         "vader_mean_before": round(sum(before) / len(before), 4),
         "vader_mean_after": round(sum(after) / len(after), 4),
         "examples_after": [r[0] for r in responses[:3]],
@@ -83,23 +97,27 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default: DPOConfig's)")
     p.add_argument("--beta", type=float, default=None, help="DPO beta (default: DPOConfig's)")
     p.add_argument("--batch-size", type=int, default=None, help="DPO pairs per step (default: DPOConfig's)")
-    p.add_argument("--trainable-layers", type=int, default=None, help="DPO: train only the last N blocks (default: DPOConfig's)")
+    p.add_argument("--trainable-layers", type=block_count(1), default=...,  # ...: not given
+                   help="DPO: train only the last N blocks, or 'all' (default: DPOConfig's)")
     p.add_argument("--train-set", choices=["all", "round0"], default="all",
                    help="DPO training pairs: all sampling rounds (default_training_pairs) or pairs_train.jsonl")
     p.add_argument("--output", default=None, help="save the DPO model here")
     p.add_argument("--train-pairs", type=int, default=None, help="DPO on a seeded subset of this many pairs (default: all)")
     p.add_argument("--num-samples", type=int, default=4, help="responses sampled per test prompt after DPO (default: 4)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--evaluate", default=None, help="measure this DPO-trained model folder instead of training one "
+                   "(--model is its reference; --beta as it was trained)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.skip != "rm":
         print(json.dumps({"reward_model": reward_model_targets()}), flush=True)
     if args.skip != "dpo":
-        given = {"epochs": args.epochs, "learning_rate": args.lr, "beta": args.beta, "batch_size": args.batch_size,
-                 "trainable_layers": args.trainable_layers}
-        out = dpo_targets(args.model, {k: v for k, v in given.items() if v is not None}, args.output, args.train_set,
-                          args.train_pairs, args.num_samples)
+        given = {"epochs": args.epochs, "learning_rate": args.lr, "beta": args.beta, "batch_size": args.batch_size}
+        settings = {k: v for k, v in given.items() if v is not None}
+        if args.trainable_layers is not ...:
+            settings["trainable_layers"] = args.trainable_layers
+        out = dpo_targets(args.model, settings, args.output, args.train_set, args.train_pairs, args.num_samples, args.evaluate)
         print(json.dumps({"dpo": out}, ensure_ascii=False), flush=True)
     return 0
 
