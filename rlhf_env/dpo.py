@@ -69,6 +69,16 @@ class DPOConfig:
     sequences took 350 s, one epoch of the 4,124 pairs (274 steps of one prompt each) 360-620 s; of
     the 862 pairs of round 0 without grouping, 500-820 s.
 
+    Other settings tried on the 4,124 pairs (held-out accuracy after 1 epoch / best in the second):
+    last 8 blocks 64.0 / 67.0%; all weights, lr 1e-5 (``rlhf-env dpo --trainable-layers all --lr 1e-5``,
+    55 min on 1 thread) 66.0% / 62.0% at the end; all weights, lr 3e-5, 65.0 / 69.5%; beta 0.5 67.5 /
+    68.5%; no EOS appended to the (mostly truncated) responses 64.5% at 3/4 epoch; an untied, trainable
+    head 63.5 / 62.5%; the final norm alone about 50%; dropout 0.1 on the kept states 61% at 3/4 epoch.
+    Every one fits its training pairs (97-99% in the second epoch). For scale: a linear probe on
+    SmolLM2's frozen block-22 states (mean over the response) ranks 74-75% of the held-out pairs right,
+    one on frozen MiniLM 72-74.5%, a bag-of-tokens logistic regression 74.5%; the reward model
+    (MiniLM, all weights trained) 91%.
+
     :param beta: strength of the implicit KL constraint to the reference
     :param learning_rate: AdamW learning rate
     :param batch_size: preference pairs per step (with ``group_by_prompt``: on average, in whole
