@@ -318,12 +318,7 @@ def pairs_from_samples(split: str, margin: float = 0.3, out_dir: Path = TASK_DIR
 
     :return: the pairs written
     """
-    samples = [json.loads(line) for line in (out_dir / f"samples_{split}.jsonl").read_text(encoding="utf-8").splitlines()]
-    by_prompt: dict[str, list[tuple[str, float]]] = {}
-    for row in samples:
-        by_prompt.setdefault(row["prompt"], []).append((row["response"], row["score"]))
-    prompts = list(by_prompt)
-    pairs = make_pairs(prompts, [[r for r, _ in by_prompt[p]] for p in prompts], [[s for _, s in by_prompt[p]] for p in prompts], margin, max_per_prompt)
+    pairs = _pairs_by_prompt(_samples_by_prompt([out_dir / f"samples_{split}.jsonl"]), margin, max_per_prompt)
     _write_jsonl(out_dir / f"pairs_{split}.jsonl", pairs)
     return pairs
 
@@ -340,6 +335,11 @@ def shipped_samples(split: str, task_dir: Path = TASK_DIR) -> dict[str, list[tup
     while (task_dir / f"samples_{split}_r{k}.jsonl").is_file():
         files.append(task_dir / f"samples_{split}_r{k}.jsonl")
         k += 1
+    return _samples_by_prompt(files)
+
+
+def _samples_by_prompt(files: list[Path]) -> dict[str, list[tuple[str, float]]]:
+    """``{prompt: [(response, vader_score), ...]}`` from samples files, in file then line order."""
     by_prompt: dict[str, list[tuple[str, float]]] = {}
     for path in files:
         for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines: a response may hold U+2028
@@ -350,6 +350,14 @@ def shipped_samples(split: str, task_dir: Path = TASK_DIR) -> dict[str, list[tup
     return by_prompt
 
 
+def _pairs_by_prompt(by_prompt: dict[str, list[tuple[str, float]]], margin: float, max_per_prompt: int | None = None) -> list[dict]:
+    """:func:`make_pairs` over the samples of :func:`_samples_by_prompt`."""
+    prompts = list(by_prompt)
+    responses = [[r for r, _ in by_prompt[p]] for p in prompts]
+    scores = [[sc for _, sc in by_prompt[p]] for p in prompts]
+    return make_pairs(prompts, responses, scores, margin, max_per_prompt)
+
+
 def all_round_pairs(split: str, margin: float = 0.3, task_dir: Path = TASK_DIR) -> list[dict]:
     """Preference pairs from all shipped sampling rounds of a split (:func:`shipped_samples`):
     every two responses of a prompt whose VADER scores differ by at least ``margin``.
@@ -358,9 +366,7 @@ def all_round_pairs(split: str, margin: float = 0.3, task_dir: Path = TASK_DIR) 
     round 0 alone): the default reward model trains on these. ``pairs_{split}.jsonl`` stay
     the round-0 pairs.
     """
-    by_prompt = shipped_samples(split, task_dir)
-    prompts = list(by_prompt)
-    return make_pairs(prompts, [[r for r, _ in by_prompt[p]] for p in prompts], [[sc for _, sc in by_prompt[p]] for p in prompts], margin)
+    return _pairs_by_prompt(shipped_samples(split, task_dir), margin)
 
 
 def sample_round(

@@ -40,10 +40,12 @@ from rlhf_env.training import (
     adamw,
     length_batches,
     pad_right,
+    prompt_groups,
     resolve_lm,
     save_lm,
     seed_everything,
     sequence_logprobs,
+    step_examples,
     summary_writer,
     train_last_layers,
 )
@@ -173,10 +175,7 @@ class _EncodedPairs:
 
     def groups(self) -> list[list[int]]:
         """Pair indices grouped by prompt, in order of first appearance."""
-        by_prompt: dict[str, list[int]] = {}
-        for i, prompt in enumerate(self.prompts):
-            by_prompt.setdefault(prompt, []).append(i)
-        return list(by_prompt.values())
+        return prompt_groups(self.prompts)
 
     def logprobs(self, model, idx: list[int], device, dedup: bool = False) -> torch.Tensor:
         """Summed response log-probabilities of the chosen rows then the rejected rows of
@@ -298,12 +297,8 @@ def train_dpo(
     if ref_model is not model:
         del ref_model
 
-    if cfg.group_by_prompt:  # an example is a prompt with all its pairs
-        examples = data.groups()
-        per_step = max(1, round(cfg.batch_size * len(examples) / len(data)))
-    else:
-        examples, per_step = [[i] for i in range(len(data))], cfg.batch_size
-    lengths = [max(data.lengths[i] for i in ex) for ex in examples]
+    # an example is a prompt with all its pairs (group_by_prompt), else one pair
+    examples, per_step, lengths = step_examples(data.groups() if cfg.group_by_prompt else None, data.lengths, cfg.batch_size)
     optimizer = adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
     loop = TrainLoop("dpo", model, optimizer, lengths, per_step, cfg.epochs, gen, None,
                      checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)

@@ -35,7 +35,7 @@ from torch import nn
 from agents import distributed
 from rlhf_env.data import PreferencePair, as_pairs
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
-from rlhf_env.training import adamw, atomic_dir, length_batches, pad_right, seed_everything, summary_writer
+from rlhf_env.training import adamw, atomic_dir, length_batches, pad_right, prompt_groups, seed_everything, step_examples, summary_writer
 
 DEFAULT_BACKBONE = "all-minilm-l6-v2"
 DEFAULT_CACHE_NAME = "default-v2"  # v2: trained on both sampling rounds, steps of whole prompts
@@ -539,10 +539,7 @@ class PairInputs:
 
     def groups(self) -> list[list[int]]:
         """Pair indices grouped by prompt, in order of first appearance."""
-        by_prompt: dict[str, list[int]] = {}
-        for i, c in enumerate(self.chosen.tolist()):
-            by_prompt.setdefault(self.prompts[c], []).append(i)
-        return list(by_prompt.values())
+        return prompt_groups([self.prompts[c] for c in self.chosen.tolist()])
 
     def input_scores(self, inputs: Sequence[int]) -> torch.Tensor:
         """Differentiable scores of the given distinct inputs, in one padded forward."""
@@ -665,13 +662,9 @@ def train_reward_model(
             p.requires_grad_(False)
     train_inputs = PairInputs(rm, pairs, frozen, cfg.eval_batch_size)  # tokenised (and lower blocks run) once
     eval_inputs = PairInputs(rm, eval_pairs, frozen, cfg.eval_batch_size) if eval_pairs is not None else None
-    if cfg.group_by_prompt:  # an example is a prompt with all its pairs
-        examples = train_inputs.groups()
-        per_step = max(1, round(cfg.batch_size * len(examples) / len(pairs)))
-    else:
-        examples, per_step = [[i] for i in range(len(pairs))], cfg.batch_size
-    pair_lengths = train_inputs.lengths()
-    lengths = [max(pair_lengths[i] for i in ex) for ex in examples]
+    # an example is a prompt with all its pairs (group_by_prompt), else one pair
+    examples, per_step, lengths = step_examples(train_inputs.groups() if cfg.group_by_prompt else None,
+                                                train_inputs.lengths(), cfg.batch_size)
     total = -(-len(examples) // per_step) * cfg.epochs
     optimizer = adamw([p for p in rm.parameters() if p.requires_grad], cfg.learning_rate, cfg.weight_decay)
     warmup = max(1, int(cfg.warmup_ratio * total))

@@ -60,6 +60,35 @@ def length_batches(
     return [batches[i] for i in perm]
 
 
+def prompt_groups(prompts: Sequence[str]) -> list[list[int]]:
+    """Indices of equal prompts grouped together, groups in order of first appearance."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(prompt, []).append(i)
+    return list(by_prompt.values())
+
+
+def step_examples(
+    groups: Optional[list[list[int]]], pair_lengths: Sequence[int], batch_size: int
+) -> tuple[list[list[int]], int, list[int]]:
+    """What the steps of a pairwise trainer (reward model, DPO) draw from.
+
+    :param groups: pair indices by prompt (:func:`prompt_groups`): an example is a prompt
+        with all its pairs, and a step takes whole prompts, about ``batch_size`` pairs on
+        average and at least one prompt; ``None``: an example is one pair, ``batch_size`` a step
+    :param pair_lengths: each pair's longer sequence, in tokens
+    :param batch_size: pairs per step
+    :return: ``(examples, examples per step, each example's longest pair)``, the last for
+        :func:`length_batches`
+    """
+    if groups is not None:
+        examples = groups
+        per_step = max(1, round(batch_size * len(examples) / len(pair_lengths)))
+    else:
+        examples, per_step = [[i] for i in range(len(pair_lengths))], batch_size
+    return examples, per_step, [max(pair_lengths[i] for i in ex) for ex in examples]
+
+
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token id lists to the longest one.
 
