@@ -12,6 +12,15 @@
     python benchmarks/learning_offline.py --threads 1
     python benchmarks/learning_offline.py --skip dpo        # reward model only
     python benchmarks/learning_offline.py --skip rm --evaluate DPO_DIR   # a policy `rlhf-env dpo` wrote
+    python benchmarks/learning_offline.py --skip rm dpo --reference-points   # classifiers on the DPO model
+
+``--reference-points`` adds what explicit classifiers built on the DPO model itself rank right on
+the same held-out pairs, trained on the same pairs with the Bradley-Terry loss: a reward model with
+that backbone (:func:`rlhf_env.train_reward_model`, all weights, ``--rm-lr``, 2 epochs; about
+26 min on SmolLM2 here) and a logistic regression on the sum of the response's token embeddings
+(the model's own input/output embeddings, an additive reward over tokens; about a minute). DPO's
+implicit reward is a classifier on the same model, so these say how far 80% is from what the
+model's features carry (see :class:`rlhf_env.dpo.DPOConfig`).
 """
 
 from __future__ import annotations
@@ -89,9 +98,59 @@ def dpo_targets(model_name: str, settings: dict, output: str | None, train_set: 
     }
 
 
+def reference_points(model_name: str, train_set: str = "all", rm_lr: float = 5e-5, rm_epochs: int = 2) -> dict:
+    """Held-out accuracy of explicit Bradley-Terry classifiers on the DPO model (see the module docstring)."""
+    import torch.nn.functional as F
+
+    from rlhf_env.models import load_lm
+    from rlhf_env.reward_model import RewardModelConfig, default_pairs, default_training_pairs, train_reward_model
+    from rlhf_env.sft import encode_example
+
+    train, test = default_pairs()
+    if train_set == "all":
+        train = default_training_pairs()
+    model, tok = load_lm(model_name)
+    embeddings = model.get_input_embeddings().weight.detach().float()
+
+    def embedding_sum(prompt: str, response: str) -> torch.Tensor:
+        ids, n = encode_example(tok, prompt, response, 256)
+        return embeddings[ids[n:]].sum(0)  # response tokens and the EOS, as DPO scores them
+
+    def differences(pairs) -> torch.Tensor:
+        return torch.stack([embedding_sum(p.prompt, p.chosen) - embedding_sum(p.prompt, p.rejected) for p in pairs])
+
+    x_train, x_test = differences(train), differences(test)
+    scale = x_train.std(0) + 1e-6
+    x_train, x_test = x_train / scale, x_test / scale
+    logistic = {}
+    for l2 in (1e-4, 1e-3, 1e-2):
+        gen = torch.Generator().manual_seed(0)
+        w = (1e-3 * torch.randn(x_train.shape[1], generator=gen)).requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=0.05)
+        for _ in range(300):  # full batch, convex: converges well within this
+            opt.zero_grad()
+            loss = -F.logsigmoid(x_train @ w).mean() + l2 * w.pow(2).sum()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logistic[f"l2={l2:g}"] = {"train": round(float((x_train @ w > 0).float().mean()), 4),
+                                      "heldout": round(float((x_test @ w > 0).float().mean()), 4)}
+    del model
+    t0 = time.perf_counter()
+    rm = train_reward_model(train, backbone=model_name, eval_pairs=test,
+                            config=RewardModelConfig(learning_rate=rm_lr, epochs=rm_epochs))
+    return {
+        "train_pairs": len(train),
+        "embedding_sum_logistic": logistic,
+        "explicit_rm": {"backbone": model_name, "learning_rate": rm_lr, "epochs": rm_epochs,
+                        "heldout_accuracy": round(rm.accuracy(test), 4),
+                        "seconds": round(time.perf_counter() - t0, 1)},
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--skip", choices=["rm", "dpo"], default=None, help="skip one part")
+    p.add_argument("--skip", choices=["rm", "dpo"], nargs="+", default=[], help="skip these parts")
     p.add_argument("--model", default="smollm2-135m", help="DPO policy (default: smollm2-135m)")
     p.add_argument("--epochs", type=int, default=None, help="DPO epochs (default: DPOConfig's)")
     p.add_argument("--lr", type=float, default=None, help="DPO learning rate (default: DPOConfig's)")
@@ -105,14 +164,19 @@ def main(argv=None) -> int:
     p.add_argument("--train-pairs", type=int, default=None, help="DPO on a seeded subset of this many pairs (default: all)")
     p.add_argument("--num-samples", type=int, default=4, help="responses sampled per test prompt after DPO (default: 4)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--reference-points", action="store_true",
+                   help="also train explicit classifiers on --model (see the module docstring; about 30 min on SmolLM2)")
+    p.add_argument("--rm-lr", type=float, default=5e-5, help="--reference-points: the explicit reward model's learning rate")
     p.add_argument("--evaluate", default=None, help="measure this DPO-trained model folder instead of training one "
                    "(--model is its reference; --beta as it was trained)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.skip != "rm":
+    if "rm" not in args.skip:
         print(json.dumps({"reward_model": reward_model_targets()}), flush=True)
-    if args.skip != "dpo":
+    if args.reference_points:
+        print(json.dumps({"reference_points": reference_points(args.model, args.train_set, args.rm_lr)}), flush=True)
+    if "dpo" not in args.skip:
         given = {"epochs": args.epochs, "learning_rate": args.lr, "beta": args.beta, "batch_size": args.batch_size}
         settings = {k: v for k, v in given.items() if v is not None}
         if args.trainable_layers is not ...:
