@@ -197,6 +197,12 @@ def test_cli_sft_and_dpo(tiny_lm, tmp_path):
                  "--log-dir", str(tmp_path / "tb"), "--no-progress"]) == 0
     load_lm(tmp_path / "dpo")
     assert (tmp_path / "tb" / "dpo_1").is_dir()
+    assert main(["dpo", "--train", str(data), "--eval", "none", "--model", str(tiny_lm), "--output", str(tmp_path / "dpo_lora"),
+                 "--epochs", "1", "--lora-rank", "2", "--lora-targets", "q_proj,v_proj", "--trainable-layers", "1", "--no-progress"]) == 0
+    lora_model, _ = load_lm(tmp_path / "dpo_lora")
+    base, _ = load_lm(tiny_lm)
+    changed = {n for (n, a), (_, b) in zip(lora_model.named_parameters(), base.named_parameters()) if not torch.equal(a, b)}
+    assert changed and changed <= {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"}, changed
     # a broken data file: one line, naming the file and the line
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
     assert main(["dpo", "--train", str(tmp_path / "bad.jsonl"), "--model", str(tiny_lm), "--output", str(tmp_path / "x"), "--no-progress"]) == 1
@@ -285,6 +291,50 @@ def test_dpo_with_kept_trunk_trains_like_full_forwards(tiny_lm3):
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.allclose(pa, pb, atol=1e-4), name
     assert any(not torch.equal(pa, pb0) for pa, pb0 in zip(a.parameters(), _fresh_params(tiny_lm3)))
+
+
+@pytest.mark.parametrize("trainable_layers", [None, 2])
+def test_dpo_with_lora_learns_and_saves_a_plain_model(tiny_lm3, tmp_path, trainable_layers):
+    from rlhf_env.models import load_lm
+
+    out = tmp_path / "dpo_lora"
+    cfg = DPOConfig(learning_rate=1e-2, batch_size=2, epochs=10, lora_rank=4, trainable_layers=trainable_layers)
+    model, _ = train_dpo(PAIRS, str(tiny_lm3), beta=0.5, config=cfg, eval_pairs=PAIRS, output_dir=out, progress=False)
+    assert model.dpo_metrics["eval/rewards/accuracy"] == 1.0
+    assert not any("lora_" in name for name, _ in model.named_parameters())  # adapters merged
+    saved, _ = load_lm(out)
+    assert set(saved.state_dict()) == set(_fresh_model(tiny_lm3).state_dict())  # no peft keys, loads without peft
+    assert evaluate_dpo(out, str(tiny_lm3), PAIRS, beta=0.5) == 1.0
+    # only the adapted linear layers (of the last 2 of 3 blocks when trainable_layers=2) changed
+    changed = {n for (n, a), (_, b) in zip(saved.named_parameters(), _fresh_model(tiny_lm3).named_parameters()) if not torch.equal(a, b)}
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert changed and all(n.rsplit(".", 2)[-2] in adapted for n in changed), changed
+    assert trainable_layers is None or not any(n.startswith("model.layers.0.") for n in changed), changed
+
+
+def test_dpo_lora_on_the_top_blocks_keeps_the_trunk_and_equals_full_forwards(tiny_lm3, monkeypatch):
+    from rlhf_env.frozen_trunk import FrozenTrunk
+
+    kept = []
+    keep = FrozenTrunk.keep
+    monkeypatch.setattr(FrozenTrunk, "keep", lambda self, *args, **kw: kept.append(1) or keep(self, *args, **kw))
+    common = dict(learning_rate=1e-2, batch_size=2, epochs=3, trainable_layers=1, lora_rank=2)
+    a, _ = train_dpo(PAIRS + PAIRS[:2], str(tiny_lm3), config=DPOConfig(keep_trunk=True, **common), progress=False)
+    assert kept  # the adapters sit in the top block only, so the lower blocks' output was kept
+    b, _ = train_dpo(PAIRS + PAIRS[:2], str(tiny_lm3), config=DPOConfig(keep_trunk=False, **common), progress=False)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+
+
+def test_dpo_refuses_a_bad_lora_rank(tiny_lm):
+    with pytest.raises(ValueError, match="lora_rank"):
+        train_dpo(PAIRS, str(tiny_lm), config=DPOConfig(lora_rank=0), progress=False)
+
+
+def _fresh_model(path):
+    from rlhf_env.models import load_lm
+
+    return load_lm(path)[0]
 
 
 def _fresh_params(path):

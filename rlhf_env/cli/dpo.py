@@ -29,6 +29,11 @@ def add_parser(subparsers) -> None:
                    help="run full forwards every step instead of keeping the frozen lower blocks' output (same result, slower)")
     p.add_argument("--no-group-by-prompt", action="store_true",
                    help="draw --batch-size pairs freely per step instead of whole prompts (all their pairs, each distinct response run once)")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                   help="train LoRA adapters of this rank instead of the weights (in the last --trainable-layers blocks, "
+                   "or every block with 'all'); merged into the saved model")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scaling numerator; none means 2 x rank")
+    p.add_argument("--lora-targets", default=",".join(d.lora_targets), help="comma-separated names of the linear layers that get adapters")
     p.add_argument("--output", "-o", required=True, help="folder to write the trained policy to (replaced atomically)")
     add_training_flags(p, d, "dpo")
     p.set_defaults(func=run)
@@ -44,6 +49,7 @@ def run(args) -> int:
         beta=args.beta, learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
         max_length=args.max_length, weight_decay=args.weight_decay, seed=args.seed, trainable_layers=args.trainable_layers,
         keep_trunk=not args.no_keep_trunk, group_by_prompt=not args.no_group_by_prompt,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
     )
     model, _ = train_dpo(
         train, args.model, reference=args.reference, config=cfg,
