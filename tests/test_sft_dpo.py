@@ -302,11 +302,11 @@ def test_dpo_with_lora_learns_and_saves_a_plain_model(tiny_lm3, tmp_path, traina
     model, _ = train_dpo(PAIRS, str(tiny_lm3), beta=0.5, config=cfg, eval_pairs=PAIRS, output_dir=out, progress=False)
     assert model.dpo_metrics["eval/rewards/accuracy"] == 1.0
     assert not any("lora_" in name for name, _ in model.named_parameters())  # adapters merged
-    saved, _ = load_lm(out)
-    assert set(saved.state_dict()) == set(_fresh_model(tiny_lm3).state_dict())  # no peft keys, loads without peft
+    saved, base = load_lm(out)[0], _fresh_model(tiny_lm3)
+    assert set(saved.state_dict()) == set(base.state_dict())  # no peft keys, loads without peft
     assert evaluate_dpo(out, str(tiny_lm3), PAIRS, beta=0.5) == 1.0
     # only the adapted linear layers (of the last 2 of 3 blocks when trainable_layers=2) changed
-    changed = {n for (n, a), (_, b) in zip(saved.named_parameters(), _fresh_model(tiny_lm3).named_parameters()) if not torch.equal(a, b)}
+    changed = {n for (n, a), (_, b) in zip(saved.named_parameters(), base.named_parameters()) if not torch.equal(a, b)}
     adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert changed and all(n.rsplit(".", 2)[-2] in adapted for n in changed), changed
     assert trainable_layers is None or not any(n.startswith("model.layers.0.") for n in changed), changed
@@ -338,9 +338,7 @@ def _fresh_model(path):
 
 
 def _fresh_params(path):
-    from rlhf_env.models import load_lm
-
-    return list(load_lm(path)[0].parameters())
+    return list(_fresh_model(path).parameters())
 
 
 # --- whole prompts per step (DPOConfig.group_by_prompt) --------------------------------------
