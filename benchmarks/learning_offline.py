@@ -102,6 +102,7 @@ def reference_points(model_name: str, train_set: str = "all", rm_lr: float = 5e-
     """Held-out accuracy of explicit Bradley-Terry classifiers on the DPO model (see the module docstring)."""
     import torch.nn.functional as F
 
+    from rlhf_env.dpo import DPOConfig
     from rlhf_env.models import load_lm
     from rlhf_env.reward_model import RewardModelConfig, default_pairs, default_training_pairs, train_reward_model
     from rlhf_env.sft import encode_example
@@ -113,7 +114,7 @@ def reference_points(model_name: str, train_set: str = "all", rm_lr: float = 5e-
     embeddings = model.get_input_embeddings().weight.detach().float()
 
     def embedding_sum(prompt: str, response: str) -> torch.Tensor:
-        ids, n = encode_example(tok, prompt, response, 256)
+        ids, n = encode_example(tok, prompt, response, DPOConfig().max_length)
         return embeddings[ids[n:]].sum(0)  # response tokens and the EOS, as DPO scores them
 
     def differences(pairs) -> torch.Tensor:

@@ -266,8 +266,6 @@ def train_dpo(
 
     cfg = config or DPOConfig()
     check_config(cfg)
-    if cfg.lora_rank is not None and (isinstance(cfg.lora_rank, bool) or not isinstance(cfg.lora_rank, int) or cfg.lora_rank < 1):
-        raise ValueError(f"lora_rank must be a positive integer (the adapters' rank) or None, got {cfg.lora_rank!r}")
     beta = cfg.beta if beta is None else beta
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
         raise ValueError(f"beta must be a number > 0 (the DPO temperature), got {beta!r}")

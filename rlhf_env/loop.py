@@ -277,9 +277,10 @@ def setup_distributed(device: Union[str, torch.device]) -> torch.device:
 
 
 def check_config(cfg: Any) -> None:
-    """Refuse a trainer config whose batch size or epoch count is not a positive integer,
-    before any model is loaded."""
-    for name in ("batch_size", "epochs"):
+    """Refuse a trainer config whose batch size or epoch count (or LoRA rank, where it has one
+    and it is set) is not a positive integer, before any model is loaded."""
+    names = ["batch_size", "epochs"] + (["lora_rank"] if getattr(cfg, "lora_rank", None) is not None else [])
+    for name in names:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r} (in {type(cfg).__name__})")
