@@ -1,0 +1,223 @@
+"""The package's one batched sampler: completions of a causal LM for many prompts.
+
+:func:`generate` turns prompts (strings or chat-message lists, with an optional system
+prompt) into completions, greedy or sampled (``temperature``, ``top_k``), ``num_samples``
+per prompt, in left-padded batches through Hugging Face ``generate`` with its KV cache,
+with a tqdm progress bar. Evaluation, the demos and the benchmarks all sample through it,
+so "what the model writes" means the same thing everywhere.
+
+:func:`resolve_policy` turns what a user holds (a model name or directory, a
+``(model, tokenizer)`` pair, or a trained agent whose policy is a language model) into the
+``(model, tokenizer)`` pair :func:`generate` takes.
+
+Prompts are tokenized as the text env tokenizes them (:func:`rlhf_env.models.encode_prompt`
+for a string: the chat template's user turn plus the assistant header, or plain text after
+BOS for a model without a template), so a completion sampled here is one the env could
+have sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+Prompt = str | Sequence[dict]
+
+
+@dataclass
+class Completions:
+    """What :func:`generate` returns, one entry per prompt, in the prompts' order.
+
+    :ivar texts: ``texts[i][j]``: the ``j``-th completion of prompt ``i`` (special tokens
+        removed, surrounding whitespace stripped).
+    :ivar num_tokens: ``num_tokens[i][j]``: its length in tokens (EOS included when emitted).
+    :ivar finished: ``finished[i][j]``: whether it ended with EOS (False: cut at ``max_new_tokens``).
+    """
+
+    texts: list[list[str]] = field(default_factory=list)
+    num_tokens: list[list[int]] = field(default_factory=list)
+    finished: list[list[bool]] = field(default_factory=list)
+
+    def flat(self) -> list[str]:
+        """All completions in one list, prompt-major (TRL's layout for ``num_generations``)."""
+        return [t for group in self.texts for t in group]
+
+
+def prompt_ids(tokenizer: Any, prompt: Prompt, system_prompt: str | None = None) -> list[int]:
+    """Token ids of one prompt, ready for the model to write its completion after them.
+
+    :param prompt: a string (one user message) or a list of chat messages
+        ``[{"role": ..., "content": ...}, ...]``.
+    :param system_prompt: a system message put in front (ignored when the messages already
+        start with one).
+    :return: the ids: the chat template with the assistant header when the tokenizer has
+        one, else the messages' contents joined by newlines after BOS.
+    """
+    from rlhf_env.models import encode_prompt
+
+    if isinstance(prompt, str):
+        if system_prompt is None:
+            return encode_prompt(tokenizer, prompt)
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence) and all(isinstance(m, dict) and "content" in m for m in prompt):
+        messages = list(prompt)
+    else:
+        raise TypeError(
+            "a prompt must be a string or a list of chat messages {'role': ..., 'content': ...}, "
+            f"got {type(prompt).__name__}: {str(prompt)[:80]!r}"
+        )
+    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
+            out = out["input_ids"]
+        return [int(i) for i in out]
+    return encode_prompt(tokenizer, "\n".join(str(m["content"]) for m in messages))
+
+
+def resolve_policy(policy: Any, device: str | torch.device | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of what a user holds.
+
+    :param policy: a shipped model name (``"smollm2-135m"``, ``"tiny"``) or a Hugging Face
+        model directory (loaded with :func:`rlhf_env.models.load_lm`); a ``(model,
+        tokenizer)`` pair; or a trained agent (``agents.GRPO``, ``agents.RLOO``, ``agents.PPO``,
+        SB3's PPO) whose policy is the language-model policy of a text env.
+    :param device: where a loaded model goes (``None``: CPU for a name, unchanged otherwise).
+    :raises TypeError: for anything else, saying what is accepted.
+    """
+    if isinstance(policy, (str, os.PathLike)):
+        from rlhf_env.models import load_lm
+
+        return load_lm(policy, device=device or "cpu")
+    if isinstance(policy, tuple) and len(policy) == 2:
+        model, tokenizer = policy
+        return (model.to(device) if device is not None else model), tokenizer
+    core = getattr(getattr(policy, "policy", None), "core", None)
+    if core is not None and hasattr(core, "actor") and hasattr(core, "tokenizer"):
+        return (core.actor.to(device) if device is not None else core.actor), core.tokenizer
+    raise TypeError(
+        "policy must be a model name or directory, a (model, tokenizer) pair, or an agent "
+        f"trained on a text env (its .policy has the language model), got {type(policy).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Seed torch's generators for a block without disturbing the caller's random state."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    *,
+    num_samples: int = 1,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 64,
+    system_prompt: str | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool | str = True,
+) -> Completions:
+    """Completions of ``model`` for every prompt, batched, with a KV cache.
+
+    :param model: a Hugging Face causal LM (``generate`` is called on it; LoRA-wrapped
+        layers are fine), or anything :func:`resolve_policy` accepts with ``tokenizer=None``.
+    :param tokenizer: its tokenizer (``None`` when ``model`` is resolved by :func:`resolve_policy`).
+    :param prompts: strings or chat-message lists.
+    :param num_samples: completions per prompt (sampling only; greedy gives one).
+    :param greedy: argmax decoding instead of sampling.
+    :param temperature: sampling temperature (> 0), the softmax of ``logits / temperature``.
+    :param top_k: keep only the ``k`` most likely tokens when sampling (0: all, the env's
+        default distribution).
+    :param max_new_tokens: length limit of a completion.
+    :param system_prompt: a system message put before every prompt.
+    :param seed: the same seed, prompts and batch size give the same completions on CPU;
+        the caller's torch random state is left as it was.
+    :param batch_size: sequences per ``generate`` call (``num_samples`` of a prompt count
+        as ``num_samples`` sequences).
+    :param device: where inputs go (default: the model's device).
+    :param progress: show a tqdm bar (a string: the bar's label).
+    :return: :class:`Completions`, one list of ``num_samples`` entries per prompt.
+    """
+    from tqdm.auto import tqdm
+
+    if tokenizer is None:
+        model, tokenizer = resolve_policy(model, device)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if greedy and num_samples != 1:
+        raise ValueError(f"greedy decoding gives one completion per prompt; got num_samples={num_samples} (sample instead)")
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling (use greedy=True for argmax), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = list(prompts)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos_ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    eos_ids.discard(None)
+
+    encoded = [prompt_ids(tokenizer, p, system_prompt) for p in prompts]
+    # longest first within a run, so a batch holds prompts of similar length (less padding)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    per_batch = max(1, batch_size // num_samples)
+    out_texts: list[list[str]] = [[] for _ in prompts]
+    out_lens: list[list[int]] = [[] for _ in prompts]
+    out_done: list[list[bool]] = [[] for _ in prompts]
+    options: dict[str, Any] = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(temperature), top_k=int(top_k), top_p=1.0)
+    was_training = model.training
+    model.eval()
+    label = progress if isinstance(progress, str) else ("greedy decoding" if greedy else "sampling")
+    bar = tqdm(total=len(prompts), desc=label, unit="prompt", disable=progress is False or not prompts)
+    try:
+        for b, start in enumerate(range(0, len(order), per_batch)):
+            rows = order[start : start + per_batch]
+            width = max(len(encoded[i]) for i in rows)
+            input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows], device=device)
+            with _seeded(seed * 1_000_003 + b, device):
+                gen = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=int(max_new_tokens),
+                    num_return_sequences=num_samples,
+                    pad_token_id=pad_id,
+                    eos_token_id=sorted(eos_ids),
+                    **options,
+                )
+            new = gen[:, width:].cpu()
+            for r, seq in enumerate(new.tolist()):
+                i = rows[r // num_samples]
+                n, done = len(seq), False
+                for t, tok in enumerate(seq):
+                    if tok in eos_ids:
+                        n, done = t + 1, True
+                        break
+                out_texts[i].append(tokenizer.decode(seq[:n], skip_special_tokens=True).strip())
+                out_lens[i].append(n)
+                out_done[i].append(done)
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        if was_training:
+            model.train()
+    return Completions(out_texts, out_lens, out_done)

@@ -1,0 +1,104 @@
+"""rlhf_env.generation: the batched sampler (left padding exact, seeding, shapes, errors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_env.generation import Completions, generate, prompt_ids, resolve_policy
+from rlhf_env.models import encode_prompt, load_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm_dir):
+    return load_lm(tiny_lm_dir)
+
+
+def _greedy_unbatched(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """Argmax decoding of one prompt with full forwards (no padding, no cache)."""
+    ids = encode_prompt(tokenizer, prompt)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+        tok = int(logits.argmax())
+        out.append(tok)
+        if tok == tokenizer.eos_token_id:
+            break
+    return out
+
+
+def test_greedy_equals_unbatched_argmax(lm, tiny_prompts):
+    model, tokenizer = lm
+    got = generate(model, tokenizer, tiny_prompts, greedy=True, max_new_tokens=8, batch_size=3, progress=False)
+    assert isinstance(got, Completions) and len(got.texts) == len(tiny_prompts)
+    for i, prompt in enumerate(tiny_prompts):
+        want = _greedy_unbatched(model, tokenizer, prompt, 8)
+        assert got.texts[i] == [tokenizer.decode(want, skip_special_tokens=True).strip()]
+        assert got.num_tokens[i] == [len(want)]
+        assert got.finished[i] == [want[-1] == tokenizer.eos_token_id]
+
+
+def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(lm, tiny_prompts):
+    model, tokenizer = lm
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    a = generate(model, tokenizer, tiny_prompts, num_samples=3, max_new_tokens=6, seed=7, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = generate(model, tokenizer, tiny_prompts, num_samples=3, max_new_tokens=6, seed=7, progress=False)
+    c = generate(model, tokenizer, tiny_prompts, num_samples=3, max_new_tokens=6, seed=8, progress=False)
+    assert a == b and a != c
+    assert all(len(t) == 3 for t in a.texts) and len(a.flat()) == 3 * len(tiny_prompts)
+    assert all(1 <= n <= 6 for row in a.num_tokens for n in row)
+
+
+def test_chat_messages_and_system_prompt(lm):
+    model, tokenizer = lm  # no chat template: contents joined by newlines after BOS
+    assert prompt_ids(tokenizer, "hello") == encode_prompt(tokenizer, "hello")
+    assert prompt_ids(tokenizer, "hello", system_prompt="be kind") == encode_prompt(tokenizer, "be kind\nhello")
+    messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}]
+    assert prompt_ids(tokenizer, messages, system_prompt="ignored") == encode_prompt(tokenizer, "be kind\nhello")
+    a = generate(model, tokenizer, [messages], greedy=True, max_new_tokens=5, progress=False)
+    b = generate(model, tokenizer, ["hello"], system_prompt="be kind", greedy=True, max_new_tokens=5, progress=False)
+    assert a == b
+
+
+def test_resolve_policy_takes_a_directory_a_pair_and_an_agent(lm, tiny_lm_dir):
+    import gymnasium as gym
+
+    import rlhf_env  # noqa: F401  (registers the envs)
+    from agents import GRPO
+
+    model, tokenizer = lm
+    assert resolve_policy((model, tokenizer)) == (model, tokenizer)
+    m, t = resolve_policy(str(tiny_lm_dir))
+    assert m.config.vocab_size == model.config.vocab_size and t.eos_token == tokenizer.eos_token
+    env = gym.make_vec("TextRLHF-v0", num_envs=2, model=str(tiny_lm_dir), reward_model=lambda p, r: [0.0] * len(r), prompts=["hello"], max_new_tokens=4)
+    agent = GRPO("LMPolicy", env, group_size=2)
+    m, t = resolve_policy(agent)
+    assert m is env.unwrapped.core.actor
+    with pytest.raises(TypeError, match="model name or directory"):
+        resolve_policy(3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(greedy=True, num_samples=2), "greedy decoding gives one"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(top_k=-1), "top_k"),
+    ],
+)
+def test_bad_settings_are_clear_errors(lm, kwargs, match):
+    model, tokenizer = lm
+    with pytest.raises(ValueError, match=match):
+        generate(model, tokenizer, ["hello"], progress=False, **kwargs)
+
+
+def test_a_prompt_of_the_wrong_type_is_a_clear_error(lm):
+    model, tokenizer = lm
+    with pytest.raises(TypeError, match="a prompt must be a string or a list of chat messages"):
+        generate(model, tokenizer, [3], progress=False)
