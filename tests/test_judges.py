@@ -1,0 +1,96 @@
+"""The independent judges (rlhf_env.judges), each against a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_env import judges
+from rlhf_env.models import encode_prompt, encode_response, load_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_words_and_ngrams():
+    assert judges.words("I'm SO happy, it's 4!") == ["i'm", "so", "happy", "it's", "4"]
+    assert judges.ngrams(["a", "b", "c"], 2) == [("a", "b"), ("b", "c")]
+    assert judges.ngrams(["a"], 2) == []
+
+
+def test_distinct_n_by_hand():
+    texts = ["The cat sat.", "the cat ran"]
+    # unigrams: the cat sat the cat ran -> 4 distinct of 6; bigrams: (the cat) x2, (cat sat), (cat ran) -> 3 of 4
+    assert judges.distinct_n(texts, 1) == pytest.approx(4 / 6)
+    assert judges.distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert judges.distinct_n(["a"], 2) == 0.0
+
+
+def test_top_ngram_share_by_hand():
+    texts = ["I am happy to help you", "I am happy to help", "no thanks here", "happy to help happy to help"]
+    # "happy to help" is in responses 0, 1 and 3 (twice in 3, counted once): 3 of 4
+    share, gram = judges.top_ngram_share(texts)
+    assert (share, gram) == (0.75, "happy to help")
+    assert judges.top_ngram_share(["x y z", "a b c"]) == (0.5, "x y z")  # a tie: the first met
+    assert judges.top_ngram_share([]) == (0.0, "")
+    assert judges.top_ngram_share(["too short"]) == (0.0, "")
+
+
+def test_tone_is_vader_compound():
+    # VADER: "good" has valence 1.9; compound = x / sqrt(x^2 + 15)
+    assert judges.tone(["good", ""]) == pytest.approx([1.9 / math.sqrt(1.9**2 + 15), 0.0], abs=1e-4)
+    assert judges.tone(["This is terrible."])[0] < 0
+
+
+def test_relevance_is_the_cosine_of_mean_pooled_embeddings():
+    enc = judges.default_encoder()
+    prompts = ["How do I keep basil alive?", "How do I keep basil alive?", "Tell me about trains."]
+    responses = ["Water basil when the soil is dry and give it sun.", "Great question! I'm so happy to help!",
+                 "How do I keep basil alive?"]
+
+    def by_hand(text):  # one text at a time: no padding at all
+        ids = enc.tokenizer(text, return_tensors="pt")
+        hidden = enc.model(**ids).last_hidden_state[0]
+        v = hidden.mean(0)
+        return v / v.norm()
+
+    with torch.no_grad():
+        expected = [float(by_hand(p) @ by_hand(r)) for p, r in zip(prompts, responses)]
+    got = judges.relevance(prompts, responses, enc)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert got[0] > got[1]  # an answer about basil beats boilerplate
+    assert judges.relevance(["same text"], ["same text"], enc)[0] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="one prompt per response"):
+        judges.relevance(["a"], ["b", "c"], enc)
+
+
+def test_fluency_is_the_reference_nll_per_token():
+    model, tok = load_lm("tiny")
+    prompts = ["the cat", "a good day starts with"]
+    responses = ["sat on the mat", "a warm cup of tea and a long walk"]
+
+    expected = []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            ctx, resp = encode_prompt(tok, p), encode_response(tok, r)
+            ids = torch.tensor([ctx + resp])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            nll = [-logp[len(ctx) - 1 + t, tok_id] for t, tok_id in enumerate(resp)]
+            expected.append(float(sum(nll) / len(nll)))
+    assert judges.fluency(model, tok, prompts, responses) == pytest.approx(expected, rel=1e-4)
+    ids = [encode_response(tok, r) for r in responses]
+    assert judges.fluency(model, tok, prompts, ids, batch_size=1) == pytest.approx(expected, rel=1e-4)
+    assert math.isnan(judges.fluency(model, tok, ["x"], [""])[0])
+
+
+def test_judge_reports_every_measure():
+    model, tok = load_lm("tiny")
+    prompts = ["the cat", "the dog"]
+    responses = ["sat on the mat, happy", "ran to the sea"]
+    out = judges.judge(prompts, responses, model, tok)
+    assert set(out) == {"tone", "relevance", "fluency_nll", "distinct_1", "distinct_2", "top_3gram_share", "top_3gram"}
+    assert out["tone"] == pytest.approx(sum(judges.tone(responses)) / 2)
+    assert out["distinct_2"] == judges.distinct_n(responses, 2)
+    assert out["top_3gram_share"] == 0.5
+    assert "fluency_nll" not in judges.judge(prompts, responses)
