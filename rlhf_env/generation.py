@@ -36,11 +36,14 @@ class Completions:
         removed, surrounding whitespace stripped).
     :ivar num_tokens: ``num_tokens[i][j]``: its length in tokens (EOS included when emitted).
     :ivar finished: ``finished[i][j]``: whether it ended with EOS (False: cut at ``max_new_tokens``).
+    :ivar token_ids: ``token_ids[i][j]``: its token ids as sampled (EOS included when
+        emitted), for scoring the very tokens drawn (a KL estimate, a reference NLL).
     """
 
     texts: list[list[str]] = field(default_factory=list)
     num_tokens: list[list[int]] = field(default_factory=list)
     finished: list[list[bool]] = field(default_factory=list)
+    token_ids: list[list[list[int]]] = field(default_factory=list)
 
     def flat(self) -> list[str]:
         """All completions in one list, prompt-major (TRL's layout for ``num_generations``)."""
@@ -183,6 +186,7 @@ def generate(
     out_texts: list[list[str]] = [[] for _ in prompts]
     out_lens: list[list[int]] = [[] for _ in prompts]
     out_done: list[list[bool]] = [[] for _ in prompts]
+    out_ids: list[list[list[int]]] = [[] for _ in prompts]
     options: dict[str, Any] = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(temperature), top_k=int(top_k), top_p=1.0)
     was_training = model.training
     model.eval()
@@ -215,9 +219,10 @@ def generate(
                 out_texts[i].append(tokenizer.decode(seq[:n], skip_special_tokens=True).strip())
                 out_lens[i].append(n)
                 out_done[i].append(done)
+                out_ids[i].append(seq[:n])
             bar.update(len(rows))
     finally:
         bar.close()
         if was_training:
             model.train()
-    return Completions(out_texts, out_lens, out_done)
+    return Completions(out_texts, out_lens, out_done, out_ids)

@@ -141,19 +141,19 @@ def relevance(prompts: Sequence[str], responses: Sequence[str], encoder: Sentenc
 
 
 @torch.no_grad()
-def fluency(reference: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[Any],
-            batch_size: int = 16) -> list[float]:
-    """The reference model's mean negative log-likelihood per response token, in nats.
+def response_logprobs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[Any],
+                      batch_size: int = 16, temperature: float = 1.0) -> list[torch.Tensor | None]:
+    """``log p(token | prompt, earlier tokens)`` of each response token under ``model``.
 
-    The prompt is formatted as the environment does (:func:`rlhf_env.models.encode_prompt`)
-    and the response scored after it at temperature 1.
+    The prompt is formatted as the environment does (:func:`rlhf_env.models.encode_prompt`).
 
-    :param reference: a Hugging Face causal LM (the policy's starting model)
+    :param model: a Hugging Face causal LM
     :param tokenizer: its tokenizer
     :param prompts: one prompt per response
     :param responses: response texts, or token-id lists (as sampled; an EOS at the end is
         scored like any other token)
-    :return: one NLL per response (``nan`` for an empty response)
+    :param temperature: the softmax of ``logits / temperature`` (the env's distribution)
+    :return: one float tensor per response (``None`` for an empty response)
     """
     from agents.lm_rollout import TextSegment, evaluate_segments
     from rlhf_env.models import encode_prompt, encode_response
@@ -162,10 +162,10 @@ def fluency(reference: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], 
         raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses; pass one prompt per response")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [encode_response(tokenizer, r) if isinstance(r, str) else [int(t) for t in r] for r in responses]
-    out = [float("nan")] * len(ids)
+    out: list[torch.Tensor | None] = [None] * len(ids)
     todo = [i for i, r in enumerate(ids) if r]
-    was_training = reference.training
-    reference.eval()
+    was_training = model.training
+    model.eval()
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
@@ -173,12 +173,24 @@ def fluency(reference: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], 
             for i in chunk:
                 z = torch.zeros(len(ids[i]))
                 segs.append(TextSegment(torch.tensor(encode_prompt(tokenizer, prompts[i])), torch.tensor(ids[i]), z, z, z, z))
-            lps = evaluate_segments(reference, segs, pad, with_entropy=False).logprobs
+            lps = evaluate_segments(model, segs, pad, temperature=temperature, with_entropy=False).logprobs
             for i, lp in zip(chunk, lps):
-                out[i] = float(-lp.float().mean())
+                out[i] = lp.float().cpu()
     finally:
-        reference.train(was_training)
+        model.train(was_training)
     return out
+
+
+def fluency(reference: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[Any],
+            batch_size: int = 16) -> list[float]:
+    """The reference model's mean negative log-likelihood per response token, in nats
+    (temperature 1; see :func:`response_logprobs` for the inputs).
+
+    :param reference: a Hugging Face causal LM (the policy's starting model)
+    :return: one NLL per response (``nan`` for an empty response)
+    """
+    lps = response_logprobs(reference, tokenizer, prompts, responses, batch_size)
+    return [float(-lp.mean()) if lp is not None else float("nan") for lp in lps]
 
 
 # ---------------------------------------------------------------------------------------

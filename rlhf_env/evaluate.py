@@ -1,0 +1,293 @@
+"""Judge a policy on held-out prompts against its reference: :func:`evaluate`.
+
+A policy is judged by what it writes, next to what its starting model (the reference)
+writes to the same prompts with the same seed:
+
+* the reward model's score of its responses and its **win rate** against the reference's
+  responses under that reward model (a win counts 1, a tie 1/2);
+* every independent judge of :mod:`rlhf_env.judges` (tone, relevance, fluency as the
+  reference's NLL per token, distinct-1/2, the share of responses holding the most common
+  3-gram) for the policy and for the reference;
+* the **KL per response** to the reference, ``sum_t log pi(a_t|s_t) - log ref(a_t|s_t)``
+  over the sampled tokens (its mean estimates ``KL(pi || ref)`` per response);
+* side-by-side samples.
+
+:func:`check_targets` applies the default task's pass rule (:class:`Targets`) to a report;
+:func:`format_table` prints it. ``evaluate(policy, task="chain_sum")`` scores a verifiable
+task instead (:func:`rlhf_env.tasks.evaluate_task`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from rlhf_env import judges
+
+JUDGE_KEYS = ("reward", "tone", "relevance", "fluency_nll", "distinct_1", "distinct_2", "top_3gram_share", "kl")
+
+
+def _reference_of(policy: Any, reference: Any, device: Any) -> tuple[Any, Any]:
+    from rlhf_env.generation import resolve_policy
+
+    if reference is not None:
+        return resolve_policy(reference, device)
+    core = getattr(getattr(policy, "policy", None), "core", None)
+    if core is not None and getattr(core, "reference", None) is not None:
+        return core.reference, core.tokenizer
+    raise ValueError("evaluate needs the reference model: pass reference= (the policy's starting model: a name such as "
+                     "'smollm2-135m', a model directory or a (model, tokenizer) pair)")
+
+
+def _score(reward: Callable, prompts: list[str], texts: list[str]) -> np.ndarray:
+    return np.asarray(torch.as_tensor(reward(prompts, texts)).float().cpu().numpy(), dtype=np.float64)
+
+
+def _side(prompts: list[str], texts: list[str], scores: np.ndarray, reference: Any, ids: list | None, encoder) -> dict[str, Any]:
+    """One column of the table: reward and judges of one set of responses."""
+    share, gram = judges.top_ngram_share(texts, 3)
+    nll = judges.fluency(reference[0], reference[1], prompts, ids if ids is not None else texts) if reference is not None else []
+    nll = [x for x in nll if x == x]
+    return {
+        "reward": float(scores.mean()),
+        "reward_std": float(scores.std()),
+        "tone": float(np.mean(judges.tone(texts))),
+        "relevance": float(np.mean(judges.relevance(prompts, texts, encoder))),
+        "fluency_nll": float(np.mean(nll)) if nll else float("nan"),
+        "distinct_1": judges.distinct_n(texts, 1),
+        "distinct_2": judges.distinct_n(texts, 2),
+        "top_3gram_share": share,
+        "top_3gram": gram,
+        "length": float(np.mean([len(x) for x in ids])) if ids else float("nan"),
+    }
+
+
+def compare(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    reference_responses: Sequence[str],
+    reward: Any = "default",
+    *,
+    reference: Any = None,
+    response_ids: Sequence[Sequence[int]] | None = None,
+    reference_ids: Sequence[Sequence[int]] | None = None,
+    kls: Sequence[float] | None = None,
+    n_show: int = 3,
+    baseline: dict | None = None,
+    settings: dict | None = None,
+) -> dict[str, Any]:
+    """The report of :func:`evaluate` on given responses: one per prompt (repeat a prompt
+    for several responses), the policy's and the reference's, in the same order.
+
+    :param reward: scores both sides (:func:`rlhf_env.rewards.resolve_reward`)
+    :param reference: ``(model, tokenizer)`` of the reference, for fluency (None: ``nan``)
+    :param response_ids: the sampled token ids, scored for fluency instead of the texts
+    :param reference_ids: the same for the reference's responses
+    :param kls: KL of each response to the reference (None: unknown, ``nan``)
+    :param baseline: a report whose reference column and scores are reused
+    :param settings: stored in the report (and compared with the baseline's)
+    """
+    from rlhf_env.rewards import resolve_reward
+
+    prompts, texts = list(prompts), list(responses)
+    if len(prompts) != len(texts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(texts)} responses; pass one prompt per response")
+    reward_fn = resolve_reward(reward)
+    encoder = judges.default_encoder()
+    if baseline is not None:
+        if settings is not None and baseline.get("settings") != settings:
+            raise ValueError(f"baseline= was made with {baseline.get('settings')}, not {settings}: evaluate both the same way")
+        ref_col, ref_texts = baseline["reference"], baseline["responses"]["reference"]
+        ref_scores = np.asarray(baseline["reference_scores"], dtype=np.float64)
+    else:
+        ref_texts = list(reference_responses)
+        if len(ref_texts) != len(texts):
+            raise ValueError(f"got {len(texts)} responses but {len(ref_texts)} reference responses")
+        ref_scores = _score(reward_fn, prompts, ref_texts)
+        ref_col = _side(prompts, ref_texts, ref_scores, reference, reference_ids, encoder)
+        ref_col["kl"] = 0.0
+    scores = _score(reward_fn, prompts, texts)
+    col = _side(prompts, texts, scores, reference, response_ids, encoder)
+    col["kl"] = float(np.mean(kls)) if kls is not None and len(kls) else float("nan")
+    win = float(np.mean((scores > ref_scores) + 0.5 * (scores == ref_scores)))
+    return {
+        "settings": settings or {},
+        "policy": col,
+        "reference": ref_col,
+        "win_rate": win,
+        "samples": [{"prompt": p, "reference": r, "policy": t, "reference_score": float(rs), "policy_score": float(s)}
+                    for p, r, t, rs, s in list(zip(prompts, ref_texts, texts, ref_scores, scores))[:n_show]],
+        "responses": {"policy": texts, "reference": ref_texts},
+        "policy_scores": scores.tolist(),
+        "reference_scores": ref_scores.tolist(),
+        "kls": [float(k) for k in kls] if kls is not None else None,
+    }
+
+
+def evaluate(
+    policy: Any,
+    prompts: Sequence[str] | None = None,
+    task: Any = None,
+    *,
+    reference: Any = None,
+    reward: Any = "default",
+    num_samples: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    n_show: int = 3,
+    baseline: dict | None = None,
+    progress: bool = True,
+    out: str | os.PathLike | None = None,
+    **task_kwargs: Any,
+) -> dict[str, Any]:
+    """Judge ``policy`` on held-out prompts against ``reference`` (see the module docstring).
+
+    :param policy: a model name or directory, a ``(model, tokenizer)`` pair, or an agent
+        trained on a text env (:func:`rlhf_env.generation.resolve_policy`)
+    :param prompts: the prompts (default: the default task's held-out prompts,
+        ``load_prompts(split="test")``)
+    :param task: a verifiable task (name or object): returns
+        ``rlhf_env.tasks.evaluate_task(policy, task, **task_kwargs)`` instead
+    :param reference: the starting model, in any form ``policy`` takes (default: the
+        agent's env reference; required for a model name or directory)
+    :param reward: the reward model or reward (``"default"``, a directory, a callable:
+        :func:`rlhf_env.rewards.resolve_reward`)
+    :param num_samples: responses per prompt (the same for policy and reference)
+    :param max_new_tokens: response length limit
+    :param temperature: sampling temperature (the env's distribution at 1)
+    :param seed: sampling seed (the same for policy and reference)
+    :param batch_size: sequences per generate call
+    :param device: where models loaded here go
+    :param n_show: side-by-side samples kept in the report
+    :param baseline: an earlier report on the same prompts and settings: its reference
+        column and responses are reused instead of sampled again
+    :param progress: a progress bar
+    :param out: write the report there as JSON too
+    :return: the report (:func:`compare`): ``policy`` and ``reference`` columns
+        (:data:`JUDGE_KEYS`, plus ``reward_std``, ``top_3gram``, ``length`` in tokens),
+        ``win_rate``, ``samples``, ``responses``, ``kls`` and ``settings``
+    """
+    if task is not None:
+        from rlhf_env.tasks import evaluate_task
+
+        return evaluate_task(policy, task, seed=seed, device=device, progress=progress, n_show=n_show, out=out, **task_kwargs)
+    if task_kwargs:
+        raise TypeError(f"evaluate() got unexpected arguments {sorted(task_kwargs)} (they apply only with task=)")
+    from tqdm.auto import tqdm
+
+    from rlhf_env.generation import generate, resolve_policy
+    from rlhf_env.prompts import load_prompts
+    from rlhf_env.rewards import resolve_reward
+
+    if prompts is None:
+        prompts = load_prompts(split="test")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("evaluate needs at least one prompt")
+    model, tokenizer = resolve_policy(policy, device)
+    ref = _reference_of(policy, reference, device)
+    reward_fn = resolve_reward(reward, device=device or "cpu")
+    settings = {"prompts": len(prompts), "num_samples": num_samples, "max_new_tokens": max_new_tokens,
+                "temperature": temperature, "seed": seed}
+    flat_prompts = [p for p in prompts for _ in range(num_samples)]
+    steps = tqdm(total=4 if baseline is None else 3, desc="evaluate", disable=not progress)
+
+    def sample(m, tok, name):
+        steps.set_postfix_str(f"sampling {name}")
+        c = generate(m, tok, prompts, num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                     seed=seed, batch_size=batch_size, progress=False)
+        steps.update(1)
+        return c.flat(), [x for group in c.token_ids for x in group]
+
+    texts, ids = sample(model, tokenizer, "policy")
+    ref_texts, ref_ids = (None, None) if baseline is not None else sample(*ref, "reference")
+    steps.set_postfix_str("KL")
+    pol_lp = judges.response_logprobs(model, tokenizer, flat_prompts, ids, temperature=temperature)
+    ref_lp = judges.response_logprobs(ref[0], ref[1], flat_prompts, ids, temperature=temperature)
+    kls = [float((a - b).sum()) if a is not None else 0.0 for a, b in zip(pol_lp, ref_lp)]
+    steps.update(1)
+    steps.set_postfix_str("judging")
+    report = compare(flat_prompts, texts, ref_texts, reward_fn, reference=ref, response_ids=ids, reference_ids=ref_ids,
+                     kls=kls, n_show=n_show, baseline=baseline, settings=settings)
+    steps.update(1)
+    steps.close()
+    if out is not None:
+        write_report(report, out)
+    return report
+
+
+def write_report(report: dict, path: str | os.PathLike) -> pathlib.Path:
+    """Write a report as JSON, atomically."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    with os.fdopen(fd, "w") as fh:
+        json.dump(report, fh, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class Targets:
+    """The default task's pass rule: the policy against its reference on held-out prompts,
+    by the independent judges, not by the reward model it was trained on.
+
+    :param min_tone_gain: the VADER mean rises by at least this
+    :param max_relevance_drop: relevance stays above the reference's minus this
+    :param max_distinct_2_change: distinct-2 stays within this of the reference's
+    :param max_top_3gram_share: no 3-gram appears in more than this share of responses
+    :param max_kl: KL per response at most this (nats)
+    """
+
+    min_tone_gain: float = 0.15
+    max_relevance_drop: float = 0.02
+    max_distinct_2_change: float = 0.03
+    max_top_3gram_share: float = 0.20
+    max_kl: float = 8.0
+
+
+def check_targets(report: dict, targets: Targets | None = None) -> dict[str, Any]:
+    """Apply the pass rule to a report of :func:`evaluate`.
+
+    :return: ``{"passed": bool, "checks": {name: {"value", "target", "ok"}}, "targets": ...}``
+    """
+    t = targets or Targets()
+    pol, ref = report["policy"], report["reference"]
+    checks = {
+        "tone_gain": (pol["tone"] - ref["tone"], f">= {t.min_tone_gain:g}", pol["tone"] - ref["tone"] >= t.min_tone_gain),
+        "relevance_change": (pol["relevance"] - ref["relevance"], f">= -{t.max_relevance_drop:g}",
+                             pol["relevance"] - ref["relevance"] >= -t.max_relevance_drop),
+        "distinct_2_change": (pol["distinct_2"] - ref["distinct_2"], f"within +-{t.max_distinct_2_change:g}",
+                              abs(pol["distinct_2"] - ref["distinct_2"]) <= t.max_distinct_2_change),
+        "top_3gram_share": (pol["top_3gram_share"], f"<= {t.max_top_3gram_share:g}", pol["top_3gram_share"] <= t.max_top_3gram_share),
+        "kl": (pol["kl"], f"<= {t.max_kl:g}", pol["kl"] <= t.max_kl),
+    }
+    out = {name: {"value": float(v), "target": target, "ok": bool(ok)} for name, (v, target, ok) in checks.items()}
+    return {"passed": all(c["ok"] for c in out.values()), "checks": out, "targets": asdict(t)}
+
+
+def format_table(report: dict, verdict: dict | None = None) -> str:
+    """The judges as a text table: reference and policy columns (and the pass rule's checks)."""
+    names = {"reward": "reward-model score", "tone": "tone (VADER)", "relevance": "relevance (MiniLM cos)",
+             "fluency_nll": "fluency (ref NLL/token)", "distinct_1": "distinct-1", "distinct_2": "distinct-2",
+             "top_3gram_share": "top 3-gram share", "kl": "KL per response (nats)", "length": "length (tokens)"}
+    lines = [f"{'judge':26s} {'reference':>10s} {'policy':>10s}"]
+    for key, name in names.items():
+        lines.append(f"{name:26s} {report['reference'][key]:10.3f} {report['policy'][key]:10.3f}")
+    lines.append(f"{'win rate vs reference (RM)':26s} {'':>10s} {report['win_rate']:10.3f}")
+    lines.append(f"top 3-gram: reference {report['reference']['top_3gram']!r}, policy {report['policy']['top_3gram']!r}")
+    if verdict is not None:
+        for name, c in verdict["checks"].items():
+            lines.append(f"  {name:22s} {c['value']:+.3f}  target {c['target']:14s} {'ok' if c['ok'] else 'MISSED'}")
+        lines.append(f"  pass rule: {'PASS' if verdict['passed'] else 'FAIL'}")
+    return "\n".join(lines)
