@@ -42,7 +42,8 @@ TASK = Path(__file__).resolve().parent.parent / "rlhf_env" / "assets" / "task"
 
 def reward_model_targets() -> dict:
     from rlhf_env.data import load_preferences
-    from rlhf_env.reward_model import RewardModel, default_pairs
+    from rlhf_env.default_reward_model import default_pairs
+    from rlhf_env.reward_model import RewardModel
 
     t0 = time.perf_counter()
     rm = RewardModel.default()
@@ -62,7 +63,7 @@ def dpo_targets(model_name: str, settings: dict, output: str | None, train_set: 
         is then its reference)"""
     from rlhf_env.default_task import sample_responses, split_prompts, make_prompts, vader_scores
     from rlhf_env.dpo import DPOConfig, train_dpo
-    from rlhf_env.reward_model import default_pairs, default_training_pairs
+    from rlhf_env.default_reward_model import default_pairs, default_training_pairs
 
     train, test = default_pairs()
     if train_set == "all":
@@ -104,7 +105,8 @@ def reference_points(model_name: str, train_set: str = "all", rm_lr: float = 5e-
 
     from rlhf_env.dpo import DPOConfig
     from rlhf_env.models import load_lm
-    from rlhf_env.reward_model import RewardModelConfig, default_pairs, default_training_pairs, train_reward_model
+    from rlhf_env.default_reward_model import default_pairs, default_training_pairs
+    from rlhf_env.reward_trainer import RewardModelConfig, train_reward_model
     from rlhf_env.sft import encode_example
 
     train, test = default_pairs()

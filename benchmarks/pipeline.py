@@ -45,7 +45,9 @@ def bench_reward_model(pairs, batch_size: int, max_length: int, lr: float) -> li
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf_env.reward_model import RewardModel, RewardModelConfig, default_backbone_dir, resolve_autocast, train_reward_model
+    from rlhf_env.precision import resolve_autocast
+    from rlhf_env.reward_model import RewardModel, default_backbone_dir
+    from rlhf_env.reward_trainer import RewardModelConfig, train_reward_model
 
     backbone = default_backbone_dir()
     bf16 = resolve_autocast(RewardModelConfig().autocast, "cpu") is torch.bfloat16  # same precision on both sides

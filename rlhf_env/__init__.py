@@ -20,7 +20,7 @@ _LAZY = {
     "SHIPPED_MODELS": "rlhf_env.models",
     "cache_dir": "rlhf_env.models",
     "RewardModel": "rlhf_env.reward_model",
-    "train_reward_model": "rlhf_env.reward_model",
+    "train_reward_model": "rlhf_env.reward_trainer",
     "load_preferences": "rlhf_env.data",
     "load_prompts": "rlhf_env.prompts",
     "encode_prompt": "rlhf_env.models",

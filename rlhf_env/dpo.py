@@ -60,7 +60,7 @@ class DPOConfig:
     SmolLM2-135M-Instruct on a CPU (held-out implicit-reward accuracy on the 200 pairs of
     ``pairs_test.jsonl``, other prompts): the last 2 blocks and the norm, lr 1e-4, beta 0.1,
     2 epochs, whole prompts per step; on the 4,124 pairs of all sampling rounds
-    (:func:`rlhf_env.reward_model.default_training_pairs`, what ``rlhf-env dpo`` trains on by
+    (:func:`rlhf_env.default_reward_model.default_training_pairs`, what ``rlhf-env dpo`` trains on by
     default) 64.0% after 1 epoch and 69.0% after 2, with training accuracy 94%, and the VADER mean
     of sampled responses 0.44 -> 0.89. No other setting measured (more blocks, all weights, LoRA
     on every block, other lr and beta) got past 72.5%, while explicit classifiers of the same

@@ -2,7 +2,7 @@
 
 Batching with little padding, TensorBoard run folders named like SB3's
 (``{log_dir}/{name}_{k}``), seeding, and atomic writes of output folders. The trainers
-themselves (``reward_model.py``, ``sft.py``, ``dpo.py``) hold only their losses.
+themselves (``reward_trainer.py``, ``sft.py``, ``dpo.py``) hold only their losses.
 """
 
 from __future__ import annotations

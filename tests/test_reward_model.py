@@ -6,16 +6,9 @@ import pytest
 import torch
 
 from rlhf_env.data import PreferencePair
-from rlhf_env.reward_model import (
-    RewardModel,
-    RewardModelConfig,
-    bradley_terry_loss,
-    cpu_has_native_bf16,
-    default_backbone_dir,
-    load_backbone,
-    resolve_autocast,
-    train_reward_model,
-)
+from rlhf_env.precision import cpu_has_native_bf16, resolve_autocast
+from rlhf_env.reward_model import RewardModel, default_backbone_dir, load_backbone
+from rlhf_env.reward_trainer import RewardModelConfig, bradley_terry_loss, train_reward_model
 from tests.test_sft_dpo import PAIRS as TINY_PAIRS
 from tests.test_sft_dpo import make_tiny_lm
 
@@ -87,12 +80,12 @@ def test_autocast_training_runs_in_that_precision_and_learns(setting, expected):
 
 
 def test_autocast_auto_resolves_by_device_support(monkeypatch):
-    import rlhf_env.reward_model as rm_module
+    import rlhf_env.precision as precision
 
-    monkeypatch.setattr(rm_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     assert resolve_autocast("auto", "cpu") is None  # emulated bf16 would be slower: float32
     assert resolve_autocast("bf16", "cpu") is torch.bfloat16  # forced
-    monkeypatch.setattr(rm_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     assert resolve_autocast("auto", "cpu") is torch.bfloat16
     assert resolve_autocast("off", "cpu") is None and resolve_autocast(None, "cpu") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -196,10 +189,11 @@ def test_cli_train_rm(tmp_path, capsys):
 def test_cli_train_rm_defaults_are_the_default_reward_model(tmp_path, monkeypatch):
     """With no flags but -o, `rlhf-env train-rm` trains what RewardModel.default() trains:
     the same pairs, the same settings, the same held-out file."""
-    import rlhf_env.reward_model as rm_module
+    import rlhf_env.reward_trainer as trainer
     from rlhf_env.cli import main
     from rlhf_env.cli._common import DEFAULT_EVAL
-    from rlhf_env.reward_model import default_config, default_training_pairs
+    from rlhf_env.default_reward_model import default_config, default_training_pairs
+    from rlhf_env.reward_model import DEFAULT_BACKBONE
 
     seen = {}
 
@@ -211,11 +205,11 @@ def test_cli_train_rm_defaults_are_the_default_reward_model(tmp_path, monkeypatc
 
         return Trained()
 
-    monkeypatch.setattr(rm_module, "train_reward_model", fake_train)
+    monkeypatch.setattr(trainer, "train_reward_model", fake_train)
     assert main(["train-rm", "-o", str(tmp_path / "rm")]) == 0
     assert seen["pairs"] == default_training_pairs() and len(seen["pairs"]) > 4000
     assert seen["config"] == default_config()
-    assert seen["backbone"] == rm_module.DEFAULT_BACKBONE and seen["eval_pairs"] == str(DEFAULT_EVAL)
+    assert seen["backbone"] == DEFAULT_BACKBONE and seen["eval_pairs"] == str(DEFAULT_EVAL)
 
 
 # several responses per prompt, every pair of them: responses are shared between pairs
@@ -231,7 +225,7 @@ SHARED = [
 
 
 def test_unique_inputs_scores_each_response_once_with_the_pairwise_loss():
-    from rlhf_env.reward_model import PairInputs, unique_inputs
+    from rlhf_env.reward_trainer import PairInputs, unique_inputs
     from rlhf_env.training import pad_right
 
     keys, c, r = unique_inputs(SHARED)
@@ -263,7 +257,7 @@ def test_unique_inputs_scores_each_response_once_with_the_pairwise_loss():
 
 @pytest.mark.parametrize("frozen", [1, 4, 6])
 def test_cached_lower_blocks_give_the_full_forward_scores(frozen):
-    from rlhf_env.reward_model import PairInputs, unique_inputs
+    from rlhf_env.reward_trainer import PairInputs, unique_inputs
 
     rm = RewardModel.from_backbone(seed=2).eval()
     full = PairInputs(rm, SHARED)
@@ -302,7 +296,7 @@ def test_default_training_pairs_cover_both_sampling_rounds():
 
     from rlhf_env.data import load_preferences
     from rlhf_env.default_task import ASSETS, shipped_samples, vader_scores
-    from rlhf_env.reward_model import default_pairs, default_training_pairs
+    from rlhf_env.default_reward_model import default_pairs, default_training_pairs
 
     pairs = default_training_pairs()
     round0, test = default_pairs()
@@ -316,3 +310,20 @@ def test_default_training_pairs_cover_both_sampling_rounds():
     rows = [json.loads(line) for line in (ASSETS / "task" / "samples_train_r1.jsonl").read_text(encoding="utf-8").split("\n") if line][:50]
     assert [r["score"] for r in rows] == pytest.approx(vader_scores([r["response"] for r in rows]), abs=1e-4)
     assert load_preferences(ASSETS / "task" / "pairs_train.jsonl") == round0  # the other trainers' file is unchanged
+
+
+def test_moved_names_stay_importable_from_reward_model():
+    """Training, precision and the default model moved to their own modules; the names
+    users imported from rlhf_env.reward_model still resolve to the same objects."""
+    import rlhf_env
+    import rlhf_env.default_reward_model as default_rm
+    import rlhf_env.precision as precision
+    import rlhf_env.reward_model as rm_module
+    import rlhf_env.reward_trainer as trainer
+
+    for module in (trainer, precision, default_rm):
+        for name in [n for n, m in rm_module._MOVED.items() if m == module.__name__]:
+            assert getattr(rm_module, name) is getattr(module, name)
+    assert rlhf_env.train_reward_model is trainer.train_reward_model and rlhf_env.RewardModel is RewardModel
+    with pytest.raises(AttributeError):
+        rm_module.no_such_name

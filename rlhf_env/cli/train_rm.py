@@ -8,7 +8,9 @@ from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_PAIRS_HELP, add_training_
 
 
 def add_parser(subparsers) -> None:
-    from rlhf_env.reward_model import AUTOCAST_CHOICES, DEFAULT_BACKBONE, default_config
+    from rlhf_env.default_reward_model import default_config
+    from rlhf_env.precision import AUTOCAST_CHOICES
+    from rlhf_env.reward_model import DEFAULT_BACKBONE
 
     d = default_config()  # with no flags: the same pairs and settings as RewardModel.default()
     p = subparsers.add_parser(
@@ -36,7 +38,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from rlhf_env.reward_model import RewardModelConfig, train_reward_model
+    from rlhf_env.reward_trainer import RewardModelConfig, train_reward_model
 
     apply_threads(args)
     cfg = RewardModelConfig(
