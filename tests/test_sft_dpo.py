@@ -385,11 +385,11 @@ def test_group_by_prompt_runs_each_distinct_response_once_per_step(tiny_lm3, gro
 
 
 def test_cli_dpo_trains_on_the_default_pairs_by_default(tiny_lm, tmp_path, monkeypatch):
-    import rlhf_env.reward_model
+    import rlhf_env.default_reward_model
     from rlhf_env.cli import main
 
     given = []
-    monkeypatch.setattr(rlhf_env.reward_model, "default_training_pairs", lambda: given.append(1) or list(GROUPED))
+    monkeypatch.setattr(rlhf_env.default_reward_model, "default_training_pairs", lambda: given.append(1) or list(GROUPED))
     assert main(["dpo", "--model", str(tiny_lm), "--eval", "none", "--output", str(tmp_path / "dpo"), "--epochs", "1",
                  "--no-progress"]) == 0
     assert given == [1] and (tmp_path / "dpo").is_dir()
