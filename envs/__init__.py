@@ -1,5 +1,27 @@
-"""Gymnasium environments of rlhf-env: token generation as an MDP."""
+"""Gymnasium environments of rlhf-env: token generation as an MDP.
 
-from envs.registration import TEXT_ENV_IDS, register_envs
+The bottom layer: it imports neither ``agents`` nor ``rlhf_env``. The envs are built from
+parts (a causal LM module and its tokenizer, a reward callable, a prompt list);
+``import rlhf_env`` registers the ids ``TextRLHF-v0`` / ``TextRLHF-tiny-v0``, whose entry
+points resolve names (models, rewards, prompt files) into those parts.
+"""
 
-__all__ = ["TEXT_ENV_IDS", "register_envs"]
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it; imported on first attribute access (torch is slow to import)
+_LAZY = {
+    "TextRLHFEnv": "envs.text_env",
+    "TextRLHFVectorEnv": "envs.text_vec_env",
+    "SB3VecEnv": "envs.wrappers",
+    "encode_prompt": "envs.prompt",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'envs' has no attribute {name!r}")

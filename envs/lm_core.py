@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import uuid
 import weakref
 from collections import OrderedDict
@@ -403,52 +404,48 @@ def get_core(key: str | None) -> LMCore | None:
 
 
 def build_core(
-    model: Any,
-    reference: Any = None,
-    tokenizer: Any = None,
+    model: nn.Module,
+    tokenizer: Any,
+    reference: nn.Module | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
-    device: str | torch.device = "cpu",
     dtype: Any = None,
     shared: bool = True,
+    spec: dict[str, Any] | None = None,
 ) -> LMCore:
-    """Load (or reuse) the actor/reference pair of a text env.
+    """The actor/reference pair of a text env, from the modules.
 
-    :param model: a shipped model name, a local directory, a hub id, or a causal LM module
-        (then ``tokenizer`` is required)
-    :param reference: None (a frozen deep copy of the starting actor), a module, or a
-        name/path to load
-    :param shared: reuse the live core of an earlier env of this process made with the same
-        ``model`` name/path, device, dtype and sampling configuration, so that the N envs of
-        a ``DummyVecEnv`` act with ONE actor (the one the policy trains). Envs built from a
-        module always share the core of that module.
+    :param model: the actor, a causal LM module
+    :param tokenizer: its tokenizer
+    :param reference: None (a frozen deep copy of the starting actor) or a module
+    :param dtype: the dtype name recorded in the spec
+    :param shared: reuse the live core of an earlier env of this process built on the same
+        ``model`` and ``reference`` modules with the same sampling configuration, so that
+        the N envs of a ``DummyVecEnv`` act with ONE actor (the one the policy trains)
+    :param spec: how to rebuild the actor in another process (see :func:`core_from_spec`);
+        None records the model's ``name_or_path``
     """
-    if isinstance(model, nn.Module):
-        if tokenizer is None:
-            raise ValueError("model= is a module: pass its tokenizer too (tokenizer=...)")
-        share_key = ("module", id(model), id(reference), float(temperature), int(top_k))
-        spec = {"model": getattr(getattr(model, "config", None), "_name_or_path", None), "dtype": _dtype_name(dtype)}
-    else:
-        if not isinstance(model, (str, bytes)) and not hasattr(model, "__fspath__"):
-            raise TypeError(f"model must be a name, a path or a causal LM module, got {type(model).__name__}")
-        share_key = (str(model), str(device), _dtype_name(dtype), float(temperature), int(top_k),
-                     reference if isinstance(reference, str) else id(reference))
-        spec = {"model": str(model), "dtype": _dtype_name(dtype)}
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a causal LM module (with tokenizer=), got {type(model).__name__} {model!r}: to load a "
+            "model by name or path, make the env by id (import rlhf_env; gym.make('TextRLHF-v0', model=...))"
+        )
+    if tokenizer is None:
+        raise ValueError("model= is a module: pass its tokenizer too (tokenizer=...)")
+    if reference is not None and not isinstance(reference, nn.Module):
+        raise TypeError(
+            f"reference must be None or a causal LM module, got {type(reference).__name__}: to load it by name, "
+            "make the env by id (import rlhf_env; gym.make('TextRLHF-v0', reference=...))"
+        )
+    share_key = ("module", id(model), id(reference), float(temperature), int(top_k))
     if shared:
         core = get_core(_SHARED.get(share_key))
         if core is not None:
             return core
-    if not isinstance(model, nn.Module):
-        from rlhf_env.models import load_lm
-
-        model, loaded_tokenizer = load_lm(model, device=device, dtype=dtype)
-        tokenizer = tokenizer or loaded_tokenizer
     if reference is None:
         reference = copy.deepcopy(model)
-    elif not isinstance(reference, nn.Module):
-        from rlhf_env.models import load_lm
-
-        reference, _ = load_lm(reference, device=device, dtype=dtype)
+    spec = dict(spec) if spec else {"model": getattr(getattr(model, "config", None), "_name_or_path", None)}
+    spec.setdefault("dtype", _dtype_name(dtype))
     spec.update(temperature=float(temperature), top_k=int(top_k), device=str(next(model.parameters()).device))
     core = LMCore(model, reference, tokenizer, temperature, top_k, spec=spec)
     if shared:
@@ -458,11 +455,27 @@ def build_core(
 
 def core_from_spec(spec: dict[str, Any], device: str | torch.device = "cpu") -> LMCore:
     """Rebuild a core from the serializable description an observation space carries
-    (used when a saved policy is loaded in a process without the env that made it)."""
+    (used when a saved policy is loaded in a process without the env that made it).
+
+    ``spec["loader"]`` names a function ``"module:function"`` (``rlhf_env``'s registration
+    sets it) called as ``loader(spec, device)`` that returns ``(model, tokenizer)``;
+    without one the model is read with ``transformers.AutoModelForCausalLM.from_pretrained``
+    from ``spec["model"]`` (a Hugging Face directory or hub id)."""
     if not spec.get("model"):
         raise ValueError("the observation space does not say which model the policy acts with (spec has no 'model')")
-    return build_core(spec["model"], temperature=spec.get("temperature", 1.0), top_k=spec.get("top_k", 0),
-                      device=device, dtype=spec.get("dtype"), shared=True)
+    loader = spec.get("loader")
+    if loader:
+        module_name, _, attr = str(loader).partition(":")
+        model, tokenizer = getattr(importlib.import_module(module_name), attr)(spec, device)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=spec.get("dtype") or torch.float32).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return build_core(model, tokenizer, temperature=spec.get("temperature", 1.0), top_k=spec.get("top_k", 0),
+                      dtype=spec.get("dtype"), shared=True, spec=spec)
 
 
 def _dtype_name(dtype: Any) -> str | None:

@@ -33,37 +33,36 @@ import numpy as np
 import torch
 
 from envs.lm_core import KL_ESTIMATORS, Contexts, LMCore, TextObservationSpace, build_core
+from envs.prompt import encode_env_prompt
 from envs.reference import check_reference_share
 
 
-def resolve_reward_spec(spec: Any, device: str | torch.device = "cpu") -> Callable:
-    """A reward callable ``(prompts, responses) -> scores`` from a spec: a callable, a
-    name (``"sentiment"``, ``"tiny"``, ``"default"``) or a reward-model directory, resolved
-    by :func:`rlhf_env.rewards.resolve_reward`."""
-    try:
-        from rlhf_env.rewards import resolve_reward
-    except ImportError:
-        resolve_reward = None
-    if resolve_reward is not None:
-        return resolve_reward(spec, device=device)
-    if callable(spec):
-        return spec
-    raise ValueError(f"cannot resolve reward_model={spec!r}: rlhf_env.rewards is not available; pass a callable")
-
-
-def resolve_prompts(prompts: Any) -> list[str]:
-    """The prompt list from ``None`` (the shipped set), a list of strings or a file path."""
-    if prompts is not None and not isinstance(prompts, (str, os.PathLike)):
-        prompts = list(prompts)
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be strings")
-    else:
-        from rlhf_env.prompts import load_prompts
-
-        prompts = load_prompts(prompts)
+def check_prompts(prompts: Any) -> list[str]:
+    """The env's prompt list: a non-empty sequence of strings (files and the shipped set are
+    read by ``rlhf_env``'s registration, which passes the list)."""
+    if prompts is None or isinstance(prompts, (str, os.PathLike)):
+        raise TypeError(
+            f"prompts must be a list of strings, got {type(prompts).__name__} {prompts!r}: to read a file or "
+            "the shipped set, make the env by id (import rlhf_env; gym.make('TextRLHF-v0', prompts=PATH))"
+        )
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be strings")
     if len(prompts) == 0:
         raise ValueError("the prompt list is empty: pass prompts=[...] with at least one prompt (or a non-empty file)")
-    return list(prompts)
+    return prompts
+
+
+def check_reward(reward_model: Any) -> Callable:
+    """The env's reward: a callable ``(prompts, responses) -> scores`` (names and reward-model
+    directories are resolved by ``rlhf_env``'s registration)."""
+    if not callable(reward_model):
+        raise TypeError(
+            f"reward_model must be a callable (prompts, responses) -> scores, got {reward_model!r}: to use a "
+            "name or a reward-model directory, make the env by id (import rlhf_env; gym.make('TextRLHF-v0', "
+            "reward_model=...))"
+        )
+    return reward_model
 
 
 def as_scores(values: Any, n: int) -> np.ndarray:
@@ -76,33 +75,17 @@ def as_scores(values: Any, n: int) -> np.ndarray:
     return scores
 
 
-def encode_env_prompt(tokenizer: Any, prompt: str, max_prompt_tokens: int, where: str = "prompt") -> list[int]:
-    """The token ids of ``prompt`` as the env's first observation holds them (chat template
-    where the model has one); an empty encoding or one longer than ``max_prompt_tokens`` is
-    a ``ValueError`` naming ``where``. Shared by the single and the batched env."""
-    from rlhf_env.models import encode_prompt
-
-    ids = encode_prompt(tokenizer, prompt)
-    if not ids:
-        raise ValueError(f"{where} ({prompt!r}) encodes to zero tokens and the tokenizer has no BOS token")
-    if len(ids) > max_prompt_tokens:
-        raise ValueError(
-            f"{where} is {len(ids)} tokens long (after the chat template), more than "
-            f"max_prompt_tokens={max_prompt_tokens}: shorten it or pass a larger max_prompt_tokens "
-            f"(prompt starts {prompt[:60]!r})"
-        )
-    return ids
-
-
 class TextRLHFEnv(gym.Env):
     """One prompt at a time; the agent writes the response token by token.
 
-    :param model: shipped model name (``"smollm2-135m"``, ``"tiny"``), local Hugging Face
-        directory, hub id, or a causal LM module (then pass ``tokenizer``)
-    :param reward_model: a callable ``(prompts, responses) -> scores``, a name understood by
-        ``rlhf_env.rewards.resolve_reward`` (``"sentiment"``, ``"tiny"``, ``"default"``) or a
-        reward-model directory
-    :param prompts: None (the shipped prompt set), a list of strings, or a text / JSON Lines file
+    Built from parts: the models, the tokenizer, the reward callable and the prompt list are
+    objects. ``gym.make("TextRLHF-v0", ...)`` (registered by ``import rlhf_env``) resolves
+    names (``model="smollm2-135m"``, ``reward_model="sentiment"``, prompt files) and builds
+    this class (:mod:`rlhf_env.registration`).
+
+    :param model: the actor, a Hugging Face causal LM module (trained by the policy)
+    :param reward_model: a callable ``(prompts, responses) -> scores``
+    :param prompts: the prompt strings (a non-empty sequence)
     :param max_new_tokens: response length at which the episode ends
     :param max_prompt_tokens: longest prompt in tokens (after the chat template); longer
         prompts are an error
@@ -111,29 +94,32 @@ class TextRLHFEnv(gym.Env):
     :param temperature: sampling temperature of the policy's distribution (the reference's
         log-probabilities use the same temperature)
     :param top_k: top-k of the policy's distribution (0 = off)
-    :param device: torch device of the models
-    :param dtype: model dtype (None = float32, or ``"bfloat16"`` ...)
+    :param device: torch device of the models (checked; the modules are used where they are)
+    :param dtype: the models' dtype name, recorded in :attr:`lm_spec` (the modules are used as they are)
     :param render_mode: None, ``"ansi"`` (``render()`` returns the text) or ``"human"`` (prints it)
-    :param reference: None (a frozen deep copy of the starting model), a module or a name/path
-    :param tokenizer: the tokenizer when ``model`` is a module
-    :param shared_model: envs of one process built with the same model name, device, dtype
-        and sampling configuration share one actor and one reference (so the N copies in a
-        ``DummyVecEnv`` are one policy); False builds an independent copy
+    :param reference: None (a frozen deep copy of the starting model) or a causal LM module
+    :param tokenizer: the tokenizer of the actor and the reference
+    :param shared_model: envs of one process built on the same module, reference and
+        sampling configuration share one actor and one reference (so the N copies in a
+        ``DummyVecEnv`` are one policy); False builds an independent core
     :param reference_share: ``"auto"`` (default): while the actor's embeddings and lower
         decoder blocks are frozen (``requires_grad=False``, e.g. the LM policy's
         ``train_layers=k``) and identical to the reference's, run only the reference's
         blocks above them, on the actor's hidden state (exact; re-checked before every
         forward, with a fall back to the full reference; Llama-like models only, see
         :mod:`envs.reference`); ``"off"``: always run the full reference
+    :param lm_spec: how to rebuild the actor in another process (a policy loaded from disk
+        without its env): ``{"model": name or path, "loader": "module:function", ...}``,
+        set by ``rlhf_env``'s registration; None records the model's ``name_or_path``
     """
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
 
     def __init__(
         self,
-        model: Any = "smollm2-135m",
-        reward_model: Any = "sentiment",
-        prompts: Sequence[str] | str | os.PathLike | None = None,
+        model: torch.nn.Module | None = None,
+        reward_model: Callable | None = None,
+        prompts: Sequence[str] | None = None,
         max_new_tokens: int = 32,
         max_prompt_tokens: int = 64,
         kl_coef: float = 0.05,
@@ -147,13 +133,14 @@ class TextRLHFEnv(gym.Env):
         tokenizer: Any = None,
         shared_model: bool = True,
         reference_share: str = "auto",
+        lm_spec: dict[str, Any] | None = None,
     ):
         super().__init__()
         _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
         reference_share = check_reference_share(reference_share)  # before the (slow) model load
-        self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
-        self.reward_model = resolve_reward_spec(reward_model, device)
-        self.prompts = resolve_prompts(prompts)
+        self.reward_model = check_reward(reward_model)
+        self.prompts = check_prompts(prompts)
+        self.core: LMCore = build_core(model, tokenizer, reference, temperature, top_k, dtype, shared_model, lm_spec)
         self.max_new_tokens = int(max_new_tokens)
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.kl_coef = float(kl_coef)
@@ -167,7 +154,6 @@ class TextRLHFEnv(gym.Env):
         self._prompt: str | None = None
         self._response_ids: list[int] = []
         self._done = True
-        self._last_response: str | None = None
 
     # the models, as the design card names them
     @property
@@ -241,7 +227,6 @@ class TextRLHFEnv(gym.Env):
             reward += score
             info.update(score=score, prompt=self._prompt, response=response)
             self._done = True
-            self._last_response = response
             # the context is complete; no forward is needed for a next state
             self.contexts.ids[0].append(token)
         else:

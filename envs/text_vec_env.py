@@ -30,8 +30,7 @@ vector info each key ``k`` comes with the boolean mask ``_k`` of the sub-envs it
 
 from __future__ import annotations
 
-import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -41,7 +40,8 @@ from gymnasium.vector.utils import batch_space
 
 from envs.lm_core import Contexts, LMCore, TextObservationSpace, build_core
 from envs.reference import check_reference_share
-from envs.text_env import _check_config, as_scores, encode_env_prompt, resolve_prompts, resolve_reward_spec
+from envs.prompt import encode_env_prompt
+from envs.text_env import _check_config, as_scores, check_prompts, check_reward
 
 
 class TextRLHFVectorEnv(VectorEnv):
@@ -60,9 +60,9 @@ class TextRLHFVectorEnv(VectorEnv):
     def __init__(
         self,
         num_envs: int = 1,
-        model: Any = "smollm2-135m",
-        reward_model: Any = "sentiment",
-        prompts: Sequence[str] | str | os.PathLike | None = None,
+        model: torch.nn.Module | None = None,
+        reward_model: Callable | None = None,
+        prompts: Sequence[str] | None = None,
         max_new_tokens: int = 32,
         max_prompt_tokens: int = 64,
         kl_coef: float = 0.05,
@@ -78,6 +78,7 @@ class TextRLHFVectorEnv(VectorEnv):
         reference_share: str = "auto",
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         reference_logprobs: bool = True,
+        lm_spec: dict[str, Any] | None = None,
     ):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -89,9 +90,9 @@ class TextRLHFVectorEnv(VectorEnv):
             raise ValueError(f"autoreset_mode must be 'NextStep' or 'SameStep', got {autoreset_mode!r}")
         self.metadata = {**self.metadata, "autoreset_mode": mode}
         reference_share = check_reference_share(reference_share)  # before the (slow) model load
-        self.core: LMCore = build_core(model, reference, tokenizer, temperature, top_k, device, dtype, shared_model)
-        self.reward_model = resolve_reward_spec(reward_model, device)
-        self.prompts = resolve_prompts(prompts)
+        self.reward_model = check_reward(reward_model)
+        self.prompts = check_prompts(prompts)
+        self.core: LMCore = build_core(model, tokenizer, reference, temperature, top_k, dtype, shared_model, lm_spec)
         self.max_new_tokens = int(max_new_tokens)
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.kl_coef = float(kl_coef)

@@ -3,14 +3,11 @@
 :class:`SB3VecEnv` presents the batched :class:`envs.text_vec_env.TextRLHFVectorEnv` as a
 Stable-Baselines3 ``VecEnv``, so SB3's algorithms (and ours) collect rollouts with ONE
 batched actor and reference forward per step instead of ``DummyVecEnv``'s N batch-1
-forwards::
+forwards. With the LM policy of the ``agents`` package (``agents.policies.lm.LMActorCriticPolicy``)
+and the ids that ``import rlhf_env`` registers::
 
-    from stable_baselines3 import PPO
-    from agents.policies.lm import LMActorCriticPolicy
-    from envs.wrappers import SB3VecEnv
-
-    venv = SB3VecEnv(gym.make_vec("TextRLHF-tiny-v0", num_envs=8, autoreset_mode="SameStep"))
-    PPO(LMActorCriticPolicy, venv).learn(10_000)
+    >>> venv = SB3VecEnv(gym.make_vec("TextRLHF-tiny-v0", num_envs=8, autoreset_mode="SameStep"))
+    >>> stable_baselines3.PPO(LMActorCriticPolicy, venv).learn(10_000)
 
 SB3 resets a finished sub-env in the step it ends and puts the final observation in
 ``info["terminal_observation"]``; the wrapped env must therefore use Gymnasium's

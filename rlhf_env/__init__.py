@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from envs.registration import register_envs
+from rlhf_env.registration import TEXT_ENV_IDS, register_envs
 
 register_envs()
 
@@ -28,7 +28,7 @@ _LAZY = {
     "train_dpo": "rlhf_env.dpo",
 }
 
-__all__ = ["__version__", "register_envs", *_LAZY]
+__all__ = ["__version__", "TEXT_ENV_IDS", "register_envs", *_LAZY]
 
 
 def __getattr__(name: str):

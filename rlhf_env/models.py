@@ -2,9 +2,9 @@
 
 Every loader returns ``(model, tokenizer)``: a Hugging Face causal LM (``PreTrainedModel``,
 in eval mode, so ``save_pretrained`` works) and its tokenizer, which always has an EOS and a
-pad token. :func:`encode_prompt` is the one place where a prompt becomes token ids; the
-environment, SFT, DPO and the reward model all go through it, so a prompt is tokenized the
-same way everywhere.
+pad token. :func:`encode_prompt` (defined in :mod:`envs.prompt`, re-exported here) is the one place
+where a prompt becomes token ids; the environment, SFT, DPO and the reward model all go
+through it, so a prompt is tokenized the same way everywhere.
 
 Shipped models are built once and cached as plain safetensors directories under
 :func:`cache_dir` ``/models``; a cached load takes about a second.
@@ -22,6 +22,8 @@ import tempfile
 from typing import Callable
 
 import torch
+
+from envs.prompt import encode_prompt  # noqa: F401 (re-exported: the one place a prompt becomes ids)
 
 SHIPPED_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (30 layers, vocab 49,152, chat template), from the "
@@ -359,32 +361,6 @@ def load_lm(
         f"unknown model {name!r}: not a shipped model and no such directory; shipped models: "
         f"{', '.join(SHIPPED_MODELS)}, or pass a local Hugging Face model directory or a hub id"
     )
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a prompt, ready for the model to write its response after them.
-
-    With a chat template (SmolLM2) the prompt becomes one user message followed by the
-    assistant header (``add_generation_prompt=True``); otherwise it is the plain text with
-    the BOS token in front when the tokenizer defines one.
-
-    :param tokenizer: the tokenizer returned by :func:`load_lm`.
-    :param prompt: the user's prompt text.
-    :return: a list of token ids.
-    """
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-            out = out["input_ids"]
-        return [int(i) for i in out]
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-    return [int(i) for i in ids]
 
 
 def encode_response(tokenizer, response: str) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 
 import rlhf_env  # noqa: F401
 from agents.lm_rollout import TextSegment, evaluate_segments
-from envs.text_vec_env import TextRLHFVectorEnv
+from rlhf_env.registration import make_text_vec_env
 from tests.conftest import PROMPTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_evaluate_segments_uses_the_env_sampling_distribution(tiny_lm_dir, length_reward):
     temperature, top_k, n = 0.7, 5, 3
-    envs = TextRLHFVectorEnv(num_envs=n, model=str(tiny_lm_dir), reward_model=length_reward, prompts=PROMPTS,
+    envs = make_text_vec_env(num_envs=n, model=str(tiny_lm_dir), reward_model=length_reward, prompts=PROMPTS,
                              max_new_tokens=6, max_prompt_tokens=40, temperature=temperature, top_k=top_k,
                              shared_model=False)
     core = envs.core

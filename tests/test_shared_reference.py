@@ -12,7 +12,7 @@ import torch
 import rlhf_env  # noqa: F401  (registers the envs)
 from agents.policies.lm import LMActorCriticPolicy, set_trainable
 from envs.reference import SharedTrunk
-from envs.text_env import TextRLHFEnv
+from rlhf_env.registration import make_text_env
 from tests.conftest import PROMPTS, build_tiny_lm_dir
 from tests.test_text_env import full_log_probs
 
@@ -117,7 +117,7 @@ def test_vector_env_rewards_match_full_reference_and_skip_lower_blocks(deep_lm_d
 
 
 def test_single_env_shared_trunk_all_estimators_match(deep_lm_dir, length_reward):
-    env = TextRLHFEnv(model=str(deep_lm_dir), reward_model=length_reward, prompts=PROMPTS, max_new_tokens=4,
+    env = make_text_env(model=str(deep_lm_dir), reward_model=length_reward, prompts=PROMPTS, max_new_tokens=4,
                       max_prompt_tokens=40, kl_coef=0.3, kl_estimator="full", shared_model=False)
     set_trainable(env.actor, 1)
     perturb_blocks(env.actor, [3])

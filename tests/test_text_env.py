@@ -10,6 +10,7 @@ import torch
 
 import rlhf_env  # noqa: F401  (registers the envs)
 from envs.text_env import TextRLHFEnv
+from rlhf_env.registration import make_text_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_env(tiny_lm_dir, tiny_prompts, reward, **kwargs) -> TextRLHFEnv:
     kwargs = {"max_new_tokens": 5, "max_prompt_tokens": 40, "shared_model": False, **kwargs}
-    return TextRLHFEnv(model=str(tiny_lm_dir), reward_model=reward, prompts=tiny_prompts, **kwargs)
+    return make_text_env(model=str(tiny_lm_dir), reward_model=reward, prompts=tiny_prompts, **kwargs)
 
 
 def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:

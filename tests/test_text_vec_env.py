@@ -12,6 +12,7 @@ from gymnasium.vector import AutoresetMode
 import rlhf_env  # noqa: F401
 from envs.text_env import TextRLHFEnv
 from envs.text_vec_env import TextRLHFVectorEnv
+from rlhf_env.registration import make_text_env
 from tests.test_text_env import full_log_probs, perturb
 
 N = 3
@@ -96,7 +97,7 @@ def test_rewards_match_independent_full_forwards_and_autoreset(tiny_lm_dir, tiny
 def test_batched_and_single_env_give_the_same_log_probs(tiny_lm_dir, tiny_prompts, length_reward):
     envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward, shared_model=True)
     perturb(envs.actor, seed=3)
-    single = [TextRLHFEnv(model=str(tiny_lm_dir), reward_model=length_reward, prompts=tiny_prompts, max_new_tokens=5,
+    single = [make_text_env(model=str(tiny_lm_dir), reward_model=length_reward, prompts=tiny_prompts, max_new_tokens=5,
                           max_prompt_tokens=40, kl_coef=0.2) for _ in range(N)]
     assert all(env.core is envs.core for env in single)  # one actor for all of them
     eos = envs.tokenizer.eos_token_id

@@ -1,0 +1,158 @@
+"""The text environments' Gymnasium ids and the one place their keyword arguments are resolved.
+
+``import rlhf_env`` registers ``TextRLHF-v0`` (SmolLM2-135M-Instruct, the package's trained
+reward model) and ``TextRLHF-tiny-v0`` (the tiny model and reward, for tests and CI). Their
+entry points, :func:`make_text_env` and :func:`make_text_vec_env`, turn the names a user
+writes into the objects :mod:`envs` takes (:func:`resolve_text_env_kwargs`):
+
+- ``model``: a shipped name (``"smollm2-135m"``, ``"tiny"``), a local Hugging Face directory
+  or a hub id (:func:`rlhf_env.models.load_lm`), or a module (then ``tokenizer=``);
+- ``reference``: None (a frozen copy of the starting model), a module, or a name/path;
+- ``reward_model``: a callable, a name (``"sentiment"``, ``"tiny"``, ``"default"``) or a
+  reward-model directory (:func:`rlhf_env.rewards.resolve_reward`);
+- ``prompts``: None (the shipped prompt set), a list of strings, or a ``.txt`` / ``.jsonl``
+  file (:func:`rlhf_env.prompts.load_prompts`).
+
+Every other keyword goes to the env class unchanged. With ``shared_model=True`` (the
+default) envs of one process made with the same model name, device, dtype, reference and
+sampling configuration get the same loaded modules, so they share one actor (the one the
+policy trains) and one reference, as the N copies of a ``DummyVecEnv`` must.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+import gymnasium as gym
+
+TEXT_ENV_IDS = ("TextRLHF-v0", "TextRLHF-tiny-v0")
+
+# (model name, device, dtype, reference, temperature, top_k) -> (actor, tokenizer, reference or None),
+# the modules held weakly: an entry lives as long as an env or a policy uses its modules
+_LOADED: dict[tuple, tuple[weakref.ref, Any, weakref.ref | None]] = {}
+
+
+# id -> default keyword arguments. TextRLHF-v0: the package's trained reward model (built from
+# the shipped preference pairs on first use, then cached); reward_model="sentiment" gives
+# the VADER reward instead. TextRLHF-tiny-v0: the tiny model and reward, for tests and CI.
+_DEFAULTS = {
+    "TextRLHF-v0": {"model": "smollm2-135m", "reward_model": "default"},
+    "TextRLHF-tiny-v0": {"model": "tiny", "reward_model": "tiny"},
+}
+
+
+def register_envs() -> None:
+    """Register ``TextRLHF-v0`` and ``TextRLHF-tiny-v0`` (idempotent)."""
+    for env_id in TEXT_ENV_IDS:
+        if env_id not in gym.envs.registration.registry:
+            gym.register(
+                id=env_id,
+                entry_point="rlhf_env.registration:make_text_env",
+                vector_entry_point="rlhf_env.registration:make_text_vec_env",
+                kwargs=dict(_DEFAULTS[env_id]),
+            )
+
+
+def make_text_env(**kwargs: Any):
+    """A :class:`envs.text_env.TextRLHFEnv` from names or objects (see the module docstring);
+    the entry point of ``gym.make("TextRLHF-v0")``."""
+    from envs.text_env import TextRLHFEnv
+
+    return TextRLHFEnv(**resolve_text_env_kwargs(**kwargs))
+
+
+def make_text_vec_env(num_envs: int = 1, **kwargs: Any):
+    """A :class:`envs.text_vec_env.TextRLHFVectorEnv` from names or objects; the vector entry
+    point of ``gym.make_vec("TextRLHF-v0", num_envs=N)``."""
+    from envs.text_vec_env import TextRLHFVectorEnv
+
+    if int(num_envs) < 1:  # before any model is loaded
+        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    return TextRLHFVectorEnv(num_envs=num_envs, **resolve_text_env_kwargs(**kwargs))
+
+
+def resolve_text_env_kwargs(
+    model: Any = "smollm2-135m",
+    reward_model: Any = "sentiment",
+    prompts: Any = None,
+    reference: Any = None,
+    tokenizer: Any = None,
+    device: Any = "cpu",
+    dtype: Any = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    shared_model: bool = True,
+    reference_share: str = "auto",
+    **env_kwargs: Any,
+) -> dict[str, Any]:
+    """The env class's keyword arguments from what a user passes to ``gym.make``: names and
+    files resolved to modules, a tokenizer, a reward callable and a prompt list. Cheap
+    checks run before any model is loaded."""
+    import torch
+
+    from envs.reference import check_reference_share
+    from envs.text_env import _check_config
+    from rlhf_env.prompts import load_prompts
+    from rlhf_env.rewards import resolve_reward
+
+    _check_config(
+        env_kwargs.get("max_new_tokens", 32), env_kwargs.get("max_prompt_tokens", 64), env_kwargs.get("kl_estimator", "k1"),
+        env_kwargs.get("render_mode"), ("ansi", "human"), env_kwargs.get("kl_coef", 0.05), device,
+    )
+    reference_share = check_reference_share(reference_share)  # before the (slow) model load
+    if prompts is None or isinstance(prompts, (str, os.PathLike)):
+        prompts = load_prompts(prompts)
+    lm_spec = None
+    if not isinstance(model, torch.nn.Module):
+        lm_spec = {"model": str(model), "dtype": _dtype_name(dtype), "loader": "rlhf_env.registration:load_spec_model"}
+        model, tokenizer, reference = _load_models(model, tokenizer, reference, device, dtype, temperature, top_k, shared_model)
+    elif reference is not None and not isinstance(reference, torch.nn.Module):
+        from rlhf_env.models import load_lm
+
+        reference, _ = load_lm(reference, device=device, dtype=dtype)
+    return dict(
+        model=model, tokenizer=tokenizer, reference=reference, reward_model=resolve_reward(reward_model, device=device),
+        prompts=prompts, device=device, dtype=_dtype_name(dtype), temperature=temperature, top_k=top_k,
+        shared_model=shared_model, reference_share=reference_share, lm_spec=lm_spec, **env_kwargs,
+    )
+
+
+def _load_models(name: Any, tokenizer: Any, reference: Any, device: Any, dtype: Any, temperature: float, top_k: int, shared: bool):
+    """``(actor, tokenizer, reference)`` for a model name or path (and a reference None, a
+    module or a name), reusing the modules of an earlier env of this process made with the
+    same settings when ``shared``."""
+    from rlhf_env.models import load_lm
+
+    if not isinstance(name, (str, bytes)) and not hasattr(name, "__fspath__"):
+        raise TypeError(f"model must be a name, a path or a causal LM module, got {type(name).__name__}")
+    ref_by_name = isinstance(reference, (str, os.PathLike))
+    ref_key = os.fspath(reference) if ref_by_name else None if reference is None else ("module", id(reference))
+    key = (os.fspath(name), str(device), _dtype_name(dtype), ref_key, float(temperature), int(top_k))
+    if shared and key in _LOADED:
+        actor_ref, loaded_tokenizer, reference_ref = _LOADED[key]
+        actor, loaded_reference = actor_ref(), reference_ref() if reference_ref is not None else None
+        if actor is not None and (not ref_by_name or loaded_reference is not None):
+            return actor, tokenizer or loaded_tokenizer, loaded_reference if ref_by_name else reference
+    actor, loaded_tokenizer = load_lm(name, device=device, dtype=dtype)
+    if ref_by_name:
+        reference, _ = load_lm(reference, device=device, dtype=dtype)
+    if shared:
+        _LOADED[key] = (weakref.ref(actor), loaded_tokenizer, weakref.ref(reference) if ref_by_name else None)
+    return actor, tokenizer or loaded_tokenizer, reference
+
+
+def load_spec_model(spec: dict[str, Any], device: Any = "cpu"):
+    """``(model, tokenizer)`` of an observation space's model description (the ``loader``
+    named in the spec; see :func:`envs.lm_core.core_from_spec`): a policy loaded from disk
+    in a process without its env rebuilds its actor from the model name or path."""
+    model, tokenizer, _ = _load_models(spec["model"], None, None, device, spec.get("dtype"), spec.get("temperature", 1.0),
+                                       spec.get("top_k", 0), True)
+    return model, tokenizer
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    return str(dtype).replace("torch.", "")
