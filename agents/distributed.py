@@ -125,10 +125,6 @@ def rank_seed(seed: int | None, stride: int = 1) -> int | None:
     return None if seed is None else int(seed) + rank() * int(stride)
 
 
-def _collective_device(tensors: Sequence[torch.Tensor]) -> torch.device:
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
 @torch.no_grad()
 def broadcast_parameters(module_or_params: torch.nn.Module | Iterable[torch.Tensor], src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (in place)."""
