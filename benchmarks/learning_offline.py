@@ -20,7 +20,7 @@ that backbone (:func:`rlhf_env.train_reward_model`, all weights, ``--rm-lr``, 2 
 26 min on SmolLM2 here) and a logistic regression on the sum of the response's token embeddings
 (the model's own input/output embeddings, an additive reward over tokens; about a minute). DPO's
 implicit reward is a classifier on the same model, so these say how far 80% is from what the
-model's features carry (the README's "DPO on the default task").
+model's features carry (docs/benchmarks.md, "DPO on the default task").
 """
 
 from __future__ import annotations

@@ -56,16 +56,11 @@ from rlhf_env.training import (
 class DPOConfig:
     """Hyperparameters of :func:`train_dpo`.
 
-    The defaults are the setting measured best for the cost on the default task with
-    SmolLM2-135M-Instruct on a CPU (held-out implicit-reward accuracy on the 200 pairs of
-    ``pairs_test.jsonl``, other prompts): the last 2 blocks and the norm, lr 1e-4, beta 0.1,
-    2 epochs, whole prompts per step; on the 4,124 pairs of all sampling rounds
-    (:func:`rlhf_env.default_reward_model.default_training_pairs`, what ``rlhf-env dpo`` trains on by
-    default) 64.0% after 1 epoch and 69.0% after 2, with training accuracy 94%, and the VADER mean
-    of sampled responses 0.44 -> 0.89. No other setting measured (more blocks, all weights, LoRA
-    on every block, other lr and beta) got past 72.5%, while explicit classifiers of the same
-    pairs on the same model reach 80-83.5%: the README's "DPO on the default task" has the table,
-    the time per epoch and why.
+    The defaults (the last 2 blocks and the norm, lr 1e-4, beta 0.1, 2 epochs, whole prompts
+    per step) are the setting measured best for the cost on the default task with
+    SmolLM2-135M-Instruct on a CPU, by held-out implicit-reward accuracy on new prompts;
+    docs/benchmarks.md ("DPO on the default task") has every setting tried and why none
+    generalises much further.
 
     :param beta: strength of the implicit KL constraint to the reference
     :param learning_rate: AdamW learning rate

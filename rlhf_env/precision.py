@@ -30,8 +30,8 @@ def autocast_context(device, dtype: Optional[torch.dtype]) -> contextlib.Abstrac
 
     On a CPU it also selects the math backend of ``scaled_dot_product_attention``: the
     backward of torch's fused CPU attention kernel is several times slower in bfloat16 than in
-    float32 (measured with MiniLM: 32 ms against 5 ms a call), which cancelled the gain of the
-    bfloat16 matrix products; the math backend's are ordinary matrix products.
+    float32, which cancelled the gain of the bfloat16 matrix products; the math backend's are
+    ordinary matrix products.
     """
     if dtype is None:
         return contextlib.nullcontext()

@@ -52,11 +52,9 @@ class RewardModelConfig:
         computes bfloat16 natively (a CUDA GPU that supports it; a CPU with AMX or
         AVX512-BF16), float32 elsewhere; ``"bf16"`` forces it. The weights, the optimizer
         state, the pooling, the head and the loss stay float32; evaluation and
-        :meth:`RewardModel.score` run in float32 either way. Measured on the default task
-        (MiniLM, one thread, an AMX CPU): training steps 1.6x faster, :meth:`RewardModel.default`
-        from an empty cache 198 s against 340 s under the same load (1.7x),
-        but held-out accuracy 89.0% against 91.0% on ``pairs_test.jsonl`` and 88.5% against
-        89.4% on all rounds' test pairs, hence float32 by default.
+        :meth:`RewardModel.score` run in float32 either way. Float32 is the default because
+        bf16, though faster, ranked the default task's held-out pairs worse
+        (docs/benchmarks.md, "bf16 autocast").
     """
 
     learning_rate: float = 5e-5
