@@ -1,4 +1,4 @@
-"""Agents with the Stable-Baselines3 API: ``REINFORCE``, ``A2C``, ``PPO``, ``GRPO``.
+"""Agents with the Stable-Baselines3 API: ``REINFORCE``, ``A2C``, ``PPO``, ``GRPO``, ``RLOO``.
 
 ``from agents import PPO`` replaces ``from stable_baselines3 import PPO``. ``ALGOS`` maps
 the command line's ``--algo`` names to classes; other modules may add entries.
@@ -20,9 +20,10 @@ from agents.grpo import GRPO
 from agents.on_policy import OnPolicyAlgorithm
 from agents.ppo import PPO
 from agents.reinforce import REINFORCE
+from agents.rloo import RLOO
 from agents.vec_env import make_vec_env
 
-ALGOS: dict[str, type[BaseAlgorithm]] = {"reinforce": REINFORCE, "a2c": A2C, "ppo": PPO, "grpo": GRPO}
+ALGOS: dict[str, type[BaseAlgorithm]] = {"reinforce": REINFORCE, "a2c": A2C, "ppo": PPO, "grpo": GRPO, "rloo": RLOO}
 
 __all__ = [
     "ALGOS",
@@ -30,6 +31,7 @@ __all__ = [
     "GRPO",
     "PPO",
     "REINFORCE",
+    "RLOO",
     "BaseAlgorithm",
     "OnPolicyAlgorithm",
     "BaseCallback",

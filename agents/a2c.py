@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from agents import distributed
 from agents.base import clip_grad_norm, explained_variance
 from agents.guards import check_finite
+from agents.losses import policy_gradient_loss, value_loss
 from agents.on_policy import OnPolicyAlgorithm
 
 
@@ -109,8 +109,8 @@ class A2C(OnPolicyAlgorithm):
             if self.normalize_advantage:
                 advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
-            pg_loss = -(advantages * log_prob).mean()
-            v_loss = F.mse_loss(batch.returns, values)
+            pg_loss = policy_gradient_loss(log_prob, advantages).mean()
+            v_loss = value_loss(values, batch.returns).mean()
             entropy_loss = -torch.mean(-log_prob) if entropy is None else -torch.mean(entropy)
             loss = pg_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
 

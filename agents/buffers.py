@@ -15,6 +15,7 @@ import torch
 from gymnasium import spaces
 
 from agents import distributed
+from agents.losses import compute_gae
 from agents.preprocessing import obs_shape
 
 
@@ -32,54 +33,6 @@ def torch_dtype(space: spaces.Space) -> torch.dtype:
     if isinstance(space, spaces.Discrete):
         return torch.int64
     return torch.from_numpy(np.zeros((), dtype=space.dtype)).dtype
-
-
-@torch.no_grad()
-def compute_gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    terminated: torch.Tensor,
-    truncated: torch.Tensor,
-    last_values: torch.Tensor,
-    final_values: torch.Tensor | None = None,
-    gamma: float = 0.99,
-    gae_lambda: float = 0.95,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over a (T, n_envs) rollout.
-
-    ``delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)``
-    ``A_t = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}``, ``done = terminated | truncated``,
-    ``returns = A + V``.
-
-    A terminated step has no future. A truncated step was cut by a time limit, so it
-    bootstraps with the value of its final observation ``final_values[t]``; the
-    advantage recursion still stops there because the next row starts a new episode.
-
-    :param rewards: r_t, shape (T, n_envs)
-    :param values: V(s_t) of the stored observations, shape (T, n_envs)
-    :param terminated: episode ended in a terminal state at t (bool or 0/1)
-    :param truncated: episode cut by a time limit at t
-    :param last_values: V of the observation after the last step, shape (n_envs,)
-    :param final_values: V of the final observation where ``truncated``; ``None`` means
-        it is the next stored row's value (NEXT_STEP autoreset layout, where the
-        observation after a done step is the final one), ``last_values`` for the last row
-    :param gamma: discount factor
-    :param gae_lambda: GAE's lambda (1 = Monte-Carlo returns, 0 = one-step TD)
-    :return: ``(advantages, returns)``, each (T, n_envs)
-    """
-    terminated = terminated.to(values.dtype)
-    done = torch.maximum(terminated, truncated.to(values.dtype))
-    next_values = torch.cat([values[1:], last_values.reshape(1, -1).to(values.dtype)], dim=0)
-    if final_values is not None:
-        next_values = torch.where(truncated.bool(), final_values.to(values.dtype), next_values)
-    deltas = rewards + gamma * next_values * (1.0 - terminated) - values
-    decay = gamma * gae_lambda * (1.0 - done)
-    advantages = torch.empty_like(values)
-    # one op per step: A_t = delta_t + decay_t * A_{t+1}, written straight into its row
-    last_gae = torch.zeros_like(values[0])
-    for delta, dec, out in zip(reversed(deltas.unbind(0)), reversed(decay.unbind(0)), reversed(advantages.unbind(0))):
-        last_gae = torch.addcmul(delta, dec, last_gae, out=out)
-    return advantages, advantages + values
 
 
 class RolloutBuffer:

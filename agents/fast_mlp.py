@@ -31,6 +31,8 @@ from gymnasium import spaces
 from torch import nn
 from torch.nn import functional as F
 
+from agents.losses import clipped_surrogate, kl_penalty_surrogate, value_loss
+
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # the activations' own backward kernels: dy * (1 - y^2) and dy * (y > 0) in one pass each
 _tanh_backward = torch.ops.aten.tanh_backward.default
@@ -323,27 +325,27 @@ class FusedPPOLoss:
 
         log_ratio = log_prob - old_log_prob
         ratio = torch.exp(log_ratio)
+        # the losses are agents.losses' functions; their derivatives are written here
         if kl_beta is None:
-            pg_loss1 = advantages * ratio
-            pg_loss2 = advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-            pg_loss = -torch.minimum(pg_loss1, pg_loss2).mean()
+            pg_losses = clipped_surrogate(ratio, advantages, clip_range)
+            pg_loss = pg_losses.mean()
             # d(-min)/dlog_prob = -A * ratio where the unclipped term is the minimum (inside
             # the clip range both are equal and the clamp passes the gradient: also -A * ratio)
-            d_log_prob = pg_loss1.mul_(pg_loss1 <= pg_loss2).mul_(-inv_batch)
+            unclipped = advantages * ratio
+            d_log_prob = unclipped.mul_(pg_losses.neg_() == unclipped).mul_(-inv_batch)
         else:
-            ratio_minus_1 = ratio - 1
-            pg_loss = -(ratio * advantages).mean() + kl_beta * (ratio_minus_1 - log_ratio).mean()
-            d_log_prob = (ratio_minus_1 * kl_beta - ratio * advantages).mul_(inv_batch)
+            pg_loss = kl_penalty_surrogate(ratio, log_ratio, advantages, kl_beta).mean()
+            d_log_prob = ((ratio - 1) * kl_beta - ratio * advantages).mul_(inv_batch)
 
+        v_loss = value_loss(values, returns, old_values, clip_range_vf).mean()
+        # d (V_pred - R)^2 / dV = 2 (V_pred - R), zero where the value clip is active
         if clip_range_vf is None:
-            values_diff = values - returns
-            d_values = values_diff * (2.0 * vf_coef * inv_batch)
+            d_values = (values - returns).mul_(2.0 * vf_coef * inv_batch)
         else:
             delta = values - old_values
             values_diff = old_values + torch.clamp(delta, -clip_range_vf, clip_range_vf) - returns
             inside = (delta >= -clip_range_vf) & (delta <= clip_range_vf)
             d_values = (values_diff * inside).mul_(2.0 * vf_coef * inv_batch)
-        v_loss = values_diff.square().mean()
         loss = torch.add(pg_loss, v_loss, alpha=vf_coef)
         if ent_coef != 0.0:
             loss = loss + ent_coef * entropy_loss

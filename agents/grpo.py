@@ -16,9 +16,13 @@ Per iteration:
        -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * k3_t
        k3_t = exp(log ref - log pi) - (log ref - log pi) - 1
 
-   averaged over the minibatch's tokens (TRL's default ``"dapo"`` aggregation, which has
-   no length bias). Micro-batches hold responses to one prompt, whose prompt then runs
-   once for the whole group (:func:`agents.lm_rollout.evaluate_shared_context`; exact up
+   aggregated as TRL's ``loss_type`` says (:func:`agents.losses.aggregate_token_loss`;
+   default ``"dapo"``: the mean over the minibatch's tokens, no length bias). TRL's other
+   options are here under TRL's names: ``scale_rewards`` (``"group"``, ``"batch"``,
+   ``"none"``), ``epsilon_high`` (DAPO's clip-higher) and
+   ``importance_sampling_level="sequence"`` (GSPO: one ratio per response,
+   ``exp(mean_t log ratio_t)``, clipped and applied to all its tokens). Micro-batches hold responses to one prompt, whose prompt then runs
+   once for the whole group (:func:`agents.lm_forward.evaluate_shared_context`; exact up
    to float rounding). ``log ref`` is computed once per response in the first epoch, not by
    the env (a per-token reference forward during the rollout would cost one incremental
    forward per token for the same numbers): when the reference's lower blocks equal the
@@ -26,7 +30,7 @@ Per iteration:
    state; else one teacher-forced, gradient-free forward of the reference per micro-batch.
 
    When only the top ``k`` blocks train, the rollout kept the output of the frozen lower
-   blocks for every token (:attr:`agents.lm_rollout.TextSegment.trunk_states`) and the
+   blocks for every token (:attr:`agents.segments.TextSegment.trunk_states`) and the
    update runs only the top blocks, the norm and the head on it (exact up to float
    rounding; the full forward whenever the lower weights changed, see
    :mod:`envs.trunk_states`).
@@ -50,26 +54,33 @@ from gymnasium import spaces
 from agents import distributed
 from agents.guards import check_finite
 from agents.kl_controller import set_env_kl_coef
-from agents.lm_rollout import (
-    RolloutStats,
-    TextSegment,
-    collect_text_rollout,
-    evaluate_kept,
-    evaluate_shared_context,
-    evaluate_tokens,
-    find_text_env,
+from agents.lm_forward import evaluate_kept, evaluate_shared_context, evaluate_tokens, kept_trunk_batch
+from agents.losses import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    aggregate_token_loss,
+    aggregation_weight,
+    approx_kl,
+    clip_fraction,
+    clipped_surrogate,
     group_advantages,
+    kl_to_reference,
+    sequence_log_ratio,
+)
+from agents.on_policy import OnPolicyAlgorithm
+from agents.schedules import get_schedule_fn
+from agents.segments import (
+    TextSegment,
     group_by_context,
-    kept_trunk_batch,
     micro_batches,
     pack_segments,
     pad_field,
     response_mask,
     shared_context,
+    split_minibatches,
 )
-from agents.on_policy import OnPolicyAlgorithm
-from agents.schedules import get_schedule_fn
-from agents.text_ppo import split_minibatches
+from agents.text_rollout import RolloutStats, collect_text_rollout, find_text_env
 
 
 class GRPO(OnPolicyAlgorithm):
@@ -82,10 +93,21 @@ class GRPO(OnPolicyAlgorithm):
     :param group_size: responses per prompt (``G``)
     :param batch_size: tokens per minibatch (the minibatches are made of whole responses)
     :param n_epochs: passes over each rollout (TRL's ``num_iterations``)
-    :param clip_range: ratio clip epsilon
+    :param clip_range: ratio clip epsilon (TRL's ``epsilon``; the lower bound ``1 - eps``)
+    :param epsilon_high: upper clip epsilon (the bound ``1 + epsilon_high``; DAPO's
+        clip-higher, which recommends 0.28); None: ``clip_range``
     :param beta: coefficient of the k3 KL-to-reference loss term (0 switches it off)
-    :param scale_rewards: divide by the group's standard deviation (False: Dr. GRPO)
-    :param eps: added to the group std
+    :param loss_type: how per-token losses become the minibatch's loss, TRL's names:
+        ``"dapo"`` (sum / tokens of the minibatch), ``"grpo"`` (mean per response, then
+        over responses), ``"dr_grpo"`` (sum / (responses * max_new_tokens))
+    :param scale_rewards: ``"group"`` (divide by the group's std), ``"batch"`` (by the
+        std of all scores of the rollout) or ``"none"`` (Dr. GRPO); True/False mean
+        ``"group"``/``"none"``
+    :param importance_sampling_level: ``"token"`` (one ratio per token) or
+        ``"sequence"`` (GSPO: ``exp`` of the mean token log-ratio of the response)
+    :param eps: added to the std when scaling rewards
+    :param log_kl: with ``beta=0``, still run the reference once per rollout to log the KL
+        per response (``rollout/kl_mean``); False skips that forward
     :param ent_coef: entropy bonus weight
     :param max_grad_norm: gradient-norm clip
     :param micro_batch_tokens: padded tokens per forward; larger minibatches accumulate
@@ -96,7 +118,7 @@ class GRPO(OnPolicyAlgorithm):
     Other parameters: see :class:`agents.on_policy.OnPolicyAlgorithm`.
     """
 
-    _excluded_save_params = OnPolicyAlgorithm._excluded_save_params + ("_segments",)
+    _excluded_save_params = OnPolicyAlgorithm._excluded_save_params + ("_segments", "_refs_filled")
 
     def __init__(
         self,
@@ -108,8 +130,12 @@ class GRPO(OnPolicyAlgorithm):
         n_epochs: int = 1,
         clip_range: Any = 0.2,
         beta: float = 0.04,
-        scale_rewards: bool = True,
+        loss_type: str = "dapo",
+        scale_rewards: str | bool = "group",
+        epsilon_high: float | None = None,
+        importance_sampling_level: str = "token",
         eps: float = 1e-4,
+        log_kl: bool = True,
         ent_coef: float = 0.0,
         max_grad_norm: float = 1.0,
         micro_batch_tokens: int = 4096,
@@ -124,6 +150,16 @@ class GRPO(OnPolicyAlgorithm):
         n_envs: int = 1,
         env_kwargs: dict[str, Any] | None = None,
     ):
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if scale_rewards not in SCALE_REWARDS + (True, False):
+            raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(
+                f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {importance_sampling_level!r}"
+            )
+        if epsilon_high is not None and not epsilon_high > 0:
+            raise ValueError(f"epsilon_high must be > 0 (or None for clip_range), got {epsilon_high!r}")
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}")
         policy_kwargs = dict(policy_kwargs or {})
@@ -157,8 +193,12 @@ class GRPO(OnPolicyAlgorithm):
         self.n_epochs = int(n_epochs)
         self.clip_range = clip_range
         self.beta = float(beta)
-        self.scale_rewards = bool(scale_rewards)
+        self.loss_type = loss_type
+        self.scale_rewards = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
+        self.epsilon_high = None if epsilon_high is None else float(epsilon_high)
+        self.importance_sampling_level = importance_sampling_level
         self.eps = float(eps)
+        self.log_kl = bool(log_kl)
         self.micro_batch_tokens = int(micro_batch_tokens)
         self.sample_every = int(sample_every)
         self._iteration = 0
@@ -238,16 +278,45 @@ class GRPO(OnPolicyAlgorithm):
         return ok
 
     def _record_rollout(self, stats: RolloutStats) -> None:
+        """Score, length and samples of the rollout. The KL per response is measured by
+        :meth:`train` (the reference runs there, not in the env) and logged with it."""
         from agents.text_ppo import RLHFConfig, TextPPOState, record_rollout_stats
 
-        if not self._text_env().reference_logprobs:
-            # the rollout ran no reference: its KL is not measured (not 0); see train/kl_ref
-            stats.kls = [float("nan")] * len(stats.kls)
         state = TextPPOState(RLHFConfig(sample_every=self.sample_every), 0.0)
         state.iteration = self._iteration
-        record_rollout_stats(self, stats, state, 0.0)
+        stats.kls = []  # the env charged no KL (kl_coef 0): not this rollout's measure
+        record_rollout_stats(self, stats, state, None)
 
     # --- update -----------------------------------------------------------------------
+    @property
+    def _kl_in_loss(self) -> bool:
+        """Whether the loss has the ``beta * k3`` term (RLOO puts the KL in the reward)."""
+        return self.beta != 0
+
+    def _kl_of_response(self, seg: TextSegment) -> float:
+        """The KL of one response to the reference as the loss's ``beta * k3`` term counts
+        it: k3 summed over its tokens (at ``pi = pi_old``, the first epoch's)."""
+        return float(kl_to_reference(seg.old_logprobs, seg.ref_logprobs).sum())
+
+    def _response_advantages(self, segments: list[TextSegment]) -> torch.Tensor:
+        """One advantage per response: :func:`agents.losses.group_advantages` of the scores."""
+        scores = torch.tensor([s.score for s in segments])
+        groups = torch.tensor([s.group for s in segments])
+        return group_advantages(scores, groups, eps=self.eps, scale=self.scale_rewards)
+
+    def _policy_loss(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+        clip_range: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(per-token policy loss, ratio)``: the clipped surrogate with the token ratio, or
+        with GSPO's sequence ratio ``(B, 1)`` broadcast over the response's tokens."""
+        log_ratio = log_prob - old_log_prob
+        if self.importance_sampling_level == "sequence":
+            log_ratio = sequence_log_ratio(log_ratio, mask, "mean")
+            advantages = advantages[:, :1]  # one advantage per response
+        ratio = torch.exp(log_ratio)
+        return clipped_surrogate(ratio, advantages, clip_range, self.epsilon_high), ratio
+
     def train(self) -> None:
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
@@ -255,23 +324,19 @@ class GRPO(OnPolicyAlgorithm):
         segments: list[TextSegment] = [s for s in self._segments if len(s) > 0 and s.score is not None]
         if not segments:
             return
-        scores = torch.tensor([s.score for s in segments])
-        groups = torch.tensor([s.group for s in segments])
-        response_advantages = group_advantages(scores, groups, eps=self.eps, scale=self.scale_rewards)
+        measure_kl = self._kl_in_loss or self.log_kl
+        self._refs_filled = False
+        response_advantages = self._response_advantages(segments)  # RLOO runs the reference here
         for seg, adv in zip(segments, response_advantages.tolist()):
             seg.advantages = torch.full((len(seg),), adv)
 
         policy = self.policy
-        core = policy.core
-        device = self.device
-        # the reference's lower blocks equal the actor's frozen ones (train_layers=k): its top
-        # blocks run on the actor's hidden state at block `split` (kept from the rollout, or
-        # captured in the update's forward); else one forward of its own per micro-batch
-        trunk, split = self._shared_trunk()
         params = [p for group in policy.optimizer.param_groups for p in group["params"]]
+        max_len = int(self._text_env().max_new_tokens)
         stats = {k: [] for k in ("pg", "kl_ref", "ent", "clip", "kl", "loss")}
         for epoch in range(self.n_epochs):
-            with_ref = self.beta != 0 and epoch == 0  # the reference's log-probs, once per rollout
+            # the reference's log-probs, once per rollout
+            with_ref = measure_kl and epoch == 0 and not self._refs_filled
             for batch in split_minibatches(segments, self.batch_size):
                 n_tokens = sum(len(s) for s in batch)
                 sums = dict.fromkeys(stats, 0.0)
@@ -281,71 +346,43 @@ class GRPO(OnPolicyAlgorithm):
                 micros = [m for run in group_by_context(batch)
                           for m in micro_batches(run, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s))]
                 for micro in micros:
-                    ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
+                    log_prob, entropy = self._evaluate_micro(micro, with_ref)
+                    device = log_prob.device
                     mask = response_mask(micro, device)
-                    kept = kept_trunk_batch(policy.actor, micro)
-                    if kept is not None:
-                        # the frozen trunk's output was kept by the rollout: only the top blocks run
-                        hidden, kept_mask, kept_split = kept
-                        log_prob, entropy, _ = evaluate_kept(
-                            policy.actor, hidden, kept_mask, kept_split, positions, targets, value_head=None,
-                            temperature=core.temperature, top_k=core.top_k, with_entropy=True, entropy_grad=self.ent_coef != 0,
-                        )
-                        if with_ref and split == kept_split:
-                            self._reference_top_logprobs(trunk, split, hidden, kept_mask, micro, positions, targets)
-                        elif with_ref:
-                            self._reference_logprobs(micro)
-                    elif shared_context(micro) and not (split and with_ref):
-                        # one group's responses: the prompt runs once (for the reference too)
-                        if with_ref:
-                            self._reference_logprobs(micro)
-                        log_prob, entropy, _ = evaluate_shared_context(
-                            policy.actor, micro, core.pad_id, value_head=None,
-                            temperature=core.temperature, top_k=core.top_k, with_entropy=True, entropy_grad=self.ent_coef != 0,
-                        )
+                    pg_losses, ratio = self._policy_loss(
+                        log_prob, pad_field(micro, "old_logprobs", device), pad_field(micro, "advantages", device),
+                        mask, clip_range,
+                    )
+                    # beta = 0 or RLOO: no KL term in the loss (the reference's log-probs may be NaN)
+                    if self._kl_in_loss:
+                        kl_ref = kl_to_reference(log_prob, pad_field(micro, "ref_logprobs", device))
                     else:
-                        if with_ref and not split:
-                            self._reference_logprobs(micro)
-                        with contextlib.ExitStack() as stack:
-                            captured = stack.enter_context(trunk.capture(split)) if split and with_ref else None
-                            log_prob, entropy, _ = evaluate_tokens(
-                                policy.actor, ids, attn, positions, targets, value_head=None,
-                                temperature=core.temperature, top_k=core.top_k, with_entropy=True, entropy_grad=self.ent_coef != 0,
-                            )
-                        if captured is not None:
-                            if "hidden" not in captured:
-                                raise RuntimeError("the actor's forward did not reach the captured block (no hidden state recorded)")
-                            self._reference_top_logprobs(trunk, split, captured["hidden"][:, :-1], attn[:, :-1], micro, positions, targets)
-                    old_log_prob = pad_field(micro, "old_logprobs", device)
-                    ref_log_prob = pad_field(micro, "ref_logprobs", device)
-                    advantages = pad_field(micro, "advantages", device)
-
-                    log_ratio = log_prob - old_log_prob
-                    ratio = torch.exp(log_ratio)
-                    pg_losses = -torch.min(advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
-                    # k3: an unbiased, always non-negative estimate of KL(pi || ref)
-                    ref_diff = ref_log_prob - log_prob
-                    # beta = 0: no reference was run (its log-probs are NaN), no KL term
-                    kl_ref = torch.exp(ref_diff) - ref_diff - 1 if self.beta != 0 else torch.zeros_like(log_prob)
+                        kl_ref = torch.zeros_like(log_prob)
                     token_loss = pg_losses + self.beta * kl_ref - self.ent_coef * entropy
-                    loss = (token_loss * mask).sum() / n_tokens
+                    loss = aggregate_token_loss(token_loss, mask, self.loss_type, len(batch), n_tokens, max_len)
                     loss.backward()
                     with torch.no_grad():
-                        sums["pg"] += float((pg_losses * mask).sum())
+                        log_ratio = log_prob - pad_field(micro, "old_logprobs", device)
+                        sums["pg"] += float((pg_losses.expand_as(mask) * mask).sum())
                         sums["kl_ref"] += float((kl_ref * mask).sum())
                         sums["ent"] += float((-entropy * mask).sum())
-                        sums["clip"] += float((((ratio - 1).abs() > clip_range).float() * mask).sum())
-                        sums["kl"] += float((((ratio - 1) - log_ratio) * mask).sum())
+                        sums["clip"] += float((clip_fraction(ratio, clip_range, self.epsilon_high).expand_as(mask) * mask).sum())
+                        sums["kl"] += float((approx_kl(log_ratio) * mask).sum())
                         sums["loss"] += float(loss) * n_tokens
                 for key in stats:
                     stats[key].append(sums[key] / n_tokens)
-                distributed.allreduce_gradients(params, weight=n_tokens)  # data-parallel: token mean over all ranks
+                # data-parallel: the loss's mean over all ranks
+                distributed.allreduce_gradients(params, weight=aggregation_weight(self.loss_type, len(batch), n_tokens))
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 if check_finite(sums["loss"], grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
                     policy.optimizer.step()
             self._n_updates += 1
 
         logger = self.logger
+        if measure_kl:
+            # KL(pi_old || ref) per response, as the method penalises it
+            kls = [self._kl_of_response(s) for s in segments]
+            logger.record("rollout/kl_mean", float(np.mean(kls)))
         logger.record("train/policy_gradient_loss", float(np.mean(stats["pg"])))
         logger.record("train/kl_ref", float(np.mean(stats["kl_ref"])))
         logger.record("train/entropy_loss", float(np.mean(stats["ent"])))
@@ -355,6 +392,60 @@ class GRPO(OnPolicyAlgorithm):
         logger.record("train/beta", self.beta)
         logger.record("train/advantage_std", float(response_advantages.std()) if len(segments) > 1 else 0.0)
         logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _evaluate_micro(self, micro: list[TextSegment], with_ref: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log_prob, entropy)`` ``(B, Tmax)`` of the responses of one micro-batch under the
+        actor (with gradients), by the cheapest exact forward; with ``with_ref`` also fill
+        their ``ref_logprobs`` (sharing the frozen trunk with the actor where it can)."""
+        policy, core, device = self.policy, self.policy.core, self.device
+        # the reference's lower blocks equal the actor's frozen ones (train_layers=k): its top
+        # blocks run on the actor's hidden state at block `split` (kept from the rollout, or
+        # captured in the update's forward); else one forward of its own per micro-batch
+        trunk, split = self._shared_trunk() if with_ref else (None, 0)
+        kw = dict(temperature=core.temperature, top_k=core.top_k, with_entropy=True, entropy_grad=self.ent_coef != 0)
+        ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
+        kept = kept_trunk_batch(policy.actor, micro)
+        if kept is not None:
+            # the frozen trunk's output was kept by the rollout: only the top blocks run
+            hidden, kept_mask, kept_split = kept
+            log_prob, entropy, _ = evaluate_kept(
+                policy.actor, hidden, kept_mask, kept_split, positions, targets, value_head=None, **kw
+            )
+            if with_ref and split == kept_split:
+                self._reference_top_logprobs(trunk, split, hidden, kept_mask, micro, positions, targets)
+            elif with_ref:
+                self._reference_logprobs(micro)
+        elif shared_context(micro) and not (split and with_ref):
+            # one group's responses: the prompt runs once (for the reference too)
+            if with_ref:
+                self._reference_logprobs(micro)
+            log_prob, entropy, _ = evaluate_shared_context(policy.actor, micro, core.pad_id, value_head=None, **kw)
+        else:
+            if with_ref and not split:
+                self._reference_logprobs(micro)
+            with contextlib.ExitStack() as stack:
+                captured = stack.enter_context(trunk.capture(split)) if split and with_ref else None
+                log_prob, entropy, _ = evaluate_tokens(policy.actor, ids, attn, positions, targets, value_head=None, **kw)
+            if captured is not None:
+                if "hidden" not in captured:
+                    raise RuntimeError("the actor's forward did not reach the captured block (no hidden state recorded)")
+                self._reference_top_logprobs(trunk, split, captured["hidden"][:, :-1], attn[:, :-1], micro, positions, targets)
+        return log_prob, entropy
+
+    @torch.no_grad()
+    def _fill_reference_logprobs(self, segments: list[TextSegment]) -> None:
+        """``seg.ref_logprobs`` of every segment before the update (RLOO's KL reward), one
+        micro-batch at a time: the reference's top blocks on the kept trunk states where
+        they are shared with the actor, else its own forward."""
+        trunk, split = self._shared_trunk()
+        for run in group_by_context(segments):
+            for micro in micro_batches(run, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
+                kept = kept_trunk_batch(self.policy.actor, micro)
+                if kept is not None and split and split == kept[2]:
+                    _, _, positions, targets = pack_segments(micro, self.policy.core.pad_id, self.device)
+                    self._reference_top_logprobs(trunk, split, kept[0], kept[1], micro, positions, targets)
+                else:
+                    self._reference_logprobs(micro)
 
     def _shared_trunk(self) -> tuple[Any, int]:
         """``(SharedTrunk, split)`` when the reference can take its lower ``split`` blocks
@@ -414,8 +505,10 @@ class GRPO(OnPolicyAlgorithm):
         total_timesteps: int,
         callback: Any = None,
         log_interval: int = 1,
-        tb_log_name: str = "GRPO",
+        tb_log_name: str | None = None,
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> "GRPO":
+        """SB3's ``learn``; ``tb_log_name`` defaults to the class name (``"GRPO"``, ``"RLOO"``)."""
+        tb_log_name = tb_log_name or type(self).__name__
         return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 
 from agents import distributed
 from agents.fast_mlp import FusedPPOLoss
@@ -24,15 +23,16 @@ from agents.base import clip_grad_norm, explained_variance, optimizer_step
 from agents.guards import check_finite, check_number
 from agents.on_policy import OnPolicyAlgorithm
 from agents.schedules import get_schedule_fn
-from agents.text_ppo import RLHFConfig, collect_text_ppo_rollout, is_lm_policy, setup_text_state, train_text_ppo
+from agents.losses import approx_kl, clip_fraction, clipped_surrogate, kl_penalty_surrogate, value_loss
+from agents.text_ppo import RLHFConfig, TextPPOMixin, is_lm_policy
 
 
 @torch.no_grad()
 def kl_and_clip_fraction(
     ratios: list[torch.Tensor], log_ratios: list[torch.Tensor], clip_range: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per minibatch: the k3 estimate of KL(pi_old || pi), ``mean((ratio - 1) - log ratio)``
-    (unbiased, always >= 0), and the fraction of ratios outside ``1 +- clip_range``.
+    """Per minibatch: the k3 estimate of KL(pi_old || pi) (:func:`agents.losses.approx_kl`)
+    and the fraction of ratios outside ``1 +- clip_range``.
 
     :param ratios: each minibatch's ``pi(a|s) / pi_old(a|s)``
     :param log_ratios: their logarithms
@@ -43,7 +43,7 @@ def kl_and_clip_fraction(
         return torch.zeros(0), torch.zeros(0)
     sizes = [len(r) for r in ratios]
     ratio, log_ratio = torch.cat(ratios), torch.cat(log_ratios)
-    per_sample = torch.stack(((ratio - 1) - log_ratio, ((ratio - 1).abs() > clip_range).to(ratio.dtype)))
+    per_sample = torch.stack((approx_kl(log_ratio), clip_fraction(ratio, clip_range)))
     if len(set(sizes)) == 1:  # equal minibatches: all means in one op
         means = per_sample.view(2, len(sizes), -1).mean(2)
     else:
@@ -51,7 +51,7 @@ def kl_and_clip_fraction(
     return means[0], means[1]
 
 
-class PPO(OnPolicyAlgorithm):
+class PPO(TextPPOMixin, OnPolicyAlgorithm):
     """PPO with clipping (default) or an adaptive KL penalty.
 
     :param policy: ``"MlpPolicy"``, ``"MultiInputPolicy"``, ``"LMPolicy"`` or a policy class
@@ -178,16 +178,16 @@ class PPO(OnPolicyAlgorithm):
         self.clip_range_schedule = get_schedule_fn(self.clip_range)
         self.clip_range_vf_schedule = None if self.clip_range_vf is None else get_schedule_fn(self.clip_range_vf)
         if is_lm_policy(self.policy) and self._text_state is None:
-            self._text_state = setup_text_state(self, self.rlhf)
+            self._setup_text_state(self.rlhf)
 
     def collect_rollouts(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
         if self._text_state is not None:  # language-model policy: whole responses (agents.text_ppo)
-            return collect_text_ppo_rollout(self, env, callback, n_rollout_steps)
+            return self._collect_text_rollout(env, callback, n_rollout_steps)
         return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     def train(self) -> None:
         if self._text_state is not None:  # one forward per response instead of per token
-            return train_text_ppo(self)
+            return self._train_text()
         if self.policy.training is not True:  # (the module-tree walk costs more than an update here)
             self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
@@ -230,19 +230,10 @@ class PPO(OnPolicyAlgorithm):
                     log_ratio = log_prob - batch.old_log_prob
                     ratio = torch.exp(log_ratio)
                     if self.loss_type == "clip":
-                        pg_loss1 = advantages * ratio
-                        pg_loss2 = advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-                        pg_loss = -torch.min(pg_loss1, pg_loss2).mean()
+                        pg_loss = clipped_surrogate(ratio, advantages, clip_range).mean()
                     else:
-                        # k3 estimator of KL(pi_old || pi): unbiased, always >= 0
-                        approx_kl = ((ratio - 1) - log_ratio).mean()
-                        pg_loss = -(ratio * advantages).mean() + self.kl_beta * approx_kl
-
-                    if clip_range_vf is None:
-                        values_pred = values
-                    else:
-                        values_pred = batch.old_values + torch.clamp(values - batch.old_values, -clip_range_vf, clip_range_vf)
-                    v_loss = F.mse_loss(batch.returns, values_pred)
+                        pg_loss = kl_penalty_surrogate(ratio, log_ratio, advantages, self.kl_beta).mean()
+                    v_loss = value_loss(values, batch.returns, batch.old_values, clip_range_vf).mean()
 
                     # without an analytic entropy, -log_prob estimates it
                     entropy_loss = -torch.mean(-log_prob) if entropy is None else -torch.mean(entropy)
@@ -256,12 +247,12 @@ class PPO(OnPolicyAlgorithm):
                 log_ratios.append(log_ratio.detach())
                 if self.target_kl is not None:
                     with torch.no_grad():
-                        approx_kl = ((ratio - 1) - log_ratio).mean()
+                        minibatch_kl = approx_kl(log_ratio).mean()
                     # ranks decide together (their KLs differ), else one would wait for the other forever
-                    if distributed.allreduce_mean(approx_kl) > 1.5 * self.target_kl:
+                    if distributed.allreduce_mean(minibatch_kl) > 1.5 * self.target_kl:
                         continue_training = False
                         if self.verbose >= 1:
-                            print(f"Early stopping at step {epoch} due to reaching max kl: {approx_kl.item():.2f}")
+                            print(f"Early stopping at step {epoch} due to reaching max kl: {minibatch_kl.item():.2f}")
                         break
 
                 if fused is None:

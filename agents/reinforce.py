@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 from gymnasium import spaces
-from torch.nn import functional as F
 
 from agents.callbacks import BaseCallback
 from agents.guards import check_finite
+from agents.losses import policy_gradient_loss, value_loss
 from agents.on_policy import OnPolicyAlgorithm
 from agents.preprocessing import as_tensor
 from agents.vec_env import VecEnvAdapter
@@ -184,8 +184,8 @@ class REINFORCE(OnPolicyAlgorithm):
         if self.normalize_returns and len(advantages) > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
-        pg_loss = -(log_prob * advantages).mean()
-        v_loss = F.mse_loss(values, returns_t) if self.use_baseline else torch.zeros((), device=self.device)
+        pg_loss = policy_gradient_loss(log_prob, advantages).mean()
+        v_loss = value_loss(values, returns_t).mean() if self.use_baseline else torch.zeros((), device=self.device)
         entropy_loss = -torch.mean(-log_prob) if entropy is None else -torch.mean(entropy)
         loss = pg_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
 

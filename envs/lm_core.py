@@ -53,6 +53,7 @@ import torch
 from gymnasium import spaces
 from torch import nn
 
+from envs.kl import kl_estimate
 from envs.trunk_states import capture_block_input
 
 KL_ESTIMATORS = ("k1", "k3", "full")
@@ -102,11 +103,8 @@ def kl_terms(
     """
     logprob = actor_logp.gather(-1, actions[:, None]).squeeze(-1)
     ref_logprob = ref_logp.gather(-1, actions[:, None]).squeeze(-1)
-    if estimator == "k1":
-        kl = logprob - ref_logprob
-    elif estimator == "k3":
-        log_ratio = ref_logprob - logprob
-        kl = torch.expm1(log_ratio) - log_ratio
+    if estimator in ("k1", "k3"):
+        kl = kl_estimate(ref_logprob - logprob, estimator)
     elif estimator == "full":
         probs = actor_logp.exp()
         # tokens outside the actor's top-k have probability 0 and contribute nothing

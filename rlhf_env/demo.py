@@ -230,7 +230,8 @@ def response_kl(
     """KL of each sampled response to the reference: ``sum_t log pi(a_t|s_t) - log ref(a_t|s_t)``
     (the k1 estimate the env charges; its mean over responses sampled from ``pi`` estimates
     ``KL(pi || ref)`` per response)."""
-    from agents.lm_rollout import TextSegment, evaluate_segments
+    from agents.lm_forward import evaluate_segments
+    from agents.segments import TextSegment
     from rlhf_env.models import encode_prompt
 
     segs = []

@@ -1,5 +1,5 @@
 """Training log-probs equal rollout log-probs under the env's sampling transform
-(temperature and top-k): ``agents.lm_rollout.evaluate_segments`` re-evaluates a sampled
+(temperature and top-k): ``agents.lm_forward.evaluate_segments`` re-evaluates a sampled
 response exactly as the env charged it."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import rlhf_env  # noqa: F401
-from agents.lm_rollout import TextSegment, evaluate_segments
+from agents.lm_forward import evaluate_segments
+from agents.segments import TextSegment
 from rlhf_env.registration import make_text_vec_env
 from tests.conftest import PROMPTS
 

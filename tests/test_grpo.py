@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import rlhf_env  # noqa: F401
+from tests.conftest import tiny_v0_scorer
 from agents import ALGOS, GRPO
-from agents.lm_rollout import group_advantages
+from agents.losses import group_advantages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,23 +55,24 @@ def test_grpo_groups_kl_off_and_errors(tiny_lm_dir, tiny_prompts, length_reward)
         GRPO("LMPolicy", env, group_size=1)
 
 
-def test_grpo_raises_the_reward_of_tiny_v0():
-    from rlhf_env.demo import sample_responses
-    from rlhf_env.prompts import load_prompts
+TRL_OPTIONS = {
+    "defaults": {},
+    "grpo-batch": {"loss_type": "grpo", "scale_rewards": "batch"},
+    "dr_grpo-gspo-clip_higher": {"loss_type": "dr_grpo", "scale_rewards": "none", "epsilon_high": 0.28,
+                                 "importance_sampling_level": "sequence"},
+}
 
+
+@pytest.mark.parametrize("options", sorted(TRL_OPTIONS))
+def test_grpo_raises_the_reward_of_tiny_v0(options):
     torch.manual_seed(0)
     env = gym.make_vec("TextRLHF-tiny-v0", num_envs=16, max_new_tokens=12, shared_model=False)
     core = env.unwrapped.core
-    prompts = load_prompts(split="test")[:32]
-
-    def mean_score():
-        ids = sample_responses(core.actor, core.tokenizer, prompts, 12, seed=1)
-        texts = [core.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
-        return float(env.unwrapped.reward_model(prompts, texts).mean())
+    mean_score = tiny_v0_scorer(env)
 
     before = mean_score()
     reference0 = [p.detach().clone() for p in core.reference.parameters()]
-    model = GRPO("LMPolicy", env, group_size=4, learning_rate=1e-3, n_epochs=2, beta=0.02, seed=0)
+    model = GRPO("LMPolicy", env, group_size=4, learning_rate=1e-3, n_epochs=2, beta=0.02, seed=0, **TRL_OPTIONS[options])
     model.learn(16 * 13 * 7)
     after = mean_score()
     assert after > before + 0.25, (before, after)
@@ -125,9 +127,8 @@ def test_env_without_reference_logprobs(tiny_lm_dir, tiny_prompts, length_reward
 def test_shared_context_forward_equals_the_full_forward_with_gradients(tiny_lm_dir):
     """A group's responses to one prompt: the prompt run once (KV cache repeated) gives the
     log-probs, entropies and gradients of one full teacher-forced forward per response."""
-    from agents.lm_rollout import (
-        TextSegment, evaluate_shared_context, evaluate_tokens, group_by_context, pack_segments, shared_context,
-    )
+    from agents.lm_forward import evaluate_shared_context, evaluate_tokens
+    from agents.segments import TextSegment, group_by_context, pack_segments, shared_context
     from rlhf_env.models import load_lm
 
     model, tok = load_lm(str(tiny_lm_dir))

@@ -12,7 +12,9 @@ import torch
 
 import rlhf_env  # noqa: F401  (registers the envs)
 from agents import PPO
-from agents.lm_rollout import TextSegment, evaluate_segments, micro_batches, token_gae
+from agents.lm_forward import evaluate_segments
+from agents.losses import token_gae
+from agents.segments import TextSegment, micro_batches
 from agents.text_ppo import RunningMeanStd, compute_advantages, shape_scores, TextPPOState, RLHFConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,8 @@ import torch
 
 import rlhf_env  # noqa: F401
 from agents import GRPO, PPO
-from agents.lm_rollout import evaluate_kept, evaluate_tokens, kept_trunk_batch, pack_segments
+from agents.lm_forward import evaluate_kept, evaluate_tokens, kept_trunk_batch
+from agents.segments import pack_segments
 from agents.policies.lm import set_trainable
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,0 +1,243 @@
+"""Teacher-forced forwards of a causal LM over text segments: the new log-probs,
+entropies and values of every response token in one forward.
+
+For every response token ``a_t`` one forward over ``context + response`` gives
+``log pi(a_t | s_t)``, the entropy of ``pi(. | s_t)`` and the value ``V(s_t)`` (the value
+head reads the trunk's hidden state at the last token of ``s_t``, the same position whose
+logits predict ``a_t``). Three variants give the same numbers up to float rounding:
+
+* :func:`evaluate_tokens` (and :func:`evaluate_segments` on segments): the full forward.
+* :func:`evaluate_shared_context`: responses to one prompt, the prompt run once.
+* :func:`kept_trunk_batch` / :func:`evaluate_kept`: from the frozen lower blocks' output
+  that the rollout kept, only the trainable top blocks run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from agents.segments import TextSegment, pack_segments
+from envs.lm_core import sampling_log_probs
+
+@dataclass
+class SegmentEval:
+    """Outputs of :func:`evaluate_segments`, each a list with one ``(T_i,)`` tensor per
+    segment (``values`` is None without a value head)."""
+
+    logprobs: list[torch.Tensor]
+    entropies: list[torch.Tensor]
+    values: list[torch.Tensor] | None
+
+
+def _trunk_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer trunk and the LM head of a Hugging Face causal LM (PEFT-wrapped
+    or not). LoRA layers are injected in place, so the trunk of the base model still
+    runs them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    trunk = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    if head is None or trunk is None:
+        raise TypeError(
+            f"{type(base).__name__} is not a Hugging Face causal LM with a decoder and an "
+            "output embedding; the text agents need one (e.g. AutoModelForCausalLM)"
+        )
+    return trunk, head
+
+
+def evaluate_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    top_k: int = 0,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One teacher-forced forward: log-probs (and entropies, values) of the target tokens.
+
+    Only the hidden states at ``positions`` go through the LM head, so the prompt tokens
+    cost no vocabulary-sized matrix product.
+
+    :param model: Hugging Face causal LM (possibly PEFT-wrapped).
+    :param input_ids: ``(B, L)``.
+    :param attention_mask: ``(B, L)``.
+    :param positions: ``(B, T)`` index of the hidden state that predicts each target.
+    :param targets: ``(B, T)`` target token ids.
+    :param value_head: maps hidden states ``(..., H)`` to values ``(..., 1)`` or ``(...)``;
+        None for no values.
+    :param temperature: the sampling temperature of the env; log-probs are those of
+        ``softmax(logits / temperature)``, the distribution the actions were drawn from.
+    :param with_entropy: also return the entropy of each predicted distribution.
+    :param top_k: the env's top-k (0 = off), part of the sampling distribution.
+    :param entropy_grad: False computes the entropies without gradient (for logging only:
+        a loss with ``ent_coef = 0`` then skips their vocabulary-sized backward).
+    :return: ``(logprobs, entropies, values)``, each ``(B, T)`` (the last two may be None).
+    """
+    trunk, head = _trunk_and_head(model)
+    hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
+    return _token_outputs(hidden, head, positions, targets, value_head, temperature, with_entropy, top_k, entropy_grad)
+
+
+def _token_outputs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    value_head: Callable[[torch.Tensor], torch.Tensor] | None,
+    temperature: float,
+    with_entropy: bool,
+    top_k: int,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs, entropies and values at ``positions`` of the decoder's normed last
+    hidden state ``(B, L, H)`` (the tail of :func:`evaluate_tokens`)."""
+    index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    h = torch.gather(hidden, 1, index)  # (B, T, H)
+    logp_all = sampling_log_probs(head(h), temperature, top_k)
+    logprobs = torch.gather(logp_all, -1, targets.unsqueeze(-1)).squeeze(-1)
+    entropies = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropies = -(logp_all.exp() * logp_all).sum(-1)
+    values = None
+    if value_head is not None:
+        values = value_head(h)
+        if values.dim() == 3:
+            values = values.squeeze(-1)
+        values = values.float()
+    return logprobs, entropies, values
+
+
+def evaluate_shared_context(
+    model: torch.nn.Module,
+    segments: Sequence[TextSegment],
+    pad_token_id: int,
+    value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    top_k: int = 0,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`evaluate_tokens` for segments with one common context (:func:`shared_context`):
+    the context runs ONCE (its KV cache, with gradients, repeated to every segment) and
+    then the responses, so a group of ``G`` responses to a prompt of ``c`` tokens costs
+    ``c + G * T`` token-forwards instead of ``G * (c + T)``. Same outputs, in the layout of
+    :func:`pack_segments` (``(B, Tmax)``), up to float rounding; gradients flow through
+    the shared context into every weight.
+    """
+    from envs.lm_core import _output_cache
+
+    trunk, head = _trunk_and_head(model)
+    device = next(model.parameters()).device
+    context = segments[0].context_ids.to(device)
+    c, B, T = len(context), len(segments), max(len(s) for s in segments)
+    first = trunk(input_ids=context[None], use_cache=True)
+    hidden = first.last_hidden_state[:, -1:].expand(B, 1, -1)
+    targets = torch.zeros((B, T), dtype=torch.long)
+    for i, s in enumerate(segments):
+        targets[i, : len(s)] = s.response_ids
+    targets = targets.to(device)
+    if T > 1:
+        cache = _output_cache(first)
+        cache.batch_repeat_interleave(B)
+        # the responses' tokens but the last (which predicts nothing), right-padded
+        response_mask = torch.zeros((B, T - 1), dtype=torch.long)
+        for i, s in enumerate(segments):
+            response_mask[i, : len(s) - 1] = 1
+        feed = targets[:, : T - 1].masked_fill(~response_mask.bool().to(device), int(pad_token_id))
+        attention_mask = torch.cat([torch.ones((B, c), dtype=torch.long), response_mask], 1).to(device)
+        position_ids = (c + torch.arange(T - 1, device=device))[None].expand(B, T - 1)
+        rest = trunk(input_ids=feed, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True)
+        hidden = torch.cat([hidden, rest.last_hidden_state], 1)
+    positions = torch.arange(T, device=device)[None].expand(B, T)
+    return _token_outputs(hidden, head, positions, targets, value_head, temperature, with_entropy, top_k, entropy_grad)
+
+
+def kept_trunk_batch(model: torch.nn.Module, segments: Sequence[TextSegment]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """``(hidden (B, L, H), attention_mask (B, L), split)``: the kept frozen-trunk states of
+    ``segments`` right-padded, when every segment has them and they were made by the
+    model's current frozen weights (same :func:`envs.trunk_states.frozen_signature`, so
+    the lower blocks are still frozen and unchanged); else None (run the full forward).
+    ``L`` is one less than :func:`pack_segments`'s width: the last token predicts nothing."""
+    from envs.reference import decoder_parts
+    from envs.trunk_states import frozen_signature, pad_states
+
+    sig = segments[0].trunk_sig if segments else None
+    if sig is None or any(s.trunk_states is None or s.trunk_sig != sig for s in segments):
+        return None
+    parts = decoder_parts(_base_model(model))[0]
+    if parts is None or frozen_signature(parts, sig[0]) != sig:
+        return None
+    device = next(model.parameters()).device
+    hidden, mask = pad_states([s.trunk_states.to(device) for s in segments])
+    return hidden, mask, sig[0]
+
+
+def evaluate_kept(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    split: int,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    top_k: int = 0,
+    entropy_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`evaluate_tokens` from kept frozen-trunk states (:func:`kept_trunk_batch`):
+    only blocks ``split ..``, the final norm and the head run (with gradients), on the
+    model's own decoder code (:func:`envs.trunk_states.top_hidden`); equal to the full
+    forward up to float rounding."""
+    from envs.reference import decoder_parts
+    from envs.trunk_states import top_hidden
+
+    parts = decoder_parts(_base_model(model))[0]
+    h = top_hidden(parts, split, hidden, attention_mask)
+    return _token_outputs(h, parts["head"], positions, targets, value_head, temperature, with_entropy, top_k, entropy_grad)
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def evaluate_segments(
+    model: torch.nn.Module,
+    segments: Sequence[TextSegment],
+    pad_token_id: int,
+    value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    top_k: int = 0,
+) -> SegmentEval:
+    """:func:`evaluate_tokens` on whole segments: one forward for all their tokens.
+
+    :param model: Hugging Face causal LM.
+    :param segments: the segments to evaluate (one forward for all of them: split them
+        into micro-batches upstream to bound memory).
+    :param pad_token_id: id used to right-pad.
+    :param value_head: see :func:`evaluate_tokens`.
+    :param temperature: see :func:`evaluate_tokens`.
+    :param with_entropy: see :func:`evaluate_tokens`.
+    :param top_k: see :func:`evaluate_tokens`.
+    :return: per-segment log-probs, entropies and values.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask, positions, targets = pack_segments(segments, pad_token_id, device)
+    logprobs, entropies, values = evaluate_tokens(
+        model, input_ids, attention_mask, positions, targets, value_head, temperature, with_entropy, top_k
+    )
+    lengths = [len(s) for s in segments]
+    return SegmentEval(
+        logprobs=[logprobs[i, :T] for i, T in enumerate(lengths)],
+        entropies=[entropies[i, :T] for i, T in enumerate(lengths)] if entropies is not None else [],
+        values=[values[i, :T] for i, T in enumerate(lengths)] if values is not None else None,
+    )
