@@ -105,3 +105,30 @@ def test_any_reasoning_gym_task_works_and_curated_settings_can_be_overridden():
 def test_bad_task_input_is_one_clear_error(args, match):
     with pytest.raises(ValueError, match=match):
         make_task(**args)
+
+
+def test_evaluate_task_report_and_cli(tiny_lm_dir, tmp_path, one_thread):
+    import json
+
+    from rlhf_env.cli import main
+    from rlhf_env.tasks import evaluate_task
+    from rlhf_env.tasks.evaluation import accuracy_line
+
+    report = evaluate_task(str(tiny_lm_dir), "chain_sum", limit=3, num_samples=2, max_new_tokens=4, progress=False, n_show=2)
+    assert report["n"] == 3 and report["split"] == "test" and len(report["samples"]) == 2
+    assert 0.0 <= report["greedy"]["accuracy"] <= 1.0 and report["sampled"]["k"] == 2
+    assert report["sampled"]["pass@2"] >= 0.0 and len(report["samples"][0]["sampled"]) == 2
+    assert "(3 test rows of chain_sum)" in accuracy_line(report)
+    out = tmp_path / "eval.json"
+    argv = ["eval", str(tiny_lm_dir), "--task", "chain_sum", "--limit", "2", "-k", "1", "--max-new-tokens", "3", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 2 and saved["sampled"]["k"] == 1
+    assert main(["eval", str(tiny_lm_dir), "--task", "chain_summ", "--no-progress"]) == 1  # one-line error
+
+
+def test_correct_completions_score_one_through_evaluate_task():
+    """A 'model' that answers every held-out row correctly scores 1.0 (the verifier and the extractor agree)."""
+    task = make_task("chain_sum", test_size=8)
+    answers = [f"So the result is {r['answer']}." for r in task.rows("test")]
+    assert task.score(answers, task.rows("test")) == [1.0] * 8

@@ -1,0 +1,99 @@
+"""``rlhf-env eval``: judge a policy. ``--task NAME`` gives its accuracy on a verifiable task's
+held-out split (greedy, sampled mean@k, pass@k); without ``--task`` it runs the RLHF judges
+of :func:`rlhf_env.evaluate.evaluate` on held-out prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="accuracy on a verifiable task (--task) or RLHF judges of a policy on held-out prompts",
+        description="Evaluate a policy: a model name (smollm2-135m, tiny), a Hugging Face model directory (e.g. a demo's "
+        "DIR/policy) or an agent .zip saved by rlhf-env train. With --task: accuracy on the task's held-out split, "
+        "greedy and sampled (mean over K samples, pass@K). Without: reward-model score, win rate, independent judges "
+        "and KL against --reference on held-out prompts. Prints a summary and writes the JSON report with --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("policy", help="model name, model directory, or agent .zip")
+    p.add_argument("--task", default=None, help="verifiable task: a curated name (chain_sum, ...) or any reasoning-gym name")
+    p.add_argument("--task-config", default=None, help='generator settings as JSON, e.g. \'{"max_terms": 3}\'')
+    p.add_argument("--answer-format", default=None, choices=["last_number", "answer_tag"], help="answer format (default: the task's)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N held-out rows")
+    p.add_argument("--samples", "-k", type=int, default=4, help="samples per row for mean@K and pass@K (0: greedy only)")
+    p.add_argument("--no-greedy", action="store_true", help="skip greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default: the task's)")
+    p.add_argument("--reference", default=None, help="without --task: the policy's starting model (default: the agent's, else smollm2-135m)")
+    p.add_argument("--reward", default="default", help="without --task: reward model ('default', 'sentiment', 'tiny' or a directory)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def load_policy(path: str, device: str = "cpu"):
+    """A model name or directory as is; an agent ``.zip`` loaded with the algorithm that saved it."""
+    import os
+    import zipfile
+
+    if not (path.endswith(".zip") and os.path.isfile(path)):
+        return path
+    from agents import ALGOS
+
+    with zipfile.ZipFile(path) as archive:
+        data = json.loads(archive.read("data")) if "data" in archive.namelist() else {}
+    name = str(data.get("algo", "")).lower()
+    candidates = [ALGOS[name]] if name in ALGOS else list(ALGOS.values())
+    errors = []
+    for cls in candidates:
+        try:
+            return cls.load(path, device=device)
+        except Exception as exc:  # try the next algorithm
+            errors.append(f"{cls.__name__}: {exc}")
+    raise ValueError(f"cannot load agent {path}: " + "; ".join(errors[:3]))
+
+
+def run(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    policy = load_policy(args.policy, args.device)
+    progress = not args.no_progress
+    if args.task is not None:
+        from rlhf_env.tasks import make_task
+        from rlhf_env.tasks.evaluation import accuracy_line, evaluate_task
+
+        config = json.loads(args.task_config) if args.task_config else None
+        task = make_task(args.task, config, answer_format=args.answer_format)
+        report = evaluate_task(
+            policy, task, limit=args.limit, greedy=not args.no_greedy, num_samples=args.samples, temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, device=args.device,
+            progress=progress, out=args.out,
+        )
+        for s in report["samples"]:
+            print(f"Q: {s['question']}  (gold {s['answer']})")
+            if "greedy" in s:
+                print(f"  greedy: {s['greedy']!r}")
+        print(accuracy_line(report))
+    else:
+        from rlhf_env.evaluate import evaluate, format_table
+
+        if args.task_config or args.answer_format:
+            raise ValueError("--task-config and --answer-format need --task")
+        reference = args.reference
+        if reference is None and isinstance(policy, str):
+            reference = "smollm2-135m"  # a model name or directory: judged against the shipped starting model
+        report = evaluate(policy, reference=reference, reward=args.reward, seed=args.seed, device=args.device,
+                          progress=progress, out=args.out)
+        print(format_table(report))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
