@@ -48,16 +48,13 @@ def load_policy(path: str, device: str = "cpu"):
     from agents import ALGOS
 
     with zipfile.ZipFile(path) as archive:
-        data = json.loads(archive.read("data")) if "data" in archive.namelist() else {}
-    name = str(data.get("algo", "")).lower()
-    candidates = [ALGOS[name]] if name in ALGOS else list(ALGOS.values())
-    errors = []
-    for cls in candidates:
-        try:
-            return cls.load(path, device=device)
-        except Exception as exc:  # try the next algorithm
-            errors.append(f"{cls.__name__}: {exc}")
-    raise ValueError(f"cannot load agent {path}: " + "; ".join(errors[:3]))
+        header = json.loads(archive.read("header.json")) if "header.json" in archive.namelist() else {}
+    by_class = {cls.__name__: cls for cls in ALGOS.values()}
+    name = header.get("algorithm")
+    if name not in by_class:
+        raise ValueError(f"{path} is not an agent saved by rlhf-env train (its header.json names {name!r}); "
+                         f"pass a model directory or one of the algorithms {', '.join(by_class)}")
+    return by_class[name].load(path, device=device)
 
 
 def run(args) -> int:

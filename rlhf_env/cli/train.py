@@ -4,6 +4,7 @@ rl-zoo3-style YAML hyperparameters, then evaluate it."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 
@@ -19,7 +20,17 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--algo", required=True, choices=sorted(ALGOS), help="agent to train")
-    p.add_argument("--env", required=True, help="Gymnasium environment id, e.g. CartPole-v1 or TextRLHF-tiny-v0")
+    p.add_argument("--env", default=None,
+                   help="Gymnasium environment id, e.g. CartPole-v1, TextRLHF-tiny-v0, ReasoningGym-v0 (default with --task: "
+                   "ReasoningGym-v0; required otherwise)")
+    p.add_argument("--task", default=None,
+                   help="verifiable task for ReasoningGym-v0: a curated name (chain_sum, chain_sum_2digit, letter_counting) or any "
+                   "reasoning-gym name; its held-out accuracy is reported at the end")
+    p.add_argument("--task-config", default=None, help='task generator settings as JSON, e.g. \'{"max_terms": 3}\'')
+    p.add_argument("--dataset", default=None,
+                   help="rows for a text env: a JSON Lines file with a \"prompt\" and any other columns (see docs/tasks.md)")
+    p.add_argument("--env-kwargs", default=None,
+                   help='extra env constructor arguments as JSON, e.g. \'{"max_new_tokens": 16, "model": "DIR"}\'')
     p.add_argument("--hyperparams", default=None, help="YAML file with an entry for ENV (default: the shipped one for ALGO)")
     p.add_argument("--timesteps", type=int, default=None, help="env steps to train (default: the YAML's n_timesteps)")
     p.add_argument("--n-envs", type=int, default=None, help="parallel envs (default: the YAML's n_envs, else 1)")
@@ -38,7 +49,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--progress-bar", action="store_true", help="show a progress bar")
     p.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 SB3's table every log interval")
     p.add_argument("--log-interval", type=int, default=None, help="rollouts between log tables (default: the algorithm's)")
-    p.add_argument("--eval-episodes", type=int, default=20, help="deterministic evaluation episodes after training (0: none)")
+    p.add_argument("--eval-episodes", type=int, default=20,
+                   help="deterministic evaluation episodes after training (0: none); with --task, held-out rows scored "
+                   "(greedy and 4 samples each)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for classic-control MLPs, where more threads only add "
                    "synchronisation; torch's choice for text envs; 0: torch's choice)")
@@ -58,21 +71,59 @@ def resolve_hyperparams(algo: str, env_id: str, path: str | None) -> dict:
         return {}
 
 
+def is_text_env(env_id: str) -> bool:
+    """Whether ``env_id`` is one of the package's text envs (its actions are tokens of a LM)."""
+    import gymnasium as gym
+
+    import rlhf_env  # noqa: F401  (registers the envs)
+
+    spec = gym.envs.registration.registry.get(env_id)
+    entry = str(getattr(spec, "entry_point", "") or "")
+    return entry.startswith(("rlhf_env.registration:", "rlhf_env.tasks.env:", "envs.text_env:"))
+
+
+def env_kwargs_of(args) -> dict:
+    """The env's constructor arguments from --env-kwargs, --task, --task-config and --dataset."""
+    env_kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
+    if not isinstance(env_kwargs, dict):
+        raise ValueError(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
+    if args.task is not None:
+        env_kwargs["task"] = args.task
+    if args.task_config is not None:
+        if args.task is None:
+            raise ValueError("--task-config needs --task")
+        env_kwargs["task_config"] = json.loads(args.task_config)
+    if args.dataset is not None:
+        if args.task is not None:
+            raise ValueError("--dataset and --task both give the rows: pass one of them")
+        env_kwargs["dataset"] = args.dataset
+    return env_kwargs
+
+
 def run(args) -> int:
     import torch
 
     from agents import ALGOS, evaluate_policy
 
+    if args.env is None:
+        if args.task is None:
+            raise ValueError("--env is required (or --task, which trains on ReasoningGym-v0)")
+        args.env = "ReasoningGym-v0"
+    text = is_text_env(args.env)
+    env_kwargs = env_kwargs_of(args)
+    if env_kwargs and not text and args.vec_env is None and (args.task or args.dataset):
+        raise ValueError(f"--task and --dataset need a text env (TextRLHF-v0, ReasoningGym-v0), not {args.env}")
     threads = args.threads
     if threads is None:
-        threads = 0 if args.env.startswith("TextRLHF") else 1
+        threads = 0 if text else 1
     if threads:
         torch.set_num_threads(threads)
     algo_class = ALGOS[args.algo]
     params = resolve_hyperparams(args.algo, args.env, args.hyperparams)
     n_timesteps = int(params.pop("n_timesteps", 100_000))
     n_envs = int(params.pop("n_envs", 1))
-    policy = params.pop("policy", "MlpPolicy")
+    # a text env is trained with the language-model policy, never an MLP over token ids
+    policy = params.pop("policy", "LMPolicy" if text else "MlpPolicy")
     total = args.timesteps if args.timesteps is not None else n_timesteps
     n_envs = args.n_envs if args.n_envs is not None else n_envs
 
@@ -80,20 +131,20 @@ def run(args) -> int:
     if args.vec_env is not None:
         from agents.vec_env import make_vec_env
 
-        env = make_vec_env(args.env, n_envs=n_envs, vectorization_mode=args.vec_env)
+        env = make_vec_env(args.env, n_envs=n_envs, vectorization_mode=args.vec_env, env_kwargs=env_kwargs)
     if args.resume:
         model = algo_class.load(args.resume, env=env if n_envs == 1 or args.vec_env else None, device=args.device)
         if n_envs != 1 and args.vec_env is None:
             from agents.vec_env import make_vec_env
 
-            model.set_env(make_vec_env(args.env, n_envs=n_envs))
+            model.set_env(make_vec_env(args.env, n_envs=n_envs, env_kwargs=env_kwargs))
         model.tensorboard_log = args.tensorboard_log
         model.verbose = args.verbose
         reset = False
         print(f"resuming {args.resume} at {model.num_timesteps} steps")
     else:
         model = algo_class(
-            policy, env, n_envs=n_envs, seed=args.seed, device=args.device,
+            policy, env, n_envs=n_envs, env_kwargs=env_kwargs or None, seed=args.seed, device=args.device,
             tensorboard_log=args.tensorboard_log, verbose=args.verbose, **params,
         )
         reset = True
@@ -116,7 +167,17 @@ def run(args) -> int:
     if args.save:
         model.save(args.save)
         print(f"saved {args.save}")
-    if args.eval_episodes > 0:
+    if args.eval_episodes > 0 and args.task is not None:
+        from rlhf_env.tasks import accuracy_line, evaluate_task
+
+        task_config = env_kwargs.get("task_config")
+        report = evaluate_task(model, args.task, task_config, limit=args.eval_episodes, num_samples=4, progress=args.progress_bar)
+        print(f"held-out accuracy: {accuracy_line(report)}")
+    elif args.eval_episodes > 0 and text:
+        episodes = list(model.ep_info_buffer)
+        if episodes:
+            print(f"mean score of the last {len(episodes)} training responses: {sum(e['r'] for e in episodes) / len(episodes):.3f}")
+    elif args.eval_episodes > 0:
         mean, std = evaluate_policy(model, args.env, n_eval_episodes=args.eval_episodes, deterministic=True)
         print(f"evaluation over {args.eval_episodes} deterministic episodes: {mean:.2f} +/- {std:.2f}")
     return 0

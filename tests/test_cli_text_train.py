@@ -1,0 +1,37 @@
+"""rlhf-env train on text envs uses the language-model policy with the shipped text hyperparameters."""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+
+from rlhf_env.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo"])
+def test_train_on_the_tiny_text_env_trains_the_lm_policy(algo, tmp_path, capsys):
+    out = tmp_path / f"{algo}.zip"
+    argv = ["train", "--algo", algo, "--env", "TextRLHF-tiny-v0", "--timesteps", "300", "--verbose", "0", "--save", str(out),
+            "--env-kwargs", '{"max_new_tokens": 8}']
+    assert main(argv) == 0
+    with zipfile.ZipFile(out) as archive:
+        data = archive.read("data.pkl")
+    assert b"LMActorCriticPolicy" in data and b"mlp" not in data.lower()
+    assert "mean score of the last" in capsys.readouterr().out
+
+
+def test_eval_loads_an_agent_zip(tmp_path, capsys):
+    out = tmp_path / "grpo.zip"
+    assert main(["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--timesteps", "200", "--verbose", "0", "--save", str(out)]) == 0
+    assert main(["eval", str(out), "--task", "chain_sum", "--limit", "2", "-k", "1", "--max-new-tokens", "3", "--no-progress"]) == 0
+    assert "(2 test rows of chain_sum)" in capsys.readouterr().out
+
+
+def test_bad_train_flags_are_one_line_errors(capsys):
+    assert main(["train", "--algo", "grpo"]) == 1
+    assert "--env is required" in capsys.readouterr().err
+    assert main(["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--env-kwargs", "[1]"]) == 1
+    assert "--env-kwargs must be a JSON object" in capsys.readouterr().err
