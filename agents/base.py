@@ -8,7 +8,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 import zipfile
 from collections import deque
@@ -20,6 +19,7 @@ import torch
 from gymnasium import spaces
 
 from agents import distributed
+from agents.atomic import atomic_file
 from agents.callbacks import BaseCallback, CallbackList, ProgressBarCallback, convert_callback
 from agents.guards import check_number
 from agents.logger import Logger, configure_logger
@@ -367,6 +367,15 @@ class BaseAlgorithm:
             params["policy.optimizer"] = self.policy.optimizer.state_dict()
         return params
 
+    def _checkpoint_params(self) -> dict[str, Any]:
+        """What :meth:`save` writes: :meth:`get_parameters`, except that a language-model
+        policy leaves out its frozen actor weights (``"policy.frozen"`` records which, and a
+        fingerprint of them): :meth:`load` rebuilds those from the recorded base model."""
+        params = self._get_torch_save_params()
+        if hasattr(self.policy, "checkpoint_state"):
+            params["policy"], params["policy.frozen"] = self.policy.checkpoint_state()
+        return params
+
     def get_parameters(self) -> dict[str, dict[str, Any]]:
         """``{"policy": state_dict, "policy.optimizer": state_dict}``."""
         return self._get_torch_save_params()
@@ -384,7 +393,12 @@ class BaseAlgorithm:
             _, params, _ = _read_zip(load_path_or_dict, self.device)
         if "policy" not in params:
             raise ValueError(f"parameters have no 'policy' entry (keys: {sorted(params)})")
-        self.policy.load_state_dict(params["policy"], strict=exact_match)
+        if "policy.frozen" in params:  # a small checkpoint of a language-model policy
+            if not hasattr(self.policy, "load_checkpoint_state"):
+                raise ValueError("these parameters come from a language-model policy: load them into an LMPolicy model")
+            self.policy.load_checkpoint_state(params["policy"], params["policy.frozen"])
+        else:
+            self.policy.load_state_dict(params["policy"], strict=exact_match)
         if "policy.optimizer" in params and getattr(self.policy, "optimizer", None) is not None:
             self.policy.optimizer.load_state_dict(params["policy.optimizer"])
         elif exact_match and getattr(self.policy, "optimizer", None) is not None:
@@ -417,26 +431,38 @@ class BaseAlgorithm:
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".zip", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as archive:
-                archive.writestr("header.json", json.dumps(header, indent=2))
-                archive.writestr("data.pkl", cloudpickle.dumps(data))
-                for name, state in self._get_torch_save_params().items():
-                    buf = io.BytesIO()
-                    torch.save(state, buf)
-                    archive.writestr(f"{name}.pth", buf.getvalue())
+        with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("header.json", json.dumps(header, indent=2))
+            archive.writestr("data.pkl", cloudpickle.dumps(data))
+            for name, state in self._checkpoint_params().items():
                 buf = io.BytesIO()
-                torch.save(rng, buf)
-                archive.writestr("rng.pth", buf.getvalue())
-            os.replace(tmp, path)
-            self._last_checkpoint = path
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+                torch.save(state, buf)
+                # weights barely compress and deflating hundreds of MB takes a minute: stored as is
+                archive.writestr(f"{name}.pth", buf.getvalue(), compress_type=zipfile.ZIP_STORED)
+            buf = io.BytesIO()
+            torch.save(rng, buf)
+            archive.writestr("rng.pth", buf.getvalue())
+        self._last_checkpoint = path
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Export the trained language model as a Hugging Face folder: the actor with any
+        LoRA adapters merged, its tokenizer, and ``rlhf_env_training.json`` (algorithm, base
+        model, steps, hyperparameters). ``AutoModelForCausalLM.from_pretrained(dir)``,
+        ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` load it. (:meth:`save`
+        writes a checkpoint to resume training instead.)
+
+        :raises TypeError: the model's policy is not a language-model policy
+        """
+        if not hasattr(self.policy, "save_pretrained"):
+            raise TypeError(
+                f"save_pretrained exports a language-model policy; this {type(self).__name__} has a "
+                f"{type(self.policy).__name__}: use model.save(path)"
+            )
+        hyper = {k: v for k, v in self.__dict__.items()
+                 if k not in self._excluded_save_params and not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+        info = {"algorithm": type(self).__name__, "num_timesteps": self.num_timesteps, "n_updates": self._n_updates,
+                "hyperparameters": hyper, "policy_kwargs": self.policy_kwargs}
+        return os.fspath(self.policy.save_pretrained(directory, training=info))
 
     @classmethod
     def load(
@@ -474,6 +500,9 @@ class BaseAlgorithm:
         model.ep_success_buffer = deque(maxlen=model._stats_window_size)
         if env is not None:
             model.set_env(env, force_reset=True)
+            # equal spaces, but the env's own: a text env's space names the actor it acts
+            # with, which the policy must be built on (not the one of the process that saved)
+            model.observation_space = model.env.observation_space
         model._setup_model()
         model.set_parameters(params, exact_match=True)
         rng = params.get("rng")

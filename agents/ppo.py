@@ -24,7 +24,7 @@ from agents.guards import check_finite, check_number
 from agents.on_policy import OnPolicyAlgorithm
 from agents.schedules import get_schedule_fn
 from agents.losses import approx_kl, clip_fraction, clipped_surrogate, kl_penalty_surrogate, value_loss
-from agents.text_ppo import RLHFConfig, TextPPOMixin, is_lm_policy
+from agents.text_ppo import RLHFConfig, TextPPOMixin, is_lm_policy, keep_trunk_states
 
 
 @torch.no_grad()
@@ -177,8 +177,11 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
         super()._setup_model()
         self.clip_range_schedule = get_schedule_fn(self.clip_range)
         self.clip_range_vf_schedule = None if self.clip_range_vf is None else get_schedule_fn(self.clip_range_vf)
-        if is_lm_policy(self.policy) and self._text_state is None:
-            self._setup_text_state(self.rlhf)
+        if is_lm_policy(self.policy):
+            if self._text_state is None:
+                self._setup_text_state(self.rlhf)
+            else:  # loaded: the new env keeps trunk states from its first prefill, as the saved run's did
+                keep_trunk_states(self.env)
 
     def collect_rollouts(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
         if self._text_state is not None:  # language-model policy: whole responses (agents.text_ppo)

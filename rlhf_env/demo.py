@@ -23,7 +23,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -273,26 +272,6 @@ def evaluate(env_core: Any, reward: Callable, prompts: list[str], cfg: DemoConfi
 # outputs
 
 
-def save_policy(actor: torch.nn.Module, tokenizer: Any, directory: pathlib.Path) -> pathlib.Path:
-    """Write the trained actor as a Hugging Face model directory, atomically (LoRA merged)."""
-    from agents.lora import merged_copy
-
-    directory = pathlib.Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        model = merged_copy(actor)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
-
-
 def _write_json(path: pathlib.Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".json", dir=str(path.parent))
     with os.fdopen(fd, "w") as fh:
@@ -449,7 +428,7 @@ def run_demo(
     for p, r, s in list(zip(test_prompts, after["responses"], after["scores"]))[: cfg.n_show]:
         log(f"  prompt: {p}\n  response: {r.strip()!r}  (score {s:.3f})")
 
-    save_policy(core.actor, core.tokenizer, out / "policy")
+    model.save_pretrained(out / "policy")  # LoRA merged: a plain Hugging Face folder
     if history:
         plot_curve(history, out / "curve.png", f"PPO on TextRLHF-v0 ({cfg.model}, {reward_name})")
     rise = (after["mean"] - before["mean"]) / before["std"] if before["std"] > 0 else math.inf

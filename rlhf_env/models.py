@@ -311,6 +311,34 @@ def _tiny_dir() -> pathlib.Path:
 # ---------------------------------------------------------------------------------------------
 
 
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def _refuse_adapters(path: pathlib.Path) -> None:
+    """Refuse a folder of unmerged LoRA adapters: transformers would load the base layers
+    and silently initialise the rest, so the model would not be the trained one."""
+    found = [f for f in _ADAPTER_FILES if (path / f).is_file()]
+    if found:
+        raise ValueError(
+            f"{str(path)!r} holds unmerged LoRA adapters ({', '.join(found)}), not a full model: merge them first, "
+            "e.g. PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR).merge_and_unload()"
+            ".save_pretrained(OUT), or export an agent with model.save_pretrained(OUT), which merges"
+        )
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return
+    from safetensors import safe_open
+
+    for file in weights:
+        with safe_open(str(file), "pt") as f:
+            if any(".lora_A." in k or ".lora_B." in k or ".base_layer." in k for k in f.keys()):
+                raise ValueError(
+                    f"{str(file)!r} holds LoRA layers (lora_A/lora_B/base_layer weights) saved unmerged: merge them "
+                    "before saving (agents.lora.merge_lora(model), or peft's merge_and_unload()), or export an agent "
+                    "with model.save_pretrained(DIR), which merges"
+                )
+
+
 def load_lm(
     name_or_path: str | os.PathLike = "smollm2-135m",
     device: str | torch.device = "cpu",
@@ -336,6 +364,7 @@ def load_lm(
         return _load_dir(_tiny_dir(), device, torch_dtype)
     path = pathlib.Path(name).expanduser()
     if path.is_dir():
+        _refuse_adapters(path)
         if not (path / "config.json").is_file():
             raise ValueError(
                 f"{name!r} is a directory but has no config.json, so it is not a Hugging Face "

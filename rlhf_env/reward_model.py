@@ -29,8 +29,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from agents.atomic import atomic_dir
 from rlhf_env.data import as_pairs
-from rlhf_env.training import atomic_dir, length_batches, pad_right
+from rlhf_env.training import length_batches, pad_right
 
 DEFAULT_BACKBONE = "all-minilm-l6-v2"
 _CONFIG_FILE = "reward_model.json"

@@ -7,15 +7,14 @@ themselves (``reward_trainer.py``, ``sft.py``, ``dpo.py``) hold only their losse
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import shutil
-import uuid
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from agents.export import save_pretrained
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -127,32 +126,6 @@ def summary_writer(log_dir: Optional[os.PathLike | str], name: str):
     return SummaryWriter(str(root / f"{name}_{latest + 1}"))
 
 
-@contextlib.contextmanager
-def atomic_dir(final: os.PathLike | str) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
-
-    A crash leaves ``final`` as it was (and no half-written folder under its name).
-
-    :param final: the destination folder
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Sum of ``log p(token | prefix)`` over the tokens where ``loss_mask`` is 1.
 
@@ -172,14 +145,11 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def save_lm(model, tokenizer, output_dir: os.PathLike | str) -> Path:
-    """Save a causal LM and its tokenizer as a Hugging Face folder, atomically.
+    """Save a causal LM (LoRA merged) and its tokenizer as a Hugging Face folder, atomically.
 
     :return: the folder, which ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` accept
     """
-    with atomic_dir(output_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return Path(output_dir)
+    return save_pretrained(model, tokenizer, output_dir)
 
 
 def resolve_lm(model, tokenizer=None, device="cpu", dtype=None):

@@ -169,7 +169,7 @@ def test_ppo_raises_the_reward_of_tiny_v0_with_adaptive_kl(tmp_path):
 def test_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_prompts, length_reward, tiny_lm_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_env.demo import save_policy
+    from agents.export import save_pretrained
 
     env = gym.make_vec("TextRLHF-v0", num_envs=4, model=str(tiny_lm_dir), reward_model=length_reward,
                        prompts=tiny_prompts, max_new_tokens=6, shared_model=False)
@@ -185,7 +185,7 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(tmp_path, tiny_promp
     assert any("lora_B" in n for n in moved) and all("lora_" in n for n in moved)  # base weights frozen, adapters trained
     assert all(torch.equal(a, b) for a, b in zip(ref0, core.reference.parameters()))  # reference = start
     # the merged export reloads without peft and computes what the adapted actor computes
-    out = save_policy(core.actor, core.tokenizer, tmp_path / "policy")
+    out = save_pretrained(core.actor, core.tokenizer, tmp_path / "policy")
     loaded = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("tell me a story", return_tensors="pt").input_ids

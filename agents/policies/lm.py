@@ -20,6 +20,8 @@ Works with ``stable_baselines3.PPO(LMActorCriticPolicy, env)`` and
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,6 +186,72 @@ class LMActorCriticPolicy(BasePolicy):
     def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """State values ``(B, 1)``."""
         return self._values(self._features(obs)[0])
+
+    # --- export and small checkpoints -------------------------------------------------
+    def training_info(self) -> dict[str, Any]:
+        """How this policy trains: base model (the env's ``model=``), LoRA or trained blocks,
+        sampling configuration."""
+        spec = self._core.spec
+        return {"base_model": spec.get("model"), "dtype": spec.get("dtype"), "lora": self.lora,
+                "train_layers": self.train_layers, "temperature": self.temperature, "top_k": self.top_k}
+
+    def save_pretrained(self, directory: str | os.PathLike, training: dict[str, Any] | None = None) -> Path:
+        """Write the actor (LoRA adapters merged, on a copy) and its tokenizer as a Hugging
+        Face folder that ``AutoModelForCausalLM.from_pretrained``, ``load_lm`` and
+        ``gym.make("TextRLHF-v0", model=dir)`` load; ``rlhf_env_training.json`` records
+        :meth:`training_info` updated with ``training``.
+
+        :return: the folder
+        """
+        from agents.export import save_pretrained
+
+        return save_pretrained(self.actor, self._core.tokenizer, directory, {**self.training_info(), **(training or {})})
+
+    def frozen_keys(self) -> list[str]:
+        """``state_dict`` keys of the actor weights that do not train (tied names included):
+        the base model gives them back, so checkpoints leave them out."""
+        return sorted(f"actor.{name}" for name, p in self.actor.named_parameters(remove_duplicate=False) if not p.requires_grad)
+
+    def frozen_fingerprint(self) -> list[float]:
+        """Two sums over a strided sample of every frozen actor weight: cheap (milliseconds
+        on SmolLM2), and different when the model rebuilt at load time is not the one the
+        checkpoint was trained from."""
+        total, absolute = 0.0, 0.0
+        with torch.no_grad():
+            for name, p in sorted(self.actor.named_parameters(), key=lambda kv: kv[0]):
+                if not p.requires_grad:
+                    sample = p.detach().reshape(-1)[::97].double()
+                    total += float(sample.sum())
+                    absolute += float(sample.abs().sum())
+        return [total, absolute]
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(state_dict without the frozen actor weights, what load needs to check them)``."""
+        frozen = set(self.frozen_keys())
+        state = {k: v for k, v in self.state_dict().items() if k not in frozen}
+        return state, {"keys": sorted(frozen), "fingerprint": self.frozen_fingerprint(), "base_model": self._core.spec.get("model")}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], frozen: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`checkpoint_state` into a policy rebuilt from the base model.
+
+        :raises ValueError: when this policy's frozen weights are not those of the checkpoint
+        """
+        keys = set(frozen["keys"])
+        if set(self.frozen_keys()) != keys:
+            raise ValueError(
+                "the checkpoint froze other actor weights than this policy does (train_layers / lora differ); "
+                "load it with the policy_kwargs it was saved with"
+            )
+        mine = self.frozen_fingerprint()
+        if any(abs(a - b) > 1e-6 * max(1.0, abs(b)) for a, b in zip(mine, frozen["fingerprint"])):
+            raise ValueError(
+                f"the frozen weights of the actor differ from those the checkpoint was trained from "
+                f"(base model {frozen.get('base_model')!r}): load it with env= an env made from that model"
+            )
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = set(missing) - keys
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit this policy: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         return dict(

@@ -37,6 +37,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--tensorboard-log", default=None, help="TensorBoard root; runs go to DIR/ALGO_k")
     p.add_argument("--save", default=None, help="write the trained model to this .zip")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="export the trained language-model policy as a Hugging Face folder (LoRA merged, tokenizer, "
+                   "rlhf_env_training.json) that from_pretrained and gym.make('TextRLHF-v0', model=DIR) load")
     p.add_argument("--resume", default=None, help="continue training a model saved with --save or a checkpoint (counters, optimizer and RNG state kept)")
     p.add_argument("--vec-env", default=None, choices=["sync", "async"],
                    help="how the N envs run: async = one subprocess each (gymnasium AsyncVectorEnv), for expensive "
@@ -167,6 +170,8 @@ def run(args) -> int:
     if args.save:
         model.save(args.save)
         print(f"saved {args.save}")
+    if args.export:
+        print(f"exported the policy to {model.save_pretrained(args.export)}")
     if args.eval_episodes > 0 and args.task is not None:
         from rlhf_env.tasks import accuracy_line, evaluate_task
 

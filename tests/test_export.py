@@ -1,0 +1,149 @@
+"""Exporting a trained text policy to Hugging Face, small checkpoints of text agents, and
+``load_lm`` refusing unmerged adapters."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import gymnasium as gym
+import pytest
+import torch
+
+import rlhf_env  # noqa: F401  (registers the envs)
+from agents import GRPO, PPO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IDS = [[1, 5, 9, 17, 33, 41, 7]]
+
+
+def _env(tiny_lm_dir, tiny_prompts, length_reward, n=4):
+    return gym.make_vec("TextRLHF-v0", num_envs=n, model=str(tiny_lm_dir), reward_model=length_reward,
+                        prompts=tiny_prompts, max_new_tokens=6, shared_model=False)
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits
+
+
+@pytest.mark.parametrize("policy_kwargs", [{"train_layers": 1}, {"lora": {"r": 4}}], ids=["top-block", "lora"])
+def test_save_pretrained_round_trip_gives_identical_logits(tmp_path, tiny_lm_dir, tiny_prompts, length_reward, policy_kwargs):
+    from transformers import AutoModelForCausalLM
+
+    env = _env(tiny_lm_dir, tiny_prompts, length_reward)
+    model = PPO("LMPolicy", env, n_steps=7, batch_size=16, n_epochs=2, learning_rate=1e-2, seed=0, policy_kwargs=policy_kwargs)
+    actor = model.policy.actor
+    start = _logits(AutoModelForCausalLM.from_pretrained(tiny_lm_dir))
+    model.learn(28)
+    trained = _logits(actor)
+    assert not torch.allclose(trained, start, atol=1e-4)  # training moved the actor: the test can fail
+
+    out = tmp_path / "export"
+    assert model.save_pretrained(out) == str(out)
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "rlhf_env_training.json"} <= files
+    assert "adapter_config.json" not in files
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not any("lora_" in k or "base_layer" in k for k in f.keys())
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    # bit for bit without LoRA; with it, W + BA in one matrix rounds differently from Wx + B(Ax)
+    exact = "lora" not in policy_kwargs
+    same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
+    assert same(_logits(loaded), trained)
+    if "lora" in policy_kwargs:  # exporting merged a copy: the live actor keeps training its adapters
+        assert any("lora_" in n and p.requires_grad for n, p in actor.named_parameters())
+    info = json.loads((out / "rlhf_env_training.json").read_text())
+    assert info["algorithm"] == "PPO" and info["num_timesteps"] == model.num_timesteps
+    assert info["base_model"] == str(tiny_lm_dir)
+    assert info["hyperparameters"]["n_steps"] == 7
+    # the env takes the folder as its model, with the trained weights
+    env2 = gym.make("TextRLHF-v0", model=str(out), reward_model=length_reward, prompts=tiny_prompts, max_new_tokens=4,
+                    shared_model=False)
+    assert same(_logits(env2.unwrapped.actor), trained)
+
+
+def test_save_pretrained_of_a_non_lm_policy_says_use_save():
+    model = PPO("MlpPolicy", "CartPole-v1", n_steps=16)
+    with pytest.raises(TypeError, match=r"model\.save\(path\)"):
+        model.save_pretrained("unused")
+
+
+def test_text_checkpoint_leaves_out_frozen_weights_and_continues_identically(tmp_path, tiny_lm_dir, tiny_prompts, length_reward):
+    kwargs = dict(n_steps=7, batch_size=16, n_epochs=2, learning_rate=1e-2, policy_kwargs={"train_layers": 1})
+    model = PPO("LMPolicy", _env(tiny_lm_dir, tiny_prompts, length_reward), seed=0, **kwargs)
+    model.learn(28)
+    path = tmp_path / "ckpt.zip"
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        saved = torch.load(archive.open("policy.pth"), weights_only=False)
+    frozen = set(model.policy.frozen_keys())
+    assert "actor.model.embed_tokens.weight" in frozen and "actor.lm_head.weight" in frozen
+    assert not frozen & set(saved)  # frozen actor weights are not in the file ...
+    assert "value_head.weight" in saved and "actor.model.layers.1.mlp.up_proj.weight" in saved  # ... what trains is
+    assert not any(k.startswith("actor.model.layers.0.") for k in saved)
+
+    # a fresh env rebuilds the frozen weights from the base model; the checkpoint fills in the rest
+    loaded = PPO.load(path, env=_env(tiny_lm_dir, tiny_prompts, length_reward))
+    assert loaded.policy.actor is not model.policy.actor
+    for (k, a), b in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b), k
+    # both continue from the same seed on equal envs: the same updates
+    for m in (model, loaded):
+        m.set_random_seed(3)
+        m.learn(14)
+    changed = False
+    for (k, a), b in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b), k
+    for k, v in model.policy.state_dict().items():
+        changed |= not torch.equal(v, saved.get(k, v))
+    assert changed
+
+
+def test_text_checkpoint_refuses_another_base_model(tmp_path, tiny_lm_dir, tiny_prompts, length_reward):
+    from tests.conftest import build_tiny_lm_dir
+
+    model = GRPO("LMPolicy", _env(tiny_lm_dir, tiny_prompts, length_reward), group_size=2, seed=0,
+                 policy_kwargs={"train_layers": 1})
+    model.save(tmp_path / "ckpt.zip")
+    other = build_tiny_lm_dir(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="frozen weights of the actor differ"):
+        GRPO.load(tmp_path / "ckpt.zip", env=_env(other, tiny_prompts, length_reward))
+
+
+def test_load_lm_refuses_unmerged_adapters(tmp_path, tiny_lm_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_env.models import load_lm
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")  # adapter_config.json + adapter_model.safetensors
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        load_lm(tmp_path / "adapter")
+    # a full model whose weights still hold LoRA layers (actor.save_pretrained after LoRA training)
+    from agents.lora import apply_lora
+
+    actor = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), r=2)
+    actor.save_pretrained(tmp_path / "injected")
+    with pytest.raises(ValueError, match="save_pretrained"):
+        load_lm(tmp_path / "injected")
+
+
+def test_cli_train_export_writes_a_loadable_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_env.cli import main
+
+    yml = tmp_path / "ppo.yml"
+    yml.write_text("TextRLHF-tiny-v0:\n  policy: LMPolicy\n  n_steps: 4\n  batch_size: 8\n  n_epochs: 1\n"
+                   "  policy_kwargs: \"dict(train_layers=1)\"\n")
+    out = tmp_path / "policy"
+    assert main(["train", "--algo", "ppo", "--env", "TextRLHF-tiny-v0", "--hyperparams", str(yml), "--timesteps", "8",
+                 "--eval-episodes", "0", "--verbose", "0", "--export", str(out)]) == 0
+    info = json.loads((out / "rlhf_env_training.json").read_text())
+    assert info["algorithm"] == "PPO" and info["train_layers"] == 1 and info["num_timesteps"] >= 8
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
