@@ -196,12 +196,22 @@ class BaseAlgorithm:
             self.observation_space = self.env.observation_space
             self.action_space = self.env.action_space
             self.n_envs = self.env.num_envs
-            self._check_spaces(self.observation_space, self.action_space)
+            self._check_spaces(self.observation_space, self.action_space, policy if isinstance(policy, str) else None)
 
-    def _check_spaces(self, observation_space: spaces.Space, action_space: spaces.Space) -> None:
+    def _check_spaces(self, observation_space: spaces.Space, action_space: spaces.Space, policy_name: str | None = None) -> None:
         if not isinstance(action_space, self.supported_action_spaces):
             names = ", ".join(s.__name__ for s in self.supported_action_spaces)
             raise ValueError(f"{type(self).__name__} does not support the action space {action_space!r}: use {names}.")
+        from envs.lm_core import TextObservationSpace
+
+        if isinstance(observation_space, TextObservationSpace) and isinstance(self.policy_class, type):
+            from agents.policies.lm import LMActorCriticPolicy
+
+            if not issubclass(self.policy_class, LMActorCriticPolicy):
+                raise ValueError(
+                    f"{policy_name or self.policy_class.__name__} on a text env would learn from raw token ids: use the language-model "
+                    f"policy, {type(self).__name__}(\"LMPolicy\", env)"
+                )
         if self.policy_class is not None and isinstance(self.policy_class, type) and issubclass(self.policy_class, BasePolicy):
             from agents.policies.mlp import ActorCriticPolicy
 

@@ -211,10 +211,11 @@ class GRPO(OnPolicyAlgorithm):
         text_env = find_text_env(self.env) if self.env is not None else None
         inner = getattr(self.env, "env", None)
         if text_env is None or text_env is not inner or not hasattr(text_env, "num_envs"):
+            got = "a single env (gym.make)" if text_env is not None and not hasattr(text_env, "num_envs") else type(inner).__name__
             raise ValueError(
-                "GRPO needs the batched text env, which resets each sub-env to a prompt of its group: "
-                "pass gym.make_vec('TextRLHF-v0', num_envs=N) (or the id with n_envs=N), "
-                f"not {type(inner).__name__}"
+                f"GRPO samples a group of responses per prompt, so it needs the batched text env, got {got}: "
+                f"pass gym.make_vec('TextRLHF-v0', num_envs=N) or the id with n_envs=N, N a multiple of "
+                f"group_size={self.group_size}"
             )
         return text_env
 

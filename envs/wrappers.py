@@ -12,10 +12,16 @@ and the ids that ``import rlhf_env`` registers::
 SB3 resets a finished sub-env in the step it ends and puts the final observation in
 ``info["terminal_observation"]``; the wrapped env must therefore use Gymnasium's
 ``SAME_STEP`` autoreset (the wrapper builds one when given keyword arguments instead).
+
+The wrapper also does what SB3's ``VecMonitor`` does: the info of a finished response holds
+``info["episode"] = {"r": return, "l": tokens, "t": seconds}``, so SB3's table and
+TensorBoard show ``rollout/ep_rew_mean`` and ``rollout/ep_len_mean`` without any other
+wrapper (wrapping it in ``VecMonitor`` as well gives the same numbers).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -61,6 +67,9 @@ class SB3VecEnv(VecEnv):
         super().__init__(venv.num_envs, venv.single_observation_space, venv.single_action_space)
         self._actions: np.ndarray | None = None
         self._seed: int | None = None
+        self._ep_returns = np.zeros(self.num_envs)
+        self._ep_lengths = np.zeros(self.num_envs, dtype=np.int64)
+        self._t_start = time.time()
 
     # the text env's attributes that agents and users reach for
     @property
@@ -79,6 +88,8 @@ class SB3VecEnv(VecEnv):
         obs, infos = self.venv.reset(seed=self._seed)
         self._seed = None
         self.reset_infos = [_row_info(infos, i) for i in range(self.num_envs)]
+        self._ep_returns[:] = 0.0
+        self._ep_lengths[:] = 0
         return obs
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -87,6 +98,8 @@ class SB3VecEnv(VecEnv):
     def step_wait(self):
         obs, rewards, terminated, truncated, infos = self.venv.step(self._actions)
         dones = terminated | truncated
+        self._ep_returns += rewards
+        self._ep_lengths += 1
         row_infos = []
         for i in range(self.num_envs):
             info = _row_info(infos, i)
@@ -95,6 +108,11 @@ class SB3VecEnv(VecEnv):
                 final_obs = info.pop("final_obs")
                 reset_info = {k: info[k] for k in ("prompt", "prompt_ids") if k in info}
                 info = {**final, "terminal_observation": final_obs, "TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+                # VecMonitor's record of the finished episode (SB3 fills ep_rew_mean / ep_len_mean from it)
+                info["episode"] = {"r": float(self._ep_returns[i]), "l": int(self._ep_lengths[i]),
+                                   "t": round(time.time() - self._t_start, 6)}
+                self._ep_returns[i] = 0.0
+                self._ep_lengths[i] = 0
                 self.reset_infos[i] = reset_info
             row_infos.append(info)
         return obs, rewards.astype(np.float32), dones, row_infos

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import rlhf_env  # noqa: F401  (registers the envs)
-from agents import A2C, PPO, REINFORCE
+from agents import A2C, GRPO, PPO, REINFORCE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,6 +82,9 @@ ENV_CASES = {
     "reward folder missing": (dict(reward_model="{d}/no_rm"), ValueError, "no_rm"),
     "reward wrong type": (dict(reward_model=42), ValueError, "unknown reward_model 42"),
     "device unknown": (dict(device="bogus"), ValueError, "device 'bogus' is not a torch device"),
+    # offline: one line at once (a probe of the hub), not transformers' retries
+    "hub id not cached": (dict(model="no-such-org/no-such-model"), ValueError,
+                          "cannot load 'no-such-org/no-such-model': not a local folder, not in the Hugging Face cache"),
 }
 
 
@@ -148,6 +151,10 @@ AGENT_CASES = {
     "loss_type unknown": (lambda: PPO("MlpPolicy", "CartPole-v1", loss_type="huber"), ValueError, "loss_type must be 'clip' or 'kl_penalty'"),
     "device unknown": (lambda: PPO("MlpPolicy", "CartPole-v1", device="bogus"), ValueError, "device 'bogus' is not a torch device"),
     "unsupported action space": (lambda: PPO("MlpPolicy", gym.make("Blackjack-v1")), ValueError, "observation space|Tuple"),
+    "MlpPolicy on a text env": (lambda: PPO("MlpPolicy", gym.make("TextRLHF-tiny-v0", max_new_tokens=4)), ValueError,
+                                r'MlpPolicy on a text env .* PPO\("LMPolicy", env\)'),
+    "GRPO on a single env": (lambda: GRPO("LMPolicy", gym.make("TextRLHF-tiny-v0", max_new_tokens=4)), ValueError,
+                             r"got a single env \(gym.make\): pass gym.make_vec\('TextRLHF-v0', num_envs=N\)"),
 }
 
 
@@ -314,6 +321,20 @@ def test_cli_prints_one_line_and_exits_nonzero(case, files, tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(Exception, match=match):  # --debug: the exception itself, so its traceback
         main(["--debug"] + argv)
+
+
+def test_cli_takes_rl_zoo3_spelling_and_hints_at_misspelled_flags(tmp_path, capsys):
+    from rlhf_env.cli import main
+
+    argv = ["train", "--algo", "ppo", "--env", "CartPole-v1", "--eval-episodes", "0", "--verbose", "0"]
+    assert main(argv + ["--n-timesteps", "64", "--save", str(tmp_path / "m.zip")]) == 0  # rl-zoo3's flag
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--timesteps", "64", "--svae", str(tmp_path / "m.zip")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    # the subcommand's usage (not the top-level one) and the likely flag
+    assert "usage: rlhf-env train" in err and "unrecognized arguments: --svae" in err and "--svae -> --save" in err
 
 
 def test_cli_debug_flag_shows_the_traceback_in_a_real_process(files):

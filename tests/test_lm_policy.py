@@ -168,14 +168,13 @@ def test_sb3_ppo_on_the_batched_env_shares_every_rollout_forward(tiny_lm_dir, ti
     """SB3's PPO on the batched env (through SB3VecEnv): rollouts cost no policy forward
     (every one is a step-cache hit), and the policy learns."""
     from stable_baselines3 import PPO
-    from stable_baselines3.common.vec_env import VecMonitor
-
     from envs.wrappers import SB3VecEnv
 
-    venv = VecMonitor(SB3VecEnv(num_envs=4, model=str(tiny_lm_dir), reward_model=e_reward, prompts=tiny_prompts,
-                                max_new_tokens=2, max_prompt_tokens=40, kl_coef=0.01, autoreset_mode="SameStep"))
+    # no VecMonitor: the adapter records episodes itself (ep_info_buffer below)
+    venv = SB3VecEnv(num_envs=4, model=str(tiny_lm_dir), reward_model=e_reward, prompts=tiny_prompts,
+                     max_new_tokens=2, max_prompt_tokens=40, kl_coef=0.01, autoreset_mode="SameStep")
     single = make_env(tiny_lm_dir, tiny_prompts, shared_model=True)
-    core = venv.venv.core
+    core = venv.core
     assert single.unwrapped.core is core
     model = PPO(LMActorCriticPolicy, venv, n_steps=32, batch_size=32, n_epochs=4, learning_rate=3e-3, seed=0)
     before = rewarded_mass(single, model.policy)

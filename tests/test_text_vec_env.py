@@ -208,10 +208,13 @@ def test_same_step_autoreset_and_the_sb3_vec_env_adapter(tiny_lm_dir, tiny_promp
     assert obs["input_ids"].shape == (N, 42) and venv.observation_space is venv.venv.single_observation_space
     obs, rewards, dones, infos = venv.step(np.array([5, 6, 7]))
     assert not dones.any() and all("logprob" in info for info in infos)
+    first = rewards
     obs, rewards, dones, infos = venv.step(np.array([5, 6, 7]))
     assert dones.all()
     for i, info in enumerate(infos):
         assert {"score", "response", "logprob", "terminal_observation"} <= set(info)
+        # VecMonitor's record, so SB3 shows ep_rew_mean without another wrapper
+        assert info["episode"]["l"] == 2 and info["episode"]["r"] == pytest.approx(float(first[i]) + float(rewards[i]))
         final_ids = info["terminal_observation"]["input_ids"][: info["terminal_observation"]["attention_mask"].sum()]
         assert final_ids[-2:].tolist() == [[5, 6, 7][i]] * 2  # the prompt, then the two actions
         assert obs["attention_mask"][i].sum() == len(venv.reset_infos[i]["prompt_ids"])

@@ -36,13 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
+    hints = []
+    for flag in (e.split("=", 1)[0] for e in extra if e.startswith("-")):
+        match = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        if match:
+            hints.append(f"{flag} -> {match[0]}")
+    sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere on the line, before or after the subcommand
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser (its usage, not the top-level one), with a hint
+        _unrecognized(parser, args.command, extra)
     args.debug = debug
     if os.environ.get("RANK", "0") not in ("", "0"):
         # under torchrun only rank 0 reports; the other ranks still print errors (stderr)

@@ -32,7 +32,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--env-kwargs", default=None,
                    help='extra env constructor arguments as JSON, e.g. \'{"max_new_tokens": 16, "model": "DIR"}\'')
     p.add_argument("--hyperparams", default=None, help="YAML file with an entry for ENV (default: the shipped one for ALGO)")
-    p.add_argument("--timesteps", type=int, default=None, help="env steps to train (default: the YAML's n_timesteps)")
+    p.add_argument("--timesteps", "--n-timesteps", "-n", dest="timesteps", type=int, default=None,
+                   help="env steps to train (default: the YAML's n_timesteps); --n-timesteps/-n as in rl-zoo3")
     p.add_argument("--n-envs", type=int, default=None, help="parallel envs (default: the YAML's n_envs, else 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--tensorboard-log", default=None, help="TensorBoard root; runs go to DIR/ALGO_k")
