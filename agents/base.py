@@ -362,6 +362,9 @@ class BaseAlgorithm:
             )
         n_envs_changed = new.num_envs != self.n_envs
         self.env = new
+        # the env's own (equal) space: a text env's carries the handle of the env's live models,
+        # so a model loaded with env= acts with that env's actor
+        self.observation_space = new.observation_space
         self.n_envs = new.num_envs
         if n_envs_changed:
             self._on_n_envs_changed()

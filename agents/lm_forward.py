@@ -132,7 +132,7 @@ def evaluate_shared_context(
     :func:`pack_segments` (``(B, Tmax)``), up to float rounding; gradients flow through
     the shared context into every weight.
     """
-    from envs.lm_core import _output_cache
+    from envs.lm_core import output_cache
 
     trunk, head = _trunk_and_head(model)
     device = next(model.parameters()).device
@@ -145,7 +145,7 @@ def evaluate_shared_context(
         targets[i, : len(s)] = s.response_ids
     targets = targets.to(device)
     if T > 1:
-        cache = _output_cache(first)
+        cache = output_cache(first)
         cache.batch_repeat_interleave(B)
         # the responses' tokens but the last (which predicts nothing), right-padded
         response_mask = torch.zeros((B, T - 1), dtype=torch.long)

@@ -151,6 +151,8 @@ def collect_text_rollout(
     contexts = getattr(text_env, "contexts", None) if hasattr(text_env, "num_envs") else None
     if contexts is not None and not contexts.keep_trunk:
         contexts.keep_trunk = True  # contexts prefilled from now on keep their trunk states
+    if contexts is not None:
+        contexts.refresh()  # after an update: the env's caches follow the new weights, so the policy's reads hit
     callback.on_rollout_start()
     n_steps = 0
     last_obs = algo._last_obs

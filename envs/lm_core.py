@@ -17,24 +17,27 @@ others) and all-pad leading columns are trimmed.
 Sharing the actor forward with the policy: after every forward the env stores the
 actor's last hidden state and next-token logits of each new context in
 :attr:`LMCore.step_cache`, keyed by the exact token ids and stamped with the actor's
-parameter version (the sum of the parameters' in-place ``_version`` counters, which any
-optimizer step or ``load_state_dict`` bumps). The policy's no-grad forward on the same
-observation is then a lookup; a miss (training minibatches, a foreign observation, or a
-stale version) is a full forward without cache. Symmetrically, when the env sees that the
-actor's version changed since it built its actor KV cache (an update mid-episode), it
-re-prefills its contexts so the log-probabilities it charges stay exact for the current
-actor.
+weight version (:meth:`LMCore.version`: optimizer steps counted by the LM policy's
+optimizer hook, plus the parameters' in-place ``_version`` counters, which
+``load_state_dict`` and any in-place write bump). The policy reaches the core through the
+explicit handle its observation space carries (:class:`LMHandle`); its no-grad forward on
+the env's observation is then a lookup; a miss (training minibatches, a foreign
+observation, or a stale version) is a full forward without cache, and never changes the
+env. When the env sees that the actor's version changed since it built its actor KV
+cache (an update mid-episode), it re-prefills its contexts at its next step (or when
+its owner calls :meth:`Contexts.refresh`), so the log-probabilities it charges stay
+exact for the current actor.
 
 The reference on the actor's trunk: when the actor's embeddings and lower blocks are
 frozen and identical to the reference's (the LM policy's ``train_layers=k``), the env runs
 only the reference's top blocks on the actor's hidden state (``reference_share="auto"``,
 the default; exact, see :mod:`envs.reference`).
 
-Sharing: text envs built in one process with the same model name/path, device, dtype and
-sampling configuration share one core (``shared_model=True``), so the N envs of a
-``DummyVecEnv`` / ``SyncVectorEnv`` act with the one actor the policy trains. Envs in
-other processes (``SubprocVecEnv``, ``AsyncVectorEnv``) hold their own copies, which the
-policy cannot train: use ``DummyVecEnv``, ``gym.make_vec`` (the batched env) or
+Sharing: text envs built in one process on the same actor module, reference and sampling
+configuration share one core (``shared_model=True``), so the N envs of a ``DummyVecEnv`` /
+``SyncVectorEnv`` act with the one actor the policy trains. Envs in other processes
+(``SubprocVecEnv``, ``AsyncVectorEnv``) hold their own copies, which the policy cannot
+train: use ``DummyVecEnv``, ``gym.make_vec`` (the batched env) or
 :class:`envs.wrappers.SB3VecEnv`.
 """
 
@@ -43,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
-import uuid
 import weakref
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -62,10 +64,10 @@ KL_ESTIMATORS = ("k1", "k3", "full")
 # probabilities are exactly 0 while entropies and KL sums stay finite (0 * -inf is nan).
 _MASKED = torch.finfo(torch.float32).min
 
-# key -> live LMCore; weak so that a core dies with its last env / policy
-_CORES: "weakref.WeakValueDictionary[str, LMCore]" = weakref.WeakValueDictionary()
-# (model spec, device, dtype, temperature, top_k) -> key of a shared core
-_SHARED: dict[tuple, str] = {}
+# actor module -> (id of the reference module, temperature, top_k) -> the core built on them,
+# so that the envs of one process built on one module share one core (shared_model=True);
+# weak on both sides: a core dies with its last env / policy
+_CORES_OF: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakValueDictionary[tuple, LMCore]]" = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,35 +116,10 @@ def kl_terms(
     return logprob, ref_logprob, kl
 
 
-# Bumped whenever any module of the process registers a parameter or a submodule (torch's
-# global registration hooks: ``setattr`` of a Parameter or a Module, ``register_parameter``,
-# ``add_module``; LoRA injection goes through them): the parameter lists that
-# params_version caches are rebuilt after any such change.
-_STRUCTURE_EPOCH = [0]
-_PARAMS: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple]]" = weakref.WeakKeyDictionary()
-
-
-def _structure_changed(*args: Any) -> None:
-    _STRUCTURE_EPOCH[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
-torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
-
-
-def params_version(module: nn.Module) -> int:
-    """Sum of the in-place version counters of ``module``'s parameters: changes whenever an
-    optimizer step, ``load_state_dict`` or any in-place write touches a weight.
-
-    The parameter list is cached until any module registers a parameter or a submodule
-    (a module walk costs about 1.5 ms on SmolLM2, and the env checks the version at every
-    step); a parameter swapped in by writing ``module._parameters`` directly is not seen
-    until then."""
-    epoch = _STRUCTURE_EPOCH[0]
-    cached = _PARAMS.get(module)
-    if cached is None or cached[0] != epoch:
-        cached = _PARAMS[module] = (epoch, tuple(module.parameters()))
-    return sum(p._version for p in cached[1])
+def params_version(parameters: Sequence[torch.Tensor]) -> int:
+    """Sum of the in-place version counters of ``parameters``: changes whenever an optimizer
+    step, ``load_state_dict`` or any in-place write touches one of them."""
+    return sum(p._version for p in parameters)
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,7 +164,7 @@ def prefill(
     if hidden:
         result["hidden"] = out.hidden_states[-1][:, -1]
     if use_cache:
-        cache = _output_cache(out)
+        cache = output_cache(out)
         keep = mask[:, None, :, None].bool()
         result["kv"] = [
             (torch.where(keep, layer.keys, 0.0), torch.where(keep, layer.values, 0.0)) for layer in _cache_layers(cache)
@@ -195,7 +172,8 @@ def prefill(
     return result
 
 
-def _output_cache(out: Any):
+def output_cache(out: Any):
+    """The KV cache a Hugging Face forward returned (``cache`` or ``past_key_values``)."""
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = getattr(out, "past_key_values", None)
@@ -276,14 +254,15 @@ class LMCore:
         gen_eos = getattr(getattr(actor, "generation_config", None), "eos_token_id", None)
         eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
         self.eos_ids = frozenset(int(e) for e in eos)
-        self.key = uuid.uuid4().hex
-        _CORES[self.key] = self
         self.step_cache: OrderedDict[tuple, tuple[int, torch.Tensor, torch.Tensor]] = OrderedDict()
         self.cache_capacity = 16
         self.hits = 0
         self.misses = 0
         self._trunk = None
-        self._contexts: "weakref.WeakSet[Contexts]" = weakref.WeakSet()
+        # the actor's parameters, listed once (a module walk costs about 1 ms on SmolLM2 and
+        # the version is read at every step); listed again after parameters_changed()
+        self._parameters: tuple[torch.Tensor, ...] | None = None
+        self._changes = 0
 
     @property
     def device(self) -> torch.device:
@@ -299,8 +278,22 @@ class LMCore:
         return self._trunk
 
     def version(self) -> int:
-        """Current parameter version of the actor (see :func:`params_version`)."""
-        return params_version(self.actor)
+        """Current parameter version of the actor: the number of :meth:`parameters_changed`
+        calls (the LM policy's optimizer calls it after every step: fused optimizers such as
+        ``Adam(fused=True)`` write the weights without bumping their version counters) plus
+        the sum of its parameters' in-place version counters (:func:`params_version`:
+        ``load_state_dict`` and any other in-place write bump them)."""
+        if self._parameters is None:
+            self._parameters = tuple(self.actor.parameters())
+        return self._changes + params_version(self._parameters)
+
+    def parameters_changed(self, *args: Any) -> None:
+        """Say that the actor's set of parameters may have changed (adapters injected, a
+        parameter replaced): :meth:`version` lists them again. The LM policy calls it after
+        injecting LoRA and, as a step hook of its optimizer, after every step (extra
+        arguments are ignored so it can be registered as one). Bumps :meth:`version`."""
+        self._parameters = None
+        self._changes += 1
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The policy's next-token log-probabilities from raw actor logits."""
@@ -330,30 +323,15 @@ class LMCore:
             return None
         return entry[1], entry[2]
 
-    def register_contexts(self, contexts: "Contexts") -> None:
-        """Let :meth:`actor_features` bring ``contexts`` up to date after an actor update."""
-        self._contexts.add(contexts)
-
-    def _refresh_contexts(self, version: int, keys: set[tuple]) -> bool:
-        """Refresh the live contexts that hold one of the contexts ``keys`` and whose actor
-        cache predates ``version``; whether any was."""
-        refreshed = False
-        for contexts in list(self._contexts):
-            if contexts.actor.cache is not None and contexts.actor.version != version:
-                if any(tuple(ids) in keys for ids in contexts.ids):
-                    contexts.refresh()
-                    refreshed = True
-        return refreshed
-
     def actor_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Last hidden state and raw next-token logits of each observation row.
 
         Rows are the env's observations: tokens left-aligned, then padding (mask 0). Without
-        gradients each row is first looked up in :attr:`step_cache`; when rows miss because
-        the actor changed since the env's contexts were computed (the first step after an
-        update), the env's contexts are refreshed first (what its next step would do anyway)
-        and looked up again; remaining misses (and every row when gradients are on) get one
-        batched forward without cache.
+        gradients each row is first looked up in :attr:`step_cache`; misses (a context the env
+        computed before the last weight update, a foreign observation) and every row when
+        gradients are on get one batched forward without cache. A read: the env's contexts
+        are left as they are (the env brings them up to date at its next step, or when its
+        owner calls ``contexts.refresh()``).
 
         :return: ``(hidden (B, H), logits (B, vocab))``
         """
@@ -373,18 +351,6 @@ class LMCore:
                     missing.append(row)
                 else:
                     hidden[row], logits[row] = found
-            if missing and self._refresh_contexts(version, {seqs[row] for row in missing}):
-                # the actor changed since the env's last forward (an update): the env's
-                # contexts were brought up to date (cheaply, see Contexts._refresh_top) and
-                # stored their logits; look the misses up again
-                still = []
-                for row in missing:
-                    found = self.lookup(seqs[row], version)
-                    if found is None:
-                        still.append(row)
-                    else:
-                        hidden[row], logits[row] = found
-                missing = still
             self.hits += len(seqs) - len(missing)
         self.misses += len(missing)
         if missing:
@@ -394,11 +360,6 @@ class LMCore:
             for j, row in enumerate(missing):
                 hidden[row], logits[row] = out["hidden"][j], out["logits"][j]
         return torch.stack(hidden), torch.stack(logits)  # type: ignore[arg-type]
-
-
-def get_core(key: str | None) -> LMCore | None:
-    """The live core registered under ``key`` (None when it no longer exists)."""
-    return _CORES.get(key) if key else None
 
 
 def build_core(
@@ -435,9 +396,9 @@ def build_core(
             f"reference must be None or a causal LM module, got {type(reference).__name__}: to load it by name, "
             "make the env by id (import rlhf_env; gym.make('TextRLHF-v0', reference=...))"
         )
-    share_key = ("module", id(model), id(reference), float(temperature), int(top_k))
+    share_key = (id(reference), float(temperature), int(top_k))
     if shared:
-        core = get_core(_SHARED.get(share_key))
+        core = _CORES_OF.get(model, {}).get(share_key)
         if core is not None:
             return core
     if reference is None:
@@ -447,7 +408,7 @@ def build_core(
     spec.update(temperature=float(temperature), top_k=int(top_k), device=str(next(model.parameters()).device))
     core = LMCore(model, reference, tokenizer, temperature, top_k, spec=spec)
     if shared:
-        _SHARED[share_key] = core.key
+        _CORES_OF.setdefault(model, weakref.WeakValueDictionary())[share_key] = core
     return core
 
 
@@ -486,29 +447,58 @@ def _dtype_name(dtype: Any) -> str | None:
 # observation space
 
 
+class LMHandle:
+    """The explicit handle from a text env's observation space to the env's :class:`LMCore`,
+    so an LM policy built from the space alone (as SB3's PPO builds it) acts with the env's
+    own actor.
+
+    Pickled (``model.save``, a space sent to another process) it keeps only the core's
+    serializable description :attr:`spec`; :meth:`core` of an unpickled handle rebuilds
+    the core from it (:func:`core_from_spec`). Copies (``copy.deepcopy`` of the space) share
+    the handle, hence the core.
+    """
+
+    def __init__(self, core: LMCore | None = None, spec: dict[str, Any] | None = None):
+        self._core = core
+        self.spec = dict(spec if spec is not None else core.spec if core is not None else {})
+
+    def core(self) -> LMCore:
+        """The env's core; rebuilt from :attr:`spec` (once) when the handle was unpickled."""
+        if self._core is None:
+            self._core = core_from_spec(self.spec, device=self.spec.get("device", "cpu"))
+        return self._core
+
+    def __reduce__(self):
+        return (LMHandle, (None, self.spec))
+
+    def __copy__(self) -> "LMHandle":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "LMHandle":
+        return self
+
+
 class TextObservationSpace(spaces.Dict):
     """``Dict(input_ids=Box(0, vocab-1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))``
-    that also carries a serializable description of the model (``lm_spec``) and the key of
-    the live :class:`LMCore` in this process (``core_key``), so an LM policy built from the
-    space alone acts with the env's own actor (or reloads the model when that is gone).
-    Neither attribute holds a model, so the space pickles small."""
+    that also carries :attr:`lm`, the :class:`LMHandle` of the env's models (pickled as
+    their serializable description, so the space pickles small)."""
 
-    def __init__(self, length: int, vocab_size: int, core_key: str | None = None, lm_spec: dict | None = None):
+    def __init__(self, length: int, vocab_size: int, lm: LMHandle | None = None):
         super().__init__(
             {
                 "input_ids": spaces.Box(0, vocab_size - 1, (length,), np.int64),
                 "attention_mask": spaces.Box(0, 1, (length,), np.int64),
             }
         )
-        self.core_key = core_key
-        self.lm_spec = dict(lm_spec or {})
+        self.lm = lm if lm is not None else LMHandle()
+
+    @property
+    def lm_spec(self) -> dict[str, Any]:
+        """The serializable description of the env's model (:attr:`LMHandle.spec`)."""
+        return self.lm.spec
 
     def __reduce__(self):
-        return (_rebuild_space, (self["input_ids"].shape[0], int(self["input_ids"].high[0]) + 1, self.core_key, self.lm_spec))
-
-
-def _rebuild_space(length: int, vocab_size: int, core_key: str | None, lm_spec: dict) -> TextObservationSpace:
-    return TextObservationSpace(length, vocab_size, core_key, lm_spec)
+        return (TextObservationSpace, (self["input_ids"].shape[0], int(self["input_ids"].high[0]) + 1, self.lm))
 
 
 # ---------------------------------------------------------------------------------------
@@ -584,7 +574,6 @@ class Contexts:
         self._kept: list[list[torch.Tensor] | None] = [None] * n
         self._kept_len = [0] * n
         core.reserve(n)
-        core.register_contexts(self)
 
     def set_reference(self, enabled: bool) -> None:
         """Switch the per-token reference forward on or off. Switching it back on rebuilds
@@ -913,7 +902,7 @@ class Contexts:
                 out = parts["inner"](input_ids=feed, attention_mask=mask, position_ids=position_ids,
                                      cache=state.cache, use_cache=True)
                 last = out.last_hidden_state[:, -1:]
-                logits, last_hidden = decode_head(parts["head"], last)[:, -1], last[:, -1]
+                logits, last_hidden = decode_head(parts["head"], last, state.version)[:, -1], last[:, -1]
             else:
                 out = model(
                     input_ids=feed,
@@ -926,7 +915,7 @@ class Contexts:
                 logits = out.logits[:, -1]
                 last_hidden = out.hidden_states[-1][:, -1] if hidden else None
         self._keep_step(rows, box)
-        state.cache = _output_cache(out)
+        state.cache = output_cache(out)
         state.mask = mask
         state.logits[idx] = logits[idx].to(state.logits.dtype)
         if hidden:
@@ -954,11 +943,17 @@ class Contexts:
             )
         self._keep_step(rows, box)
         ref_hidden = self.trunk.reference_top(split, captured, ref.cache, head=False)
-        actor_logits, ref_logits = self.trunk.heads(out.last_hidden_state[:, -1:], ref_hidden)
-        actor.cache = _output_cache(out)
+        actor_logits, ref_logits = self.trunk.heads(out.last_hidden_state[:, -1:], ref_hidden, actor.version)
+        actor.cache = output_cache(out)
         actor.mask, ref.mask = mask, mask.clone()
         actor.logits[idx] = actor_logits[idx].to(actor.logits.dtype)
         actor.hidden[idx] = out.hidden_states[-1][idx, -1].to(actor.hidden.dtype)
         ref.logits[idx] = ref_logits[idx].to(ref.logits.dtype)
         self._trim(actor)
         self._trim(ref)
+
+
+def _rebuild_space(length: int, vocab_size: int, core_key: str | None, lm_spec: dict) -> TextObservationSpace:
+    """Unpickle a space saved before the space carried an :class:`LMHandle` (its live-core
+    key means nothing in another process)."""
+    return TextObservationSpace(length, vocab_size, LMHandle(None, lm_spec))

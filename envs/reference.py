@@ -267,39 +267,46 @@ class SharedTrunk:
         supported models the logits are exactly ``lm_head`` of its last hidden state."""
         return self.actor_parts["inner"](**kwargs)
 
-    def heads(self, actor_hidden: torch.Tensor, ref_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def heads(self, actor_hidden: torch.Tensor, ref_hidden: torch.Tensor, stamp: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw logits ``(B, vocab)`` of the actor and of the reference from their normed last
         hidden states ``(B, 1, H)``. When the actor's head is frozen and equal to the
         reference's (tied, frozen embeddings), one matmul over both row sets reads the
         vocabulary-sized weight once instead of twice (on a memory-bound device the head
-        costs as much as several decoder blocks)."""
+        costs as much as several decoder blocks). ``stamp``: the actor's weight version
+        (see :func:`decode_head`)."""
         if self.fused_head:
             logits = decode_head(self.actor_parts["head"], torch.cat([actor_hidden, ref_hidden.to(actor_hidden.dtype)]))[:, -1]
             return logits[: actor_hidden.shape[0]], logits[actor_hidden.shape[0] :]
-        return decode_head(self.actor_parts["head"], actor_hidden)[:, -1], decode_head(self.ref_parts["head"], ref_hidden)[:, -1]
+        return decode_head(self.actor_parts["head"], actor_hidden, stamp)[:, -1], decode_head(self.ref_parts["head"], ref_hidden)[:, -1]
 
 
-_HEAD_T: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int, int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_HEAD_T: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int, int, Any, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def decode_head(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def decode_head(head: nn.Module, hidden: torch.Tensor, stamp: Any = None) -> torch.Tensor:
     """``head(hidden)`` for the few rows of an incremental step. On CPU a bias-free linear
     head is applied as ``hidden @ W^T`` with ``W^T`` kept as a contiguous ``(H, vocab)``
-    copy (rebuilt whenever the weight changes: new tensor, in-place version): for 4 rows of
-    SmolLM2's 49k x 576 head this takes about 14 ms instead of 18 ms (float rounding aside,
-    the same numbers). Elsewhere, or with gradients on, it is ``head(hidden)``."""
+    copy (rebuilt whenever the weight changes: new tensor, in-place version, or a new
+    ``stamp``): for 4 rows of SmolLM2's 49k x 576 head this takes about 14 ms instead of
+    18 ms (float rounding aside, the same numbers). Elsewhere, or with gradients on, it is
+    ``head(hidden)``.
+
+    :param stamp: the caller's version of the weights (e.g. :meth:`envs.lm_core.LMCore.version`,
+        which counts optimizer steps): fused optimizers write weights without bumping their
+        in-place version counter, so a trainable head must pass one
+    """
     weight = getattr(head, "weight", None)
     if (
         type(head) is not nn.Linear or head.bias is not None or weight is None or weight.device.type != "cpu"
         or torch.is_grad_enabled() and weight.requires_grad
     ):
         return head(hidden)
-    key = (id(weight), weight.data_ptr(), weight._version)
+    key = (id(weight), weight.data_ptr(), weight._version, stamp)
     cached = _HEAD_T.get(head)
-    if cached is None or cached[:3] != key:
+    if cached is None or cached[:4] != key:
         cached = _HEAD_T[head] = (*key, weight.detach().t().contiguous())
-    return hidden.to(weight.dtype) @ cached[3]
+    return hidden.to(weight.dtype) @ cached[4]
 
 
 def _same_params(a: nn.Module, b: nn.Module) -> bool:

@@ -32,7 +32,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from envs.lm_core import KL_ESTIMATORS, Contexts, LMCore, TextObservationSpace, build_core
+from envs.lm_core import KL_ESTIMATORS, Contexts, LMCore, LMHandle, TextObservationSpace, build_core
 from envs.prompt import encode_env_prompt
 from envs.reference import check_reference_share
 
@@ -136,7 +136,7 @@ class TextRLHFEnv(gym.Env):
         lm_spec: dict[str, Any] | None = None,
     ):
         super().__init__()
-        _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
+        check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
         reference_share = check_reference_share(reference_share)  # before the (slow) model load
         self.reward_model = check_reward(reward_model)
         self.prompts = check_prompts(prompts)
@@ -148,7 +148,7 @@ class TextRLHFEnv(gym.Env):
         self.render_mode = render_mode
         self.prompt_ids = [self.encode(p, where=f"prompts[{i}]") for i, p in enumerate(self.prompts)]
         length = self.max_prompt_tokens + self.max_new_tokens
-        self.observation_space = TextObservationSpace(length, self.core.vocab_size, self.core.key, self.core.spec)
+        self.observation_space = TextObservationSpace(length, self.core.vocab_size, LMHandle(self.core))
         self.action_space = gym.spaces.Discrete(self.core.vocab_size)
         self.contexts = Contexts(self.core, 1, reference_share)
         self._prompt: str | None = None
@@ -279,9 +279,10 @@ def context_observation(ids: Sequence[int], space: TextObservationSpace, pad_id:
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-def _check_config(
+def check_config(
     max_new_tokens: int, max_prompt_tokens: int, kl_estimator: str, render_mode: str | None, modes, kl_coef: float = 0.0, device: Any = "cpu"
 ) -> None:
+    """The text envs' cheap argument checks (one clear error each), run before any model work."""
     for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}")

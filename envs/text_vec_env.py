@@ -38,10 +38,10 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.lm_core import Contexts, LMCore, TextObservationSpace, build_core
+from envs.lm_core import Contexts, LMCore, LMHandle, TextObservationSpace, build_core
 from envs.reference import check_reference_share
 from envs.prompt import encode_env_prompt
-from envs.text_env import _check_config, as_scores, check_prompts, check_reward
+from envs.text_env import check_config, as_scores, check_prompts, check_reward
 
 
 class TextRLHFVectorEnv(VectorEnv):
@@ -82,7 +82,7 @@ class TextRLHFVectorEnv(VectorEnv):
     ):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        _check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
+        check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
         self.num_envs = int(num_envs)
         modes = {m.value.lower().replace("_", ""): m for m in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP)}
         mode = modes.get(str(getattr(autoreset_mode, "value", autoreset_mode)).lower().replace("_", ""))
@@ -100,7 +100,7 @@ class TextRLHFVectorEnv(VectorEnv):
         self.render_mode = render_mode
         self.prompt_ids = [self._encode(p, f"prompts[{i}]") for i, p in enumerate(self.prompts)]
         length = self.max_prompt_tokens + self.max_new_tokens
-        self.single_observation_space = TextObservationSpace(length, self.core.vocab_size, self.core.key, self.core.spec)
+        self.single_observation_space = TextObservationSpace(length, self.core.vocab_size, LMHandle(self.core))
         self.single_action_space = gym.spaces.Discrete(self.core.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)

@@ -93,11 +93,11 @@ def resolve_text_env_kwargs(
     import torch
 
     from envs.reference import check_reference_share
-    from envs.text_env import _check_config
+    from envs.text_env import check_config
     from rlhf_env.prompts import load_prompts
     from rlhf_env.rewards import resolve_reward
 
-    _check_config(
+    check_config(
         env_kwargs.get("max_new_tokens", 32), env_kwargs.get("max_prompt_tokens", 64), env_kwargs.get("kl_estimator", "k1"),
         env_kwargs.get("render_mode"), ("ansi", "human"), env_kwargs.get("kl_coef", 0.05), device,
     )

@@ -74,6 +74,29 @@ def test_policy_acts_with_the_env_actor_and_charges_its_own_log_probs(tiny_lm_di
     assert torch.isfinite(entropy).all()
 
 
+def test_the_env_follows_a_fused_optimizer_step_of_the_policy(tiny_lm_dir, tiny_prompts):
+    """Adam(fused=True), the policy's default, writes the weights without bumping their
+    in-place version counters: the optimizer's step hook tells the env's core, so the env's
+    next log-probability (KV cache and head) is the updated actor's, mid-episode."""
+    from envs.lm_core import sampling_log_probs
+
+    env = make_env(tiny_lm_dir, tiny_prompts, max_new_tokens=6)
+    policy = LMActorCriticPolicy(env.observation_space, env.action_space, lambda _: 3e-2)
+    assert policy.optimizer.defaults.get("fused")
+    obs, _ = env.reset(seed=0)
+    obs, *_ = env.step(3)
+    _, log_prob, _ = policy.evaluate_actions(policy.obs_to_tensor(obs)[0], torch.tensor([4]))
+    policy.optimizer.zero_grad()
+    (-log_prob.sum()).backward()
+    policy.optimizer.step()
+    ids = obs["input_ids"][: int(obs["attention_mask"].sum())].tolist()
+    _, _, _, _, info = env.step(4)
+    with torch.no_grad():
+        full = sampling_log_probs(env.unwrapped.actor(input_ids=torch.tensor([ids])).logits[0, -1])
+    assert info["logprob"] == pytest.approx(float(full[4]), abs=1e-5)
+    assert info["logprob"] > float(log_prob[0].detach()) + 1e-3  # the step made token 4 more likely
+
+
 def test_train_layers_freezes_all_but_the_last_blocks(tiny_lm_dir, tiny_prompts):
     env = make_env(tiny_lm_dir, tiny_prompts)
     policy = LMActorCriticPolicy(env.observation_space, env.action_space, lambda _: 1e-3, train_layers=1)
@@ -97,9 +120,12 @@ def _check_training(algo_cls, policy, tiny_lm_dir, tiny_prompts, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(actor0, actor.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(reference0, reference.parameters()))
     assert after > before + 0.1, (before, after)
-    # save / load in the same process: the loaded policy acts with the env's actor again
+    # save / load in the same process: the loaded policy acts with the env's actor again (the
+    # saved space rebuilds its model from its description; SB3's load takes the env's live
+    # space through custom_objects, agents' load(env=) takes it from the env)
     model.save(tmp_path / "lm_ppo.zip")
-    loaded = algo_cls.load(tmp_path / "lm_ppo.zip", env=env)
+    custom = {"observation_space": env.observation_space} if algo_cls.__module__.startswith("stable_baselines3") else None
+    loaded = algo_cls.load(tmp_path / "lm_ppo.zip", env=env, custom_objects=custom)
     assert loaded.policy.actor is actor
     assert rewarded_mass(env, loaded.policy) == pytest.approx(after, abs=1e-5)
     return before, after
@@ -181,9 +207,10 @@ def test_sb3_ppo_on_the_batched_env_shares_every_rollout_forward(tiny_lm_dir, ti
     misses = core.misses
     model.learn(384)
     after = rewarded_mass(single, model.policy)
-    # misses: the training minibatches (n_epochs x samples) only; the first observation of
-    # each later rollout, which the env computed before the weights were updated, is a hit
-    # too: the policy's lookup had the env refresh its contexts (as its next step would)
-    assert core.misses - misses == 4 * 384
+    # misses: the training minibatches (n_epochs x samples) and, in each of the 2 rollouts
+    # after an update, the first observation of the 4 envs (the env computed it before the
+    # weights changed; a policy forward is a read, it does not refresh the env): every other
+    # rollout forward is a hit
+    assert core.misses - misses == 4 * 384 + 2 * 4
     assert after > before + 0.1, (before, after)
     assert len(model.ep_info_buffer) > 0

@@ -222,23 +222,22 @@ def test_same_step_autoreset_and_the_sb3_vec_env_adapter(tiny_lm_dir, tiny_promp
         SB3VecEnv(make_vec(tiny_lm_dir, tiny_prompts, length_reward))
 
 
-def test_params_version_sees_parameters_added_later():
-    """The env's staleness check (params_version) caches the parameter list: a module or a
-    parameter registered later (LoRA injection, a new head) must still count."""
-    from envs.lm_core import params_version
-
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    version = params_version(model)
+def test_core_version_sees_weight_writes_and_parameters_added_later(tiny_lm_dir, tiny_prompts, length_reward):
+    """The env's staleness check (LMCore.version) lists the actor's parameters once: an
+    in-place write bumps it; a parameter added later counts after parameters_changed() (the
+    LM policy calls it after injecting LoRA and after each optimizer step)."""
+    envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward)
+    core = envs.core
+    version = core.version()
     with torch.no_grad():
-        model[0].weight.add_(1.0)
-    assert params_version(model) == version + 1
-    model.append(torch.nn.Linear(2, 2))  # add_module
-    model[0].extra = torch.nn.Parameter(torch.zeros(1))  # setattr of a Parameter
-    version = params_version(model)
+        envs.actor.model.norm.weight.add_(1.0)
+    assert core.version() == version + 1
+    envs.actor.model.extra = torch.nn.Parameter(torch.zeros(1))  # setattr of a Parameter
+    core.parameters_changed()
+    version = core.version()
     with torch.no_grad():
-        model[1].bias.add_(1.0)
-        model[0].extra.add_(1.0)
-    assert params_version(model) == version + 2
+        envs.actor.model.extra.add_(1.0)
+    assert core.version() == version + 1
 
 
 def test_without_autoreset_the_step_that_ends_every_running_row_runs_no_forward(tiny_lm_dir, tiny_prompts, length_reward):

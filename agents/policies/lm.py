@@ -1,7 +1,7 @@
 """``LMActorCriticPolicy``: the language-model actor-critic of the text environments.
 
-The actor IS the env's actor module (the same ``nn.Module`` object, found through the
-observation space's ``core_key``), so an optimizer over ``policy.parameters()`` trains the
+The actor IS the env's actor module (the same ``nn.Module`` object, reached through the
+explicit handle the observation space carries, ``observation_space.lm``), so an optimizer over ``policy.parameters()`` trains the
 model the env charges its KL with, and the reference stays outside the policy. The critic
 is a scalar value head on the trunk's last-layer hidden state at the last token of the
 observation. The action distribution is the categorical of the env's sampling
@@ -15,7 +15,17 @@ holds the hidden state and logits the env already computed for that context; mis
 observation.
 
 Works with ``stable_baselines3.PPO(LMActorCriticPolicy, env)`` and
-``agents.PPO("LMPolicy", env)``.
+``agents.PPO("LMPolicy", env)``. A saved policy's space holds only a description of the
+model, so ``load`` rebuilds the actor from it, unless it is given the live env:
+``agents.PPO.load(path, env=env)`` takes the env's space, and SB3's load does with
+``PPO.load(path, env=env, custom_objects={"observation_space": env.observation_space})``
+(envs made by name with ``shared_model=True``, the default, are found again without it).
+
+The weights the env uses are tracked by the env's core version: the optimizer built here
+tells the core after each step (:meth:`envs.lm_core.LMCore.parameters_changed`); an
+optimizer of your own over the actor must do the same
+(``opt.register_step_post_hook(policy.core.parameters_changed)``), since fused optimizers
+write the weights without bumping their version counters.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from torch import nn
 
 from agents.distributions import CategoricalDistribution
 from agents.policies.base import BasePolicy, Schedule
-from envs.lm_core import LMCore, TextObservationSpace, core_from_spec, get_core, sampling_logits
+from envs.lm_core import LMCore, TextObservationSpace, sampling_logits
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -109,10 +119,8 @@ class LMActorCriticPolicy(BasePolicy):
             )
         if not isinstance(action_space, spaces.Discrete):
             raise TypeError(f"LMActorCriticPolicy needs a Discrete(vocab_size) action space, got {action_space}")
-        core = get_core(observation_space.core_key)
-        if core is None:
-            # a policy loaded from disk in a process without its env: rebuild from the description
-            core = core_from_spec(observation_space.lm_spec, device=observation_space.lm_spec.get("device", "cpu"))
+        # the env's core (a space unpickled in another process rebuilds it from its description)
+        core = observation_space.lm.core()
         if core.vocab_size != action_space.n:
             raise ValueError(f"the model's vocabulary ({core.vocab_size}) differs from the action space ({action_space.n})")
         self._core: LMCore = core  # plain attribute: not a module, not in state_dict
@@ -131,9 +139,17 @@ class LMActorCriticPolicy(BasePolicy):
             from agents.lora import apply_lora
 
             apply_lora(self.actor, **self.lora)
+            core.parameters_changed()  # the adapters are new parameters of the actor
         else:
             set_trainable(self.actor, train_layers)
         self.build_optimizer(lr_schedule)
+
+    def build_optimizer(self, lr_schedule: Schedule | None = None) -> None:
+        """The optimizer over the trainable weights; after each of its steps the env's core
+        lists the actor's parameters again (a hook of this optimizer only), so the core's
+        weight-change check never misses a parameter added since."""
+        super().build_optimizer(lr_schedule)
+        self.optimizer.register_step_post_hook(self._core.parameters_changed)
 
     # sampling configuration of the distribution (the env's)
     @property
