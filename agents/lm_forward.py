@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import torch
 
 from agents.segments import TextSegment, pack_segments
-from envs.lm_core import sampling_log_probs
+from envs.decoder import trunk_and_head
+from envs.sampling import sampling_log_probs
 
 @dataclass
 class SegmentEval:
@@ -30,21 +31,6 @@ class SegmentEval:
     logprobs: list[torch.Tensor]
     entropies: list[torch.Tensor]
     values: list[torch.Tensor] | None
-
-
-def _trunk_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The transformer trunk and the LM head of a Hugging Face causal LM (PEFT-wrapped
-    or not). LoRA layers are injected in place, so the trunk of the base model still
-    runs them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    trunk = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    if head is None or trunk is None:
-        raise TypeError(
-            f"{type(base).__name__} is not a Hugging Face causal LM with a decoder and an "
-            "output embedding; the text agents need one (e.g. AutoModelForCausalLM)"
-        )
-    return trunk, head
 
 
 def evaluate_tokens(
@@ -79,7 +65,7 @@ def evaluate_tokens(
         a loss with ``ent_coef = 0`` then skips their vocabulary-sized backward).
     :return: ``(logprobs, entropies, values)``, each ``(B, T)`` (the last two may be None).
     """
-    trunk, head = _trunk_and_head(model)
+    trunk, head = trunk_and_head(model)
     hidden = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
     return _token_outputs(hidden, head, positions, targets, value_head, temperature, with_entropy, top_k, entropy_grad)
@@ -132,9 +118,9 @@ def evaluate_shared_context(
     :func:`pack_segments` (``(B, Tmax)``), up to float rounding; gradients flow through
     the shared context into every weight.
     """
-    from envs.lm_core import output_cache
+    from envs.kv_cache import output_cache
 
-    trunk, head = _trunk_and_head(model)
+    trunk, head = trunk_and_head(model)
     device = next(model.parameters()).device
     context = segments[0].context_ids.to(device)
     c, B, T = len(context), len(segments), max(len(s) for s in segments)
@@ -166,13 +152,13 @@ def kept_trunk_batch(model: torch.nn.Module, segments: Sequence[TextSegment]) ->
     model's current frozen weights (same :func:`envs.trunk_states.frozen_signature`, so
     the lower blocks are still frozen and unchanged); else None (run the full forward).
     ``L`` is one less than :func:`pack_segments`'s width: the last token predicts nothing."""
-    from envs.reference import decoder_parts
+    from envs.decoder import decoder_parts
     from envs.trunk_states import frozen_signature, pad_states
 
     sig = segments[0].trunk_sig if segments else None
     if sig is None or any(s.trunk_states is None or s.trunk_sig != sig for s in segments):
         return None
-    parts = decoder_parts(_base_model(model))[0]
+    parts = decoder_parts(model)[0]
     if parts is None or frozen_signature(parts, sig[0]) != sig:
         return None
     device = next(model.parameters()).device
@@ -197,16 +183,12 @@ def evaluate_kept(
     only blocks ``split ..``, the final norm and the head run (with gradients), on the
     model's own decoder code (:func:`envs.trunk_states.top_hidden`); equal to the full
     forward up to float rounding."""
-    from envs.reference import decoder_parts
+    from envs.decoder import decoder_parts
     from envs.trunk_states import top_hidden
 
-    parts = decoder_parts(_base_model(model))[0]
+    parts = decoder_parts(model)[0]
     h = top_hidden(parts, split, hidden, attention_mask)
     return _token_outputs(h, parts["head"], positions, targets, value_head, temperature, with_entropy, top_k, entropy_grad)
-
-
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def evaluate_segments(

@@ -288,7 +288,7 @@ def bench_model(name: str, args, results: list[Result]) -> None:
     from rlhf_env.models import load_lm
     from rlhf_env.rewards import resolve_reward
 
-    from agents.policies.lm import decoder_blocks, set_trainable
+    from envs.decoder import decoder_blocks, set_trainable
 
     device = torch.device(args.device)
     actor, tokenizer = load_lm(name, device=args.device, dtype=args.dtype)

@@ -45,10 +45,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-# Causal LMs whose ForCausalLM forward is exactly lm_head(norm(last hidden)) (no logit
-# scaling or soft-capping) and whose decoder layers take (hidden_states, **kwargs) with the
-# KV cache as the ``cache`` (or ``past_key_values``) keyword.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+from envs.decoder import SUPPORTED_MODEL_TYPES, decoder_parts  # noqa: F401 (SUPPORTED_MODEL_TYPES: documented above)
 
 REFERENCE_SHARE_MODES = ("auto", "off")
 
@@ -67,61 +64,6 @@ def check_reference_share(mode: Any) -> str:
             f"blocks with the reference when that is exact, 'off' always runs the full reference), got {mode!r}"
         )
     return mode
-
-
-def decoder_parts(model: nn.Module) -> tuple[dict[str, Any] | None, str | None]:
-    """``({"embed", "layers", "norm", "head", "inner"}, None)`` of a supported Llama-like
-    causal LM, or ``(None, reason)`` saying why it is not supported."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return None, f"model type {model_type!r} is not one of {sorted(SUPPORTED_MODEL_TYPES)}"
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    norm = getattr(inner, "norm", None)
-    head = getattr(model, "lm_head", None)
-    embed = getattr(inner, "embed_tokens", None)
-    if not isinstance(layers, nn.ModuleList) or not all(isinstance(m, nn.Module) for m in (norm, head, embed)):
-        return None, f"{type(model).__name__} has no model.layers / model.norm / model.embed_tokens / lm_head"
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and len(set(layer_types)) > 1:
-        return None, f"its layers use different attention masks ({sorted(set(layer_types))})"
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            return None, f"its logits are rescaled ({attr}={getattr(config, attr)})"
-    return {"embed": embed, "layers": layers, "norm": norm, "head": head, "inner": inner}, None
-
-
-_OFFSET_CACHE: type | None = None
-
-
-def _offset_cache_class() -> type:
-    """``DynamicCache`` subclass holding only layers ``offset ..`` of a model (entry ``i`` is
-    layer ``offset + i``); built on first use because importing transformers is slow."""
-    global _OFFSET_CACHE
-    if _OFFSET_CACHE is None:
-        from transformers import DynamicCache
-
-        class OffsetDynamicCache(DynamicCache):
-            def __init__(self, offset: int, ddp_cache_data=None):
-                super().__init__(ddp_cache_data=ddp_cache_data)
-                self.offset = offset
-
-            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-                return super().update(key_states, value_states, layer_idx - self.offset, *args, **kwargs)
-
-        _OFFSET_CACHE = OffsetDynamicCache
-    return _OFFSET_CACHE
-
-
-def new_cache(kv: list | None, offset: int = 0):
-    """A KV cache holding ``kv`` (per layer ``(keys, values)``; None = empty) for the
-    model's layers ``offset ..``."""
-    if offset == 0:
-        from transformers import DynamicCache
-
-        return DynamicCache(ddp_cache_data=kv)
-    return _offset_cache_class()(offset, kv)
 
 
 class SharedTrunk:

@@ -32,9 +32,12 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from envs.lm_core import KL_ESTIMATORS, Contexts, LMCore, LMHandle, TextObservationSpace, build_core
+from envs.contexts import Contexts
+from envs.lm_core import LMCore, build_core
 from envs.prompt import encode_env_prompt
 from envs.reference import check_reference_share
+from envs.sampling import KL_ESTIMATORS
+from envs.spaces import LMHandle, TextObservationSpace
 
 
 def check_prompts(prompts: Any) -> list[str]:

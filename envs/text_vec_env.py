@@ -4,7 +4,7 @@
 ``vector_entry_point``). Each step runs ONE incremental forward of the actor and ONE of the
 reference (only its blocks above the actor's frozen trunk when ``reference_share="auto"``
 finds one, see :mod:`envs.reference`) over all N contexts, each with its own rows in a batched KV cache (see
-:mod:`envs.lm_core`); prompts of different lengths are handled by right-aligning the rows
+:mod:`envs.contexts`); prompts of different lengths are handled by right-aligning the rows
 and passing explicit positions. Finished sub-envs are reset by Gymnasium 1.x's default
 ``NEXT_STEP`` autoreset: the step after a sub-env terminates, its action is ignored, it
 returns the first observation of a new prompt with reward 0, and its info carries
@@ -38,8 +38,10 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.lm_core import Contexts, LMCore, LMHandle, TextObservationSpace, build_core
+from envs.contexts import Contexts
+from envs.lm_core import LMCore, build_core
 from envs.reference import check_reference_share
+from envs.spaces import LMHandle, TextObservationSpace
 from envs.prompt import encode_env_prompt
 from envs.text_env import check_config, as_scores, check_prompts, check_reward
 
@@ -126,7 +128,7 @@ class TextRLHFVectorEnv(VectorEnv):
     @property
     def keep_trunk(self) -> bool:
         """Whether the env keeps the actor's frozen-trunk hidden states of each context for
-        the trainer's update (:meth:`envs.lm_core.Contexts.kept_states`; default False, the
+        the trainer's update (:meth:`envs.contexts.Contexts.kept_states`; default False, the
         text trainers switch it on). Takes effect for contexts prefilled from then on."""
         return self.contexts.keep_trunk
 

@@ -15,7 +15,7 @@ forward pass.
 
 With ``trainable_layers=k`` the lower blocks never change, so (``keep_trunk=True``, the
 default, for Llama-like models) the hidden state entering the top ``k`` blocks is computed
-once per distinct sequence and kept (:mod:`rlhf_env.frozen_trunk`); every step, the
+once per distinct sequence and kept (:mod:`envs.trunk_states`); every step, the
 reference log-probabilities (``reference=None``) and the held-out evaluation run only the
 top blocks, the norm and the head (the head only at response tokens). Exact: the same
 log-probabilities as full forwards up to float rounding. Memory: about
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from agents import distributed
 from agents.lora import ALL_LINEAR_TARGETS, apply_lora, merge_lora
 from rlhf_env.data import as_pairs
-from rlhf_env.frozen_trunk import FrozenTrunk
+from envs.trunk_states import FrozenTrunk
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.sft import encode_example
 from rlhf_env.training import (
@@ -75,7 +75,7 @@ class DPOConfig:
         (``None``: all weights, embeddings and head included); much cheaper on CPU
     :param keep_trunk: with ``trainable_layers``, compute the frozen lower blocks once per
         sequence and run only the top blocks afterwards (exact; ignored for models
-        :mod:`rlhf_env.frozen_trunk` does not support)
+        :mod:`envs.trunk_states` does not support)
     :param group_by_prompt: a step takes whole prompts, all their pairs (about
         ``batch_size`` pairs a step on average, at least one prompt), and runs each distinct
         response of the step once (the loss is the same mean over the step's pairs); with
@@ -279,7 +279,7 @@ def train_dpo(
         apply_lora(model, r=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, layers=top)
     else:
         train_last_layers(model, cfg.trainable_layers)
-    # the frozen lower blocks: once per distinct sequence (exact; see rlhf_env.frozen_trunk)
+    # the frozen lower blocks: once per distinct sequence (exact; see envs.trunk_states)
     trunk = FrozenTrunk.build(model, cfg.trainable_layers) if cfg.keep_trunk else None
     if trunk is not None:
         for d, label in ((data, "frozen trunk"), (eval_data, "frozen trunk (eval)")):

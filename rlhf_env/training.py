@@ -89,20 +89,16 @@ def step_examples(
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists to the longest one.
+    """Right-pad token id lists to the longest one (:func:`envs.kv_cache.pad_token_ids`).
 
     :param seqs: token id lists
     :param pad_id: the pad token id
     :param device: where the tensors go
     :return: ``(input_ids, attention_mask)``, both ``long`` of shape ``(len(seqs), max_len)``
     """
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+    from envs.kv_cache import pad_token_ids
+
+    return pad_token_ids(seqs, pad_id, device, side="right")
 
 
 def summary_writer(log_dir: Optional[os.PathLike | str], name: str):
@@ -169,33 +165,19 @@ def resolve_lm(model, tokenizer=None, device="cpu", dtype=None):
 
 
 def train_last_layers(model, n: Optional[int]) -> None:
-    """Freeze everything but the last ``n`` transformer blocks and the final norm (``None``: train all).
+    """Freeze everything but the last ``n`` transformer blocks and the final norm (``None``:
+    leave every weight as it is, all trainable for a fresh model); :func:`envs.decoder.set_trainable`.
 
-    The (often tied) embedding and LM head stay frozen: on CPU their gradient is the most
-    expensive part of a step. Works for models whose blocks are an ``nn.ModuleList``
-    (``model.model.layers``, ``transformer.h``, ...).
-
-    :raises ValueError: when no block list is found
+    :raises ValueError: when no block list is found or ``n`` exceeds the number of blocks
     """
     if n is None:
         return
-    blocks = None
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
-            blocks = module
-            break
-    if blocks is None:
-        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__}; pass trainable_layers=None")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for block in list(blocks)[-n:] if n > 0 else []:
-        for p in block.parameters():
-            p.requires_grad_(True)
-    base = getattr(model, "base_model", model)
-    norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
-    if norm is not None:
-        for p in norm.parameters():
-            p.requires_grad_(True)
+    from envs.decoder import set_trainable
+
+    try:
+        set_trainable(model, n)
+    except TypeError as err:
+        raise ValueError(f"{err}; pass trainable_layers=None") from None
 
 
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:

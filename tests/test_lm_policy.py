@@ -78,7 +78,7 @@ def test_the_env_follows_a_fused_optimizer_step_of_the_policy(tiny_lm_dir, tiny_
     """Adam(fused=True), the policy's default, writes the weights without bumping their
     in-place version counters: the optimizer's step hook tells the env's core, so the env's
     next log-probability (KV cache and head) is the updated actor's, mid-episode."""
-    from envs.lm_core import sampling_log_probs
+    from envs.sampling import sampling_log_probs
 
     env = make_env(tiny_lm_dir, tiny_prompts, max_new_tokens=6)
     policy = LMActorCriticPolicy(env.observation_space, env.action_space, lambda _: 3e-2)

@@ -209,7 +209,7 @@ def test_cli_sft_and_dpo(tiny_lm, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-# --- the kept frozen trunk (rlhf_env.frozen_trunk) -------------------------------------------
+# --- the kept frozen trunk (envs.trunk_states) -------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def tiny_lm3(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_kept_trunk_logprobs_and_gradients_equal_the_full_forward(tiny_lm3, k):
-    from rlhf_env.frozen_trunk import FrozenTrunk
+    from envs.trunk_states import FrozenTrunk
     from rlhf_env.models import load_lm
     from rlhf_env.training import train_last_layers
 
@@ -247,7 +247,7 @@ def test_kept_trunk_logprobs_and_gradients_equal_the_full_forward(tiny_lm3, k):
 
 
 def test_kept_trunk_runs_each_distinct_sequence_once(tiny_lm3):
-    from rlhf_env.frozen_trunk import FrozenTrunk
+    from envs.trunk_states import FrozenTrunk
     from rlhf_env.models import load_lm
     from rlhf_env.training import train_last_layers
 
@@ -266,7 +266,7 @@ def test_kept_trunk_runs_each_distinct_sequence_once(tiny_lm3):
 def test_kept_trunk_refuses_what_it_cannot_keep(tiny_lm3):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlhf_env.frozen_trunk import FrozenTrunk, unsupported_reason
+    from envs.trunk_states import FrozenTrunk, unsupported_reason
     from rlhf_env.models import load_lm
     from rlhf_env.training import train_last_layers
 
@@ -313,7 +313,7 @@ def test_dpo_with_lora_learns_and_saves_a_plain_model(tiny_lm3, tmp_path, traina
 
 
 def test_dpo_lora_on_the_top_blocks_keeps_the_trunk_and_equals_full_forwards(tiny_lm3, monkeypatch):
-    from rlhf_env.frozen_trunk import FrozenTrunk
+    from envs.trunk_states import FrozenTrunk
 
     kept = []
     keep = FrozenTrunk.keep

@@ -156,7 +156,7 @@ def test_one_forward_of_each_model_per_step(tiny_lm_dir, tiny_prompts, length_re
 def test_cache_grows_on_the_left_for_a_longer_prompt_and_trims_after(tiny_lm_dir, tiny_prompts, length_reward):
     """Row surgery of the batched cache: a reset row with a prompt longer than every live
     context grows the cache on the left; a short one leaves all-pad columns that are trimmed."""
-    from envs.lm_core import Contexts
+    from envs.contexts import Contexts
 
     envs = make_vec(tiny_lm_dir, tiny_prompts, length_reward)
     perturb(envs.actor, seed=11)

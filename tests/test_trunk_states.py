@@ -133,7 +133,8 @@ def test_update_of_the_top_blocks_refreshes_only_their_cache(tiny_lm_dir, tiny_p
     """After an update that changed only the top block, the env recomputes that block's KV
     from the kept trunk states (no full re-prefill); the log-probs it then charges equal a
     full forward of the updated actor, and the reference's stay exact."""
-    from envs.lm_core import Contexts, sampling_log_probs
+    from envs.contexts import Contexts
+    from envs.sampling import sampling_log_probs
 
     env = gym.make_vec("TextRLHF-v0", num_envs=3, model=str(tiny_lm_dir), reward_model=length_reward,
                        prompts=tiny_prompts, max_new_tokens=8, kl_coef=0.1, temperature=0.8, shared_model=False)

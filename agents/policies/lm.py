@@ -40,39 +40,10 @@ from torch import nn
 
 from agents.distributions import CategoricalDistribution
 from agents.policies.base import BasePolicy, Schedule
-from envs.lm_core import LMCore, TextObservationSpace, sampling_logits
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks of a Hugging Face causal LM."""
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and (n_layers is None or len(module) == n_layers):
-            return module
-    raise TypeError(f"cannot find the transformer blocks of {type(model).__name__} (no ModuleList of num_hidden_layers)")
-
-
-def set_trainable(actor: nn.Module, train_layers: int | None) -> None:
-    """Choose which actor weights train: all (``None``) or the last ``train_layers`` blocks
-    and the final norm (embeddings and LM head frozen: with tied embeddings they are the
-    most expensive weights to train)."""
-    if train_layers is None:
-        for p in actor.parameters():
-            p.requires_grad_(True)
-        return
-    blocks = decoder_blocks(actor)
-    if not 0 <= train_layers <= len(blocks):
-        raise ValueError(f"train_layers must be in [0, {len(blocks)}] for this {len(blocks)}-block model, got {train_layers}")
-    for p in actor.parameters():
-        p.requires_grad_(False)
-    for block in list(blocks)[len(blocks) - train_layers :]:
-        for p in block.parameters():
-            p.requires_grad_(True)
-    decoder = actor.get_decoder() if hasattr(actor, "get_decoder") else None
-    norm = getattr(decoder, "norm", None)
-    if train_layers > 0 and isinstance(norm, nn.Module):
-        for p in norm.parameters():
-            p.requires_grad_(True)
+from envs.decoder import set_trainable
+from envs.lm_core import LMCore
+from envs.sampling import sampling_logits
+from envs.spaces import TextObservationSpace
 
 
 class LMActorCriticPolicy(BasePolicy):
