@@ -202,7 +202,7 @@ class BaseAlgorithm:
         if not isinstance(action_space, self.supported_action_spaces):
             names = ", ".join(s.__name__ for s in self.supported_action_spaces)
             raise ValueError(f"{type(self).__name__} does not support the action space {action_space!r}: use {names}.")
-        from envs.lm_core import TextObservationSpace
+        from envs.spaces import TextObservationSpace
 
         if isinstance(observation_space, TextObservationSpace) and isinstance(self.policy_class, type):
             from agents.policies.lm import LMActorCriticPolicy
@@ -512,10 +512,7 @@ class BaseAlgorithm:
         model.ep_info_buffer = deque(maxlen=model._stats_window_size)
         model.ep_success_buffer = deque(maxlen=model._stats_window_size)
         if env is not None:
-            model.set_env(env, force_reset=True)
-            # equal spaces, but the env's own: a text env's space names the actor it acts
-            # with, which the policy must be built on (not the one of the process that saved)
-            model.observation_space = model.env.observation_space
+            model.set_env(env, force_reset=True)  # takes the env's own space: the policy is built on its actor
         model._setup_model()
         model.set_parameters(params, exact_match=True)
         rng = params.get("rng")
