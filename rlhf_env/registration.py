@@ -139,6 +139,8 @@ def _load_models(name: Any, tokenizer: Any, reference: Any, device: Any, dtype: 
     if ref_by_name:
         reference, _ = load_lm(reference, device=device, dtype=dtype)
     if shared:
+        for dead in [k for k, (actor_ref, _, _) in _LOADED.items() if actor_ref() is None]:
+            del _LOADED[dead]
         _LOADED[key] = (weakref.ref(actor), loaded_tokenizer, weakref.ref(reference) if ref_by_name else None)
     return actor, tokenizer or loaded_tokenizer, reference
 
