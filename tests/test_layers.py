@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -96,3 +97,29 @@ def test_env_from_parts_refuses_names_with_a_pointer_to_the_registered_ids(tiny_
     }
     with pytest.raises((TypeError, ValueError), match=message):
         TextRLHFEnv(**{**parts, **kwargs})
+
+
+def test_the_space_carries_an_explicit_handle_to_the_env_models(tiny_lm_dir):
+    """The policy reaches the env's core through the observation space's handle: copies
+    share it, a pickle holds only the model's description and rebuilds from it."""
+    import copy
+    import pickle
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from envs.text_env import TextRLHFEnv
+
+    env = TextRLHFEnv(model=AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir)),
+                      tokenizer=AutoTokenizer.from_pretrained(str(tiny_lm_dir)),
+                      reward_model=lambda prompts, responses: [0.0] * len(responses), prompts=["hello"])
+    space = env.observation_space
+    assert space.lm.core() is env.core and copy.deepcopy(space).lm.core() is env.core
+    blob = pickle.dumps(space)
+    assert len(blob) < 4096  # a description, not a model
+    restored = pickle.loads(blob)
+    assert restored == space and restored.lm.spec["model"] == str(tiny_lm_dir)
+    rebuilt = restored.lm.core()  # no loader named: read from the directory with transformers
+    assert rebuilt is not env.core and rebuilt.vocab_size == env.core.vocab_size
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.actor(input_ids=ids).logits, env.actor(input_ids=ids).logits)
