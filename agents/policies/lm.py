@@ -1,8 +1,9 @@
 """``LMActorCriticPolicy``: the language-model actor-critic of the text environments.
 
 The actor IS the env's actor module (the same ``nn.Module`` object, reached through the
-explicit handle the observation space carries, ``observation_space.lm``), so an optimizer over ``policy.parameters()`` trains the
-model the env charges its KL with, and the reference stays outside the policy. The critic
+explicit handle the observation space carries, ``observation_space.lm``), so an optimizer
+over ``policy.parameters()`` trains the model the env charges its KL with, and the
+reference stays outside the policy. The critic
 is a scalar value head on the trunk's last-layer hidden state at the last token of the
 observation. The action distribution is the categorical of the env's sampling
 distribution (logits / temperature, top-k), so the log-probability PPO stores for an
@@ -236,6 +237,7 @@ class LMActorCriticPolicy(BasePolicy):
                 f"(base model {frozen.get('base_model')!r}): load it with env= an env made from that model"
             )
         missing, unexpected = self.load_state_dict(state, strict=False)
+        self._core.parameters_changed()  # the env's caches follow the loaded weights
         missing = set(missing) - keys
         if missing or unexpected:
             raise ValueError(f"checkpoint does not fit this policy: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
