@@ -21,6 +21,7 @@ from gymnasium import spaces
 from agents import distributed
 from agents.atomic import atomic_file
 from agents.callbacks import BaseCallback, CallbackList, ProgressBarCallback, convert_callback
+from agents.fast_mlp import lean_adam_step, lean_clip_grad_norm
 from agents.guards import check_number
 from agents.logger import Logger, configure_logger
 from agents.policies import BasePolicy, get_policy_class
@@ -52,51 +53,24 @@ def safe_mean(values: Iterable[float]) -> float:
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (same maths: scale by ``max_norm / (norm + 1e-6)``
-    when above) for one device and dtype, without its per-call grouping overhead, which
-    is most of its cost for small networks; other cases go to torch's function.
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)``: through the lean version of
+    :mod:`agents.fast_mlp` (same maths, without the per-call grouping that costs more than
+    the clipping for a small network) where this torch has the kernels it calls, through
+    torch's function otherwise.
 
     :return: the total gradient norm before clipping
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    first = grads[0]
-    if any(g.device != first.device or g.dtype != first.dtype or g.is_sparse for g in grads):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
-    return total
+    total = lean_clip_grad_norm(params, max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm) if total is None else total
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     """``optimizer.step()``; for a fused single-group Adam whose state exists, the same
-    two kernels Adam runs (step count, fused update) without its Python bookkeeping
-    (profiler hooks, state grouping), which costs more than the update itself for a
-    small network. Anything else goes through ``optimizer.step()``."""
-    groups = optimizer.param_groups
-    if type(optimizer) is not torch.optim.Adam or len(groups) != 1:
+    kernels through :func:`agents.fast_mlp.lean_adam_step` (without the optimizer's Python
+    bookkeeping, which costs more than the update for a small network) where this torch
+    has them."""
+    if not lean_adam_step(optimizer):
         optimizer.step()
-        return
-    group = groups[0]
-    if not group.get("fused") or group["amsgrad"] or group["maximize"] or group.get("differentiable") or group.get(
-        "capturable"
-    ) or group.get("decoupled_weight_decay") or isinstance(group["lr"], torch.Tensor):
-        optimizer.step()
-        return
-    params = group["params"]
-    states = [optimizer.state.get(p) for p in params]
-    if any(p.grad is None or not st for p, st in zip(params, states)):
-        optimizer.step()  # first step (state created there) or a partial gradient
-        return
-    steps = [st["step"] for st in states]
-    torch._foreach_add_(steps, 1)
-    beta1, beta2 = group["betas"]
-    torch._fused_adam_(
-        params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], [],
-        steps, amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-        eps=group["eps"], maximize=False, grad_scale=None, found_inf=None,
-    )
 
 
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> float:

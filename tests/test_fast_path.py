@@ -155,6 +155,55 @@ def test_train_step_equal_with_and_without_fused(env_id, kwargs):
         assert log_fused[key] == pytest.approx(log_auto[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize(
+    "env_id, kwargs",
+    [("CartPole-v1", dict(batch_size=24, clip_range_vf=0.2, ent_coef=0.01)),
+     ("Pendulum-v1", dict(batch_size=32, policy_kwargs=dict(activation_fn=nn.ReLU)))],
+)
+def test_fallback_on_a_torch_without_the_private_kernels_equals_the_fast_path(env_id, kwargs, monkeypatch):
+    """On a torch whose private kernels fail the check (forced here), the fast path says so
+    once and PPO trains with autograd, torch's clipping and torch.optim: the same numbers."""
+    from agents import fast_mlp
+
+    model = PPO("MlpPolicy", env_id, n_envs=2, n_steps=32, n_epochs=3, learning_rate=1e-3, seed=0, **kwargs)
+    model.learn(64)
+    model.collect_rollouts(model.env, _NoCallback(model), model.rollout_buffer, model.n_steps)
+    policy_state = copy.deepcopy(model.policy.state_dict())
+    optimizer_state = copy.deepcopy(model.policy.optimizer.state_dict())
+    n_updates = model._n_updates
+
+    def train_once():
+        model.policy.load_state_dict(policy_state)
+        model.policy.optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+        model._n_updates = n_updates
+        torch.manual_seed(1)  # same minibatch order
+        model.train()
+        return {k: v.clone() for k, v in model.policy.state_dict().items()}
+
+    assert fast_mlp.fast_path_unavailable() is None and FusedPPOLoss.for_policy(model.policy) is not None
+    fast = train_once()
+    monkeypatch.setattr(fast_mlp, "_check_private_kernels", lambda: "simulated: torch._fused_adam_ changed")
+    monkeypatch.setattr(fast_mlp, "_fast_path_state", [fast_mlp._UNCHECKED])  # check again, on this "torch"
+    with pytest.warns(RuntimeWarning, match="autograd and torch.optim"):
+        assert FusedPPOLoss.for_policy(model.policy) is None
+    assert fast_mlp.lean_clip_grad_norm(list(model.policy.parameters()), 1.0) is None
+    assert fast_mlp.lean_adam_step(model.policy.optimizer) is False
+    fallback = train_once()
+    for name in fast:
+        assert not torch.equal(fast[name], policy_state[name]) or name == "log_std", f"{name} did not move"
+        torch.testing.assert_close(fallback[name], fast[name], rtol=1e-5, atol=2e-6, msg=name)
+
+
+def test_the_check_catches_a_kernel_that_changed(monkeypatch):
+    from agents import fast_mlp
+
+    assert fast_mlp._check_private_kernels() is None  # this torch: all kernels as expected
+    monkeypatch.setattr(fast_mlp, "_TANH_BACKWARD", lambda grad, y: grad * (1 - y))  # another maths
+    assert "tanh_backward" in fast_mlp._check_private_kernels()
+    monkeypatch.setattr(fast_mlp, "_TANH_BACKWARD", None)  # a torch without the kernel
+    assert "TypeError" in fast_mlp._check_private_kernels()
+
+
 class _NoCallback:
     """The few callback hooks collect_rollouts calls."""
 
