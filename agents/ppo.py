@@ -24,7 +24,15 @@ from agents.guards import check_finite, check_number
 from agents.on_policy import OnPolicyAlgorithm
 from agents.schedules import get_schedule_fn
 from agents.losses import approx_kl, clip_fraction, clipped_surrogate, kl_penalty_surrogate, value_loss
-from agents.text_ppo import RLHFConfig, TextPPOMixin, is_lm_policy, keep_trunk_states
+from agents.text_ppo import (
+    TEXT_PPO_DEFAULTS,
+    RLHFConfig,
+    TextPPOMixin,
+    is_lm_policy,
+    keep_trunk_states,
+    names_lm_policy,
+    text_rollout_steps,
+)
 
 
 @torch.no_grad()
@@ -51,14 +59,32 @@ def kl_and_clip_fraction(
     return means[0], means[1]
 
 
+# SB3's PPO defaults (for the arguments left out when the policy is not the LM policy)
+PPO_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 3e-4, "n_steps": 2048, "batch_size": 64, "n_epochs": 10, "gamma": 0.99, "gae_lambda": 0.95,
+    "max_grad_norm": 0.5,
+}
+TEXT_FALLBACK_N_STEPS = 128  # the LM policy on an env that is not a TextRLHF env (no max_new_tokens)
+
+
 class PPO(TextPPOMixin, OnPolicyAlgorithm):
     """PPO with clipping (default) or an adaptive KL penalty.
+
+    The arguments that default to None take SB3's values (:data:`PPO_DEFAULTS`: lr 3e-4,
+    ``n_steps=2048``, ``batch_size=64``, ``n_epochs=10``, ``gamma=0.99``,
+    ``gae_lambda=0.95``, ``max_grad_norm=0.5``), or, with the language-model policy
+    (``"LMPolicy"``), the text values of :data:`agents.text_ppo.TEXT_PPO_DEFAULTS` (a small
+    learning rate, ``gamma=1``, whole responses every rollout, an adaptive KL controller
+    holding a single-digit KL per response). Values passed explicitly are kept.
 
     :param policy: ``"MlpPolicy"``, ``"MultiInputPolicy"``, ``"LMPolicy"`` or a policy class
     :param env: env id, ``gymnasium.Env``, ``gymnasium.vector.VectorEnv`` or SB3 ``VecEnv``
     :param learning_rate: number, ``"lin_<x>"`` or schedule of the remaining progress
-    :param n_steps: steps per env per rollout
-    :param batch_size: minibatch size
+    :param n_steps: steps per env per rollout; with the LM policy the default is the text
+        env's ``max_new_tokens + 1``, so every env finishes a response in every rollout
+        (and ``rollout/score_mean``, ``rollout/kl_mean``, ``rollout/response_len_mean``
+        are in every log); a response still open at the end of a rollout continues in the next
+    :param batch_size: minibatch size (with the LM policy: tokens, made of whole responses)
     :param n_epochs: passes over each rollout
     :param gamma: discount factor
     :param gae_lambda: GAE's lambda
@@ -77,7 +103,7 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
         score normalisation, micro-batches, sample logging): an
         :class:`agents.text_ppo.RLHFConfig` or a dict of its fields. With the language-model
         policy (``"LMPolicy"``) PPO trains on whole responses, one forward per response
-        (see :mod:`agents.text_ppo`); for text use ``gamma=1.0``.
+        (see :mod:`agents.text_ppo`).
     :param fused_update: with the plain MLP policy (``ActorCriticPolicy``, Discrete or Box
         actions, same hidden sizes for both networks, tanh or ReLU), compute the loss's
         gradients by hand (:mod:`agents.fast_mlp`, equal to autograd's up to rounding,
@@ -92,18 +118,18 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
         self,
         policy: Any,
         env: Any,
-        learning_rate: Any = 3e-4,
-        n_steps: int = 2048,
-        batch_size: int = 64,
-        n_epochs: int = 10,
-        gamma: float = 0.99,
-        gae_lambda: float = 0.95,
+        learning_rate: Any = None,
+        n_steps: int | None = None,
+        batch_size: int | None = None,
+        n_epochs: int | None = None,
+        gamma: float | None = None,
+        gae_lambda: float | None = None,
         clip_range: Any = 0.2,
         clip_range_vf: Any = None,
         normalize_advantage: bool = True,
         ent_coef: float = 0.0,
         vf_coef: float = 0.5,
-        max_grad_norm: float = 0.5,
+        max_grad_norm: float | None = None,
         use_sde: bool = False,
         sde_sample_freq: int = -1,
         rollout_buffer_class: Any = None,
@@ -125,6 +151,15 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
         n_envs: int = 1,
         env_kwargs: dict[str, Any] | None = None,
     ):
+        # the arguments left out (None): SB3's defaults, or the text ones with the LM policy
+        text = names_lm_policy(policy)
+        given = dict(learning_rate=learning_rate, n_steps=n_steps, batch_size=batch_size, n_epochs=n_epochs,
+                     gamma=gamma, gae_lambda=gae_lambda, max_grad_norm=max_grad_norm)
+        defaults = TEXT_PPO_DEFAULTS if text else PPO_DEFAULTS
+        resolved = {k: defaults[k] if v is None else v for k, v in given.items()}
+        learning_rate, batch_size, n_epochs = resolved["learning_rate"], resolved["batch_size"], resolved["n_epochs"]
+        gamma, gae_lambda, max_grad_norm = resolved["gamma"], resolved["gae_lambda"], resolved["max_grad_norm"]
+        n_steps = resolved["n_steps"]
         if loss_type not in ("clip", "kl_penalty"):
             raise ValueError(f"loss_type must be 'clip' or 'kl_penalty', got {loss_type!r}")
         check_number("batch_size", batch_size, low=1, integer=True)
@@ -137,7 +172,7 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
             policy,
             env,
             learning_rate=learning_rate,
-            n_steps=n_steps,
+            n_steps=1 if n_steps is None else n_steps,  # None (text): set from the env below
             gamma=gamma,
             gae_lambda=gae_lambda,
             ent_coef=ent_coef,
@@ -157,6 +192,8 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
             n_envs=n_envs,
             env_kwargs=env_kwargs,
         )
+        if n_steps is None:
+            self.n_steps = text_rollout_steps(self.env) or TEXT_FALLBACK_N_STEPS
         self.batch_size = batch_size
         self.n_epochs = n_epochs
         self.clip_range = clip_range

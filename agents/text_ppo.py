@@ -46,9 +46,46 @@ from agents.segments import TextSegment, micro_batches, pack_segments, pad_field
 from agents.text_rollout import RolloutStats, collect_text_rollout, find_text_env
 
 
+# What PPO uses for the hyperparameters a user leaves out when the policy is the language-model
+# policy ("LMPolicy"): one table, read by PPO.__init__ and by RLHFConfig's defaults.
+TEXT_PPO_DEFAULTS: dict[str, Any] = {
+    # --- PPO's own arguments (SB3's defaults are for small MLPs: lr 3e-4, gamma 0.99, n_steps 2048) ---
+    "learning_rate": 1.41e-5,  # TRL's PPO sentiment example; full fine-tuning of a small LM
+    "n_steps": None,  # None: max_new_tokens + 1, the longest a response and its reset take, so every
+    #                   env finishes at least one response in every rollout (see text_rollout_steps)
+    "batch_size": 128,  # tokens per minibatch (made of whole responses)
+    "n_epochs": 4,  # TRL's ppo_epochs
+    "gamma": 1.0,  # the score arrives at the end of a short episode: no discount
+    "gae_lambda": 0.95,
+    "max_grad_norm": 1.0,
+    # --- RLHFConfig: the KL discipline (Ziegler et al. 2019; TRL's sentiment example: target 6) ---
+    "target_kl": 6.0,  # nats per response (summed over its tokens) the adaptive controller holds
+    "kl_horizon": 2_000,  # tokens over which a 20 % error moves kl_coef by 20 %
+    "kl_coef": None,  # initial coefficient; None: the env's own (TextRLHF's default 0.05)
+    "score_norm": True,  # running mean/std of the scores, so kl_coef means the same for any reward scale
+}
+
+
+def text_rollout_steps(env: Any) -> int | None:
+    """``max_new_tokens + 1`` of the text env behind ``env`` (None if there is none): a
+    rollout of that many steps per env holds at least one finished response per env, since
+    a response takes at most ``max_new_tokens`` steps plus one for its reset."""
+    text_env = find_text_env(env) if env is not None else None
+    max_new = getattr(text_env, "max_new_tokens", None)
+    return None if max_new is None else int(max_new) + 1
+
+
+def names_lm_policy(policy: Any) -> bool:
+    """Whether a ``policy`` argument (alias or class) names the language-model policy."""
+    if isinstance(policy, str):
+        return policy == "LMPolicy"
+    module = sys.modules.get("agents.policies.lm")
+    return module is not None and isinstance(policy, type) and issubclass(policy, module.LMActorCriticPolicy)
+
+
 @dataclass
 class RLHFConfig:
-    """Text-specific settings of PPO (and GRPO) on a ``TextRLHF`` env.
+    """Text-specific settings of PPO on a ``TextRLHF`` env (defaults: :data:`TEXT_PPO_DEFAULTS`).
 
     :param kl_coef: initial ``kl_coef`` written into the env (None keeps the env's own).
     :param target_kl: target KL per response (nats, summed over its tokens) of the
@@ -65,10 +102,10 @@ class RLHFConfig:
     :param n_samples: how many samples to log.
     """
 
-    kl_coef: float | None = None
-    target_kl: float | None = None
-    kl_horizon: int = 10_000
-    score_norm: bool = False
+    kl_coef: float | None = TEXT_PPO_DEFAULTS["kl_coef"]
+    target_kl: float | None = TEXT_PPO_DEFAULTS["target_kl"]
+    kl_horizon: int = TEXT_PPO_DEFAULTS["kl_horizon"]
+    score_norm: bool = TEXT_PPO_DEFAULTS["score_norm"]
     score_clip: float | None = None
     micro_batch_tokens: int = 4096
     sample_every: int = 5

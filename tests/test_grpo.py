@@ -44,6 +44,8 @@ def test_grpo_groups_kl_off_and_errors(tiny_lm_dir, tiny_prompts, length_reward)
         assert s.rewards[:-1].abs().max() == 0 if len(s) > 1 else True
         assert float(s.rewards[-1]) == pytest.approx(s.score, abs=1e-6)
     assert env.unwrapped.autoreset  # restored after the rollout
+    # the KL it optimises (beta * k3 to the reference), measured where the reference runs
+    assert np.isfinite(model.logger.name_to_value["rollout/kl_mean"])
     assert ALGOS["grpo"] is GRPO
     with pytest.raises(ValueError, match="multiple of group_size"):
         GRPO("LMPolicy", env, group_size=4)

@@ -102,7 +102,9 @@ def test_rollout_segments_match_the_env(tiny_lm_dir, tiny_prompts, length_reward
     the env's rewards (KL penalty per token, score on the last), contexts = prompts."""
     env = gym.make_vec("TextRLHF-v0", num_envs=3, model=str(tiny_lm_dir), reward_model=length_reward,
                        prompts=tiny_prompts, max_new_tokens=6, kl_coef=0.3, shared_model=False)
-    model = PPO("LMPolicy", env, n_steps=10, batch_size=16, n_epochs=1, learning_rate=1e-3, gamma=1.0, seed=0)
+    # the env's own rewards: no score normalisation, kl_coef fixed
+    model = PPO("LMPolicy", env, n_steps=10, batch_size=16, n_epochs=1, learning_rate=1e-3, gamma=1.0, seed=0,
+                rlhf=dict(score_norm=False, target_kl=None))
     model.learn(30)
     segments = model._segments
     finished = [s for s in segments if s.terminated]
@@ -228,3 +230,31 @@ def test_single_env_same_step_autoreset(tiny_prompts, length_reward, tiny_lm_dir
     assert all(not torch.isnan(s.ref_logprobs).any() for s in model._segments)
     assert env.unwrapped.kl_coef == pytest.approx(0.1 * (1 - 0.2 * 16 / 100) ** 2)  # fell 3.2 % per rollout
     assert env.unwrapped.kl_coef == pytest.approx(model._text_state.kl_controller.value)
+
+
+@pytest.mark.parametrize("vector", [True, False], ids=["batched-env", "single-env"])
+@pytest.mark.parametrize("max_new_tokens", [3, 6])
+def test_lm_defaults_finish_responses_in_every_rollout(tiny_lm_dir, tiny_prompts, length_reward, vector, max_new_tokens):
+    """``PPO("LMPolicy", text_env)`` with no hyperparameters takes the text defaults
+    (TEXT_PPO_DEFAULTS): n_steps = max_new_tokens + 1, so every env finishes a response in
+    every rollout and the text metrics are in every log; the adaptive KL controller is on."""
+    from agents.text_ppo import TEXT_PPO_DEFAULTS
+
+    kwargs = dict(model=str(tiny_lm_dir), reward_model=length_reward, prompts=tiny_prompts,
+                  max_new_tokens=max_new_tokens, shared_model=False)
+    env = gym.make_vec("TextRLHF-v0", num_envs=3, **kwargs) if vector else gym.make("TextRLHF-v0", **kwargs)
+    model = PPO("LMPolicy", env, seed=0)
+    assert model.n_steps == max_new_tokens + 1
+    for key in ("learning_rate", "batch_size", "n_epochs", "gamma", "gae_lambda", "max_grad_norm"):
+        assert getattr(model, key) == TEXT_PPO_DEFAULTS[key], key
+    assert model._text_state.config.target_kl == TEXT_PPO_DEFAULTS["target_kl"]
+    for i in range(max_new_tokens + 3):  # every phase of a response against the rollout
+        model.logger.name_to_value.clear()
+        model.learn(model.n_steps * model.n_envs, reset_num_timesteps=i == 0, log_interval=10**6)
+        assert len(model._last_rollout_stats.scores) >= model.n_envs, i  # one finished response per env at least
+        for key in ("rollout/score_mean", "rollout/kl_mean", "rollout/response_len_mean", "train/kl_coef"):
+            assert np.isfinite(model.logger.name_to_value[key]), (i, key)
+    # explicit values win; SB3's defaults without the LM policy
+    assert PPO("LMPolicy", env, n_steps=5, learning_rate=1e-3, gamma=0.9).n_steps == 5
+    cartpole = PPO("MlpPolicy", "CartPole-v1")
+    assert (cartpole.learning_rate, cartpole.n_steps, cartpole.gamma, cartpole.batch_size) == (3e-4, 2048, 0.99, 64)
