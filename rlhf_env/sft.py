@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from agents import distributed
-from rlhf_env.data import iter_jsonl
+from rlhf_env.data import Prompt, as_completion, as_prompt, dataset_rows, is_dataset, iter_jsonl, split_conversation
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.training import adamw, pad_right, resolve_lm, save_lm, seed_everything, summary_writer
 
@@ -42,42 +42,50 @@ class SFTConfig:
     seed: int = 0
 
 
-def load_sft_examples(path: Union[str, os.PathLike]) -> list[tuple[str, str]]:
-    """Read ``{"prompt", "response"}`` JSON Lines (preference files work too: their ``chosen`` is the response).
+def load_sft_examples(path: Union[str, os.PathLike]) -> list[tuple[Prompt, str]]:
+    """Read SFT examples from JSON Lines (or a ``datasets.Dataset``), one object a line in any of:
+    ``{"prompt", "response"}``; TRL's ``{"prompt", "completion"}`` (strings, or chat messages
+    with one assistant message as the completion); TRL's conversational ``{"messages": [...]}``
+    (the last message is the assistant's response, the ones before it the prompt); a
+    preference record (its ``chosen`` is the response).
 
     :raises ValueError: naming the file and line of a malformed line or a missing key
     """
+    if is_dataset(path):
+        return _as_examples(path)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SFT data file {str(path)!r} does not exist; pass JSON Lines with 'prompt' and 'response' keys")
-    out = []
-    for where, obj in iter_jsonl(path):
-        response = obj.get("response", obj.get("chosen")) if isinstance(obj, dict) else None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not isinstance(response, str):
-            raise ValueError(f"{where}: need string fields 'prompt' and 'response' (or 'chosen')")
-        out.append((obj["prompt"], response))
+    out = [_example_from_obj(obj, where) for where, obj in iter_jsonl(path)]
     if not out:
         raise ValueError(f"{path}: the file holds no examples")
     return out
 
 
-def _as_examples(examples) -> list[tuple[str, str]]:
+def _example_from_obj(obj: object, where: str) -> tuple[Prompt, str]:
+    if isinstance(obj, dict) and "messages" in obj and "prompt" not in obj:
+        return split_conversation(obj["messages"], where, "messages")
+    key = next((k for k in ("response", "completion", "chosen") if isinstance(obj, dict) and k in obj), None)
+    if not isinstance(obj, dict) or "prompt" not in obj or key is None:
+        raise ValueError(f"{where}: need 'prompt' and 'response' (or TRL's 'completion', or 'chosen'), or 'messages'")
+    return as_prompt(obj["prompt"], where), as_completion(obj[key], where, key)
+
+
+def _as_examples(examples) -> list[tuple[Prompt, str]]:
     if isinstance(examples, (str, os.PathLike)):
         return load_sft_examples(examples)
     out = []
-    for i, ex in enumerate(examples):
+    for i, ex in enumerate(dataset_rows(examples, "SFT examples")):
         if isinstance(ex, dict):
-            response = ex.get("response", ex.get("chosen"))
-            prompt = ex.get("prompt")
-        elif hasattr(ex, "prompt") and hasattr(ex, "chosen"):  # a PreferencePair
+            out.append(_example_from_obj(ex, f"example {i}"))
+            continue
+        if hasattr(ex, "prompt") and hasattr(ex, "chosen"):  # a PreferencePair
             prompt, response = ex.prompt, ex.chosen
         elif isinstance(ex, (tuple, list)) and len(ex) == 2:
             prompt, response = ex
         else:
             raise ValueError(f"example {i}: expected (prompt, response), a dict with 'prompt'/'response' or a PreferencePair")
-        if not isinstance(prompt, str) or not isinstance(response, str):
-            raise ValueError(f"example {i}: prompt and response must be strings")
-        out.append((prompt, response))
+        out.append((as_prompt(prompt, f"example {i}"), as_completion(response, f"example {i}", "response")))
     if not out:
         raise ValueError("no SFT examples given")
     return out

@@ -112,3 +112,83 @@ def test_handwritten_pairs_use_new_prompts():
     assert len(pairs) >= 20
     known = set(make_prompts())
     assert not any(p.prompt in known for p in pairs)
+
+
+# --- TRL's formats ------------------------------------------------------------------------
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def _assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+TRL_RECORDS = {
+    "conversational": {"prompt": [_user("What is 2+2?")], "chosen": [_assistant("4")], "rejected": [_assistant("5")]},
+    "implicit conversation": {"chosen": [_user("What is 2+2?"), _assistant("4")],
+                              "rejected": [_user("What is 2+2?"), _assistant("5")]},
+    "implicit text": {"chosen": "What is 2+2? 4", "rejected": "What is 2+2? 5"},
+}
+
+
+@pytest.mark.parametrize("name", list(TRL_RECORDS))
+def test_trl_preference_formats_read_as_the_flat_pair(tmp_path, name):
+    path = _write(tmp_path / "trl.jsonl", [json.dumps(TRL_RECORDS[name])] * 2)
+    expected = PreferencePair("What is 2+2?", "4", "5") if name != "implicit text" else PreferencePair("What is 2+2?", " 4", " 5")
+    assert load_preferences(path) == [expected, expected]
+    assert as_pairs([TRL_RECORDS[name]]) == [expected]
+
+
+def test_a_system_message_keeps_the_prompt_as_messages(tmp_path):
+    record = {"prompt": [{"role": "system", "content": "Be brief."}, _user("Hi")], "chosen": [_assistant("Hello")],
+              "rejected": [_assistant("Go away")]}
+    (pair,) = load_preferences(_write(tmp_path / "sys.jsonl", [json.dumps(record)]))
+    assert pair.prompt == ({"role": "system", "content": "Be brief."}, _user("Hi")) and pair.chosen == "Hello"
+    assert len({pair.prompt: 1}) == 1  # hashable: trainers group pairs by prompt
+    save_preferences([pair], tmp_path / "out.jsonl")
+    assert load_preferences(tmp_path / "out.jsonl") == [pair]
+
+
+def test_a_datasets_dataset_is_accepted():
+    from datasets import Dataset, DatasetDict
+
+    ds = Dataset.from_list([TRL_RECORDS["conversational"], TRL_RECORDS["conversational"]])
+    assert load_preferences(ds) == [PreferencePair("What is 2+2?", "4", "5")] * 2
+    with pytest.raises(ValueError, match=r"pass one split, e\.g\. data\['train'\]"):
+        as_pairs(DatasetDict(train=ds))
+
+
+@pytest.mark.parametrize(
+    "record,match",
+    [
+        ({"prompt": [_user("q")], "chosen": [_user("x")], "rejected": [_assistant("y")]}, r"bad\.jsonl:2: 'chosen' must be ONE assistant message"),
+        ({"chosen": [_user("a"), _assistant("x")], "rejected": [_user("b"), _assistant("y")]}, r"bad\.jsonl:2: .* must share the prompt"),
+        ({"chosen": "abc", "rejected": "xyz"}, r"bad\.jsonl:2: no 'prompt', and 'chosen' and 'rejected' share no beginning"),
+        ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, r"bad\.jsonl:2: message 0 must be"),
+        ({"chosen": [_assistant("x")], "rejected": [_assistant("y")]}, r"bad\.jsonl:2: without 'prompt', 'chosen' must be a conversation"),
+    ],
+)
+def test_malformed_trl_records_name_file_and_line(tmp_path, record, match):
+    ok = json.dumps(TRL_RECORDS["conversational"])
+    with pytest.raises(ValueError, match=match):
+        load_preferences(_write(tmp_path / "bad.jsonl", [ok, json.dumps(record)]))
+
+
+def test_sft_reads_trl_formats(tmp_path):
+    from datasets import Dataset
+
+    from rlhf_env.sft import load_sft_examples
+
+    records = [
+        {"prompt": "What is 2+2?", "completion": "4"},
+        {"prompt": [_user("What is 2+2?")], "completion": [_assistant("4")]},
+        {"messages": [_user("What is 2+2?"), _assistant("4")]},
+        {"prompt": "What is 2+2?", "response": "4"},
+        TRL_RECORDS["conversational"],
+    ]
+    path = _write(tmp_path / "sft.jsonl", [json.dumps(r) for r in records])
+    assert load_sft_examples(path) == [("What is 2+2?", "4")] * 5
+    assert load_sft_examples(Dataset.from_list(records[2:3])) == [("What is 2+2?", "4")]
+    bad = _write(tmp_path / "bad_sft.jsonl", [json.dumps(records[0]), json.dumps({"messages": [_user("only a question")]})])
+    with pytest.raises(ValueError, match=r"bad_sft\.jsonl:2: without 'prompt', 'messages' must be a conversation"):
+        load_sft_examples(bad)

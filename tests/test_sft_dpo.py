@@ -396,3 +396,21 @@ def test_cli_dpo_trains_on_the_default_pairs_by_default(tiny_lm, tmp_path, monke
     assert main(["dpo", "--model", str(tiny_lm), "--eval", "none", "--output", str(tmp_path / "dpo2"), "--epochs", "1",
                  "--no-group-by-prompt", "--no-progress"]) == 0
     assert given == [1, 1]
+
+
+def test_trainers_take_trl_conversational_datasets(tiny_lm):
+    """A datasets.Dataset of TRL conversational records trains as the flat pairs do."""
+    from datasets import Dataset
+
+    records = [{"prompt": [{"role": "user", "content": p.prompt}], "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}]} for p in PAIRS]
+    config = DPOConfig(learning_rate=3e-3, batch_size=2, epochs=1, trainable_layers=None)
+    flat, _ = train_dpo(PAIRS, str(tiny_lm), beta=0.5, config=config, eval_pairs=PAIRS, progress=False)
+    conv, _ = train_dpo(Dataset.from_list(records), str(tiny_lm), beta=0.5, config=config, eval_pairs=records, progress=False)
+    assert conv.dpo_metrics == pytest.approx(flat.dpo_metrics)
+    sft_config = SFTConfig(learning_rate=3e-3, batch_size=2, epochs=1)
+    messages = Dataset.from_list([{"messages": [*r["prompt"], *r["chosen"]]} for r in records])
+    a, _ = train_sft([(p.prompt, p.chosen) for p in PAIRS], str(tiny_lm), config=sft_config, progress=False)
+    b, _ = train_sft(messages, str(tiny_lm), config=sft_config, progress=False)
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
