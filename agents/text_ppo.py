@@ -209,6 +209,13 @@ def record_rollout_stats(algo: Any, stats: RolloutStats, state: TextPPOState, kl
         logger.record("rollout/response_len_mean", float(np.mean(stats.lengths)))
     if stats.kls:  # (GRPO and RLOO measure it in train(), where the reference runs)
         logger.record("rollout/kl_mean", float(np.mean(stats.kls)))
+    for key, values in stats.rewards.items():
+        # each reward function over the responses it applies to (TRL's rewards/{name}/mean, /std)
+        applied = np.asarray(values, dtype=np.float64)
+        applied = applied[~np.isnan(applied)]
+        if applied.size:
+            logger.record(f"{key}/mean", float(applied.mean()))
+            logger.record(f"{key}/std", float(applied.std()))
     if kl_coef is not None:
         logger.record("train/kl_coef", float(kl_coef))
     cfg = state.config

@@ -12,6 +12,17 @@ import torch
 from agents import distributed
 from agents.segments import TextSegment
 
+def _reward_keys(infos: Any) -> list[str]:
+    """The ``rewards/{name}`` keys (per reward function values) present in a step's infos."""
+    if isinstance(infos, dict):
+        keys = list(infos) + list(infos.get("final_info") or {})
+    elif isinstance(infos, (list, tuple)):
+        keys = [k for info in infos for k in info]
+    else:
+        return []
+    return list(dict.fromkeys(k for k in keys if isinstance(k, str) and k.startswith("rewards/")))
+
+
 def _info_value(infos: Any, key: str, i: int) -> Any:
     """``infos[key]`` of sub-env ``i`` for Gymnasium vector infos (dict of arrays with a
     ``_key`` mask) and SB3 infos (list of dicts); None when it is not set for ``i``."""
@@ -57,6 +68,9 @@ class RolloutStats:
     kls: list[float] = field(default_factory=list)  # KL per finished response (sum of per-token kl)
     lengths: list[int] = field(default_factory=list)
     samples: list[tuple[str, str, float]] = field(default_factory=list)  # (prompt, response, score)
+    # each reward function's value per finished response (the env's info["rewards/{name}"],
+    # NaN where the function does not apply), logged as rewards/{name}/mean and /std
+    rewards: dict[str, list[float]] = field(default_factory=dict)
     n_steps: int = 0
 
 
@@ -204,6 +218,9 @@ def collect_text_rollout(
                     stats.kls.append(float(algo._response_kl[i]))
                     stats.lengths.append(int(algo._response_len[i]))
                     stats.samples.append((str(prompt or ""), str(response or ""), float(score)))
+                    for key in _reward_keys(step.infos):
+                        value = _info_value(step.infos, key, i)
+                        stats.rewards.setdefault(key, []).append(float("nan") if value is None else float(value))
                 open_segs[i] = None
                 finished_once[i] = True
                 algo._response_kl[i] = 0.0
