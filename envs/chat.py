@@ -132,3 +132,31 @@ def _without_system(tokenizer: Any, messages: list[dict]) -> str:
     bos = tokenizer.bos_token
     lead = bos if bos and "bos_token" in tokenizer.chat_template and head.startswith(bos) else ""
     return lead + text[len(head):]
+
+
+def encode_env_prompt(
+    tokenizer: Any, prompt: Any, max_prompt_tokens: int, where: str = "prompt", system_prompt: Any = TEMPLATE_DEFAULT
+) -> list[int]:
+    """The token ids of ``prompt`` as the env's first observation holds them; an empty
+    encoding, or one longer than ``max_prompt_tokens``, is a ``ValueError`` naming ``where``
+    and the prompt budget (how many tokens the prompt's text takes and how many the chat
+    template and system message add)."""
+    ids = encode_chat(tokenizer, prompt, system_prompt)
+    if not ids:
+        raise ValueError(f"{where} ({prompt!r}) encodes to zero tokens and the tokenizer has no BOS token")
+    if len(ids) > max_prompt_tokens:
+        messages = [m for m in as_messages(prompt) if m["role"] != "system"]
+        text = sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in messages)
+        hint = ""
+        if system_prompt is TEMPLATE_DEFAULT and getattr(tokenizer, "chat_template", None) and not any(
+            m["role"] == "system" for m in as_messages(prompt)
+        ):
+            saved = len(ids) - len(encode_chat(tokenizer, prompt, None))
+            if saved > 0:
+                hint = f", or system_prompt=None to drop the template's default system message ({saved} tokens)"
+        raise ValueError(
+            f"{where} is {len(ids)} tokens long after the chat template, more than max_prompt_tokens={max_prompt_tokens}: "
+            f"{text} of prompt text and {len(ids) - text} of chat template/system message; shorten it, pass a larger "
+            f"max_prompt_tokens{hint} (prompt starts {prompt_text(prompt)[:60]!r})"
+        )
+    return ids

@@ -58,6 +58,22 @@ def test_system_prompt_string_and_a_rows_own_system_message(chat_tokenizer):
     assert encode_chat(chat_tokenizer, [{"role": "user", "content": "Hi"}], None) == encode_chat(chat_tokenizer, "Hi", None)
 
 
+def test_a_refused_prompt_reports_the_budget(chat_tokenizer):
+    from envs.chat import encode_env_prompt
+
+    total = len(encode_chat(chat_tokenizer, "Hi"))
+    bare = len(encode_chat(chat_tokenizer, "Hi", None))
+    text = len(chat_tokenizer("Hi", add_special_tokens=False)["input_ids"])
+    expected = (
+        rf"prompts\[3\] is {total} tokens long after the chat template, more than max_prompt_tokens={total - 1}: "
+        rf"{text} of prompt text and {total - text} of chat template/system message; shorten it, pass a larger "
+        rf"max_prompt_tokens, or system_prompt=None to drop the template's default system message \({total - bare} tokens\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        encode_env_prompt(chat_tokenizer, "Hi", total - 1, "prompts[3]")
+    assert encode_env_prompt(chat_tokenizer, "Hi", bare, "prompts[3]", system_prompt=None) == encode_chat(chat_tokenizer, "Hi", None)
+
+
 def test_without_a_template_messages_are_joined_after_bos(tiny_lm_dir):
     from transformers import AutoTokenizer
 
