@@ -6,7 +6,7 @@ each response relative to its group as the advantage of every one of its tokens.
 Per iteration:
 
 1. ``n_envs / group_size`` prompts are drawn; the batched text env is reset with each
-   prompt repeated ``group_size`` times (``reset(options={"prompt": [...]})``) and runs
+   row repeated ``group_size`` times (``reset(options={"row": [...]})``) and runs
    until every sub-env has finished its response.
 2. ``A_i = (score_i - mean(group)) / (std(group) + eps)`` for response ``i``, on each of
    its tokens.
@@ -202,7 +202,8 @@ class GRPO(OnPolicyAlgorithm):
         self.micro_batch_tokens = int(micro_batch_tokens)
         self.sample_every = int(sample_every)
         self._iteration = 0
-        self._prompt_rng = np.random.default_rng(seed)
+        # each torchrun rank draws its own rows (seed + rank * n_envs, as the envs are seeded)
+        self._prompt_rng = np.random.default_rng(distributed.rank_seed(seed, self.n_envs))
         if _init_setup_model:
             self._setup_model()
 
@@ -253,12 +254,13 @@ class GRPO(OnPolicyAlgorithm):
 
     # --- rollout ----------------------------------------------------------------------
     def _reset_to_groups(self) -> list[int]:
-        """Reset the env: prompt ``k`` in sub-envs ``k*G .. k*G+G-1``."""
+        """Reset the env: row ``k`` of the group draw in sub-envs ``k*G .. k*G+G-1`` (by row
+        index, so each response is scored with its own row's columns)."""
         text_env = self._text_env()
         n_prompts = self.n_envs // self.group_size
-        chosen = self._prompt_rng.choice(len(text_env.prompts), size=n_prompts, replace=n_prompts > len(text_env.prompts))
-        prompts = [text_env.prompts[int(k)] for k in chosen for _ in range(self.group_size)]
-        obs, _ = text_env.reset(options={"prompt": prompts})
+        n_rows = len(text_env.prompts)
+        chosen = self._prompt_rng.choice(n_rows, size=n_prompts, replace=n_prompts > n_rows)
+        obs, _ = text_env.reset(options={"row": [int(k) for k in chosen for _ in range(self.group_size)]})
         self.env._prev_done[:] = False
         self._last_obs = obs
         self._last_episode_starts = np.ones(self.n_envs, dtype=bool)

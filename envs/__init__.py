@@ -16,6 +16,8 @@ _LAZY = {
     "TextRLHFVectorEnv": "envs.text_vec_env",
     "SB3VecEnv": "envs.wrappers",
     "encode_prompt": "envs.prompt",
+    "TEMPLATE_DEFAULT": "envs.prompt",
+    "RewardFunctionError": "envs.reward_funcs",
 }
 
 __all__ = list(_LAZY)

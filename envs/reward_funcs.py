@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from envs.chat import is_conversational, prompt_text
+from envs.prompt import is_conversational, prompt_text
 from envs.rows import columns_of
 
 

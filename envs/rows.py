@@ -1,7 +1,7 @@
 """Task rows: the prompts of a text env, each with the columns its reward functions read.
 
 A row is a dict with a ``"prompt"`` (a string, or a list of chat messages, see
-:mod:`envs.chat`) and any other columns (``"answer"``, ``"tests"``, ``"difficulty"``, ...).
+:mod:`envs.prompt`) and any other columns (``"answer"``, ``"tests"``, ``"difficulty"``, ...).
 The env keeps the rows in order and every sub-env remembers the index of the row it is
 answering, so a reward sees the columns of that very row (never looked up by prompt text:
 two rows with the same prompt and different answers stay apart).
@@ -14,9 +14,10 @@ the env (``rlhf_env``); the env takes rows.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
-from envs.chat import check_messages
+from envs.prompt import check_messages
 
 # names a reward function receives besides the columns (TRL's call)
 RESERVED = ("prompts", "completions", "completion_ids")
@@ -66,8 +67,20 @@ def as_rows(dataset: Any, where: str = "dataset") -> list[dict[str, Any]]:
     return out
 
 
-def prompt_rows(prompts: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of a plain prompt list (``prompts=``, the short form of ``dataset=``)."""
+def prompt_rows(prompts: Any) -> list[dict[str, Any]]:
+    """Rows of a plain prompt list (``prompts=``, the short form of ``dataset=``): a non-empty
+    sequence of strings (files and the shipped set are read by ``rlhf_env``'s registration,
+    which passes the list)."""
+    if prompts is None or isinstance(prompts, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"prompts must be a list of strings, got {type(prompts).__name__} {prompts!r}: to read a file or "
+            "the shipped set, make the env by id (import rlhf_env; gym.make('TextRLHF-v0', prompts=PATH))"
+        )
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be strings (rows with chat messages or columns go in dataset=)")
+    if len(prompts) == 0:
+        raise ValueError("the prompt list is empty: pass prompts=[...] with at least one prompt (or a non-empty file)")
     return [{"prompt": p} for p in prompts]
 
 

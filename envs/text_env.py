@@ -25,7 +25,6 @@ truncating a chat-formatted prompt would silently cut its header.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
@@ -34,48 +33,23 @@ import torch
 
 from envs.contexts import Contexts
 from envs.lm_core import LMCore, build_core
-from envs.prompt import encode_env_prompt
+from envs.prompt import TEMPLATE_DEFAULT, prompt_text
 from envs.reference import check_reference_share
 from envs.sampling import KL_ESTIMATORS
 from envs.spaces import LMHandle, TextObservationSpace
+from envs.task import Task
 
 
-def check_prompts(prompts: Any) -> list[str]:
-    """The env's prompt list: a non-empty sequence of strings (files and the shipped set are
-    read by ``rlhf_env``'s registration, which passes the list)."""
-    if prompts is None or isinstance(prompts, (str, os.PathLike)):
-        raise TypeError(
-            f"prompts must be a list of strings, got {type(prompts).__name__} {prompts!r}: to read a file or "
-            "the shipped set, make the env by id (import rlhf_env; gym.make('TextRLHF-v0', prompts=PATH))"
-        )
-    prompts = list(prompts)
-    if not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be strings")
-    if len(prompts) == 0:
-        raise ValueError("the prompt list is empty: pass prompts=[...] with at least one prompt (or a non-empty file)")
-    return prompts
-
-
-def check_reward(reward_model: Any) -> Callable:
-    """The env's reward: a callable ``(prompts, responses) -> scores`` (names and reward-model
-    directories are resolved by ``rlhf_env``'s registration)."""
-    if not callable(reward_model):
+def check_reward(reward_model: Any) -> Callable | None:
+    """The env's reward model: None or a callable ``(prompts, responses) -> scores`` (names
+    and reward-model directories are resolved by ``rlhf_env``'s registration)."""
+    if reward_model is not None and not callable(reward_model):
         raise TypeError(
             f"reward_model must be a callable (prompts, responses) -> scores, got {reward_model!r}: to use a "
             "name or a reward-model directory, make the env by id (import rlhf_env; gym.make('TextRLHF-v0', "
             "reward_model=...))"
         )
     return reward_model
-
-
-def as_scores(values: Any, n: int) -> np.ndarray:
-    """Reward-model output as a float64 array of length ``n``."""
-    if isinstance(values, torch.Tensor):
-        values = values.detach().float().cpu().numpy()
-    scores = np.asarray(values, dtype=np.float64).reshape(-1)
-    if scores.shape[0] != n:
-        raise ValueError(f"the reward model returned {scores.shape[0]} scores for {n} responses")
-    return scores
 
 
 class TextRLHFEnv(gym.Env):
@@ -87,8 +61,9 @@ class TextRLHFEnv(gym.Env):
     this class (:mod:`rlhf_env.registration`).
 
     :param model: the actor, a Hugging Face causal LM module (trained by the policy)
-    :param reward_model: a callable ``(prompts, responses) -> scores``
-    :param prompts: the prompt strings (a non-empty sequence)
+    :param reward_model: a callable ``(prompts, responses) -> scores``, or None when
+        ``reward_funcs`` give the score
+    :param prompts: the prompt strings (a non-empty sequence; the short form of ``dataset``)
     :param max_new_tokens: response length at which the episode ends
     :param max_prompt_tokens: longest prompt in tokens (after the chat template); longer
         prompts are an error
@@ -114,6 +89,16 @@ class TextRLHFEnv(gym.Env):
     :param lm_spec: how to rebuild the actor in another process (a policy loaded from disk
         without its env): ``{"model": name or path, "loader": "module:function", ...}``,
         set by ``rlhf_env``'s registration; None records the model's ``name_or_path``
+    :param dataset: rows instead of ``prompts``: dicts with a ``"prompt"`` (a string or a list
+        of chat messages) and any other columns, or a ``datasets.Dataset``; each reward
+        function gets the columns of the rows it scores (see :mod:`envs.reward_funcs`)
+    :param reward_funcs: a callable or a list, TRL's convention
+        ``f(prompts, completions, completion_ids, **columns) -> list of float or None``;
+        the score is their weighted sum (plus ``reward_model``'s score when given)
+    :param reward_weights: one weight per reward function (default 1 each)
+    :param system_prompt: the system message of every prompt without its own:
+        ``TEMPLATE_DEFAULT`` (default: the chat template decides; SmolLM2's adds its default
+        system message), a string, or None (no system message at all)
     """
 
     metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
@@ -137,24 +122,31 @@ class TextRLHFEnv(gym.Env):
         shared_model: bool = True,
         reference_share: str = "auto",
         lm_spec: dict[str, Any] | None = None,
+        dataset: Any = None,
+        reward_funcs: Any = None,
+        reward_weights: Sequence[float] | None = None,
+        system_prompt: Any = TEMPLATE_DEFAULT,
     ):
         super().__init__()
         check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
         reference_share = check_reference_share(reference_share)  # before the (slow) model load
         self.reward_model = check_reward(reward_model)
-        self.prompts = check_prompts(prompts)
         self.core: LMCore = build_core(model, tokenizer, reference, temperature, top_k, dtype, shared_model, lm_spec)
         self.max_new_tokens = int(max_new_tokens)
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.kl_coef = float(kl_coef)
         self.kl_estimator = kl_estimator
         self.render_mode = render_mode
-        self.prompt_ids = [self.encode(p, where=f"prompts[{i}]") for i, p in enumerate(self.prompts)]
+        self.task = Task(self.core.tokenizer, self.max_prompt_tokens, prompts, dataset, system_prompt, self.reward_model,
+                         reward_funcs, reward_weights)
+        self.rows, self.prompts, self.prompt_ids = self.task.rows, self.task.prompts, self.task.prompt_ids
         length = self.max_prompt_tokens + self.max_new_tokens
         self.observation_space = TextObservationSpace(length, self.core.vocab_size, LMHandle(self.core))
         self.action_space = gym.spaces.Discrete(self.core.vocab_size)
         self.contexts = Contexts(self.core, 1, reference_share)
         self._prompt: str | None = None
+        self._row: int | None = None
+        self._prompt_obj: Any = None  # the row's prompt as given (a string or chat messages)
         self._response_ids: list[int] = []
         self._done = True
 
@@ -174,32 +166,37 @@ class TextRLHFEnv(gym.Env):
         """The tokenizer of the actor and the reference."""
         return self.core.tokenizer
 
-    def encode(self, prompt: str, where: str = "prompt") -> list[int]:
-        """Prompt token ids (chat template where the model has one), checked against
-        ``max_prompt_tokens``."""
-        return encode_env_prompt(self.core.tokenizer, prompt, self.max_prompt_tokens, where)
+    def encode(self, prompt: Any, where: str = "prompt") -> list[int]:
+        """Prompt token ids (a string or chat messages, chat template where the model has
+        one, the env's system prompt), checked against ``max_prompt_tokens``."""
+        return self.task.encode(prompt, where)
 
     # -- Gymnasium API -------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        """Start a new response. ``options={"prompt": text}`` sets the prompt; otherwise one is
-        drawn from the prompt list with the env's seeded generator.
+        """Start a new response. ``options={"row": i}`` answers row ``i`` of the dataset,
+        ``options={"prompt": text}`` a prompt given by text (no row: its columns are None);
+        otherwise a row is drawn with the env's seeded generator.
 
-        :return: ``(observation, {"prompt": text, "prompt_ids": list of ids})``
+        :return: ``(observation, {"prompt": text, "prompt_ids": list of ids, "row": index or None})``
         """
         super().reset(seed=seed)
-        if options and options.get("prompt") is not None:
-            prompt = options["prompt"]
+        if options and options.get("row") is not None:
+            row = self.task.check_index(options["row"], 'options["row"]')
+            prompt, ids = self.rows[row]["prompt"], self.prompt_ids[row]
+        elif options and options.get("prompt") is not None:
+            row, prompt = None, options["prompt"]
             ids = self.encode(prompt, where='options["prompt"]')
         else:
-            i = int(self.np_random.integers(len(self.prompts)))
-            prompt, ids = self.prompts[i], self.prompt_ids[i]
-        self._prompt = prompt
+            row = self.task.draw(self.np_random)
+            prompt, ids = self.rows[row]["prompt"], self.prompt_ids[row]
+        self._row, self._prompt_obj = row, prompt
+        prompt = self._prompt = prompt_text(prompt)
         self._response_ids = []
         self._done = False
         self.contexts.set_prompts([0], [ids])
         if self.render_mode == "human":
             self.render()
-        return self._observation(), {"prompt": prompt, "prompt_ids": list(ids)}
+        return self._observation(), {"prompt": prompt, "prompt_ids": list(ids), "row": row}
 
     def step(self, action):
         """Append token ``action``; see the module docstring for the reward.
@@ -226,9 +223,11 @@ class TextRLHFEnv(gym.Env):
         info: dict[str, Any] = {"logprob": logprob, "ref_logprob": ref_logprob, "kl": kl}
         if terminated:
             response = self.decode(self._response_ids)
-            score = float(as_scores(self.reward_model([self._prompt], [response]), 1)[0])
+            scores, values = self.task.score([self._row], [self._prompt_obj], [response], [self._response_ids])
+            score = float(scores[0])
             reward += score
-            info.update(score=score, prompt=self._prompt, response=response)
+            info.update(score=score, prompt=self._prompt, response=response, row=self._row)
+            info.update({key: float(v[0]) for key, v in values.items()})
             self._done = True
             # the context is complete; no forward is needed for a next state
             self.contexts.ids[0].append(token)

@@ -40,10 +40,11 @@ from gymnasium.vector.utils import batch_space
 
 from envs.contexts import Contexts
 from envs.lm_core import LMCore, build_core
+from envs.prompt import TEMPLATE_DEFAULT, prompt_text
 from envs.reference import check_reference_share
 from envs.spaces import LMHandle, TextObservationSpace
-from envs.prompt import encode_env_prompt
-from envs.text_env import check_config, as_scores, check_prompts, check_reward
+from envs.task import Task
+from envs.text_env import check_config, check_reward
 
 
 class TextRLHFVectorEnv(VectorEnv):
@@ -53,8 +54,10 @@ class TextRLHFVectorEnv(VectorEnv):
     ``autoreset_mode`` (``"NextStep"``, the default, or ``"SameStep"``) and
     ``reference_logprobs`` (default True; False: no per-token reference forward, no
     ``ref_logprob``/``kl`` info, requires ``kl_coef=0``).
-    ``reset(seed=s)`` seeds sub-env ``i`` with ``s + i``; ``reset(options={"prompt": p})`` with
-    a string or a list of ``num_envs`` strings sets the prompts.
+    ``reset(seed=s)`` seeds sub-env ``i`` with ``s + i``; ``reset(options={"row": r})`` with
+    a row index or a list of ``num_envs`` row indices (None entries draw) starts those rows
+    of the dataset (GRPO's groups); ``reset(options={"prompt": p})`` with a string or a list
+    of ``num_envs`` strings sets prompts by text (no row: their columns are None).
     """
 
     metadata = {"render_modes": ["ansi", "human"], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -81,6 +84,10 @@ class TextRLHFVectorEnv(VectorEnv):
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
         reference_logprobs: bool = True,
         lm_spec: dict[str, Any] | None = None,
+        dataset: Any = None,
+        reward_funcs: Any = None,
+        reward_weights: Sequence[float] | None = None,
+        system_prompt: Any = TEMPLATE_DEFAULT,
     ):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -93,14 +100,15 @@ class TextRLHFVectorEnv(VectorEnv):
         self.metadata = {**self.metadata, "autoreset_mode": mode}
         reference_share = check_reference_share(reference_share)  # before the (slow) model load
         self.reward_model = check_reward(reward_model)
-        self.prompts = check_prompts(prompts)
         self.core: LMCore = build_core(model, tokenizer, reference, temperature, top_k, dtype, shared_model, lm_spec)
         self.max_new_tokens = int(max_new_tokens)
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.kl_coef = float(kl_coef)
         self.kl_estimator = kl_estimator
         self.render_mode = render_mode
-        self.prompt_ids = [self._encode(p, f"prompts[{i}]") for i, p in enumerate(self.prompts)]
+        self.task = Task(self.core.tokenizer, self.max_prompt_tokens, prompts, dataset, system_prompt, self.reward_model,
+                         reward_funcs, reward_weights)
+        self.rows, self.prompts, self.prompt_ids = self.task.rows, self.task.prompts, self.task.prompt_ids
         length = self.max_prompt_tokens + self.max_new_tokens
         self.single_observation_space = TextObservationSpace(length, self.core.vocab_size, LMHandle(self.core))
         self.single_action_space = gym.spaces.Discrete(self.core.vocab_size)
@@ -109,6 +117,8 @@ class TextRLHFVectorEnv(VectorEnv):
         self.contexts = Contexts(self.core, self.num_envs, reference_share)
         self._rngs = [np.random.default_rng() for _ in range(self.num_envs)]
         self._prompts: list[str | None] = [None] * self.num_envs
+        self._rows: list[int | None] = [None] * self.num_envs  # the row each sub-env answers (None: a prompt given by text)
+        self._prompt_objs: list[Any] = [None] * self.num_envs  # each sub-env's prompt as given (string or messages)
         self._responses: list[list[int]] = [[] for _ in range(self.num_envs)]
         self._autoreset = np.zeros(self.num_envs, dtype=bool)
         # False: finished sub-envs stay idle until reset() (for whole-batch rollouts, GRPO)
@@ -148,8 +158,10 @@ class TextRLHFVectorEnv(VectorEnv):
     def tokenizer(self):
         return self.core.tokenizer
 
-    def _encode(self, prompt: str, where: str) -> list[int]:
-        return encode_env_prompt(self.core.tokenizer, prompt, self.max_prompt_tokens, where)
+    @property
+    def row_indices(self) -> list[int | None]:
+        """The dataset row each sub-env is answering (None for a prompt set by text)."""
+        return list(self._rows)
 
     # -- Gymnasium vector API --------------------------------------------------------------
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
@@ -162,14 +174,13 @@ class TextRLHFVectorEnv(VectorEnv):
             if len(seeds) != self.num_envs:
                 raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} sub-envs")
             self._rngs = [np.random.default_rng(s) for s in seeds]
-        fixed = (options or {}).get("prompt")
-        if isinstance(fixed, str) or fixed is None:
-            fixed = [fixed] * self.num_envs
-        elif len(fixed) != self.num_envs:
-            raise ValueError(f'options["prompt"] has {len(fixed)} prompts for {self.num_envs} sub-envs')
-        rows = list(range(self.num_envs))
+        fixed = self._per_env(options, "prompt", "prompts", lambda v: isinstance(v, str) or (
+            isinstance(v, list) and bool(v) and isinstance(v[0], dict)))
+        rows = self._per_env(options, "row", "row indices", lambda v: isinstance(v, (int, np.integer)))
+        if any(r is not None for r in rows) and any(p is not None for p in fixed):
+            raise ValueError('reset options set both "row" and "prompt": give one of them')
         infos: dict[str, Any] = {}
-        self._start(rows, fixed, infos)
+        self._start(list(range(self.num_envs)), fixed, infos, rows)
         self._autoreset[:] = False
         self._started = True
         return self._observations(), infos
@@ -239,12 +250,16 @@ class TextRLHFVectorEnv(VectorEnv):
         if finished:
             responses = [self._decode(self._responses[row]) for row in finished]
             prompts = [self._prompts[row] for row in finished]
-            scores = as_scores(self.reward_model(prompts, responses), len(finished))
+            scores, values = self.task.score([self._rows[row] for row in finished], [self._prompt_objs[row] for row in finished],
+                                             responses, [self._responses[row] for row in finished])
             rewards[finished] += scores
             terminated[finished] = True
             _put(infos, "score", finished, scores, n)
             _put(infos, "prompt", finished, prompts, n, dtype=object)
             _put(infos, "response", finished, responses, n, dtype=object)
+            _put(infos, "row", finished, [self._rows[row] for row in finished], n, dtype=object)
+            for key, value in values.items():
+                _put(infos, key, finished, value, n)
         if reset_rows:
             self._start(reset_rows, [None] * len(reset_rows), infos)
         if finished and same_step:
@@ -270,23 +285,39 @@ class TextRLHFVectorEnv(VectorEnv):
         return "\n".join(lines)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _start(self, rows: list[int], fixed: list[str | None], infos: dict[str, Any]) -> None:
-        prompts, ids = [], []
-        for row, text in zip(rows, fixed):
+    def _per_env(self, options: dict[str, Any] | None, key: str, what: str, single: Any) -> list[Any]:
+        """``options[key]`` as one entry per sub-env (a single value applies to all)."""
+        value = (options or {}).get(key)
+        if value is None or single(value):
+            return [value] * self.num_envs
+        value = list(value)
+        if len(value) != self.num_envs:
+            raise ValueError(f'options["{key}"] has {len(value)} {what} for {self.num_envs} sub-envs')
+        return value
+
+    def _start(self, envs: list[int], fixed: list[Any], infos: dict[str, Any], rows: list[int | None] | None = None) -> None:
+        """Start sub-envs ``envs``: on the prompt given by text in ``fixed``, else on the row
+        given in ``rows``, else on a row drawn with the sub-env's generator."""
+        prompts, ids, starts = [], [], []
+        for j, (env, text) in enumerate(zip(envs, fixed)):
+            row = None if text is not None else rows[j] if rows is not None and rows[j] is not None else self.task.draw(self._rngs[env])
             if text is not None:
-                prompt, prompt_ids = text, self._encode(text, 'options["prompt"]')
+                prompt, prompt_ids = text, self.task.encode(text, 'options["prompt"]')
             else:
-                i = int(self._rngs[row].integers(len(self.prompts)))
-                prompt, prompt_ids = self.prompts[i], self.prompt_ids[i]
-            self._prompts[row] = prompt
-            self._responses[row] = []
-            prompts.append(prompt)
+                row = self.task.check_index(row, f'options["row"][{env}]')
+                prompt, prompt_ids = self.rows[row]["prompt"], self.prompt_ids[row]
+            self._rows[env], self._prompt_objs[env] = row, prompt
+            self._prompts[env] = prompt_text(prompt)
+            self._responses[env] = []
+            prompts.append(self._prompts[env])
             ids.append(list(prompt_ids))
-        self.contexts.set_prompts(rows, ids)
-        # a reset row's prompt replaces the one a finishing row reports on the same step only
-        # if both happen to one row, which NEXT_STEP autoreset rules out
-        _put(infos, "prompt", rows, prompts, self.num_envs, dtype=object)
-        _put(infos, "prompt_ids", rows, ids, self.num_envs, dtype=object)
+            starts.append(row)
+        self.contexts.set_prompts(envs, ids)
+        # a reset sub-env's prompt replaces the one a finishing sub-env reports on the same step
+        # only if both happen to one sub-env, which NEXT_STEP autoreset rules out
+        _put(infos, "prompt", envs, prompts, self.num_envs, dtype=object)
+        _put(infos, "prompt_ids", envs, ids, self.num_envs, dtype=object)
+        _put(infos, "row", envs, starts, self.num_envs, dtype=object)
 
     def _check_action(self, action: Any) -> int:
         if not (np.issubdtype(np.asarray(action).dtype, np.integer) or float(action).is_integer()):

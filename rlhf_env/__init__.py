@@ -23,6 +23,7 @@ _LAZY = {
     "train_reward_model": "rlhf_env.reward_trainer",
     "load_preferences": "rlhf_env.data",
     "load_prompts": "rlhf_env.prompts",
+    "load_rows": "rlhf_env.prompts",
     "encode_prompt": "rlhf_env.models",
     "train_sft": "rlhf_env.sft",
     "train_dpo": "rlhf_env.dpo",

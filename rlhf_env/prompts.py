@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 from rlhf_env.data import iter_jsonl
 
@@ -58,10 +58,8 @@ def load_prompts(source: Union[None, str, os.PathLike, Sequence[str]] = None, sp
     elif isinstance(source, (str, os.PathLike)):
         path = pathlib.Path(source).expanduser()
         if not path.is_file():
-            raise ValueError(
-                f"prompt file {str(source)!r} does not exist; pass a .txt file (one prompt per line), "
-                "a .jsonl file (objects with a \"prompt\" key) or a list of strings"
-            )
+            raise ValueError(_not_a_file(source, "prompt file", "a .txt file (one prompt per line), a .jsonl file "
+                                         "(objects with a \"prompt\" key) or a list of strings"))
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
             prompts = _read_jsonl(path)
@@ -85,3 +83,44 @@ def load_prompts(source: Union[None, str, os.PathLike, Sequence[str]] = None, sp
     if not prompts:
         raise ValueError(f"{where} holds no prompts: give at least one non-empty prompt")
     return prompts
+
+
+def _not_a_file(source: Union[str, os.PathLike], what: str, expected: str) -> str:
+    """The message for a path that is not a file; a string that does not look like a path
+    (no folder, no file suffix: ``"What is 2+2?"``) is taken for a prompt meant as a list."""
+    text = os.fspath(source)
+    looks_like_path = os.sep in text or "/" in text or pathlib.Path(text).suffix.lower() in (".txt", ".jsonl", ".json")
+    if isinstance(source, str) and not looks_like_path:
+        return (f"{text!r} is a string that is not a file: a string is read as a file path; to use it as the prompt "
+                f"pass a list, [{text!r}]; or pass {expected}")
+    return f"{what} {text!r} does not exist; pass {expected}"
+
+
+def load_rows(source: Any) -> Any:
+    """Task rows (``dataset=`` of the text envs): a JSON Lines file becomes a list of dicts,
+    every key of each line kept as a column; a list of dicts or a ``datasets.Dataset`` is
+    returned as it is (the env checks the rows).
+
+    :param source: a ``.jsonl`` path, a list of dicts or a ``datasets.Dataset``
+    :raises ValueError: for a missing file, a file of another type, or a line that is not a
+        JSON object (naming the file and line)
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = pathlib.Path(source).expanduser()
+    if not path.is_file():
+        raise ValueError(_not_a_file(source, "dataset file", 'a .jsonl file (one JSON object per line with a "prompt" '
+                                     "key and any other columns), a list of dicts or a datasets.Dataset"))
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise ValueError(f"dataset file {path}: unknown type {path.suffix!r}; use .jsonl (one JSON object per line)")
+    rows = []
+    for where, record in iter_jsonl(path):
+        if not isinstance(record, dict):
+            raise ValueError(f'{where}: expected a JSON object with a "prompt" key, got {json.dumps(record)[:80]}')
+        if "prompt" not in record:
+            keys = ", ".join(record) or "none"
+            raise ValueError(f'{where}: the row has no "prompt" key (its keys: {keys}); every row needs a "prompt"')
+        rows.append(record)
+    if not rows:
+        raise ValueError(f"dataset file {path} holds no rows: give at least one line with a \"prompt\"")
+    return rows

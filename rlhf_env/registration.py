@@ -11,7 +11,12 @@ writes into the objects :mod:`envs` takes (:func:`resolve_text_env_kwargs`):
 - ``reward_model``: a callable, a name (``"sentiment"``, ``"tiny"``, ``"default"``) or a
   reward-model directory (:func:`rlhf_env.rewards.resolve_reward`);
 - ``prompts``: None (the shipped prompt set), a list of strings, or a ``.txt`` / ``.jsonl``
-  file (:func:`rlhf_env.prompts.load_prompts`).
+  file (:func:`rlhf_env.prompts.load_prompts`);
+- ``dataset``: rows with a ``"prompt"`` and any columns: a list of dicts, a Hugging Face
+  ``datasets.Dataset`` or a JSON Lines file (:func:`rlhf_env.prompts.load_rows`), used
+  instead of ``prompts``;
+- ``reward_funcs``: TRL-style reward functions (see :mod:`envs.reward_funcs`). They replace
+  the id's default reward model; a ``reward_model=`` passed too is added to their score.
 
 Every other keyword goes to the env class unchanged. With ``shared_model=True`` (the
 default) envs of one process made with the same model name, device, dtype, reference and
@@ -37,9 +42,17 @@ _LOADED: dict[tuple, tuple[weakref.ref, Any, weakref.ref | None]] = {}
 # id -> default keyword arguments. TextRLHF-v0: the package's trained reward model (built from
 # the shipped preference pairs on first use, then cached); reward_model="sentiment" gives
 # the VADER reward instead. TextRLHF-tiny-v0: the tiny model and reward, for tests and CI.
+class IdDefault(str):
+    """A keyword value that comes from the registered id, not from the user (a ``str``, so
+    ``env.spec.kwargs`` reads as before): ``reward_funcs=`` drops the id's default reward model
+    but keeps one the user passed."""
+
+    __slots__ = ()
+
+
 _DEFAULTS = {
-    "TextRLHF-v0": {"model": "smollm2-135m", "reward_model": "default"},
-    "TextRLHF-tiny-v0": {"model": "tiny", "reward_model": "tiny"},
+    "TextRLHF-v0": {"model": "smollm2-135m", "reward_model": IdDefault("default")},
+    "TextRLHF-tiny-v0": {"model": "tiny", "reward_model": IdDefault("tiny")},
 }
 
 
@@ -85,6 +98,8 @@ def resolve_text_env_kwargs(
     top_k: int = 0,
     shared_model: bool = True,
     reference_share: str = "auto",
+    dataset: Any = None,
+    reward_funcs: Any = None,
     **env_kwargs: Any,
 ) -> dict[str, Any]:
     """The env class's keyword arguments from what a user passes to ``gym.make``: names and
@@ -94,7 +109,7 @@ def resolve_text_env_kwargs(
 
     from envs.reference import check_reference_share
     from envs.text_env import check_config
-    from rlhf_env.prompts import load_prompts
+    from rlhf_env.prompts import load_prompts, load_rows
     from rlhf_env.rewards import resolve_reward
 
     check_config(
@@ -102,8 +117,14 @@ def resolve_text_env_kwargs(
         env_kwargs.get("render_mode"), ("ansi", "human"), env_kwargs.get("kl_coef", 0.05), device,
     )
     reference_share = check_reference_share(reference_share)  # before the (slow) model load
-    if prompts is None or isinstance(prompts, (str, os.PathLike)):
+    if dataset is not None:
+        if prompts is not None:
+            raise ValueError('pass either prompts=[...] (strings) or dataset=[...] (rows with a "prompt"), not both')
+        dataset = load_rows(dataset)
+    elif prompts is None or isinstance(prompts, (str, os.PathLike)):
         prompts = load_prompts(prompts)
+    if reward_funcs is not None and isinstance(reward_model, IdDefault):
+        reward_model = None  # the reward functions replace the id's default reward model
     lm_spec = None
     if not isinstance(model, torch.nn.Module):
         lm_spec = {"model": str(model), "dtype": _dtype_name(dtype), "loader": "rlhf_env.registration:load_spec_model"}
@@ -113,8 +134,9 @@ def resolve_text_env_kwargs(
 
         reference, _ = load_lm(reference, device=device, dtype=dtype)
     return dict(
-        model=model, tokenizer=tokenizer, reference=reference, reward_model=resolve_reward(reward_model, device=device),
-        prompts=prompts, device=device, dtype=_dtype_name(dtype), temperature=temperature, top_k=top_k,
+        model=model, tokenizer=tokenizer, reference=reference,
+        reward_model=None if reward_model is None else resolve_reward(reward_model, device=device),
+        prompts=prompts, dataset=dataset, reward_funcs=reward_funcs, device=device, dtype=_dtype_name(dtype), temperature=temperature, top_k=top_k,
         shared_model=shared_model, reference_share=reference_share, lm_spec=lm_spec, **env_kwargs,
     )
 

@@ -30,6 +30,7 @@ def files(tmp_path_factory):
     (d / "missing_key.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
     (d / "wrong_type.jsonl").write_text('{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
     (d / "empty.jsonl").write_text("")
+    (d / "no_prompt_rows.jsonl").write_text('{"prompt": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n')
     (d / "good.jsonl").write_text('{"prompt": "how are you", "chosen": "great thanks", "rejected": "bad"}\n' * 4)
     (d / "garbage.zip").write_bytes(b"this is not a zip archive")
     model = PPO("MlpPolicy", "CartPole-v1", n_steps=8, batch_size=8, seed=0)
@@ -85,6 +86,21 @@ ENV_CASES = {
     # offline: one line at once (a probe of the hub), not transformers' retries
     "hub id not cached": (dict(model="no-such-org/no-such-model"), ValueError,
                           "cannot load 'no-such-org/no-such-model': not a local folder, not in the Hugging Face cache"),
+    "prompts a sentence": (dict(prompts="What is 2+2?"), ValueError,
+                           r"'What is 2\+2\?' is a string that is not a file: .*to use it as the prompt pass a list, \['What is 2\+2\?'\]"),
+    "dataset row without prompt": (dict(dataset=[{"prompt": "a"}, {"question": "b"}]), ValueError,
+                                   r'dataset\[1\] has no "prompt" key \(its keys: question\)'),
+    "dataset file missing": (dict(dataset="{d}/no_rows.jsonl"), ValueError, r"dataset file '.*no_rows.jsonl' does not exist"),
+    "dataset file line without prompt": (dict(dataset="{d}/no_prompt_rows.jsonl"), ValueError,
+                                         r'no_prompt_rows.jsonl:2: the row has no "prompt" key \(its keys: question, answer\)'),
+    "dataset and prompts": (dict(dataset=[{"prompt": "a"}], prompts=["b"]), ValueError, "pass either prompts=.* or dataset=.*, not both"),
+    "reward function signature": (dict(reward_funcs=lambda prompts, responses: [0.0]), ValueError,
+                                  r"reward function '<lambda>' cannot be called as <lambda>\(prompts=..., completions=..."),
+    "reward function column": (dict(dataset=[{"prompt": "a"}], reward_funcs=lambda prompts, completions, answer: [0.0]), ValueError,
+                               r"with this dataset's columns \(none\): missing a required argument: 'answer'"),
+    "reward_weights count": (dict(reward_funcs=[lambda prompts, completions, **kw: [0.0]], reward_weights=[1.0, 2.0]), ValueError,
+                             "got 2 reward_weights for 1 reward_funcs"),
+    "reward_funcs not callable": (dict(reward_funcs=["correct"]), TypeError, r"reward_funcs\[0\] is a str, not a callable"),
 }
 
 
@@ -94,6 +110,31 @@ def test_env_constructor_refuses(case, files):
     kwargs = {k: v.format(d=files) if isinstance(v, str) else v for k, v in kwargs.items()}
     env_id = "TextRLHF-v0" if "model" in kwargs else "TextRLHF-tiny-v0"  # a bad model: no need to load the default
     _raises(lambda: gym.make(env_id, **kwargs), exc, match)
+
+
+def _raises_key(prompts, completions, **kwargs):
+    return [kwargs["answer"] for _ in completions]
+
+
+REWARD_RESULT_CASES = {
+    "raises": (_raises_key, r"^reward function '_raises_key' raised KeyError: 'answer' \(at test_bad_inputs.py:\d+\)$"),
+    "returns None": (lambda prompts, completions, **kw: None, r"^reward function '<lambda>' returned None, not a list of 2 scores"),
+    "returns a scalar": (lambda prompts, completions, **kw: 1.0, r"returned a single float \(1.0\), not a list of 2 scores"),
+    "wrong count": (lambda prompts, completions, **kw: [1.0], r"returned 1 scores for 2 completions"),
+    "NaN": (lambda prompts, completions, **kw: [float("nan"), 0.0], r"returned nan for completion 0 \(prompt '.*'\): scores must be finite"),
+    "not numbers": (lambda prompts, completions, **kw: ["1", "0"], r"returned a str for completion 0 .*scores must be numbers"),
+}
+
+
+@pytest.mark.parametrize("case", list(REWARD_RESULT_CASES))
+def test_reward_function_mistakes_are_one_line_naming_the_function(case):
+    from envs import RewardFunctionError
+
+    func, match = REWARD_RESULT_CASES[case]
+    env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=1, reward_funcs=func)
+    env.reset(seed=0)
+    err = _raises(lambda: env.step(np.array([5, 6])), RewardFunctionError, match)
+    assert "\n" not in str(err)
 
 
 def test_vec_env_constructor_refuses(files):

@@ -290,3 +290,56 @@ def test_reinforce_refuses_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="REINFORCE is not data-parallel"):
         REINFORCE("MlpPolicy", "CartPole-v1")
+
+
+# task rows: 12 rows, two of them sharing a prompt with different answers
+ROWS = [{"prompt": f"say the number {i % 11}", "answer": str(i), "id": i} for i in range(12)]
+
+
+def _row_reward(prompts, completions, answer, id, **kwargs):
+    """Returns each row's id / 12; fails if a row's columns did not travel together."""
+    for p, a, i in zip(prompts, answer, id):
+        assert p == ROWS[i]["prompt"] and a == ROWS[i]["answer"], (p, a, i)
+    _ROW_CALLS.extend(id)
+    return [i / 12 for i in id]
+
+
+_ROW_CALLS: list[int] = []
+
+
+def _rows_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    _torchrun_env(rank, world, port)
+    torch.set_num_threads(1)
+    import gymnasium as gym
+
+    import rlhf_env  # noqa: F401
+    from agents import PPO
+    from agents import distributed
+    from agents.grpo import GRPO
+
+    result = {}
+    for name in ("ppo", "grpo"):
+        _ROW_CALLS.clear()
+        env = gym.make_vec("TextRLHF-v0", num_envs=4, model=os.path.join(out_dir, "lm"), dataset=ROWS,
+                           reward_funcs=_row_reward, max_new_tokens=3, shared_model=False)
+        if name == "ppo":
+            model = PPO("LMPolicy", env, n_steps=4, batch_size=16, n_epochs=1, learning_rate=1e-2, gamma=1.0, seed=0)
+        else:
+            model = GRPO("LMPolicy", env, group_size=2, n_epochs=1, learning_rate=1e-2, seed=0)
+        model.learn(2 * 4 * 4 * world)
+        result[name] = {"rows": list(_ROW_CALLS), "after": _flat_params(model.policy)}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.destroy()
+
+
+def test_rows_reach_the_reward_on_two_ranks(tmp_path):
+    """Each rank scores its own rows with their own columns (checked inside the reward on
+    every call), the ranks draw different rows, and they stay identical."""
+    from tests.conftest import build_tiny_lm_dir
+
+    build_tiny_lm_dir(tmp_path / "lm")
+    r0, r1 = _spawn(_rows_rank, 2, tmp_path)
+    for name in ("ppo", "grpo"):
+        assert len(r0[name]["rows"]) >= 4 and len(r1[name]["rows"]) >= 4
+        assert r0[name]["rows"] != r1[name]["rows"]  # each rank its own rows
+        torch.testing.assert_close(r0[name]["after"], r1[name]["after"], rtol=0, atol=0)

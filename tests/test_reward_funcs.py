@@ -1,5 +1,5 @@
 """Reward functions with TRL's convention (envs.reward_funcs), task rows (envs.rows) and
-prompt encoding with a system message set, dropped or left to the template (envs.chat).
+prompt encoding with a system message set, dropped or left to the template (envs.prompt).
 Pure functions: no model is run."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs.chat import TEMPLATE_DEFAULT, encode_chat, prompt_text
+from envs.prompt import TEMPLATE_DEFAULT, encode_prompt, prompt_text
 from envs.reward_funcs import RewardFunctionError, RewardFunctions
 from envs.rows import as_rows, column_names, columns_of
 
@@ -36,33 +36,33 @@ def chat_tokenizer(tiny_lm_dir):
 def test_string_prompt_with_the_template_default_is_what_the_package_encoded_before(chat_tokenizer):
     from rlhf_env.models import encode_prompt
 
-    ids = encode_chat(chat_tokenizer, "Hi")
+    ids = encode_prompt(chat_tokenizer, "Hi")
     assert ids == [int(i) for i in chat_tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True)["input_ids"]]
     assert ids == encode_prompt(chat_tokenizer, "Hi")
     assert "named SmolLM" in chat_tokenizer.decode(ids)
 
 
 def test_system_prompt_none_drops_the_template_default_system_message(chat_tokenizer):
-    ids = encode_chat(chat_tokenizer, "Hi", system_prompt=None)
+    ids = encode_prompt(chat_tokenizer, "Hi", system_prompt=None)
     assert chat_tokenizer.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert len(ids) < len(encode_chat(chat_tokenizer, "Hi"))
+    assert len(ids) < len(encode_prompt(chat_tokenizer, "Hi"))
 
 
 def test_system_prompt_string_and_a_rows_own_system_message(chat_tokenizer):
-    ids = encode_chat(chat_tokenizer, "Hi", system_prompt="Be brief.")
+    ids = encode_prompt(chat_tokenizer, "Hi", system_prompt="Be brief.")
     assert chat_tokenizer.decode(ids) == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     own = [{"role": "system", "content": "Count."}, {"role": "user", "content": "1, 2"}]
     for system in (TEMPLATE_DEFAULT, None, "Be brief."):  # the row's own system message wins
-        assert chat_tokenizer.decode(encode_chat(chat_tokenizer, own, system)).startswith("<|im_start|>system\nCount.<|im_end|>")
+        assert chat_tokenizer.decode(encode_prompt(chat_tokenizer, own, system)).startswith("<|im_start|>system\nCount.<|im_end|>")
     # messages without a system message are the string prompt's encoding
-    assert encode_chat(chat_tokenizer, [{"role": "user", "content": "Hi"}], None) == encode_chat(chat_tokenizer, "Hi", None)
+    assert encode_prompt(chat_tokenizer, [{"role": "user", "content": "Hi"}], None) == encode_prompt(chat_tokenizer, "Hi", None)
 
 
 def test_a_refused_prompt_reports_the_budget(chat_tokenizer):
-    from envs.chat import encode_env_prompt
+    from envs.prompt import encode_env_prompt
 
-    total = len(encode_chat(chat_tokenizer, "Hi"))
-    bare = len(encode_chat(chat_tokenizer, "Hi", None))
+    total = len(encode_prompt(chat_tokenizer, "Hi"))
+    bare = len(encode_prompt(chat_tokenizer, "Hi", None))
     text = len(chat_tokenizer("Hi", add_special_tokens=False)["input_ids"])
     expected = (
         rf"prompts\[3\] is {total} tokens long after the chat template, more than max_prompt_tokens={total - 1}: "
@@ -71,7 +71,7 @@ def test_a_refused_prompt_reports_the_budget(chat_tokenizer):
     )
     with pytest.raises(ValueError, match=expected):
         encode_env_prompt(chat_tokenizer, "Hi", total - 1, "prompts[3]")
-    assert encode_env_prompt(chat_tokenizer, "Hi", bare, "prompts[3]", system_prompt=None) == encode_chat(chat_tokenizer, "Hi", None)
+    assert encode_env_prompt(chat_tokenizer, "Hi", bare, "prompts[3]", system_prompt=None) == encode_prompt(chat_tokenizer, "Hi", None)
 
 
 def test_without_a_template_messages_are_joined_after_bos(tiny_lm_dir):
@@ -79,9 +79,9 @@ def test_without_a_template_messages_are_joined_after_bos(tiny_lm_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_dir)
     assert not tok.chat_template
-    ids = encode_chat(tok, [{"role": "system", "content": "the sea"}, {"role": "user", "content": "hello"}])
+    ids = encode_prompt(tok, [{"role": "system", "content": "the sea"}, {"role": "user", "content": "hello"}])
     assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == "the sea\nhello"
-    assert encode_chat(tok, "hello", system_prompt="the sea") == ids
+    assert encode_prompt(tok, "hello", system_prompt="the sea") == ids
     assert prompt_text([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]) == "q"
 
 
