@@ -105,7 +105,10 @@ def encode_prompt(tokenizer: Any, prompt: Any, system_prompt: Any = TEMPLATE_DEF
     if isinstance(prompt, str):
         pass
     elif not isinstance(prompt, (list, tuple)):
-        raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+        raise TypeError(
+            "a prompt must be a string or a list of chat messages {'role': ..., 'content': ...}, "
+            f"got {type(prompt).__name__}: {str(prompt)[:80]!r}"
+        )
     else:
         check_messages(prompt)
     if not (system_prompt is None or system_prompt is TEMPLATE_DEFAULT or isinstance(system_prompt, str)):

@@ -60,27 +60,9 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, system_prompt: str | None = None)
     :return: the ids: the chat template with the assistant header when the tokenizer has
         one, else the messages' contents joined by newlines after BOS.
     """
-    from rlhf_env.models import encode_prompt
+    from envs.prompt import TEMPLATE_DEFAULT, encode_prompt
 
-    if isinstance(prompt, str):
-        if system_prompt is None:
-            return encode_prompt(tokenizer, prompt)
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, Sequence) and all(isinstance(m, dict) and "content" in m for m in prompt):
-        messages = list(prompt)
-    else:
-        raise TypeError(
-            "a prompt must be a string or a list of chat messages {'role': ..., 'content': ...}, "
-            f"got {type(prompt).__name__}: {str(prompt)[:80]!r}"
-        )
-    if system_prompt is not None and not (messages and messages[0].get("role") == "system"):
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-            out = out["input_ids"]
-        return [int(i) for i in out]
-    return encode_prompt(tokenizer, "\n".join(str(m["content"]) for m in messages))
+    return encode_prompt(tokenizer, prompt, TEMPLATE_DEFAULT if system_prompt is None else system_prompt)
 
 
 def resolve_policy(policy: Any, device: str | torch.device | None = None) -> tuple[Any, Any]:
