@@ -176,3 +176,20 @@ def test_grpo_groups_share_one_row_and_logs_equal_hand_computations(tiny_lm_dir)
         assert logged["rewards/length/std"] == pytest.approx(odd.std())
     else:
         assert "rewards/length/mean" not in logged
+
+
+def test_trl_reward_functions_run_unchanged(tiny_lm_dir):
+    """TRL's own reward functions, imported from trl.rewards and passed as they are."""
+    rewards = pytest.importorskip("trl.rewards")
+    overlong = rewards.get_soft_overlong_punishment(max_completion_len=3, soft_punish_cache=1)
+    rows = [{"prompt": [{"role": "user", "content": "hello"}], "solution": "x"}]
+    env = gym.make_vec("TextRLHF-v0", num_envs=2, model=str(tiny_lm_dir), dataset=rows, max_new_tokens=3,
+                       reward_funcs=[rewards.think_format_reward, overlong], reward_weights=[1.0, 2.0], shared_model=False)
+    env.reset(seed=0)
+    _, _, terminated, _, infos = env.step(np.array([EOS, 5]))  # sub-env 0 ends after 1 token
+    assert terminated.tolist() == [True, False]
+    assert infos["rewards/think_format_reward"][0] == 0.0 and infos["rewards/soft_overlong_punishment_reward"][0] == 0.0
+    for _ in range(2):
+        _, _, terminated, _, infos = env.step(np.array([5, 5]))
+    assert terminated[1]  # 3 tokens: (3 - 1) - 3 = -1 over the cache of 1
+    assert infos["rewards/soft_overlong_punishment_reward"][1] == -1.0 and infos["score"][1] == 2.0 * -1.0
