@@ -1,8 +1,10 @@
 """Learning targets of the offline trainers on the default task, printed as numbers.
 
 * the default reward model (``RewardModel.default()``: trained on first use, then cached):
-  accuracy on the held-out generated pairs (target >= 0.90) and on the hand-written pairs
-  on new prompts (target >= 0.85);
+  accuracy on the held-out pairs (target >= 0.90) and on the hand-written pairs on new
+  prompts (target >= 0.90), each also by kind (judged, boilerplate, repetition, off-topic;
+  tone, relevance, correctness), and its scores of a few probes (a correct plain answer
+  against a wrong cheerful one);
 * DPO of SmolLM2-135M-Instruct (settings: :class:`rlhf_env.dpo.DPOConfig`'s defaults unless
   given) on the default task's training pairs of all sampling rounds (``--train-set round0``:
   ``pairs_train.jsonl`` only): held-out implicit-reward accuracy on ``pairs_test.jsonl``
@@ -40,20 +42,36 @@ from rlhf_env.cli._common import block_count  # noqa: E402
 TASK = Path(__file__).resolve().parent.parent / "rlhf_env" / "assets" / "task"
 
 
+PROBES = [  # (prompt, response): the issue's probes of what the reward model learned
+    ("What is 2 + 2?", "4."),
+    ("What is 2 + 2?", "Great question! I am so happy to help, it is 5!"),
+    ("What is a database?", "A database is an organised collection of data."),
+    ("What is a database?", "Great question! I'm so happy to help you today. Have a wonderful day!"),
+    ("How do I keep basil alive?", "Water it when the top of the soil is dry and give it plenty of sun."),
+    ("How do I keep basil alive?", "I'm happy to help! I'm happy to help! I'm happy to help!"),
+]
+
+
 def reward_model_targets() -> dict:
-    from rlhf_env.data import load_preferences
-    from rlhf_env.default_reward_model import default_pairs
+    """Accuracy of the default reward model on the held-out pairs and the hand-written
+    pairs, each by kind, and its scores of :data:`PROBES`."""
+    from rlhf_env.data import as_pairs
+    from rlhf_env.default_task import read_jsonl
     from rlhf_env.reward_model import RewardModel
 
     t0 = time.perf_counter()
     rm = RewardModel.default()
-    _, test = default_pairs()
-    return {
-        "default_rm_seconds": round(time.perf_counter() - t0, 1),
-        "heldout_accuracy": round(rm.accuracy(test), 4),
-        "heldout_pairs": len(test),
-        "handwritten_accuracy": round(rm.accuracy(load_preferences(TASK / "handwritten.jsonl")), 4),
-    }
+    seconds = time.perf_counter() - t0
+    out: dict = {"default_rm_seconds": round(seconds, 1)}
+    for name, rows in (("heldout", read_jsonl(TASK / "pairs_test.jsonl")), ("handwritten", read_jsonl(TASK / "handwritten.jsonl"))):
+        out[f"{name}_accuracy"] = round(rm.accuracy(as_pairs(rows)), 4)
+        out[f"{name}_pairs"] = len(rows)
+        for kind in sorted({r.get("kind", "tone") for r in rows}):
+            some = [r for r in rows if r.get("kind", "tone") == kind]
+            out[f"{name}_accuracy_{kind}"] = f"{rm.accuracy(as_pairs(some)):.4f} of {len(some)}"
+    scores = rm.score([p for p, _ in PROBES], [r for _, r in PROBES]).tolist()
+    out["probes"] = [f"{s:+.2f}  {p} -> {r}" for (p, r), s in zip(PROBES, scores)]
+    return out
 
 
 def dpo_targets(model_name: str, settings: dict, output: str | None, train_set: str = "all",
@@ -61,7 +79,9 @@ def dpo_targets(model_name: str, settings: dict, output: str | None, train_set: 
     """:param settings: :class:`DPOConfig` fields that differ from its defaults
     :param evaluate: a DPO-trained model folder to measure instead of training one (``model_name``
         is then its reference)"""
-    from rlhf_env.default_task import sample_responses, split_prompts, make_prompts, vader_scores
+    from rlhf_env.default_task.prompts import make_prompts, split_prompts
+    from rlhf_env.generation import generate
+    from rlhf_env.judges import tone
     from rlhf_env.dpo import DPOConfig, train_dpo
     from rlhf_env.default_reward_model import default_pairs, default_training_pairs
 
@@ -84,9 +104,9 @@ def dpo_targets(model_name: str, settings: dict, output: str | None, train_set: 
     seconds = time.perf_counter() - t0
     before = [json.loads(line)["score"] for line in (TASK / "samples_test.jsonl").read_text().splitlines()]
     _, test_prompts = split_prompts(make_prompts())
-    # the same sampling settings and seed as the shipped samples_test.jsonl (default_task.build_pairs)
-    responses = sample_responses(model, tok, test_prompts, num_samples=num_samples, max_new_tokens=48, batch_size=16, seed=1)
-    after = vader_scores([r for rs in responses for r in rs])
+    # the same sampling settings as the shipped samples_test.jsonl (default_task.build.sample_round)
+    responses = generate(model, tok, test_prompts, num_samples=num_samples, max_new_tokens=48, batch_size=64, seed=1).texts
+    after = tone([r for rs in responses for r in rs])
     return {
         "dpo_seconds" if evaluate is None else "evaluate_seconds": round(seconds, 1),
         "dpo_config": vars(cfg) if evaluate is None else None,

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_env.data import PreferencePair, as_pairs
+from rlhf_env.data import PreferencePair
 
-DEFAULT_CACHE_NAME = "default-v2"  # v2: trained on both sampling rounds, steps of whole prompts
+DEFAULT_CACHE_NAME = "default-v3"  # v3: pairs the independent judges agree on, plus the failure modes (default_task.relabel)
 
 
 def default_training_pairs() -> list[PreferencePair]:
-    """The default reward model's training pairs: every two responses of a train prompt, over
-    all shipped sampling rounds (8 per prompt), whose VADER scores differ by >= 0.3
-    (:func:`rlhf_env.default_task.all_round_pairs`); a superset of ``pairs_train.jsonl``."""
-    from rlhf_env.default_task import all_round_pairs
-
-    return as_pairs(all_round_pairs("train"))
+    """The default reward model's training pairs: the default task's ``pairs_train.jsonl``
+    (pairs of the starting model's samples that tone, relevance and fluency agree on, plus
+    boilerplate, repetition and off-topic cheer as rejected responses:
+    :mod:`rlhf_env.default_task.relabel`)."""
+    return default_pairs()[0]
 
 
 def default_config() -> "RewardModelConfig":
@@ -28,20 +27,18 @@ def default_config() -> "RewardModelConfig":
 
 def default_pairs() -> tuple[list[PreferencePair], list[PreferencePair]]:
     """The shipped preference pairs of the default task: ``(train, test)``."""
-    from rlhf_env.data import load_preferences
+    from rlhf_env.default_task import task_pairs
 
-    task = Path(__file__).resolve().parent / "assets" / "task"
-    return load_preferences(task / "pairs_train.jsonl"), load_preferences(task / "pairs_test.jsonl")
+    return task_pairs("train"), task_pairs("test")
 
 
 def default_reward_model_dir(device="cpu", progress: bool = True) -> Path:
     """The cached default reward model's folder, trained there first if it is missing.
 
-    Trained on :func:`default_training_pairs` (all pairs of the shipped samples, 8 responses
-    per train prompt) with :func:`default_config`, evaluated on ``pairs_test.jsonl``, with a
-    progress bar and a fixed seed, then saved under ``cache_dir()/reward_models/default-v2``.
-    Trained in float32 (bf16 autocast is faster but ranked held-out pairs worse; see
-    docs/benchmarks.md).
+    Trained on :func:`default_training_pairs` with :func:`default_config`, evaluated on
+    ``pairs_test.jsonl``, with a progress bar and a fixed seed, then saved under
+    ``cache_dir()/reward_models/default-v3``. What it measures and how well:
+    docs/alignment.md.
     """
     from rlhf_env.models import cache_dir
     from rlhf_env.reward_model import _CONFIG_FILE

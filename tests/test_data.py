@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_env.data import PreferencePair, as_pairs, example_path, load_preferences, save_preferences
-from rlhf_env.default_task import ASSETS, make_pairs, make_prompts, split_prompts, vader_scores, write_prompts
+from rlhf_env.default_task import ASSETS, TASK_DIR, handwritten_pairs, shipped_samples
+from rlhf_env.default_task.prompts import make_prompts, split_prompts, write_prompts
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -77,39 +78,101 @@ def test_prompt_files_are_the_scripted_split(tmp_path):
     assert split_prompts(make_prompts()) == (train, test)
 
 
-def test_make_pairs_keeps_only_clear_margins():
-    rows = make_pairs(["p", "q"], [["great", "ok", "awful"], ["fine", "fine!"]], [[0.8, 0.1, -0.5], [0.2, 0.3]], margin=0.3)
-    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("p", "great", "awful"), ("p", "great", "ok"), ("p", "ok", "awful")]
-    assert len(make_pairs(["p"], [["great", "ok", "awful"]], [[0.8, 0.1, -0.5]], max_per_prompt=1)) == 1
+def _row(response, tone, relevance, nll):
+    return {"response": response, "score": tone, "relevance": relevance, "nll": nll}
+
+
+def _no_relevance(prompts, responses):
+    return [0.0] * len(responses)
+
+
+def test_relabel_keeps_the_pairs_the_judges_agree_on():
+    from rlhf_env.default_task.relabel import RelabelConfig, relabel
+
+    samples = {
+        "How do I keep basil alive?": [
+            _row("Water it when the soil is dry and give it plenty of sun, it will thrive.", 0.8, 0.6, 2.0),  # good
+            _row("Basil needs water and light.", 0.0, 0.6, 2.1),  # plainer, as relevant: tone decides
+            _row("Wonderful wonderful joy, the stars are lovely tonight!", 0.9, 0.1, 2.2),  # cheerful, off-topic
+            _row("Basil basil zq florp water sun happy.", 0.6, 0.45, 6.0),  # garbled: high NLL
+            _row("", 0.0, 0.0, 0.0),  # empty: never used
+        ],
+    }
+    cfg = RelabelConfig(relevance_quantile=0.5, nll_quantile=0.5, failure_chosen=1)
+    pairs = relabel(samples, cfg, relevance_fn=_no_relevance)
+    judged = {(r["chosen"][:12], r["rejected"][:12]) for r in pairs if r["kind"] == "judged"}
+    # good > plain (tone +0.8, relevance tie, more fluent) and good > garbled (all judges agree);
+    # not good > cheerful (tone disagrees), not cheerful > anything (it is not an answer: low relevance),
+    # not plain > garbled (tone disagrees), nothing with the empty response
+    assert judged == {("Water it whe", "Basil needs "), ("Water it whe", "Basil basil ")}
+    kinds = [r["kind"] for r in pairs if r["kind"] != "judged"]
+    assert kinds == ["boilerplate", "repetition"]  # one prompt: no other prompt to take off-topic cheer from
+    failure = [r for r in pairs if r["kind"] != "judged"]
+    assert all(r["chosen"].startswith("Water it") for r in failure)
+    boiler, repeated = failure[0]["rejected"], failure[1]["rejected"]
+    from rlhf_env.default_task.relabel import _CLOSERS, _MIDDLES, _OPENERS
+
+    assert any(boiler.startswith(o) for o in _OPENERS) and any(m in boiler for m in _MIDDLES) and any(boiler.endswith(c) for c in _CLOSERS)
+    phrase = repeated.split("!")[0]
+    assert repeated.count(phrase) >= 3
+
+
+def test_relabel_adds_off_topic_cheer_only_when_it_is_off_topic():
+    from rlhf_env.default_task.relabel import RelabelConfig, relabel
+
+    samples = {
+        "p1": [_row("an answer to p1", 0.5, 0.7, 2.0), _row("a worse answer", 0.1, 0.7, 2.5)],
+        "p2": [_row("cheer about p2!", 0.9, 0.6, 2.0), _row("meh", 0.0, 0.6, 2.5)],
+    }
+    cfg = RelabelConfig(failure_chosen=1)
+    off = [r for r in relabel(samples, cfg, relevance_fn=lambda ps, rs: [0.2] * len(rs)) if r["kind"] == "off_topic"]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in off] == [("p1", "an answer to p1", "cheer about p2!"),
+                                                                       ("p2", "cheer about p2!", "an answer to p1")]
+    # the candidate is as relevant to this prompt as the chosen answer: no off-topic pair
+    assert not [r for r in relabel(samples, cfg, relevance_fn=lambda ps, rs: [0.65] * len(rs)) if r["kind"] == "off_topic"]
+    # the same seed gives the same pairs
+    assert relabel(samples, cfg, seed=3, relevance_fn=_no_relevance) == relabel(samples, cfg, seed=3, relevance_fn=_no_relevance)
+
+
+def test_repetition_by_hand():
+    from rlhf_env.default_task.relabel import repetition
+
+    assert repetition("a b c a b c") == pytest.approx(1 - 3 / 4)  # 3-grams abc bca cab abc: 3 distinct of 4
+    assert repetition("one two three four") == 0.0 and repetition("hi") == 0.0
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_shipped_pairs_are_labelled_by_vader(split):
-    pairs_file = ASSETS / "task" / f"pairs_{split}.jsonl"
-    pairs = load_preferences(pairs_file)
-    rows = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines()]
+def test_shipped_pairs_follow_the_judges(split):
+    from rlhf_env.default_task.relabel import RelabelConfig, agree, repetition
+
+    rows = [json.loads(line) for line in (TASK_DIR / f"pairs_{split}.jsonl").read_text(encoding="utf-8").split("\n") if line]
     prompts = set((ASSETS / f"prompts_{split}.txt").read_text(encoding="utf-8").splitlines())
-    assert len(pairs) >= (100 if split == "train" else 20)
-    assert all(p.prompt in prompts for p in pairs)
-    chosen = vader_scores([r["chosen"] for r in rows])
-    rejected = vader_scores([r["rejected"] for r in rows])
-    for r, c, j in zip(rows, chosen, rejected):
-        assert c == pytest.approx(r["chosen_score"], abs=1e-4) and j == pytest.approx(r["rejected_score"], abs=1e-4)
-        assert c - j >= 0.3
+    samples = shipped_samples(split)
+    assert all(len(v) == 8 for v in samples.values()) and set(samples) == prompts
+    judged = {(p, r["response"]): {"tone": r["score"], "relevance": r["relevance"], "nll": r["nll"],
+                                   "repetition": repetition(r["response"])} for p, rs in samples.items() for r in rs}
+    kinds = {r["kind"] for r in rows}
+    assert kinds == {"judged", "boilerplate", "repetition", "off_topic"}
+    assert len(rows) >= (1000 if split == "train" else 200) and all(r["prompt"] in prompts for r in rows)
+    for r in rows:
+        assert (r["prompt"], r["chosen"]) in judged  # the chosen side is always a real answer
+        if r["kind"] == "judged":
+            assert agree(judged[(r["prompt"], r["chosen"])], judged[(r["prompt"], r["rejected"])], RelabelConfig())
 
 
-def test_shipped_pairs_are_rebuilt_from_shipped_samples(tmp_path):
-    from rlhf_env.default_task import pairs_from_samples
+def test_shipped_pairs_are_rebuilt_from_shipped_samples():
+    from rlhf_env.default_task.relabel import build_pairs
 
     for split in ("train", "test"):
-        (tmp_path / f"samples_{split}.jsonl").write_bytes((ASSETS / "task" / f"samples_{split}.jsonl").read_bytes())
-        pairs_from_samples(split, out_dir=tmp_path)
-        assert (tmp_path / f"pairs_{split}.jsonl").read_bytes() == (ASSETS / "task" / f"pairs_{split}.jsonl").read_bytes()
+        pairs, _ = build_pairs(split)
+        shipped = [json.loads(line) for line in (TASK_DIR / f"pairs_{split}.jsonl").read_text(encoding="utf-8").split("\n") if line]
+        assert pairs == shipped, f"pairs_{split}.jsonl is stale: run python -m rlhf_env.default_task"
 
 
 def test_handwritten_pairs_use_new_prompts():
     pairs = load_preferences(ASSETS / "task" / "handwritten.jsonl")
-    assert len(pairs) >= 20
+    assert len(pairs) >= 60
+    assert all(len(handwritten_pairs(kind)) >= 16 for kind in ("tone", "relevance", "correctness"))
     known = set(make_prompts())
     assert not any(p.prompt in known for p in pairs)
 

@@ -207,7 +207,7 @@ def test_cli_train_rm_defaults_are_the_default_reward_model(tmp_path, monkeypatc
 
     monkeypatch.setattr(trainer, "train_reward_model", fake_train)
     assert main(["train-rm", "-o", str(tmp_path / "rm")]) == 0
-    assert seen["pairs"] == default_training_pairs() and len(seen["pairs"]) > 4000
+    assert seen["pairs"] == default_training_pairs() and len(seen["pairs"]) > 3000
     assert seen["config"] == default_config()
     assert seen["backbone"] == DEFAULT_BACKBONE and seen["eval_pairs"] == str(DEFAULT_EVAL)
 
@@ -291,25 +291,18 @@ def test_train_layers_needs_an_encoder(tmp_path):
         train_reward_model(TINY_PAIRS, backbone=rm, config=RewardModelConfig(train_layers=1), progress=False)
 
 
-def test_default_training_pairs_cover_both_sampling_rounds():
-    import json
-
-    from rlhf_env.data import load_preferences
-    from rlhf_env.default_task import ASSETS, shipped_samples, vader_scores
+def test_default_training_pairs_are_the_judged_pairs_of_both_sampling_rounds():
+    from rlhf_env.default_task import shipped_samples
     from rlhf_env.default_reward_model import default_pairs, default_training_pairs
 
     pairs = default_training_pairs()
-    round0, test = default_pairs()
-    assert set(round0) <= set(pairs) and len(pairs) == 4124 and len(round0) == 862
+    train, test = default_pairs()
+    assert pairs == train and len(pairs) >= 1000
     samples = shipped_samples("train")
     assert len(samples) == 282 and all(len(v) == 8 for v in samples.values())
     assert {p.prompt for p in pairs} <= set(samples) and not {p.prompt for p in pairs} & {p.prompt for p in test}
-    score = {(p, r): s for p, rs in samples.items() for r, s in rs}
-    assert all(score[(p.prompt, p.chosen)] - score[(p.prompt, p.rejected)] >= 0.3 for p in pairs)
-    # the round-1 files are VADER-labelled like round 0
-    rows = [json.loads(line) for line in (ASSETS / "task" / "samples_train_r1.jsonl").read_text(encoding="utf-8").split("\n") if line][:50]
-    assert [r["score"] for r in rows] == pytest.approx(vader_scores([r["response"] for r in rows]), abs=1e-4)
-    assert load_preferences(ASSETS / "task" / "pairs_train.jsonl") == round0  # the other trainers' file is unchanged
+    # every sample carries its judges' scores
+    assert all({"score", "relevance", "nll"} <= set(r) for rs in samples.values() for r in rs)
 
 
 def test_moved_names_stay_importable_from_reward_model():

@@ -8,15 +8,15 @@ from pathlib import Path
 TASK_DIR = Path(__file__).resolve().parent.parent / "assets" / "task"
 DEFAULT_TRAIN = TASK_DIR / "pairs_train.jsonl"
 DEFAULT_EVAL = TASK_DIR / "pairs_test.jsonl"
-DEFAULT_PAIRS_HELP = ("training pairs: JSON Lines of {prompt, chosen, rejected}, or 'default': the default task's pairs of all "
-                      "sampling rounds (rlhf_env.default_reward_model.default_training_pairs, 4,124 pairs; pairs_train.jsonl holds "
-                      "the first round's 862)")
+DEFAULT_PAIRS_HELP = ("training pairs: JSON Lines of {prompt, chosen, rejected}, or 'default': the default task's "
+                      "pairs_train.jsonl (pairs the independent judges agree on plus failure modes, 3,259 pairs; "
+                      "rlhf_env.default_reward_model.default_training_pairs)")
 
 
 def training_pairs(value: str):
-    """The ``--train`` value of train-rm and dpo: ``'default'`` gives the default task's pairs
-    of all sampling rounds (what :meth:`rlhf_env.RewardModel.default` trains on), anything
-    else is a JSON Lines path, returned as is for the trainer to load."""
+    """The ``--train`` value of train-rm and dpo: ``'default'`` gives the default task's
+    training pairs (what :meth:`rlhf_env.RewardModel.default` trains on), anything else is a
+    JSON Lines path, returned as is for the trainer to load."""
     if value == "default":
         from rlhf_env.default_reward_model import default_training_pairs
 

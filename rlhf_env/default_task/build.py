@@ -1,0 +1,151 @@
+"""Offline builder of the default task's files: ``python -m rlhf_env.default_task``.
+
+Three steps, each reproducible (fixed seeds, no network):
+
+1. **sample** (``--round R``): 4 responses per prompt from the starting model
+   (SmolLM2-135M-Instruct, temperature 1, 48 new tokens) into
+   ``samples_{split}.jsonl`` (round 0) or ``samples_{split}_r{R}.jsonl``; slow (the
+   shipped rounds 0 and 1 need not be resampled).
+2. **judge** (``--judge``, and by default any sample not yet judged): each sample gets
+   its independent judges' scores (:mod:`rlhf_env.judges`): ``score`` (tone, VADER),
+   ``relevance`` (MiniLM prompt-response cosine) and ``nll`` (the starting model's
+   negative log-likelihood per token). About 10 minutes on one CPU thread for the shipped
+   2,736 samples, written into the samples files so that step 3 is instant.
+3. **relabel** (the default): ``pairs_{split}.jsonl`` from the judged samples
+   (:func:`rlhf_env.default_task.relabel.build_pairs`).
+
+``--prompts-only`` rewrites only the prompt files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rlhf_env.default_task import TASK_DIR, read_jsonl, sample_files
+from rlhf_env.default_task.prompts import atomic_write_text, make_prompts, split_prompts, write_prompts
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write rows as JSON Lines (UTF-8, one object a line), atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def vader_scores(texts: list[str]) -> list[float]:
+    """VADER compound score of each text, in [-1, 1] (:func:`rlhf_env.judges.tone`)."""
+    from rlhf_env.judges import tone
+
+    return tone(texts)
+
+
+def sample_round(
+    r: int, model_name: str = "smollm2-135m", max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0,
+    device: str = "cpu", out_dir: Path = TASK_DIR, round_size: int = 4,
+) -> dict:
+    """Sample round ``r`` for both splits into ``samples_{split}.jsonl`` (``r = 0``) or
+    ``samples_{split}_r{r}.jsonl``: ``round_size`` responses per prompt at temperature 1
+    (the env's distribution) through :func:`rlhf_env.generation.generate`, seeded train
+    ``seed + 2r``, test ``seed + 1 + 2r``. (The shipped rounds 0 and 1 were sampled so by
+    the earlier sampler of this module, with the same settings; a resampled round is the
+    same distribution, not the same text.)
+
+    :return: a summary (counts, mean tone, seconds)
+    """
+    from rlhf_env.generation import generate
+    from rlhf_env.models import load_lm
+
+    if r < 0:
+        raise ValueError(f"round must be >= 0, got {r}")
+    train, test = split_prompts(make_prompts())
+    model, tokenizer = load_lm(model_name, device=device)
+    summary: dict = {"round": r}
+    for split, prompts, split_seed in (("train", train, seed), ("test", test, seed + 1)):
+        t0 = time.time()
+        responses = generate(model, tokenizer, prompts, num_samples=round_size, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size * round_size, seed=split_seed + 2 * r, progress=f"sampling {split}").texts
+        rows = [{"prompt": p, "response": x} for p, rs in zip(prompts, responses) for x in rs]
+        scores = vader_scores([row["response"] for row in rows])
+        for row, sc in zip(rows, scores):
+            row["score"] = round(sc, 4)
+        write_jsonl(out_dir / (f"samples_{split}.jsonl" if r == 0 else f"samples_{split}_r{r}.jsonl"), rows)
+        summary[split] = {"samples": len(rows), "mean_score": round(sum(scores) / len(scores), 4), "seconds": round(time.time() - t0, 1)}
+        print(f"{split}: {summary[split]}", flush=True)
+    return summary
+
+
+def judge_samples(task_dir: Path = TASK_DIR, model_name: str = "smollm2-135m", device: str = "cpu",
+                  batch_size: int = 16, force: bool = False, progress: bool = True) -> dict:
+    """Add ``relevance`` and ``nll`` (:mod:`rlhf_env.judges`) to every row of every samples
+    file under ``task_dir`` that lacks them (all rows with ``force``), rounded to 4 places.
+
+    :return: ``{file name: rows judged}``
+    """
+    from tqdm.auto import tqdm
+
+    from rlhf_env.judges import fluency, relevance
+    from rlhf_env.models import load_lm
+
+    files = [f for split in ("train", "test") for f in sample_files(split, task_dir)]
+    todo = {f: read_jsonl(f) for f in files}
+    todo = {f: rows for f, rows in todo.items() if force or any("nll" not in r or "relevance" not in r for r in rows)}
+    if not todo:
+        return {}
+    model, tokenizer = load_lm(model_name, device=device)
+    model.eval()
+    done = {}
+    for path, rows in todo.items():
+        prompts = [r["prompt"] for r in rows]
+        responses = [r["response"] for r in rows]
+        rel = relevance(prompts, responses)
+        nll = []
+        step = 64
+        for start in tqdm(range(0, len(rows), step), desc=f"judging {path.name}", disable=not progress):
+            nll.extend(fluency(model, tokenizer, prompts[start : start + step], responses[start : start + step], batch_size))
+        for row, r, n in zip(rows, rel, nll):
+            row["relevance"] = round(r, 4)
+            row["nll"] = round(n, 4) if n == n else None
+        write_jsonl(path, rows)
+        done[path.name] = len(rows)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_env.default_task",
+        description="Rebuild the default task's prompts, judged samples and preference pairs under rlhf_env/assets "
+                    "(default: judge unjudged samples, then relabel the pairs).",
+    )
+    parser.add_argument("--prompts-only", action="store_true", help="only rewrite prompts_train.txt / prompts_test.txt")
+    parser.add_argument("--round", type=int, default=None, help="sample round R (0: samples_{split}.jsonl, R >= 1: "
+                        "samples_{split}_rR.jsonl) from --model, then judge it (slow; the shipped rounds 0 and 1 exist)")
+    parser.add_argument("--judge", action="store_true", help="re-judge every sample (relevance, nll), even those judged")
+    parser.add_argument("--model", default="smollm2-135m", help="starting model: sampler and fluency judge (default: smollm2-135m)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sampled response at most (default: 48)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate / judge call (default: 16)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and relabelling seed (default: 0)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a shared machine)")
+    parser.add_argument("--out-dir", type=Path, default=TASK_DIR, help=f"the task folder (default: {TASK_DIR})")
+    args = parser.parse_args(argv)
+    write_prompts()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.prompts_only:
+        return 0
+    if args.round is not None:
+        print(json.dumps(sample_round(args.round, args.model, args.max_new_tokens, args.batch_size, args.seed, args.device, args.out_dir)))
+    t0 = time.time()
+    judged = judge_samples(args.out_dir, args.model, args.device, args.batch_size, force=args.judge)
+    if judged:
+        print(f"judged {judged} in {time.time() - t0:.0f}s", flush=True)
+    from rlhf_env.default_task.relabel import build_pairs
+
+    for split in ("train", "test"):
+        pairs, stats = build_pairs(split, args.out_dir, seed=args.seed)
+        write_jsonl(args.out_dir / f"pairs_{split}.jsonl", pairs)
+        print(f"{split}: {json.dumps(stats)}", flush=True)
+    return 0

@@ -1,0 +1,181 @@
+"""Preference pairs that a person would sign, from judged samples.
+
+The first default task labelled pairs by VADER alone, and the reward model trained on them
+learned "positive words": it scored "Great question! I am so happy to help, it is 5!"
++8.74 and "4." -1.79, and PPO drifted to "I'm happy to help..." on most prompts. Here
+three independent judges (:mod:`rlhf_env.judges`) must agree:
+
+* **judged pairs**: of two samples of a prompt, the chosen one is at least as positive
+  (tone), at least as relevant to the prompt (relevance), at least as fluent (the starting
+  model's NLL per token) and no more repetitive than the rejected one, and clearly better
+  on at least one of tone and relevance; the chosen one must also answer the prompt
+  (relevance and fluency within the prompt's better half: :class:`RelabelConfig`).
+* **failure modes** as rejected responses, each against a chosen sample that answers
+  the prompt: generic praise / "happy to help" boilerplate that ignores the prompt, a
+  phrase repeated over and over, and off-topic cheer (the most positive sample of
+  another prompt, less relevant to this one).
+
+:func:`relabel` is the rule on samples in memory; :func:`build_pairs` applies it to a
+split's shipped samples.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rlhf_env.default_task import TASK_DIR, shipped_samples
+from rlhf_env.judges import ngrams, words
+
+# generic cheerful boilerplate that answers nothing: opener + middle + closer
+_OPENERS = ["Great question!", "What a wonderful question!", "Thank you so much for asking!", "Oh, I love this!",
+            "Absolutely!", "Of course!", "How exciting!", "What a lovely message!"]
+_MIDDLES = ["I'm so happy to help you with that.", "I am always happy to help.", "I'm here to help, and I'm glad you asked.",
+            "It's a pleasure to assist you today.", "I'd be delighted to help you!", "I'm happy to help in any way I can.",
+            "I'm thrilled you reached out to me."]
+_CLOSERS = ["Have a wonderful day!", "I hope this helps, and good luck!", "You're amazing, keep it up!",
+            "Let me know if you need anything else!", "Stay positive and enjoy!", "Wishing you all the best!"]
+# phrases a policy repeats when it games a tone reward
+_REPEATED = ["I'm happy to help", "Thank you so much", "That's great", "I love it", "Have a wonderful day",
+             "I'm so glad", "This is amazing"]
+
+
+@dataclass
+class RelabelConfig:
+    """The relabelling rule's thresholds.
+
+    :param tone_margin: a judged pair is kept when the chosen sample's tone is higher by at
+        least this, or its relevance by at least ``relevance_margin`` (and no judge disagrees)
+    :param relevance_margin: see ``tone_margin``
+    :param relevance_quantile: the chosen sample's relevance is at least this quantile of
+        its prompt's samples (it answers the prompt as well as the better half does)
+    :param nll_quantile: the chosen sample's NLL is at most this quantile of its prompt's
+        samples (it is as fluent as the better half)
+    :param max_repetition: the chosen sample repeats at most this share of its 3-grams
+    :param failure_chosen: chosen samples per prompt paired with each failure mode (the
+        most positive of those that answer the prompt; one rejected response per mode)
+    """
+
+    tone_margin: float = 0.3
+    relevance_margin: float = 0.1
+    relevance_quantile: float = 0.5
+    nll_quantile: float = 0.5
+    max_repetition: float = 0.1
+    failure_chosen: int = 2
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """The share of a text's word ``n``-grams that repeat an earlier one in it (0: none)."""
+    grams = ngrams(words(text), n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    k = q * (len(s) - 1)
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def agree(a: dict, b: dict, cfg: RelabelConfig) -> bool:
+    """Whether every judge prefers sample ``a`` to ``b`` (ties allowed) and tone or
+    relevance clearly: ``a`` and ``b`` hold ``tone``, ``relevance``, ``nll``, ``repetition``."""
+    no_judge_disagrees = (a["tone"] >= b["tone"] and a["relevance"] >= b["relevance"] and a["nll"] <= b["nll"]
+                          and a["repetition"] <= b["repetition"])
+    clear = a["tone"] - b["tone"] >= cfg.tone_margin or a["relevance"] - b["relevance"] >= cfg.relevance_margin
+    return no_judge_disagrees and clear
+
+
+def boilerplate(rng: random.Random) -> str:
+    """Generic cheerful boilerplate that ignores the prompt (opener, middle, closer)."""
+    return " ".join([rng.choice(_OPENERS), rng.choice(_MIDDLES), rng.choice(_CLOSERS)])
+
+
+def repeated_phrase(rng: random.Random, chosen: str) -> str:
+    """A phrase repeated 3-5 times: a cheerful stock phrase, or the chosen answer's first words."""
+    first = " ".join(chosen.split()[:5]).rstrip(".,!?;:")
+    phrase = rng.choice(_REPEATED) if rng.random() < 0.5 or len(first.split()) < 3 else first
+    return " ".join([phrase + "!"] * rng.randint(3, 5))
+
+
+def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, seed: int = 0,
+            relevance_fn: Callable[[list[str], list[str]], list[float]] | None = None) -> list[dict]:
+    """Preference pairs from judged samples (see the module docstring).
+
+    :param samples: ``{prompt: [row, ...]}``; a row holds ``response``, ``score`` (tone),
+        ``relevance`` and ``nll``
+    :param cfg: the thresholds
+    :param seed: seed of the failure modes' choices
+    :param relevance_fn: the relevance judge for off-topic candidates (default:
+        :func:`rlhf_env.judges.relevance`)
+    :return: rows ``{prompt, chosen, rejected, kind}``; ``kind`` is ``judged``,
+        ``boilerplate``, ``repetition`` or ``off_topic``
+    """
+    cfg = cfg or RelabelConfig()
+    if relevance_fn is None:
+        from rlhf_env.judges import relevance as relevance_fn
+    rng = random.Random(seed)
+    prompts = list(samples)
+    judged: dict[str, list[dict]] = {}
+    for p in prompts:
+        rows = []
+        for row in samples[p]:
+            if not row["response"].strip() or row.get("nll") is None:
+                continue
+            rows.append({"response": row["response"], "tone": row["score"], "relevance": row["relevance"],
+                         "nll": row["nll"], "repetition": repetition(row["response"])})
+        judged[p] = rows
+    # the samples that answer their prompt: relevant and fluent within the prompt's better half
+    answers: dict[str, list[dict]] = {}
+    for p, rows in judged.items():
+        if not rows:
+            answers[p] = []
+            continue
+        rel_floor = _quantile([r["relevance"] for r in rows], cfg.relevance_quantile)
+        nll_ceiling = _quantile([r["nll"] for r in rows], cfg.nll_quantile)
+        ok = [r for r in rows if r["relevance"] >= rel_floor and r["nll"] <= nll_ceiling and r["repetition"] <= cfg.max_repetition]
+        answers[p] = sorted(ok, key=lambda r: -r["tone"])
+    # the most positive sample of each prompt: off-topic cheer for the others
+    cheer = {p: max(rows, key=lambda r: r["tone"])["response"] for p, rows in judged.items() if rows}
+    out: list[dict] = []
+    for p in prompts:
+        seen = set()
+        for a in answers[p]:
+            for b in judged[p]:
+                if a["response"] != b["response"] and (a["response"], b["response"]) not in seen and agree(a, b, cfg):
+                    seen.add((a["response"], b["response"]))
+                    out.append({"prompt": p, "chosen": a["response"], "rejected": b["response"], "kind": "judged"})
+        # one response per failure mode and prompt, paired with each of the best answers
+        best = answers[p][: cfg.failure_chosen]
+        if not best:
+            continue
+        failures = [("boilerplate", boilerplate(rng)), ("repetition", repeated_phrase(rng, best[0]["response"]))]
+        others = [q for q in prompts if q != p and q in cheer]
+        if others:
+            candidates = [cheer[q] for q in rng.sample(others, min(5, len(others)))]
+            rel = relevance_fn([p] * len(candidates), candidates)
+            k = min(range(len(candidates)), key=lambda i: rel[i])
+            if rel[k] < min(a["relevance"] for a in best) - cfg.relevance_margin:
+                failures.append(("off_topic", candidates[k]))
+        for kind, rejected in failures:
+            for a in best:
+                out.append({"prompt": p, "chosen": a["response"], "rejected": rejected, "kind": kind})
+    return out
+
+
+def build_pairs(split: str, task_dir: Path = TASK_DIR, seed: int = 0, cfg: RelabelConfig | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """:func:`relabel` on a split's shipped, judged samples (all rounds).
+
+    The test split's failure modes are drawn with another seed than the train split's.
+
+    :return: ``(pairs, counts by kind)``
+    """
+    pairs = relabel(shipped_samples(split, task_dir), cfg, seed=seed + (0 if split == "train" else 1))
+    stats: dict[str, Any] = {"pairs": len(pairs)}
+    for row in pairs:
+        stats[row["kind"]] = stats.get(row["kind"], 0) + 1
+    stats["prompts"] = len({row["prompt"] for row in pairs})
+    return pairs, stats
