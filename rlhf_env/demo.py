@@ -5,14 +5,22 @@
 1. builds ``TextRLHF-v0`` (batched, ``num_envs`` prompts at a time) with the package's
    default reward model (``RewardModel.default()``), falling back to the VADER sentiment
    reward when the default reward model cannot be built, and says which it uses;
-2. samples responses to the held-out prompts (``load_prompts(split="test")``) and scores
-   them: ``score_before``;
+2. samples responses to the held-out prompts (``load_prompts(split="test")``, two per
+   prompt) and judges them (:func:`rlhf_env.evaluate.evaluate`): the reward model's score
+   and the independent judges (tone, relevance, fluency, distinct-n, repeated 3-grams);
 3. trains ``agents.PPO`` with the language-model policy, the per-token KL penalty and the
    adaptive KL controller, within a time budget, logging to TensorBoard (``DIR/tb``);
-4. samples the held-out prompts again with the same seed: ``score_after`` and the mean
-   KL of a response to the reference (``kl``);
+4. samples the held-out prompts again with the same seed and prints the judges table,
+   starting model against trained policy, with the KL per response and side-by-side
+   samples;
 5. writes ``DIR/policy`` (a Hugging Face model directory: LoRA adapters, if any, merged),
-   ``DIR/curve.png`` (score and KL per iteration) and ``DIR/summary.json``.
+   ``DIR/curve.png`` (score and KL per iteration), ``DIR/evaluation.json`` (the full
+   report) and ``DIR/summary.json``.
+
+``passed`` is the pass rule of :class:`rlhf_env.evaluate.Targets` on the independent
+judges (tone up, relevance and diversity kept, no phrase taking over, KL within
+``kl_budget``) and a rise of the reward model's score: the reward model alone, which the
+policy was trained to please, does not decide.
 
 ``--quick`` runs the same path on the tiny model in well under a minute.
 """
@@ -95,7 +103,8 @@ class DemoConfig:
         the final evaluation and the saving fit in it (first runs build the cached model
         and the default reward model, which eats into the training time).
     :param max_iterations: hard cap on PPO iterations.
-    :param eval_prompts: held-out prompts scored before and after (None: all).
+    :param eval_prompts: held-out prompts judged before and after (None: all 60).
+    :param eval_samples: responses sampled per held-out prompt.
     :param n_show: samples printed before and after.
     :param seed: seed of everything.
     :param device: torch device.
@@ -122,8 +131,9 @@ class DemoConfig:
     train_seconds: float = 420.0
     total_seconds: float = 560.0
     max_iterations: int = 100
-    eval_prompts: int | None = 32
-    n_show: int = 3
+    eval_prompts: int | None = None
+    eval_samples: int = 2
+    n_show: int = 4
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
@@ -154,118 +164,6 @@ def quick_config() -> DemoConfig:
         eval_prompts=48,
         threads=1,  # a model this small runs faster on one thread (no spin-waits between tiny ops)
     )
-
-
-# ---------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def sample_responses(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: list[str],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 32,
-) -> list[list[int]]:
-    """Sample one response per prompt from the policy's distribution (softmax of
-    logits / temperature, as the env samples), reproducibly.
-
-    :return: the response token ids (EOS included when the model emitted it).
-    """
-    from rlhf_env.models import encode_prompt
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    out: list[list[int]] = []
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(prompts), batch_size):
-        seqs = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        responses = [[] for _ in seqs]
-        alive = [True] * len(seqs)
-        past = None
-        step_ids, step_pos = ids, position_ids
-        for _ in range(max_new_tokens):
-            # only the last position's logits are needed (the LM head over a whole prompt is costly)
-            res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=past, use_cache=True,
-                        logits_to_keep=1)
-            past = res.cache if getattr(res, "cache", None) is not None else res.past_key_values
-            probs = torch.softmax(res.logits[:, -1].float() / temperature, dim=-1).cpu()
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            for i, t in enumerate(tokens.tolist()):
-                if alive[i]:
-                    responses[i].append(t)
-                    if t == eos:
-                        alive[i] = False
-            if not any(alive):
-                break
-            step_ids = tokens.to(device).unsqueeze(-1)
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out.extend(responses)
-    if was_training:
-        model.train()
-    return out
-
-
-@torch.no_grad()
-def response_kl(
-    actor: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, prompts: list[str],
-    responses: list[list[int]], temperature: float = 1.0,
-) -> list[float]:
-    """KL of each sampled response to the reference: ``sum_t log pi(a_t|s_t) - log ref(a_t|s_t)``
-    (the k1 estimate the env charges; its mean over responses sampled from ``pi`` estimates
-    ``KL(pi || ref)`` per response)."""
-    from agents.lm_forward import evaluate_segments
-    from agents.segments import TextSegment
-    from rlhf_env.models import encode_prompt
-
-    segs = []
-    for p, r in zip(prompts, responses):
-        if not r:
-            continue
-        z = torch.zeros(len(r))
-        segs.append(TextSegment(torch.tensor(encode_prompt(tokenizer, p)), torch.tensor(r), z, z, z, z))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kls = []
-    for start in range(0, len(segs), 16):
-        chunk = segs[start : start + 16]
-        lp = evaluate_segments(actor, chunk, pad, temperature=temperature, with_entropy=False).logprobs
-        ref = evaluate_segments(reference, chunk, pad, temperature=temperature, with_entropy=False).logprobs
-        kls.extend(float((a - b).sum()) for a, b in zip(lp, ref))
-    return kls
-
-
-def evaluate(env_core: Any, reward: Callable, prompts: list[str], cfg: DemoConfig, with_kl: bool = True) -> dict[str, Any]:
-    """Sample and score the held-out prompts with the current actor (and measure the KL of
-    its responses to the reference unless ``with_kl`` is False: before training the actor
-    is the reference, so that KL is 0)."""
-    tok = env_core.tokenizer
-    ids = sample_responses(env_core.actor, tok, prompts, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed + 12345)
-    texts = [tok.decode(r, skip_special_tokens=True) for r in ids]
-    scores = np.asarray(torch.as_tensor(reward(prompts, texts)).float().cpu().numpy(), dtype=np.float64)
-    kls = response_kl(env_core.actor, env_core.reference, tok, prompts, ids, cfg.temperature) if with_kl else [0.0]
-    return {
-        "responses": texts,
-        "scores": scores,
-        "mean": float(scores.mean()),
-        "std": float(scores.std()),
-        "kl": float(np.mean(kls)) if kls else 0.0,
-        "length": float(np.mean([len(r) for r in ids])),
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,6 +241,7 @@ def run_demo(
     from agents import PPO
     from agents.callbacks import BaseCallback
     from agents.text_ppo import RLHFConfig
+    from rlhf_env.evaluate import Targets, check_targets, evaluate, format_table, write_report
     from rlhf_env.prompts import load_prompts
 
     t0 = time.time()
@@ -369,11 +268,18 @@ def run_demo(
     log(f"[demo] loaded in {time.time() - t0:.1f}s; scoring {len(test_prompts)} held-out prompts before training")
 
     t_eval = time.time()
-    before = evaluate(core, reward, test_prompts, cfg, with_kl=False)
+    tok = core.tokenizer
+    eval_args = dict(reward=reward, num_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, seed=cfg.seed + 12345, n_show=cfg.n_show, progress=False)
+    # before training the actor is the reference: its responses are the reference column
+    before = evaluate((core.reference, tok), test_prompts, reference=(core.reference, tok), **eval_args)
     eval_seconds = time.time() - t_eval
-    log(f"[demo] before: score {before['mean']:.3f} +- {before['std']:.3f}, KL {before['kl']:.2f}")
-    for p, r, s in list(zip(test_prompts, before["responses"], before["scores"]))[: cfg.n_show]:
-        log(f"  prompt: {p}\n  response: {r.strip()!r}  (score {s:.3f})")
+    ref = before["reference"]
+    log(f"[demo] before: reward-model score {ref['reward']:.3f} +- {ref['reward_std']:.3f}; tone {ref['tone']:.3f}, "
+        f"relevance {ref['relevance']:.3f}, fluency NLL {ref['fluency_nll']:.2f}, distinct-2 {ref['distinct_2']:.3f}, "
+        f"top 3-gram {ref['top_3gram']!r} in {ref['top_3gram_share']:.0%} of responses")
+    for row in before["samples"]:
+        log(f"  prompt: {row['prompt']}\n  response: {row['reference']!r}  (score {row['reference_score']:.3f})")
 
     policy_kwargs: dict[str, Any] = {}
     if cfg.lora is not None:
@@ -423,37 +329,44 @@ def run_demo(
     if model.logger is not None:
         model.logger.close()
 
-    after = evaluate(core, reward, test_prompts, cfg)
-    log(f"[demo] after:  score {after['mean']:.3f} +- {after['std']:.3f}, KL {after['kl']:.2f}")
-    for p, r, s in list(zip(test_prompts, after["responses"], after["scores"]))[: cfg.n_show]:
-        log(f"  prompt: {p}\n  response: {r.strip()!r}  (score {s:.3f})")
+    after = evaluate((core.actor, tok), test_prompts, reference=(core.reference, tok), baseline=before, **eval_args)
+    verdict = check_targets(after, Targets(max_kl=cfg.kl_budget))
+    log("[demo] judges on the held-out prompts, starting model (reference) vs trained policy:\n" + format_table(after, verdict))
+    for row in after["samples"]:
+        log(f"  prompt: {row['prompt']}\n  before: {row['reference']!r}  (score {row['reference_score']:.3f})\n"
+            f"  after:  {row['policy']!r}  (score {row['policy_score']:.3f})")
 
     model.save_pretrained(out / "policy")  # LoRA merged: a plain Hugging Face folder
     if history:
         plot_curve(history, out / "curve.png", f"PPO on TextRLHF-v0 ({cfg.model}, {reward_name})")
-    rise = (after["mean"] - before["mean"]) / before["std"] if before["std"] > 0 else math.inf
+    pol = after["policy"]
+    rise = (pol["reward"] - ref["reward"]) / ref["reward_std"] if ref["reward_std"] > 0 else math.inf
+    write_report(after, out / "evaluation.json")
     summary = {
         "model": cfg.model,
         "reward": reward_name,
-        "score_before": before["mean"],
-        "score_after": after["mean"],
-        "score_std_before": before["std"],
-        "score_std_after": after["std"],
+        "score_before": ref["reward"],
+        "score_after": pol["reward"],
+        "score_std_before": ref["reward_std"],
+        "score_std_after": pol["reward_std"],
         "score_rise_in_std": rise,
-        "kl": after["kl"],
-        "kl_before": before["kl"],
+        "win_rate": after["win_rate"],
+        "kl": pol["kl"],
+        "kl_before": 0.0,
         "kl_budget": cfg.kl_budget,
-        "response_len_before": before["length"],
-        "response_len_after": after["length"],
-        "passed": bool(rise >= 1.0 and after["kl"] <= cfg.kl_budget),
+        "response_len_before": ref["length"],
+        "response_len_after": pol["length"],
+        "judges": {"before": ref, "after": pol},
+        "pass_rule": verdict,
+        # the independent judges decide; the reward model's score must rise too
+        "passed": bool(verdict["passed"] and pol["reward"] > ref["reward"]),
         "iterations": len(history),
         "stop_reason": stop_reason,
         "train_seconds": train_seconds,
         "seconds": time.time() - t0,
         "cpu_seconds": time.process_time() - cpu0,
         "held_out_prompts": len(test_prompts),
-        "samples_after": [{"prompt": p, "response": r, "score": float(s)} for p, r, s in
-                          list(zip(test_prompts, after["responses"], after["scores"]))[: cfg.n_show]],
+        "samples": after["samples"],
         "history": history,
         "config": {k: v for k, v in asdict(cfg).items() if k != "prompts"},
         "policy_dir": str(out / "policy"),
@@ -462,7 +375,8 @@ def run_demo(
     summary["seconds"] = time.time() - t0
     _write_json(out / "summary.json", summary)
     env.close()
-    verdict = "PASS" if summary["passed"] else "below target"
-    log(f"[demo] score {before['mean']:.3f} -> {after['mean']:.3f} ({rise:+.2f} std), KL {after['kl']:.2f} "
-        f"(budget {cfg.kl_budget}), {summary['seconds']:.0f}s: {verdict}. Wrote {out}/summary.json, policy/, curve.png, tb/")
+    word = "PASS" if summary["passed"] else "FAIL (see the judges table)"
+    log(f"[demo] reward-model score {ref['reward']:.3f} -> {pol['reward']:.3f} ({rise:+.2f} std, win rate "
+        f"{after['win_rate']:.2f}), KL {pol['kl']:.2f} (budget {cfg.kl_budget}), {summary['seconds']:.0f}s: {word}. "
+        f"Wrote {out}/summary.json, evaluation.json, policy/, curve.png, tb/")
     return summary

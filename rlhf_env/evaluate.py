@@ -69,6 +69,16 @@ def _side(prompts: list[str], texts: list[str], scores: np.ndarray, reference: A
     }
 
 
+def _side_by_side(prompts, ref_texts, texts, ref_scores, scores, n_show: int) -> list[dict]:
+    """The first response of each of the first ``n_show`` distinct prompts, both sides."""
+    rows, seen = [], set()
+    for p, r, t, rs, s in zip(prompts, ref_texts, texts, ref_scores, scores):
+        if p not in seen and len(rows) < n_show:
+            seen.add(p)
+            rows.append({"prompt": p, "reference": r, "policy": t, "reference_score": float(rs), "policy_score": float(s)})
+    return rows
+
+
 def compare(
     prompts: Sequence[str],
     responses: Sequence[str],
@@ -122,8 +132,7 @@ def compare(
         "policy": col,
         "reference": ref_col,
         "win_rate": win,
-        "samples": [{"prompt": p, "reference": r, "policy": t, "reference_score": float(rs), "policy_score": float(s)}
-                    for p, r, t, rs, s in list(zip(prompts, ref_texts, texts, ref_scores, scores))[:n_show]],
+        "samples": _side_by_side(prompts, ref_texts, texts, ref_scores, scores, n_show),
         "responses": {"policy": texts, "reference": ref_texts},
         "policy_scores": scores.tolist(),
         "reference_scores": ref_scores.tolist(),
@@ -159,7 +168,8 @@ def evaluate(
     :param task: a verifiable task (name or object): returns
         ``rlhf_env.tasks.evaluate_task(policy, task, **task_kwargs)`` instead
     :param reference: the starting model, in any form ``policy`` takes (default: the
-        agent's env reference; required for a model name or directory)
+        agent's env reference; required for a model name or directory). When it is the
+        policy's own model object, responses are sampled once and the KL is 0
     :param reward: the reward model or reward (``"default"``, a directory, a callable:
         :func:`rlhf_env.rewards.resolve_reward`)
     :param num_samples: responses per prompt (the same for policy and reference)
@@ -210,11 +220,21 @@ def evaluate(
         return c.flat(), [x for group in c.token_ids for x in group]
 
     texts, ids = sample(model, tokenizer, "policy")
-    ref_texts, ref_ids = (None, None) if baseline is not None else sample(*ref, "reference")
+    same = model is ref[0]  # the reference judged against itself (e.g. before training): sample once, KL 0
+    if baseline is not None:
+        ref_texts, ref_ids = None, None
+    elif same:
+        ref_texts, ref_ids = texts, ids
+        steps.update(1)
+    else:
+        ref_texts, ref_ids = sample(*ref, "reference")
     steps.set_postfix_str("KL")
-    pol_lp = judges.response_logprobs(model, tokenizer, flat_prompts, ids, temperature=temperature)
-    ref_lp = judges.response_logprobs(ref[0], ref[1], flat_prompts, ids, temperature=temperature)
-    kls = [float((a - b).sum()) if a is not None else 0.0 for a, b in zip(pol_lp, ref_lp)]
+    if same:
+        kls = [0.0] * len(ids)
+    else:
+        pol_lp = judges.response_logprobs(model, tokenizer, flat_prompts, ids, temperature=temperature)
+        ref_lp = judges.response_logprobs(ref[0], ref[1], flat_prompts, ids, temperature=temperature)
+        kls = [float((a - b).sum()) if a is not None else 0.0 for a, b in zip(pol_lp, ref_lp)]
     steps.update(1)
     steps.set_postfix_str("judging")
     report = compare(flat_prompts, texts, ref_texts, reward_fn, reference=ref, response_ids=ids, reference_ids=ref_ids,

@@ -133,15 +133,14 @@ def length_reward():
 def tiny_v0_scorer(env, n_prompts: int = 32, max_new_tokens: int = 12):
     """A function returning the mean reward-model score of the env's actor on the first
     ``n_prompts`` held-out prompts (seeded sampling): the learning tests' before/after."""
-    from rlhf_env.demo import sample_responses
+    from rlhf_env.generation import generate
     from rlhf_env.prompts import load_prompts
 
     core = env.unwrapped.core
     prompts = load_prompts(split="test")[:n_prompts]
 
     def mean_score() -> float:
-        ids = sample_responses(core.actor, core.tokenizer, prompts, max_new_tokens, seed=1)
-        texts = [core.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+        texts = generate(core.actor, core.tokenizer, prompts, max_new_tokens=max_new_tokens, seed=1, progress=False).flat()
         return float(env.unwrapped.reward_model(prompts, texts).mean())
 
     return mean_score

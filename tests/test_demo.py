@@ -29,6 +29,15 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     for key in ("score_before", "score_after", "score_std_before", "kl", "seconds", "kl_budget", "passed", "history"):
         assert key in summary, key
     assert summary["iterations"] == 3 and len(summary["history"]) == 3
+    # the judges table, before and after, and the pass rule on it
+    assert "relevance (MiniLM cos)" in printed and "pass rule:" in printed
+    for side in ("before", "after"):
+        assert {"tone", "relevance", "fluency_nll", "distinct_2", "top_3gram_share", "kl"} <= set(summary["judges"][side])
+    assert summary["judges"]["before"]["kl"] == 0.0 and summary["judges"]["after"]["kl"] == summary["kl"]
+    assert set(summary["pass_rule"]["checks"]) == {"tone_gain", "relevance_change", "distinct_2_change", "top_3gram_share", "kl"}
+    assert summary["passed"] == (summary["pass_rule"]["passed"] and summary["score_after"] > summary["score_before"])
+    report = json.loads((out / "evaluation.json").read_text())
+    assert len(report["responses"]["policy"]) == 2 * summary["held_out_prompts"]
     assert summary["kl"] > 0.0  # the policy moved away from the reference
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((out / "tb").rglob("events.out.tfevents.*"))

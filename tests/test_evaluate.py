@@ -27,7 +27,8 @@ def test_policy_equal_to_reference_has_zero_kl_and_even_odds(tmp_path):
     assert report["responses"]["policy"] == report["responses"]["reference"]
     for key in ("reward", "tone", "relevance", "fluency_nll", "distinct_2", "top_3gram_share"):
         assert report["policy"][key] == pytest.approx(report["reference"][key], abs=1e-6)
-    assert len(report["responses"]["policy"]) == 6 and len(report["samples"]) == 3
+    assert len(report["responses"]["policy"]) == 6
+    assert [row["prompt"] for row in report["samples"]] == PROMPTS  # one per prompt, side by side
     assert json.loads((tmp_path / "r.json").read_text())["win_rate"] == 0.5
     assert "fluency (ref NLL/token)" in format_table(report, check_targets(report))
 
@@ -108,3 +109,4 @@ def test_evaluate_errors():
     with pytest.raises(ValueError, match="one prompt per response"):
         compare(["a"], ["b", "c"], ["d", "e"], "tiny")
     assert judges.top_ngram_share(["a b c"])[0] == 1.0
+

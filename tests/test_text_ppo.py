@@ -129,11 +129,10 @@ def test_rollout_segments_match_the_env(tiny_lm_dir, tiny_prompts, length_reward
 
 
 def _mean_score(env, prompts, n_tokens, seed=1):
-    from rlhf_env.demo import sample_responses
+    from rlhf_env.generation import generate
 
     core = env.unwrapped.core
-    ids = sample_responses(core.actor, core.tokenizer, prompts, n_tokens, seed=seed)
-    texts = [core.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+    texts = generate(core.actor, core.tokenizer, prompts, max_new_tokens=n_tokens, seed=seed, progress=False).flat()
     return float(env.unwrapped.reward_model(prompts, texts).mean())
 
 
