@@ -10,7 +10,7 @@ _CONFIG = object()  # an option left out: the config's value stays
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="RLHF of SmolLM2-135M-Instruct with PPO, offline, end to end (about 8 minutes on 2 CPU cores)",
+        help="RLHF of SmolLM2-135M-Instruct with PPO, offline, end to end, judged by independent judges (under 10 minutes on 2 CPU cores)",
         description="Samples held-out responses, trains PPO with the KL penalty against the default "
         "reward model, samples again, and writes DIR/summary.json, DIR/curve.png, DIR/policy "
         "(a Hugging Face model directory) and TensorBoard logs under DIR/tb.",
@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="stop after this many PPO iterations")
     parser.add_argument("--kl-stop", type=_kl_stop, default=_CONFIG, metavar="KL",
                         help="stop training after the iteration whose rollout KL per response reaches KL; 'none' "
-                        "switches the rule off (default: 10 within the 20 nat KL budget; quick: none)")
+                        "switches the rule off (default: 6 within the 8 nat KL budget of the pass rule; quick: none)")
     parser.set_defaults(func=run)
 
 
