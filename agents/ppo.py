@@ -29,7 +29,6 @@ from agents.text_ppo import (
     RLHFConfig,
     TextPPOMixin,
     is_lm_policy,
-    keep_trunk_states,
     names_lm_policy,
     text_rollout_steps,
 )
@@ -217,8 +216,8 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
         if is_lm_policy(self.policy):
             if self._text_state is None:
                 self._setup_text_state(self.rlhf)
-            else:  # loaded: the new env keeps trunk states from its first prefill, as the saved run's did
-                keep_trunk_states(self.env)
+            else:  # loaded: the new env charges the saved run's KL coefficient and keeps trunk states
+                self._attach_text_env()
 
     def collect_rollouts(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
         if self._text_state is not None:  # language-model policy: whole responses (agents.text_ppo)

@@ -247,12 +247,17 @@ class TextPPOMixin:
 
     def _setup_text_state(self, config: RLHFConfig) -> None:
         """Create the text state and write the initial ``kl_coef`` into the env."""
-        state = TextPPOState(config, get_env_kl_coef(self.env) if self.env is not None else None)
-        if self.env is not None and (config.kl_coef is not None or config.target_kl is not None):
-            set_env_kl_coef(self.env, state.kl_controller.value)
-        keep_trunk_states(self.env)
-        self._text_state = state
+        self._text_state = TextPPOState(config, get_env_kl_coef(self.env) if self.env is not None else None)
         self._segments: list[TextSegment] = []
+        self._attach_text_env()
+
+    def _attach_text_env(self) -> None:
+        """Make ``self.env`` (new, or a fresh one after ``load``) charge the KL coefficient in
+        force (the controller's, unless the env's own is kept) and keep the frozen-trunk states."""
+        config = self._text_state.config
+        if self.env is not None and (config.kl_coef is not None or config.target_kl is not None):
+            set_env_kl_coef(self.env, self._text_state.kl_controller.value)
+        keep_trunk_states(self.env)
 
     def _collect_text_rollout(self, env: Any, callback: Any, n_rollout_steps: int) -> bool:
         """``n_rollout_steps`` steps per env regrouped into segments (``self._segments``),
