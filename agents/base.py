@@ -73,6 +73,20 @@ def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
 
 
+def env_name(env: Any) -> str:
+    """The registered id of the env behind ``env`` (a ``VecEnvAdapter``, vector env or env),
+    else its class name."""
+    for candidate in (env, getattr(env, "env", None), getattr(env, "unwrapped", None)):
+        spec = getattr(candidate, "spec", None)
+        if getattr(spec, "id", None):
+            return str(spec.id)
+        envs = getattr(candidate, "envs", None)
+        if envs and getattr(getattr(envs[0], "spec", None), "id", None):
+            return str(envs[0].spec.id)
+    inner = getattr(env, "env", env)
+    return type(getattr(inner, "unwrapped", inner)).__name__
+
+
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> float:
     """1 - Var[y_true - y_pred] / Var[y_true] (nan when y_true is constant)."""
     var_y = torch.var(y_true)
@@ -250,6 +264,8 @@ class BaseAlgorithm:
                 self._logger = configure_logger(self.verbose, self.tensorboard_log, tb_log_name, reset_num_timesteps)
             else:  # other ranks: no table, no TensorBoard
                 self._logger = configure_logger(0, None)
+        # which env the run trained on, for TensorBoard readers (rlhf-env plot groups runs by it)
+        self._logger.record("run/env", env_name(self.env), exclude="stdout")
         callback = convert_callback(callback)
         if progress_bar and distributed.is_main_process():
             callback = CallbackList([callback, ProgressBarCallback()])

@@ -222,6 +222,27 @@ def as_pairs(data: Union[PathLike, Iterable]) -> list[PreferencePair]:
     return pairs
 
 
+def split_pairs(pairs: Iterable[PreferencePair], eval_fraction: float = 0.1, seed: int = 0) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Hold out about ``eval_fraction`` of the prompts, with all their pairs: ``(train, eval)``.
+
+    Whole prompts go to one side, so evaluation measures pairs of prompts the model never
+    trained on. The prompts are shuffled with ``seed``; at least one prompt lands on each
+    side when there are two or more (with one prompt, ``eval`` is empty).
+    """
+    import random
+
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    pairs = list(pairs)
+    prompts = list(dict.fromkeys(p.prompt for p in pairs))
+    if len(prompts) < 2:
+        return pairs, []
+    random.Random(seed).shuffle(prompts)
+    n_eval = min(len(prompts) - 1, max(1, round(eval_fraction * len(prompts))))
+    held_out = set(prompts[:n_eval])
+    return [p for p in pairs if p.prompt not in held_out], [p for p in pairs if p.prompt in held_out]
+
+
 def save_preferences(pairs: Iterable[PreferencePair], path: PathLike) -> None:
     """Write pairs as JSON Lines, atomically (temporary file, then rename).
 

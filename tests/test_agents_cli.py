@@ -40,3 +40,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "NoSuchEnv-v0" in err and "Traceback" not in err
     assert main(["plot", str(tmp_path / "nothing"), "--out", str(tmp_path / "c.png")]) == 1
     assert "nothing" in capsys.readouterr().err
+
+
+def test_plot_groups_mixed_runs_by_env(tmp_path, capsys):
+    """CartPole and text runs in one log dir: one figure each, the text one with the RLHF
+    panels; --runs selects, --smooth smooths."""
+    from rlhf_env.cli.plot import read_runs, smooth
+
+    tb = tmp_path / "tb"
+    common = ["--tensorboard-log", str(tb), "--verbose", "0", "--eval-episodes", "0"]
+    assert main(["train", "--algo", "ppo", "--env", "CartPole-v1", "--timesteps", "512", "--n-envs", "4", *common]) == 0
+    assert main(["train", "--algo", "ppo", "--env", "TextRLHF-tiny-v0", "--timesteps", "64", "--n-envs", "4", *common]) == 0
+    capsys.readouterr()
+    assert {r.name: r.group for r in read_runs(str(tb))} == {"PPO_1": "CartPole-v1", "PPO_2": "TextRLHF-tiny-v0"}
+    assert main(["plot", str(tb), "--out", str(tmp_path / "curve.png"), "--smooth", "0.6"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "curve-CartPole-v1.png").stat().st_size > 1000
+    assert (tmp_path / "curve-TextRLHF-tiny-v0.png").stat().st_size > 1000
+    assert not (tmp_path / "curve.png").exists()
+    assert "rollout/score_mean, rollout/kl_mean, train/kl_coef" in out and "rollout/ep_rew_mean" in out
+    assert main(["plot", str(tb), "--runs", "PPO_1", "--out", str(tmp_path / "one.png")]) == 0
+    assert (tmp_path / "one.png").is_file()  # one group: the name as given
+    assert smooth([0.0, 1.0, 1.0], 0.5) == pytest.approx([0.0, 2 / 3, 6 / 7])

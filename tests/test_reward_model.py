@@ -320,3 +320,49 @@ def test_moved_names_stay_importable_from_reward_model():
     assert rlhf_env.train_reward_model is trainer.train_reward_model and rlhf_env.RewardModel is RewardModel
     with pytest.raises(AttributeError):
         rm_module.no_such_name
+
+
+@pytest.mark.parametrize("command", ["train-rm", "dpo"])
+def test_cli_evaluates_on_held_out_prompts_of_the_users_own_file(tmp_path, monkeypatch, command):
+    """--train mine.jsonl without --eval: the reported accuracy is on prompts of mine.jsonl
+    that were held out of training, not on the default task's pairs."""
+    import json
+
+    import rlhf_env.dpo as dpo
+    import rlhf_env.reward_trainer as trainer
+    from rlhf_env.cli import main
+    from rlhf_env.data import load_preferences
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"prompt": f"prompt {i}", "chosen": f"good {j}", "rejected": f"bad {j}"}) + "\n"
+                            for i in range(20) for j in range(2)))
+    seen = {}
+
+    class Trained:
+        metrics = dpo_metrics = {"eval/accuracy": 1.0}
+
+    def fake(pairs, *args, eval_pairs=None, **kwargs):
+        seen.update(pairs=list(pairs), eval_pairs=eval_pairs)
+        return (Trained(), None) if command == "dpo" else Trained()
+
+    monkeypatch.setattr(trainer, "train_reward_model", fake)
+    monkeypatch.setattr(dpo, "train_dpo", fake)
+    assert main([command, "--train", str(mine), "-o", str(tmp_path / "out")]) == 0
+    train, held_out = seen["pairs"], seen["eval_pairs"]
+    assert len(held_out) == 4 and sorted(train + held_out, key=str) == sorted(load_preferences(mine), key=str)
+    assert not {p.prompt for p in train} & {p.prompt for p in held_out}  # whole prompts held out
+    assert main([command, "--train", str(mine), "--eval", "none", "-o", str(tmp_path / "out")]) == 0
+    assert seen["eval_pairs"] is None and "".join(seen["pairs"]) == str(mine)  # the whole file, for the trainer to read
+
+
+def test_help_says_each_default_once():
+    import re
+
+    from rlhf_env.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, command in sub.choices.items():
+        text = command.format_help()
+        for entry in re.split(r"\n  (?=-)", text):
+            assert entry.count("(default") <= 1, (name, entry)

@@ -13,6 +13,17 @@ DEFAULT_PAIRS_HELP = ("training pairs: JSON Lines of {prompt, chosen, rejected},
                       "rlhf_env.default_reward_model.default_training_pairs)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each flag's default said once: appended as ``(default: X)`` unless the
+    help text already says it, and left out for switches and unset (None) defaults."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 def training_pairs(value: str):
     """The ``--train`` value of train-rm and dpo: ``'default'`` gives the default task's
     training pairs (what :meth:`rlhf_env.RewardModel.default` trains on), anything else is a
@@ -22,6 +33,39 @@ def training_pairs(value: str):
 
         return default_training_pairs()
     return value
+
+
+EVAL_HELP = ("held-out pairs evaluated after each epoch: a JSON Lines file, 'none', or 'auto': with --train default the "
+             "default task's pairs_test.jsonl, else --eval-fraction of the prompts of --train, held out (never trained on)")
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    """--eval and --eval-fraction of train-rm and dpo (see :func:`train_and_eval_pairs`)."""
+    p.add_argument("--eval", default="auto", help=EVAL_HELP + " (default: auto)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --train's prompts held out by --eval auto")
+
+
+def train_and_eval_pairs(args):
+    """``(train, eval)`` of train-rm and dpo: ``--train default`` with ``--eval auto`` pairs the
+    default task's train and test files; a user's ``--train`` file with ``--eval auto`` is split
+    by prompt (:func:`rlhf_env.data.split_pairs`, seeded by ``--seed``), so the reported
+    accuracy is on that user's own held-out prompts; ``--eval none`` gives None."""
+    from rlhf_env.data import load_preferences, split_pairs
+
+    choice = str(args.eval)
+    if choice.lower() == "none":
+        return training_pairs(args.train), None
+    if choice.lower() != "auto":
+        return training_pairs(args.train), choice
+    if args.train == "default":
+        return training_pairs(args.train), str(DEFAULT_EVAL)
+    train, held_out = split_pairs(load_preferences(args.train), args.eval_fraction, seed=args.seed)
+    if not held_out:
+        print(f"{args.train} has a single prompt: no held-out split, no evaluation (pass --eval FILE)")
+        return train, None
+    print(f"evaluating on {len(held_out)} pairs of {len({p.prompt for p in held_out})} held-out prompts of "
+          f"{args.train} (--eval-fraction {args.eval_fraction}); training on the other {len(train)} pairs")
+    return train, held_out
 
 
 def block_count(minimum: int = 1):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_PAIRS_HELP, add_training_flags, apply_threads, block_count, checkpoint_kwargs, resolve_dtype, training_pairs
+from rlhf_env.cli._common import (
+    DEFAULT_PAIRS_HELP, HelpFormatter, add_eval_flags, add_training_flags, apply_threads, block_count, checkpoint_kwargs, resolve_dtype,
+    train_and_eval_pairs,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -16,10 +19,10 @@ def add_parser(subparsers) -> None:
         help="Direct Preference Optimisation on preference pairs",
         description="Train a causal LM with the DPO loss -log sigmoid(beta*log(pi/pi_ref)(chosen) - "
         "beta*log(pi/pi_ref)(rejected)) and save a model folder that gym.make('TextRLHF-v0', model=DIR) accepts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--train", default="default", help=DEFAULT_PAIRS_HELP)
-    p.add_argument("--eval", default=str(DEFAULT_EVAL), help="held-out pairs; implicit-reward accuracy after each epoch ('none' to skip)")
+    add_eval_flags(p)
     p.add_argument("--model", default="smollm2-135m", help="policy to train: smollm2-135m, tiny, or a local Hugging Face model folder")
     p.add_argument("--reference", default=None, help="frozen reference model (default: the policy before training)")
     p.add_argument("--beta", type=float, default=d.beta, help="DPO beta: strength of the implicit KL constraint")
@@ -44,7 +47,7 @@ def run(args) -> int:
     from rlhf_env.dpo import DPOConfig, train_dpo
 
     apply_threads(args)
-    train = training_pairs(args.train)
+    train, held_out = train_and_eval_pairs(args)
     cfg = DPOConfig(
         beta=args.beta, learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
         max_length=args.max_length, weight_decay=args.weight_decay, seed=args.seed, trainable_layers=args.trainable_layers,
@@ -53,7 +56,7 @@ def run(args) -> int:
     )
     model, _ = train_dpo(
         train, args.model, reference=args.reference, config=cfg,
-        eval_pairs=None if args.eval.lower() == "none" else args.eval, output_dir=args.output, log_dir=args.log_dir,
+        eval_pairs=held_out, output_dir=args.output, log_dir=args.log_dir,
         run_name=args.run_name, device=args.device, dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
         **checkpoint_kwargs(args),
     )

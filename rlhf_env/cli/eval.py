@@ -5,6 +5,8 @@ of :func:`rlhf_env.evaluate.evaluate` on held-out prompts."""
 from __future__ import annotations
 
 import argparse
+
+from rlhf_env.cli._common import HelpFormatter
 import json
 
 
@@ -16,7 +18,7 @@ def add_parser(subparsers) -> None:
         "DIR/policy) or an agent .zip saved by rlhf-env train. With --task: accuracy on the task's held-out split, "
         "greedy and sampled (mean over K samples, pass@K). Without: reward-model score, win rate, independent judges "
         "and KL against --reference on held-out prompts. Prints a summary and writes the JSON report with --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("policy", help="model name, model directory, or agent .zip")
     p.add_argument("--task", default=None, help="verifiable task: a curated name (chain_sum, ...) or any reasoning-gym name")

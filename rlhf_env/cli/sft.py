@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rlhf_env.cli._common import DEFAULT_TRAIN, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype
+from rlhf_env.cli._common import HelpFormatter, DEFAULT_TRAIN, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype
 
 
 def add_parser(subparsers) -> None:
@@ -16,7 +16,7 @@ def add_parser(subparsers) -> None:
         help="supervised fine-tuning on (prompt, response) examples",
         description="Fine-tune a causal LM with the loss on response tokens only (prompts formatted as the "
         "environment does) and save a model folder that gym.make('TextRLHF-v0', model=DIR) accepts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", default=str(DEFAULT_TRAIN), help="JSON Lines with 'prompt' and 'response' (or preference pairs: their 'chosen')")
     p.add_argument("--model", default="smollm2-135m", help="starting model: smollm2-135m, tiny, or a local Hugging Face model folder")

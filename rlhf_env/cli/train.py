@@ -4,6 +4,8 @@ rl-zoo3-style YAML hyperparameters, then evaluate it."""
 from __future__ import annotations
 
 import argparse
+
+from rlhf_env.cli._common import HelpFormatter
 import json
 import time
 
@@ -17,7 +19,7 @@ def add_parser(subparsers) -> None:
         description="Train an agent on a registered Gymnasium environment (CartPole-v1, TextRLHF-v0, ...). "
         "Hyperparameters come from the shipped rl-zoo3-style YAML (agents/hyperparams/ALGO.yml) or --hyperparams; "
         "flags override them. Prints the mean return of a deterministic evaluation at the end.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--algo", required=True, choices=sorted(ALGOS), help="agent to train")
     p.add_argument("--env", default=None,

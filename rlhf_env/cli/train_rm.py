@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from rlhf_env.cli._common import DEFAULT_EVAL, DEFAULT_PAIRS_HELP, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype, training_pairs
+from rlhf_env.cli._common import (
+    DEFAULT_PAIRS_HELP, HelpFormatter, add_eval_flags, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype, train_and_eval_pairs,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -18,10 +20,10 @@ def add_parser(subparsers) -> None:
         help="train a reward model on preference pairs (JSON Lines)",
         description="Train a reward model with the loss -log sigmoid(s_chosen - s_rejected) and save it "
         "as a folder that RewardModel.load and gym.make('TextRLHF-v0', reward_model=DIR) accept.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--train", default="default", help=DEFAULT_PAIRS_HELP)
-    p.add_argument("--eval", default=str(DEFAULT_EVAL), help="held-out pairs evaluated after each epoch ('none' to skip)")
+    add_eval_flags(p)
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="all-minilm-l6-v2, tiny, smollm2-135m, or a local Hugging Face model folder")
     p.add_argument("--pooling", default=None, choices=["first", "mean", "last"], help="hidden state the head reads (default: mean for encoders, last for causal LMs)")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps with linear learning-rate warm-up")
@@ -46,8 +48,9 @@ def run(args) -> int:
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, pooling=args.pooling, seed=args.seed,
         train_layers=args.train_layers, group_by_prompt=args.group_by_prompt, autocast=args.autocast,
     )
+    train, held_out = train_and_eval_pairs(args)
     rm = train_reward_model(
-        training_pairs(args.train), backbone=args.backbone, eval_pairs=None if args.eval.lower() == "none" else args.eval, config=cfg,
+        train, backbone=args.backbone, eval_pairs=held_out, config=cfg,
         output_dir=args.output, log_dir=args.log_dir, run_name=args.run_name, device=args.device,
         dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
         **checkpoint_kwargs(args),
