@@ -53,6 +53,11 @@ class AdaptiveKLController:
         changes the coefficient by 20 %; Ziegler et al. use 10,000.
     :param min_coef: lower bound, so the coefficient can recover after a long stretch
         below target (a coefficient that reaches 0 can never grow again).
+    :param hold_until_target: leave the coefficient where it is (never lower it) until the
+        measured KL first reaches the target. A policy that starts as the reference has KL 0
+        for its first rollouts by construction; lowering the coefficient then (by up to the
+        full 20 % error every rollout) only lets the KL overshoot the target once the policy
+        moves. Increases always apply. False: Ziegler et al.'s controller from the first update.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class AdaptiveKLController:
         target: float,
         horizon: int = 10_000,
         min_coef: float = 1e-4,
+        hold_until_target: bool = True,
     ) -> None:
         if init_kl_coef <= 0:
             raise ValueError(
@@ -75,6 +81,8 @@ class AdaptiveKLController:
         self.target = float(target)
         self.horizon = int(horizon)
         self.min_coef = float(min_coef)
+        self.hold_until_target = bool(hold_until_target)
+        self.reached_target = False
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Move the coefficient towards the value that yields the target KL.
@@ -84,6 +92,9 @@ class AdaptiveKLController:
         :return: the new coefficient.
         """
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.reached_target = self.reached_target or current_kl >= self.target
+        if self.hold_until_target and not self.reached_target:
+            proportional_error = max(proportional_error, 0.0)
         mult = 1.0 + proportional_error * n_steps / self.horizon
         self.value = max(self.value * mult, self.min_coef)
         return self.value

@@ -159,6 +159,8 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
         learning_rate, batch_size, n_epochs = resolved["learning_rate"], resolved["batch_size"], resolved["n_epochs"]
         gamma, gae_lambda, max_grad_norm = resolved["gamma"], resolved["gae_lambda"], resolved["max_grad_norm"]
         n_steps = resolved["n_steps"]
+        if text and "detach_value" not in (policy_kwargs or {}):
+            policy_kwargs = {**(policy_kwargs or {}), "detach_value": TEXT_PPO_DEFAULTS["detach_value"]}
         if loss_type not in ("clip", "kl_penalty"):
             raise ValueError(f"loss_type must be 'clip' or 'kl_penalty', got {loss_type!r}")
         check_number("batch_size", batch_size, low=1, integer=True)

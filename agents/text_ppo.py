@@ -60,9 +60,14 @@ TEXT_PPO_DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 1.0,
     # --- RLHFConfig: the KL discipline (Ziegler et al. 2019; TRL's sentiment example: target 6) ---
     "target_kl": 6.0,  # nats per response (summed over its tokens) the adaptive controller holds
-    "kl_horizon": 2_000,  # tokens over which a 20 % error moves kl_coef by 20 %
-    "kl_coef": None,  # initial coefficient; None: the env's own (TextRLHF's default 0.05)
+    "kl_horizon": None,  # tokens over which a 20 % error moves kl_coef by 20 %; None: two rollouts
+    #                      (at most +-10 % per rollout, whatever the rollout's size)
+    "kl_coef": 0.2,  # initial coefficient (TRL's init_kl_coef); None: the env's own
     "score_norm": True,  # running mean/std of the scores, so kl_coef means the same for any reward scale
+    # --- the policy (policy_kwargs) ---
+    "detach_value": True,  # the value loss does not train the LM's trunk: through a shared trunk its
+    #                        gradient moves the policy too, and the larger the KL penalties in the
+    #                        returns, the further (measured: the KL penalty then raised the KL)
 }
 
 
@@ -91,7 +96,9 @@ class RLHFConfig:
     :param target_kl: target KL per response (nats, summed over its tokens) of the
         adaptive KL controller; None keeps ``kl_coef`` fixed. Not to be confused with
         PPO's ``target_kl``, which stops the epochs early on the old-vs-new policy KL.
-    :param kl_horizon: horizon of the adaptive controller, in env steps (tokens).
+    :param kl_horizon: horizon of the adaptive controller, in env steps (tokens); None: the
+        tokens of two rollouts (``2 * n_steps * n_envs``), so ``kl_coef`` moves by at most
+        10 % per rollout.
     :param score_norm: normalise scores by a running mean and std before they enter the
         reward.
     :param score_clip: clip the (normalised) score to ``[-score_clip, score_clip]``.
@@ -104,7 +111,7 @@ class RLHFConfig:
 
     kl_coef: float | None = TEXT_PPO_DEFAULTS["kl_coef"]
     target_kl: float | None = TEXT_PPO_DEFAULTS["target_kl"]
-    kl_horizon: int = TEXT_PPO_DEFAULTS["kl_horizon"]
+    kl_horizon: int | None = TEXT_PPO_DEFAULTS["kl_horizon"]
     score_norm: bool = TEXT_PPO_DEFAULTS["score_norm"]
     score_clip: float | None = None
     micro_batch_tokens: int = 4096
@@ -161,10 +168,11 @@ def is_lm_policy(policy: Any) -> bool:
 class TextPPOState:
     """What the text path keeps between iterations (pickled with the model)."""
 
-    def __init__(self, config: RLHFConfig, env_kl_coef: float | None):
+    def __init__(self, config: RLHFConfig, env_kl_coef: float | None, rollout_tokens: int = 5_000):
         self.config = config
         init = config.kl_coef if config.kl_coef is not None else (env_kl_coef if env_kl_coef is not None else 0.0)
-        self.kl_controller = make_kl_controller(init, config.target_kl, config.kl_horizon)
+        horizon = config.kl_horizon if config.kl_horizon is not None else 2 * rollout_tokens
+        self.kl_controller = make_kl_controller(init, config.target_kl, horizon)
         self.score_stats = RunningMeanStd()
         self.iteration = 0
 
@@ -247,7 +255,9 @@ class TextPPOMixin:
 
     def _setup_text_state(self, config: RLHFConfig) -> None:
         """Create the text state and write the initial ``kl_coef`` into the env."""
-        self._text_state = TextPPOState(config, get_env_kl_coef(self.env) if self.env is not None else None)
+        self._text_state = TextPPOState(
+            config, get_env_kl_coef(self.env) if self.env is not None else None, self.n_steps * self.n_envs
+        )
         self._segments: list[TextSegment] = []
         self._attach_text_env()
 

@@ -223,6 +223,7 @@ def test_single_env_same_step_autoreset(tiny_prompts, length_reward, tiny_lm_dir
                    max_new_tokens=4, kl_coef=0.1, shared_model=False)
     model = PPO("LMPolicy", env, n_steps=16, batch_size=16, n_epochs=1, gamma=1.0, seed=0,
                 rlhf={"kl_coef": 0.1, "target_kl": 1e3, "kl_horizon": 100})
+    model._text_state.kl_controller.hold_until_target = False  # Ziegler's rule from the first rollout
     model.learn(32)
     finished = [s for s in model._segments if s.terminated]
     assert finished and all(s.score is not None and s.response is not None for s in finished)
