@@ -109,9 +109,21 @@ def add_training_flags(p: argparse.ArgumentParser, defaults, run_name: str) -> N
     p.add_argument("--on-nonfinite", default="raise", choices=["raise", "skip"], help="a NaN/inf loss or gradient stops training (raise) or drops the batch (skip)")
 
 
-def checkpoint_kwargs(args) -> dict:
-    """The trainers' checkpoint/resume/guard arguments from the flags above."""
-    return dict(checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume_from=args.resume, on_nonfinite=args.on_nonfinite)
+def config_from_args(config_class, args, **overrides):
+    """A trainer's config dataclass from the parsed flags: each field whose flag has the same
+    name (``--learning-rate`` -> ``learning_rate``), then ``overrides`` for the rest."""
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+    return config_class(**{**values, **overrides})
+
+
+def trainer_kwargs(args) -> dict:
+    """The offline trainers' common arguments from :func:`add_training_flags`' flags: output,
+    logging, device, dtype, progress bar, checkpoints, resume and the non-finite guard."""
+    return dict(output_dir=args.output, log_dir=args.log_dir, run_name=args.run_name, device=args.device,
+                dtype=resolve_dtype(args.dtype), progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+                checkpoint_every=args.checkpoint_every, resume_from=args.resume, on_nonfinite=args.on_nonfinite)
 
 
 def apply_threads(args) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rlhf_env.cli._common import (
-    DEFAULT_PAIRS_HELP, HelpFormatter, add_eval_flags, add_training_flags, apply_threads, block_count, checkpoint_kwargs, resolve_dtype,
+    DEFAULT_PAIRS_HELP, HelpFormatter, add_eval_flags, add_training_flags, apply_threads, block_count, config_from_args, trainer_kwargs,
     train_and_eval_pairs,
 )
 
@@ -48,17 +48,10 @@ def run(args) -> int:
 
     apply_threads(args)
     train, held_out = train_and_eval_pairs(args)
-    cfg = DPOConfig(
-        beta=args.beta, learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
-        max_length=args.max_length, weight_decay=args.weight_decay, seed=args.seed, trainable_layers=args.trainable_layers,
-        keep_trunk=not args.no_keep_trunk, group_by_prompt=not args.no_group_by_prompt,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+    cfg = config_from_args(
+        DPOConfig, args, keep_trunk=not args.no_keep_trunk, group_by_prompt=not args.no_group_by_prompt,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
     )
-    model, _ = train_dpo(
-        train, args.model, reference=args.reference, config=cfg,
-        eval_pairs=held_out, output_dir=args.output, log_dir=args.log_dir,
-        run_name=args.run_name, device=args.device, dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
-        **checkpoint_kwargs(args),
-    )
+    model, _ = train_dpo(train, args.model, reference=args.reference, config=cfg, eval_pairs=held_out, **trainer_kwargs(args))
     print(" ".join(f"{k}={v:.4f}" for k, v in model.dpo_metrics.items()), f"saved={args.output}")
     return 0

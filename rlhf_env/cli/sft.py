@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rlhf_env.cli._common import HelpFormatter, DEFAULT_TRAIN, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype
+from rlhf_env.cli._common import HelpFormatter, DEFAULT_TRAIN, add_training_flags, apply_threads, config_from_args, trainer_kwargs
 
 
 def add_parser(subparsers) -> None:
@@ -30,14 +30,7 @@ def run(args) -> int:
     from rlhf_env.sft import SFTConfig, train_sft
 
     apply_threads(args)
-    cfg = SFTConfig(
-        learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs, max_length=args.max_length,
-        weight_decay=args.weight_decay, add_eos=not args.no_eos, seed=args.seed,
-    )
-    train_sft(
-        args.data, args.model, config=cfg, output_dir=args.output, log_dir=args.log_dir, run_name=args.run_name,
-        device=args.device, dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
-        **checkpoint_kwargs(args),
-    )
+    cfg = config_from_args(SFTConfig, args, add_eos=not args.no_eos)
+    train_sft(args.data, args.model, config=cfg, **trainer_kwargs(args))
     print(f"saved={args.output}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rlhf_env.cli._common import (
-    DEFAULT_PAIRS_HELP, HelpFormatter, add_eval_flags, add_training_flags, apply_threads, checkpoint_kwargs, resolve_dtype, train_and_eval_pairs,
+    DEFAULT_PAIRS_HELP, HelpFormatter, add_eval_flags, add_training_flags, apply_threads, config_from_args, trainer_kwargs, train_and_eval_pairs,
 )
 
 
@@ -43,17 +43,8 @@ def run(args) -> int:
     from rlhf_env.reward_trainer import RewardModelConfig, train_reward_model
 
     apply_threads(args)
-    cfg = RewardModelConfig(
-        learning_rate=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs, max_length=args.max_length,
-        weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, pooling=args.pooling, seed=args.seed,
-        train_layers=args.train_layers, group_by_prompt=args.group_by_prompt, autocast=args.autocast,
-    )
+    cfg = config_from_args(RewardModelConfig, args)
     train, held_out = train_and_eval_pairs(args)
-    rm = train_reward_model(
-        train, backbone=args.backbone, eval_pairs=held_out, config=cfg,
-        output_dir=args.output, log_dir=args.log_dir, run_name=args.run_name, device=args.device,
-        dtype=resolve_dtype(args.dtype), progress=not args.no_progress,
-        **checkpoint_kwargs(args),
-    )
+    rm = train_reward_model(train, backbone=args.backbone, eval_pairs=held_out, config=cfg, **trainer_kwargs(args))
     print(" ".join(f"{k}={v:.4f}" for k, v in rm.metrics.items()), f"saved={args.output}")
     return 0
