@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_env.tasks import CURATED_TASKS, ReasoningGymTask, extract_answer, follows_format, format_reward, make_task
+from rlhf_env.tasks import ANSWER_FORMATS, CURATED_TASKS, ReasoningGymTask, extract_answer, follows_format, format_reward, make_task
 from rlhf_env.tasks.reasoning_gym import TEST_SEED, TRAIN_SEED
 
 
@@ -51,14 +51,15 @@ def test_train_and_held_out_splits_never_overlap():
 
 
 def test_rows_carry_prompt_answer_and_entry():
-    task = make_task("chain_sum")
+    task = make_task("chain_sum", system_prompt="Be brief.")
     row = task.rows("test")[0]
     system, user = row["prompt"]
     assert system == {"role": "system", "content": task.system_prompt} and user["role"] == "user"
     assert user["content"] == row["entry"]["question"] and row["answer"] == row["entry"]["answer"]
     assert row["task"] == "chain_sum"
-    no_system = make_task("chain_sum", system_prompt="").rows("test")[0]
-    assert [m["role"] for m in no_system["prompt"]] == ["user"]
+    assert [m["role"] for m in make_task("chain_sum").rows("test")[0]["prompt"]] == ["user"]  # curated: no system message
+    tagged = make_task("chain_sum", answer_format="answer_tag").rows("test")[0]["prompt"]
+    assert tagged[0] == {"role": "system", "content": ANSWER_FORMATS["answer_tag"]}
 
 
 def test_correctness_reward_uses_the_tasks_own_verifier_in_trls_convention():
