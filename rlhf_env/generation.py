@@ -51,12 +51,13 @@ class Completions:
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt, system_prompt: str | None = None) -> list[int]:
-    """Token ids of one prompt, ready for the model to write its completion after them.
+    """Token ids of one prompt, ready for the model to write its completion after them,
+    exactly as the text env encodes it (:func:`envs.prompt.encode_prompt`).
 
     :param prompt: a string (one user message) or a list of chat messages
         ``[{"role": ..., "content": ...}, ...]``.
     :param system_prompt: a system message put in front (ignored when the messages already
-        start with one).
+        start with one); None leaves the chat template's default (SmolLM2's own system message).
     :return: the ids: the chat template with the assistant header when the tokenizer has
         one, else the messages' contents joined by newlines after BOS.
     """

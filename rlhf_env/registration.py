@@ -57,7 +57,7 @@ _DEFAULTS = {
 
 
 def register_envs() -> None:
-    """Register ``TextRLHF-v0`` and ``TextRLHF-tiny-v0`` (idempotent)."""
+    """Register ``TextRLHF-v0``, ``TextRLHF-tiny-v0`` and ``ReasoningGym-v0`` (idempotent)."""
     for env_id in TEXT_ENV_IDS:
         if env_id not in gym.envs.registration.registry:
             gym.register(
@@ -66,6 +66,14 @@ def register_envs() -> None:
                 vector_entry_point="rlhf_env.registration:make_text_vec_env",
                 kwargs=dict(_DEFAULTS[env_id]),
             )
+    if "ReasoningGym-v0" not in gym.envs.registration.registry:
+        # a verifiable task's train rows and reward functions (rlhf_env.tasks.env), SmolLM2 by default
+        gym.register(
+            id="ReasoningGym-v0",
+            entry_point="rlhf_env.tasks.env:make_task_env",
+            vector_entry_point="rlhf_env.tasks.env:make_task_vec_env",
+            kwargs={"model": "smollm2-135m", "task": "chain_sum"},
+        )
 
 
 def make_text_env(**kwargs: Any):

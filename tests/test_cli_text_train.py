@@ -35,3 +35,14 @@ def test_bad_train_flags_are_one_line_errors(capsys):
     assert "--env is required" in capsys.readouterr().err
     assert main(["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--env-kwargs", "[1]"]) == 1
     assert "--env-kwargs must be a JSON object" in capsys.readouterr().err
+
+
+def test_train_with_task_trains_on_reasoning_gym_and_reports_held_out_accuracy(tmp_path, capsys):
+    # the shipped ReasoningGym-v0 entry trains SmolLM2's top 4 blocks; the tiny model has 2
+    hyperparams = tmp_path / "rloo.yml"
+    hyperparams.write_text("ReasoningGym-v0:\n  n_envs: 8\n  policy: LMPolicy\n  group_size: 4\n  learning_rate: 0.001\n")
+    argv = ["train", "--algo", "rloo", "--task", "chain_sum", "--env-kwargs", '{"model": "tiny", "max_new_tokens": 4}',
+            "--hyperparams", str(hyperparams), "--timesteps", "40", "--eval-episodes", "2", "--verbose", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trained rloo on ReasoningGym-v0" in out and "(2 test rows of chain_sum)" in out

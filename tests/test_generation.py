@@ -100,5 +100,5 @@ def test_bad_settings_are_clear_errors(lm, kwargs, match):
 
 def test_a_prompt_of_the_wrong_type_is_a_clear_error(lm):
     model, tokenizer = lm
-    with pytest.raises(TypeError, match="a prompt must be a string or a list of chat messages"):
+    with pytest.raises(TypeError, match="must be a string or a list of chat messages"):
         generate(model, tokenizer, [3], progress=False)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import time
 from typing import Any
 
@@ -126,11 +125,9 @@ def evaluate_task(
     ]
     report["seconds"] = round(time.perf_counter() - start, 2)
     if out is not None:
-        path = pathlib.Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, path)
+        from agents.atomic import write_text
+
+        write_text(out, json.dumps(report, indent=2))
     return report
 
 
