@@ -21,7 +21,7 @@ from gymnasium import spaces
 from agents import distributed
 from agents.atomic import atomic_file
 from agents.callbacks import BaseCallback, CallbackList, ProgressBarCallback, convert_callback
-from agents.fast_mlp import lean_adam_step, lean_clip_grad_norm
+from agents.fast_kernels import lean_adam_step, lean_clip_grad_norm
 from agents.guards import check_number
 from agents.logger import Logger, configure_logger
 from agents.policies import BasePolicy, get_policy_class
@@ -54,7 +54,7 @@ def safe_mean(values: Iterable[float]) -> float:
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_(params, max_norm)``: through the lean version of
-    :mod:`agents.fast_mlp` (same maths, without the per-call grouping that costs more than
+    :mod:`agents.fast_kernels` (same maths, without the per-call grouping that costs more than
     the clipping for a small network) where this torch has the kernels it calls, through
     torch's function otherwise.
 
@@ -66,7 +66,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
     """``optimizer.step()``; for a fused single-group Adam whose state exists, the same
-    kernels through :func:`agents.fast_mlp.lean_adam_step` (without the optimizer's Python
+    kernels through :func:`agents.fast_kernels.lean_adam_step` (without the optimizer's Python
     bookkeeping, which costs more than the update for a small network) where this torch
     has them."""
     if not lean_adam_step(optimizer):

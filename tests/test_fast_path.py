@@ -163,7 +163,7 @@ def test_train_step_equal_with_and_without_fused(env_id, kwargs):
 def test_fallback_on_a_torch_without_the_private_kernels_equals_the_fast_path(env_id, kwargs, monkeypatch):
     """On a torch whose private kernels fail the check (forced here), the fast path says so
     once and PPO trains with autograd, torch's clipping and torch.optim: the same numbers."""
-    from agents import fast_mlp
+    from agents import fast_kernels
 
     model = PPO("MlpPolicy", env_id, n_envs=2, n_steps=32, n_epochs=3, learning_rate=1e-3, seed=0, **kwargs)
     model.learn(64)
@@ -180,14 +180,14 @@ def test_fallback_on_a_torch_without_the_private_kernels_equals_the_fast_path(en
         model.train()
         return {k: v.clone() for k, v in model.policy.state_dict().items()}
 
-    assert fast_mlp.fast_path_unavailable() is None and FusedPPOLoss.for_policy(model.policy) is not None
+    assert fast_kernels.fast_path_unavailable() is None and FusedPPOLoss.for_policy(model.policy) is not None
     fast = train_once()
-    monkeypatch.setattr(fast_mlp, "_check_private_kernels", lambda: "simulated: torch._fused_adam_ changed")
-    monkeypatch.setattr(fast_mlp, "_fast_path_state", [fast_mlp._UNCHECKED])  # check again, on this "torch"
+    monkeypatch.setattr(fast_kernels, "_check_private_kernels", lambda: "simulated: torch._fused_adam_ changed")
+    monkeypatch.setattr(fast_kernels, "_fast_path_state", [fast_kernels._UNCHECKED])  # check again, on this "torch"
     with pytest.warns(RuntimeWarning, match="autograd and torch.optim"):
         assert FusedPPOLoss.for_policy(model.policy) is None
-    assert fast_mlp.lean_clip_grad_norm(list(model.policy.parameters()), 1.0) is None
-    assert fast_mlp.lean_adam_step(model.policy.optimizer) is False
+    assert fast_kernels.lean_clip_grad_norm(list(model.policy.parameters()), 1.0) is None
+    assert fast_kernels.lean_adam_step(model.policy.optimizer) is False
     fallback = train_once()
     for name in fast:
         assert not torch.equal(fast[name], policy_state[name]) or name == "log_std", f"{name} did not move"
@@ -195,13 +195,13 @@ def test_fallback_on_a_torch_without_the_private_kernels_equals_the_fast_path(en
 
 
 def test_the_check_catches_a_kernel_that_changed(monkeypatch):
-    from agents import fast_mlp
+    from agents import fast_kernels
 
-    assert fast_mlp._check_private_kernels() is None  # this torch: all kernels as expected
-    monkeypatch.setattr(fast_mlp, "_TANH_BACKWARD", lambda grad, y: grad * (1 - y))  # another maths
-    assert "tanh_backward" in fast_mlp._check_private_kernels()
-    monkeypatch.setattr(fast_mlp, "_TANH_BACKWARD", None)  # a torch without the kernel
-    assert "TypeError" in fast_mlp._check_private_kernels()
+    assert fast_kernels._check_private_kernels() is None  # this torch: all kernels as expected
+    monkeypatch.setattr(fast_kernels, "_TANH_BACKWARD", lambda grad, y: grad * (1 - y))  # another maths
+    assert "tanh_backward" in fast_kernels._check_private_kernels()
+    monkeypatch.setattr(fast_kernels, "_TANH_BACKWARD", None)  # a torch without the kernel
+    assert "TypeError" in fast_kernels._check_private_kernels()
 
 
 class _NoCallback:
