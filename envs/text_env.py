@@ -52,7 +52,56 @@ def check_reward(reward_model: Any) -> Callable | None:
     return reward_model
 
 
-class TextRLHFEnv(gym.Env):
+class TextEnvParts:
+    """What the single and the batched text env share: the models (:class:`envs.lm_core.LMCore`),
+    the reward, the task's rows, the configuration and the token contexts, set up by
+    :meth:`_setup_parts`, and the model accessors the design card names."""
+
+    def _setup_parts(
+        self, n: int, model: Any, reward_model: Any, prompts: Any, max_new_tokens: int, max_prompt_tokens: int,
+        kl_coef: float, kl_estimator: str, temperature: float, top_k: int, dtype: Any, render_mode: str | None,
+        reference: Any, tokenizer: Any, shared_model: bool, reference_share: Any, lm_spec: dict[str, Any] | None,
+        dataset: Any, reward_funcs: Any, reward_weights: Sequence[float] | None, system_prompt: Any,
+    ) -> TextObservationSpace:
+        """Build the parts of an env of ``n`` contexts (arguments checked by :func:`check_config`
+        first); returns the observation space of one context."""
+        reference_share = check_reference_share(reference_share)  # before the (slow) model work
+        self.reward_model = check_reward(reward_model)
+        self.core: LMCore = build_core(model, tokenizer, reference, temperature, top_k, dtype, shared_model, lm_spec)
+        self.max_new_tokens = int(max_new_tokens)
+        self.max_prompt_tokens = int(max_prompt_tokens)
+        self.kl_coef = float(kl_coef)
+        self.kl_estimator = kl_estimator
+        self.render_mode = render_mode
+        self.task = Task(self.core.tokenizer, self.max_prompt_tokens, prompts, dataset, system_prompt, self.reward_model,
+                         reward_funcs, reward_weights)
+        self.rows, self.prompts, self.prompt_ids = self.task.rows, self.task.prompts, self.task.prompt_ids
+        self.contexts = Contexts(self.core, n, reference_share)
+        length = self.max_prompt_tokens + self.max_new_tokens
+        return TextObservationSpace(length, self.core.vocab_size, LMHandle(self.core))
+
+    # the models, as the design card names them
+    @property
+    def actor(self) -> torch.nn.Module:
+        """The trainable causal LM (the policy's actor module)."""
+        return self.core.actor
+
+    @property
+    def reference(self) -> torch.nn.Module:
+        """The frozen reference model."""
+        return self.core.reference
+
+    @property
+    def tokenizer(self):
+        """The tokenizer of the actor and the reference."""
+        return self.core.tokenizer
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Response text of token ids (special tokens dropped)."""
+        return self.core.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class TextRLHFEnv(TextEnvParts, gym.Env):
     """One prompt at a time; the agent writes the response token by token.
 
     Built from parts: the models, the tokenizer, the reward callable and the prompt list are
@@ -129,42 +178,16 @@ class TextRLHFEnv(gym.Env):
     ):
         super().__init__()
         check_config(max_new_tokens, max_prompt_tokens, kl_estimator, render_mode, self.metadata["render_modes"], kl_coef, device)
-        reference_share = check_reference_share(reference_share)  # before the (slow) model load
-        self.reward_model = check_reward(reward_model)
-        self.core: LMCore = build_core(model, tokenizer, reference, temperature, top_k, dtype, shared_model, lm_spec)
-        self.max_new_tokens = int(max_new_tokens)
-        self.max_prompt_tokens = int(max_prompt_tokens)
-        self.kl_coef = float(kl_coef)
-        self.kl_estimator = kl_estimator
-        self.render_mode = render_mode
-        self.task = Task(self.core.tokenizer, self.max_prompt_tokens, prompts, dataset, system_prompt, self.reward_model,
-                         reward_funcs, reward_weights)
-        self.rows, self.prompts, self.prompt_ids = self.task.rows, self.task.prompts, self.task.prompt_ids
-        length = self.max_prompt_tokens + self.max_new_tokens
-        self.observation_space = TextObservationSpace(length, self.core.vocab_size, LMHandle(self.core))
+        self.observation_space = self._setup_parts(
+            1, model, reward_model, prompts, max_new_tokens, max_prompt_tokens, kl_coef, kl_estimator, temperature, top_k,
+            dtype, render_mode, reference, tokenizer, shared_model, reference_share, lm_spec, dataset, reward_funcs,
+            reward_weights, system_prompt)
         self.action_space = gym.spaces.Discrete(self.core.vocab_size)
-        self.contexts = Contexts(self.core, 1, reference_share)
         self._prompt: str | None = None
         self._row: int | None = None
         self._prompt_obj: Any = None  # the row's prompt as given (a string or chat messages)
         self._response_ids: list[int] = []
         self._done = True
-
-    # the models, as the design card names them
-    @property
-    def actor(self) -> torch.nn.Module:
-        """The trainable causal LM (the policy's actor module)."""
-        return self.core.actor
-
-    @property
-    def reference(self) -> torch.nn.Module:
-        """The frozen reference model."""
-        return self.core.reference
-
-    @property
-    def tokenizer(self):
-        """The tokenizer of the actor and the reference."""
-        return self.core.tokenizer
 
     def encode(self, prompt: Any, where: str = "prompt") -> list[int]:
         """Prompt token ids (a string or chat messages, chat template where the model has
@@ -247,10 +270,6 @@ class TextRLHFEnv(gym.Env):
             print(text)
             return None
         return text
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Response text of token ids (special tokens dropped)."""
-        return self.core.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_action(self, action: Any) -> int:

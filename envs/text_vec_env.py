@@ -38,16 +38,11 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from envs.contexts import Contexts
-from envs.lm_core import LMCore, build_core
 from envs.prompt import TEMPLATE_DEFAULT, prompt_text
-from envs.reference import check_reference_share
-from envs.spaces import LMHandle, TextObservationSpace
-from envs.task import Task
-from envs.text_env import check_config, check_reward
+from envs.text_env import TextEnvParts, check_config
 
 
-class TextRLHFVectorEnv(VectorEnv):
+class TextRLHFVectorEnv(TextEnvParts, VectorEnv):
     """``num_envs`` prompts at a time, one batched actor and reference forward per step.
 
     Takes the arguments of :class:`envs.text_env.TextRLHFEnv` (``reference_share`` included) plus ``num_envs`` and
@@ -98,23 +93,13 @@ class TextRLHFVectorEnv(VectorEnv):
         if mode is None:
             raise ValueError(f"autoreset_mode must be 'NextStep' or 'SameStep', got {autoreset_mode!r}")
         self.metadata = {**self.metadata, "autoreset_mode": mode}
-        reference_share = check_reference_share(reference_share)  # before the (slow) model load
-        self.reward_model = check_reward(reward_model)
-        self.core: LMCore = build_core(model, tokenizer, reference, temperature, top_k, dtype, shared_model, lm_spec)
-        self.max_new_tokens = int(max_new_tokens)
-        self.max_prompt_tokens = int(max_prompt_tokens)
-        self.kl_coef = float(kl_coef)
-        self.kl_estimator = kl_estimator
-        self.render_mode = render_mode
-        self.task = Task(self.core.tokenizer, self.max_prompt_tokens, prompts, dataset, system_prompt, self.reward_model,
-                         reward_funcs, reward_weights)
-        self.rows, self.prompts, self.prompt_ids = self.task.rows, self.task.prompts, self.task.prompt_ids
-        length = self.max_prompt_tokens + self.max_new_tokens
-        self.single_observation_space = TextObservationSpace(length, self.core.vocab_size, LMHandle(self.core))
+        self.single_observation_space = self._setup_parts(
+            self.num_envs, model, reward_model, prompts, max_new_tokens, max_prompt_tokens, kl_coef, kl_estimator,
+            temperature, top_k, dtype, render_mode, reference, tokenizer, shared_model, reference_share, lm_spec, dataset,
+            reward_funcs, reward_weights, system_prompt)
         self.single_action_space = gym.spaces.Discrete(self.core.vocab_size)
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
-        self.contexts = Contexts(self.core, self.num_envs, reference_share)
         self._rngs = [np.random.default_rng() for _ in range(self.num_envs)]
         self._prompts: list[str | None] = [None] * self.num_envs
         self._rows: list[int | None] = [None] * self.num_envs  # the row each sub-env answers (None: a prompt given by text)
@@ -145,18 +130,6 @@ class TextRLHFVectorEnv(VectorEnv):
     @keep_trunk.setter
     def keep_trunk(self, enabled: bool) -> None:
         self.contexts.keep_trunk = bool(enabled)
-
-    @property
-    def actor(self) -> torch.nn.Module:
-        return self.core.actor
-
-    @property
-    def reference(self) -> torch.nn.Module:
-        return self.core.reference
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
 
     @property
     def row_indices(self) -> list[int | None]:
@@ -248,7 +221,7 @@ class TextRLHFVectorEnv(VectorEnv):
         else:
             self.contexts.advance(advanced, advanced_tokens)
         if finished:
-            responses = [self._decode(self._responses[row]) for row in finished]
+            responses = [self.decode(self._responses[row]) for row in finished]
             prompts = [self._prompts[row] for row in finished]
             scores, values = self.task.score([self._rows[row] for row in finished], [self._prompt_objs[row] for row in finished],
                                              responses, [self._responses[row] for row in finished])
@@ -281,7 +254,7 @@ class TextRLHFVectorEnv(VectorEnv):
 
     def render(self) -> str | None:
         """Prompt and response so far of every sub-env."""
-        lines = [f"[{i}] prompt: {self._prompts[i]}\n    response: {self._decode(self._responses[i])}" for i in range(self.num_envs)]
+        lines = [f"[{i}] prompt: {self._prompts[i]}\n    response: {self.decode(self._responses[i])}" for i in range(self.num_envs)]
         return "\n".join(lines)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -329,9 +302,6 @@ class TextRLHFVectorEnv(VectorEnv):
                 f"so actions must lie in [0, {self.core.vocab_size})"
             )
         return token
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.core.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def _observations(self) -> dict[str, np.ndarray]:
         length = self.single_observation_space["input_ids"].shape[0]
