@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rlhf_env.data import PreferencePair
 
-DEFAULT_CACHE_NAME = "default-v3"  # v3: pairs the independent judges agree on, plus the failure modes (default_task.relabel)
+DEFAULT_CACHE_NAME = "default-v4"  # v4: pairs the independent judges agree on, plus the failure modes (default_task.relabel)
 
 
 def default_training_pairs() -> list[PreferencePair]:
@@ -37,7 +37,7 @@ def default_reward_model_dir(device="cpu", progress: bool = True) -> Path:
 
     Trained on :func:`default_training_pairs` with :func:`default_config`, evaluated on
     ``pairs_test.jsonl``, with a progress bar and a fixed seed, then saved under
-    ``cache_dir()/reward_models/default-v3``. What it measures and how well:
+    ``cache_dir()/reward_models/default-v4``. What it measures and how well:
     docs/alignment.md.
     """
     from rlhf_env.models import cache_dir

@@ -106,10 +106,11 @@ def test_relabel_keeps_the_pairs_the_judges_agree_on():
     # not plain > garbled (tone disagrees), nothing with the empty response
     assert judged == {("Water it whe", "Basil needs "), ("Water it whe", "Basil basil ")}
     kinds = [r["kind"] for r in pairs if r["kind"] != "judged"]
-    assert kinds == ["boilerplate", "repetition"]  # one prompt: no other prompt to take off-topic cheer from
+    assert kinds == ["boilerplate", "repetition", "rude"]  # one prompt: no other prompt to take off-topic cheer from
     failure = [r for r in pairs if r["kind"] != "judged"]
     assert all(r["chosen"].startswith("Water it") for r in failure)
-    boiler, repeated = failure[0]["rejected"], failure[1]["rejected"]
+    boiler, repeated, unfriendly = (r["rejected"] for r in failure)
+    assert failure[2]["chosen"] in unfriendly and unfriendly != failure[2]["chosen"]  # the same answer, made rude
     from rlhf_env.default_task.relabel import _CLOSERS, _MIDDLES, _OPENERS
 
     assert any(boiler.startswith(o) for o in _OPENERS) and any(m in boiler for m in _MIDDLES) and any(boiler.endswith(c) for c in _CLOSERS)
@@ -126,8 +127,8 @@ def test_relabel_adds_off_topic_cheer_only_when_it_is_off_topic():
     }
     cfg = RelabelConfig(failure_chosen=1)
     off = [r for r in relabel(samples, cfg, relevance_fn=lambda ps, rs: [0.2] * len(rs)) if r["kind"] == "off_topic"]
-    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in off] == [("p1", "an answer to p1", "cheer about p2!"),
-                                                                       ("p2", "cheer about p2!", "an answer to p1")]
+    assert [(r["prompt"], r["chosen"]) for r in off] == [("p1", "an answer to p1"), ("p2", "cheer about p2!")]
+    assert off[0]["rejected"].endswith("cheer about p2!") and off[1]["rejected"].endswith("an answer to p1")
     # the candidate is as relevant to this prompt as the chosen answer: no off-topic pair
     assert not [r for r in relabel(samples, cfg, relevance_fn=lambda ps, rs: [0.65] * len(rs)) if r["kind"] == "off_topic"]
     # the same seed gives the same pairs
@@ -152,7 +153,7 @@ def test_shipped_pairs_follow_the_judges(split):
     judged = {(p, r["response"]): {"tone": r["score"], "relevance": r["relevance"], "nll": r["nll"],
                                    "repetition": repetition(r["response"])} for p, rs in samples.items() for r in rs}
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"judged", "boilerplate", "repetition", "off_topic"}
+    assert kinds == {"judged", "boilerplate", "repetition", "off_topic", "rude"}
     assert len(rows) >= (1000 if split == "train" else 200) and all(r["prompt"] in prompts for r in rows)
     for r in rows:
         assert (r["prompt"], r["chosen"]) in judged  # the chosen side is always a real answer

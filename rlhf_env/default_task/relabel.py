@@ -12,8 +12,11 @@ three independent judges (:mod:`rlhf_env.judges`) must agree:
   (relevance and fluency within the prompt's better half: :class:`RelabelConfig`).
 * **failure modes** as rejected responses, each against a chosen sample that answers
   the prompt: generic praise / "happy to help" boilerplate that ignores the prompt, a
-  phrase repeated over and over, and off-topic cheer (the most positive sample of
-  another prompt, less relevant to this one).
+  phrase repeated over and over, off-topic cheer (the most positive sample of another
+  prompt, less relevant to this one, half of them opened with stock cheer), and the
+  chosen answer itself made rude (a dismissive opener or closer: only the tone differs).
+  Without the last kind the reward model learned "cheerful words are boilerplate" and
+  preferred curt, rude answers to friendly ones on hand-written pairs.
 
 :func:`relabel` is the rule on samples in memory; :func:`build_pairs` applies it to a
 split's shipped samples.
@@ -37,6 +40,11 @@ _MIDDLES = ["I'm so happy to help you with that.", "I am always happy to help.",
             "I'm thrilled you reached out to me."]
 _CLOSERS = ["Have a wonderful day!", "I hope this helps, and good luck!", "You're amazing, keep it up!",
             "Let me know if you need anything else!", "Stay positive and enjoy!", "Wishing you all the best!"]
+# what makes an answer unfriendly without changing its content
+_RUDE_PREFIXES = ["Ugh, fine. ", "Whatever. ", "Seriously? ", "That's a dumb question, but ", "I can't be bothered, but ",
+                  "Obviously. ", "Not this again. "]
+_RUDE_SUFFIXES = [" Stop bothering me.", " Figure out the rest yourself.", " Honestly, it's not my problem.",
+                  " What a waste of my time.", " Don't ask me again.", " I hate questions like this."]
 # phrases a policy repeats when it games a tone reward
 _REPEATED = ["I'm happy to help", "Thank you so much", "That's great", "I love it", "Have a wonderful day",
              "I'm so glad", "This is amazing"]
@@ -94,6 +102,14 @@ def boilerplate(rng: random.Random) -> str:
     return " ".join([rng.choice(_OPENERS), rng.choice(_MIDDLES), rng.choice(_CLOSERS)])
 
 
+def rude(rng: random.Random, chosen: str) -> str:
+    """The same answer made unfriendly: a dismissive opener, closer, or both (tone alone differs)."""
+    k = rng.randrange(3)
+    prefix = rng.choice(_RUDE_PREFIXES) if k != 1 else ""
+    suffix = rng.choice(_RUDE_SUFFIXES) if k != 0 else ""
+    return prefix + chosen + suffix
+
+
 def repeated_phrase(rng: random.Random, chosen: str) -> str:
     """A phrase repeated 3-5 times: a cheerful stock phrase, or the chosen answer's first words."""
     first = " ".join(chosen.split()[:5]).rstrip(".,!?;:")
@@ -112,7 +128,7 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
     :param relevance_fn: the relevance judge for off-topic candidates (default:
         :func:`rlhf_env.judges.relevance`)
     :return: rows ``{prompt, chosen, rejected, kind}``; ``kind`` is ``judged``,
-        ``boilerplate``, ``repetition`` or ``off_topic``
+        ``boilerplate``, ``repetition``, ``off_topic`` or ``rude``
     """
     cfg = cfg or RelabelConfig()
     if relevance_fn is None:
@@ -159,10 +175,14 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
             rel = relevance_fn([p] * len(candidates), candidates)
             k = min(range(len(candidates)), key=lambda i: rel[i])
             if rel[k] < min(a["relevance"] for a in best) - cfg.relevance_margin:
-                failures.append(("off_topic", candidates[k]))
+                # half of them opened with stock cheer: a cheerful answer to something else
+                cheer_text = candidates[k] if rng.random() < 0.5 else rng.choice(_OPENERS) + " " + candidates[k]
+                failures.append(("off_topic", cheer_text))
         for kind, rejected in failures:
             for a in best:
                 out.append({"prompt": p, "chosen": a["response"], "rejected": rejected, "kind": kind})
+        for a in best:  # the same answer, unfriendly: tone alone decides
+            out.append({"prompt": p, "chosen": a["response"], "rejected": rude(rng, a["response"]), "kind": "rude"})
     return out
 
 
