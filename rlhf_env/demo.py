@@ -81,7 +81,7 @@ class DemoConfig:
         the final evaluation and the saving fit in it (first runs build the cached model
         and the default reward model, which eats into the training time).
     :param max_iterations: hard cap on PPO iterations.
-    :param eval_prompts: held-out prompts judged before and after (None: all 60).
+    :param eval_prompts: held-out prompts judged before and after (the first 32 of 60; None: all).
     :param eval_samples: responses sampled per held-out prompt.
     :param n_show: samples printed before and after.
     :param seed: seed of everything.
@@ -109,7 +109,7 @@ class DemoConfig:
     train_seconds: float = 420.0
     total_seconds: float = 560.0
     max_iterations: int = 100
-    eval_prompts: int | None = None
+    eval_prompts: int | None = 32
     eval_samples: int = 2
     n_show: int = 4
     seed: int = 0

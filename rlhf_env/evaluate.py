@@ -50,10 +50,12 @@ def _score(reward: Callable, prompts: list[str], texts: list[str]) -> np.ndarray
     return np.asarray(torch.as_tensor(reward(prompts, texts)).float().cpu().numpy(), dtype=np.float64)
 
 
-def _side(prompts: list[str], texts: list[str], scores: np.ndarray, reference: Any, ids: list | None, encoder) -> dict[str, Any]:
+def _side(prompts: list[str], texts: list[str], scores: np.ndarray, reference: Any, ids: list | None, encoder,
+          nll: list[float] | None = None) -> dict[str, Any]:
     """One column of the table: reward and judges of one set of responses."""
     share, gram = judges.top_ngram_share(texts, 3)
-    nll = judges.fluency(reference[0], reference[1], prompts, ids if ids is not None else texts) if reference is not None else []
+    if nll is None:
+        nll = judges.fluency(reference[0], reference[1], prompts, ids if ids is not None else texts) if reference is not None else []
     nll = [x for x in nll if x == x]
     return {
         "reward": float(scores.mean()),
@@ -89,6 +91,7 @@ def compare(
     response_ids: Sequence[Sequence[int]] | None = None,
     reference_ids: Sequence[Sequence[int]] | None = None,
     kls: Sequence[float] | None = None,
+    response_nll: Sequence[float] | None = None,
     n_show: int = 3,
     baseline: dict | None = None,
     settings: dict | None = None,
@@ -101,6 +104,7 @@ def compare(
     :param response_ids: the sampled token ids, scored for fluency instead of the texts
     :param reference_ids: the same for the reference's responses
     :param kls: KL of each response to the reference (None: unknown, ``nan``)
+    :param response_nll: the reference's NLL per token of each response, if already known
     :param baseline: a report whose reference column and scores are reused
     :param settings: stored in the report (and compared with the baseline's)
     """
@@ -124,7 +128,7 @@ def compare(
         ref_col = _side(prompts, ref_texts, ref_scores, reference, reference_ids, encoder)
         ref_col["kl"] = 0.0
     scores = _score(reward_fn, prompts, texts)
-    col = _side(prompts, texts, scores, reference, response_ids, encoder)
+    col = _side(prompts, texts, scores, reference, response_ids, encoder, None if response_nll is None else list(response_nll))
     col["kl"] = float(np.mean(kls)) if kls is not None and len(kls) else float("nan")
     win = float(np.mean((scores > ref_scores) + 0.5 * (scores == ref_scores)))
     return {
@@ -229,16 +233,19 @@ def evaluate(
     else:
         ref_texts, ref_ids = sample(*ref, "reference")
     steps.set_postfix_str("KL")
+    nll = None
     if same:
         kls = [0.0] * len(ids)
     else:
         pol_lp = judges.response_logprobs(model, tokenizer, flat_prompts, ids, temperature=temperature)
         ref_lp = judges.response_logprobs(ref[0], ref[1], flat_prompts, ids, temperature=temperature)
         kls = [float((a - b).sum()) if a is not None else 0.0 for a, b in zip(pol_lp, ref_lp)]
+        if temperature == 1.0:  # fluency is the reference's NLL at temperature 1: already computed
+            nll = [float(-lp.mean()) if lp is not None else float("nan") for lp in ref_lp]
     steps.update(1)
     steps.set_postfix_str("judging")
     report = compare(flat_prompts, texts, ref_texts, reward_fn, reference=ref, response_ids=ids, reference_ids=ref_ids,
-                     kls=kls, n_show=n_show, baseline=baseline, settings=settings)
+                     kls=kls, response_nll=nll, n_show=n_show, baseline=baseline, settings=settings)
     steps.update(1)
     steps.close()
     if out is not None:

@@ -52,6 +52,8 @@ def test_kl_is_the_summed_log_ratio_of_the_sampled_tokens():
             expected.append(float(sum(lp[len(ctx) - 1 + t, a] - lr[len(ctx) - 1 + t, a] for t, a in enumerate(r))))
     assert report["kls"] == pytest.approx(expected, abs=1e-4)
     assert report["policy"]["kl"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    nll = judges.fluency(ref, tok, PROMPTS, ids)  # fluency reuses the KL's reference pass: the same numbers
+    assert report["policy"]["fluency_nll"] == pytest.approx(sum(nll) / len(nll), abs=1e-5)
     # the reference column can be reused
     again = evaluate((policy, tok), PROMPTS, reference=(ref, tok), reward="tiny", max_new_tokens=8, seed=3, progress=False,
                      baseline=report)
