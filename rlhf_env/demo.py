@@ -216,9 +216,9 @@ def run_demo(
     import gymnasium as gym
 
     import rlhf_env  # noqa: F401  (registers the envs)
-    from agents import PPO
-    from agents.callbacks import BaseCallback
-    from agents.text_ppo import RLHFConfig
+    from rlhf_env.agents import PPO
+    from rlhf_env.agents.callbacks import BaseCallback
+    from rlhf_env.agents.text_ppo import RLHFConfig
     from rlhf_env.evaluate import Targets, check_targets, evaluate, format_table, write_report
     from rlhf_env.prompts import load_prompts
 

@@ -31,10 +31,10 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from agents import distributed
-from agents.lora import ALL_LINEAR_TARGETS, apply_lora, merge_lora
+from rlhf_env.agents import distributed
+from rlhf_env.agents.lora import ALL_LINEAR_TARGETS, apply_lora, merge_lora
 from rlhf_env.data import as_pairs
-from envs.trunk_states import FrozenTrunk
+from rlhf_env.envs.trunk_states import FrozenTrunk
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.sft import encode_example
 from rlhf_env.training import (

@@ -61,7 +61,7 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, system_prompt: str | None = None)
     :return: the ids: the chat template with the assistant header when the tokenizer has
         one, else the messages' contents joined by newlines after BOS.
     """
-    from envs.prompt import TEMPLATE_DEFAULT, encode_prompt
+    from rlhf_env.envs.prompt import TEMPLATE_DEFAULT, encode_prompt
 
     return encode_prompt(tokenizer, prompt, TEMPLATE_DEFAULT if system_prompt is None else system_prompt)
 

@@ -155,8 +155,8 @@ def response_logprobs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[
     :param temperature: the softmax of ``logits / temperature`` (the env's distribution)
     :return: one float tensor per response (``None`` for an empty response)
     """
-    from agents.lm_forward import evaluate_segments
-    from agents.segments import TextSegment
+    from rlhf_env.agents.lm_forward import evaluate_segments
+    from rlhf_env.agents.segments import TextSegment
     from rlhf_env.models import encode_prompt, encode_response
 
     if len(prompts) != len(responses):

@@ -32,8 +32,8 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from agents import distributed
-from agents.guards import check_finite, interrupted_error, stop_requests
+from rlhf_env.agents import distributed
+from rlhf_env.agents.guards import check_finite, interrupted_error, stop_requests
 from rlhf_env.training import length_batches
 
 FORMAT = "rlhf-env-trainer-checkpoint"

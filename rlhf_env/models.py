@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from envs.prompt import encode_prompt  # noqa: F401 (re-exported: the one place a prompt becomes ids)
+from rlhf_env.envs.prompt import encode_prompt  # noqa: F401 (re-exported: the one place a prompt becomes ids)
 
 SHIPPED_MODELS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (30 layers, vocab 49,152, chat template), from the "

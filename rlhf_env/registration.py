@@ -79,7 +79,7 @@ def register_envs() -> None:
 def make_text_env(**kwargs: Any):
     """A :class:`envs.text_env.TextRLHFEnv` from names or objects (see the module docstring);
     the entry point of ``gym.make("TextRLHF-v0")``."""
-    from envs.text_env import TextRLHFEnv
+    from rlhf_env.envs.text_env import TextRLHFEnv
 
     return TextRLHFEnv(**resolve_text_env_kwargs(**kwargs))
 
@@ -87,7 +87,7 @@ def make_text_env(**kwargs: Any):
 def make_text_vec_env(num_envs: int = 1, **kwargs: Any):
     """A :class:`envs.text_vec_env.TextRLHFVectorEnv` from names or objects; the vector entry
     point of ``gym.make_vec("TextRLHF-v0", num_envs=N)``."""
-    from envs.text_vec_env import TextRLHFVectorEnv
+    from rlhf_env.envs.text_vec_env import TextRLHFVectorEnv
 
     if int(num_envs) < 1:  # before any model is loaded
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -115,8 +115,8 @@ def resolve_text_env_kwargs(
     checks run before any model is loaded."""
     import torch
 
-    from envs.reference import check_reference_share
-    from envs.text_env import check_config
+    from rlhf_env.envs.reference import check_reference_share
+    from rlhf_env.envs.text_env import check_config
     from rlhf_env.prompts import load_prompts, load_rows
     from rlhf_env.rewards import resolve_reward
 

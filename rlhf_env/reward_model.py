@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from agents.atomic import atomic_dir
+from rlhf_env.agents.atomic import atomic_dir
 from rlhf_env.data import as_pairs
 from rlhf_env.training import length_batches, pad_right
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents import distributed
+from rlhf_env.agents import distributed
 from rlhf_env.data import PreferencePair, as_pairs
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.precision import autocast_context, resolve_autocast

@@ -14,7 +14,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from agents import distributed
+from rlhf_env.agents import distributed
 from rlhf_env.data import Prompt, as_completion, as_prompt, dataset_rows, is_dataset, iter_jsonl, split_conversation
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.training import adamw, pad_right, resolve_lm, save_lm, seed_everything, summary_writer

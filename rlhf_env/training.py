@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from agents.export import save_pretrained
+from rlhf_env.agents.export import save_pretrained
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -96,7 +96,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu") -> tuple
     :param device: where the tensors go
     :return: ``(input_ids, attention_mask)``, both ``long`` of shape ``(len(seqs), max_len)``
     """
-    from envs.kv_cache import pad_token_ids
+    from rlhf_env.envs.kv_cache import pad_token_ids
 
     return pad_token_ids(seqs, pad_id, device, side="right")
 
@@ -172,7 +172,7 @@ def train_last_layers(model, n: Optional[int]) -> None:
     """
     if n is None:
         return
-    from envs.decoder import set_trainable
+    from rlhf_env.envs.decoder import set_trainable
 
     try:
         set_trainable(model, n)

@@ -47,7 +47,7 @@ def load_policy(path: str, device: str = "cpu"):
 
     if not (path.endswith(".zip") and os.path.isfile(path)):
         return path
-    from agents import ALGOS
+    from rlhf_env.agents import ALGOS
 
     with zipfile.ZipFile(path) as archive:
         header = json.loads(archive.read("header.json")) if "header.json" in archive.namelist() else {}

@@ -131,7 +131,7 @@ def draw(runs: list[Run], tags: list[str], path: str, title: str, weight: float)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from agents.atomic import atomic_file
+    from rlhf_env.agents.atomic import atomic_file
 
     xlabel = "timesteps (env steps)" if all(r.is_agent for r in runs) else (
         "optimizer steps" if not any(r.is_agent for r in runs) else "step")

@@ -11,7 +11,7 @@ import time
 
 
 def add_parser(subparsers) -> None:
-    from agents import ALGOS
+    from rlhf_env.agents import ALGOS
 
     p = subparsers.add_parser(
         "train",
@@ -66,7 +66,7 @@ def add_parser(subparsers) -> None:
 
 def resolve_hyperparams(algo: str, env_id: str, path: str | None) -> dict:
     """The YAML entry for (algo, env); an env missing from the *shipped* file means defaults."""
-    from agents.hyperparams import load_hyperparams
+    from rlhf_env.agents.hyperparams import load_hyperparams
 
     try:
         return load_hyperparams(algo, env_id, path)
@@ -109,7 +109,7 @@ def env_kwargs_of(args) -> dict:
 def run(args) -> int:
     import torch
 
-    from agents import ALGOS, evaluate_policy
+    from rlhf_env.agents import ALGOS, evaluate_policy
 
     if args.env is None:
         if args.task is None:
@@ -135,13 +135,13 @@ def run(args) -> int:
 
     env = args.env
     if args.vec_env is not None:
-        from agents.vec_env import make_vec_env
+        from rlhf_env.agents.vec_env import make_vec_env
 
         env = make_vec_env(args.env, n_envs=n_envs, vectorization_mode=args.vec_env, env_kwargs=env_kwargs)
     if args.resume:
         model = algo_class.load(args.resume, env=env if n_envs == 1 or args.vec_env else None, device=args.device)
         if n_envs != 1 and args.vec_env is None:
-            from agents.vec_env import make_vec_env
+            from rlhf_env.agents.vec_env import make_vec_env
 
             model.set_env(make_vec_env(args.env, n_envs=n_envs, env_kwargs=env_kwargs))
         model.tensorboard_log = args.tensorboard_log
@@ -158,13 +158,13 @@ def run(args) -> int:
     if args.log_interval is not None:
         learn_kwargs["log_interval"] = args.log_interval
     if args.checkpoint_dir or args.checkpoint_freq:
-        from agents import CheckpointCallback
+        from rlhf_env.agents import CheckpointCallback
 
         freq = args.checkpoint_freq if args.checkpoint_freq else 2**62  # only the final checkpoint on interrupt
         learn_kwargs["callback"] = CheckpointCallback(freq, args.checkpoint_dir or "checkpoints", name_prefix=args.algo)
     start = time.perf_counter()
     model.learn(total, **learn_kwargs)
-    from agents import distributed
+    from rlhf_env.agents import distributed
 
     if not distributed.is_main_process():  # under torchrun: rank 0 saves and evaluates
         return 0
