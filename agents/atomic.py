@@ -48,11 +48,13 @@ def write_text(final: os.PathLike | str, text: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: os.PathLike | str) -> Iterator[Path]:
+def atomic_dir(final: os.PathLike | str, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``final`` (an existing folder
     of that name is moved aside first and deleted after the rename).
 
     :param final: the destination folder (its parent is created)
+    :param replace: False for a cache that several processes may build at once: the first
+        finished folder stays (readers may be using it) and later ones are discarded
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +63,13 @@ def atomic_dir(final: os.PathLike | str) -> Iterator[Path]:
     try:
         yield tmp
         old = None
+        if not replace:
+            try:
+                os.rename(tmp, final)  # fails when another process's folder is already there
+            except OSError:
+                if not final.is_dir():
+                    raise
+            return
         if final.exists():
             old = _tmp_sibling(final, "old")
             os.replace(final, old)

@@ -59,6 +59,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from agents.atomic import write_text
 from rlhf_env.cli._common import block_count
 
 KL_COEF = 0.05
@@ -523,10 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": [asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results],
             "fresh_rss_mb": rss,
         }
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, args.json)
+        write_text(args.json, json.dumps(payload, indent=2))
     return 0
 
 

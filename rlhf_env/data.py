@@ -24,6 +24,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Union
+from rlhf_env.agents.atomic import write_text
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -249,13 +250,7 @@ def save_preferences(pairs: Iterable[PreferencePair], path: PathLike) -> None:
     :param pairs: the pairs to write
     :param path: the destination file
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in pairs))
 
 
 def example_path() -> Path:

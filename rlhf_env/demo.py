@@ -31,13 +31,13 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from rlhf_env.agents.atomic import atomic_file, write_text
 
 
 @dataclass
@@ -149,10 +149,7 @@ def quick_config() -> DemoConfig:
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".summary.", suffix=".json", dir=str(path.parent))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 def plot_curve(history: list[dict[str, float]], path: pathlib.Path, title: str) -> None:
@@ -177,11 +174,11 @@ def plot_curve(history: list[dict[str, float]], path: pathlib.Path, title: str) 
     ax2b.set_ylabel("kl_coef", color="tab:gray")
     fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".curve.", suffix=".png", dir=str(path.parent))
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------

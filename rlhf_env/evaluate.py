@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from rlhf_env import judges
+from rlhf_env.agents.atomic import write_text
 
 JUDGE_KEYS = ("reward", "tone", "relevance", "fluency_nll", "distinct_1", "distinct_2", "top_3gram_share", "kl")
 
@@ -255,13 +255,7 @@ def evaluate(
 
 def write_report(report: dict, path: str | os.PathLike) -> pathlib.Path:
     """Write a report as JSON, atomically."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(report, indent=2))
 
 
 @dataclass

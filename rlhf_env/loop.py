@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -35,6 +34,7 @@ import torch
 from rlhf_env.agents import distributed
 from rlhf_env.agents.guards import check_finite, interrupted_error, stop_requests
 from rlhf_env.training import length_batches
+from rlhf_env.agents.atomic import atomic_file
 
 FORMAT = "rlhf-env-trainer-checkpoint"
 
@@ -58,18 +58,9 @@ def latest_checkpoint(path: Union[str, os.PathLike]) -> Path:
 def save_atomic(obj: Any, path: Union[str, os.PathLike]) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename: a crash never
     leaves a partial file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 class TrainLoop:

@@ -18,11 +18,11 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Callable
 
 import torch
 
+from rlhf_env.agents.atomic import atomic_dir
 from rlhf_env.envs.prompt import encode_prompt  # noqa: F401 (re-exported: the one place a prompt becomes ids)
 
 SHIPPED_MODELS: dict[str, str] = {
@@ -75,19 +75,8 @@ def _atomic_build(final: pathlib.Path, build: Callable[[pathlib.Path], None]) ->
     Two processes building at once both succeed: the first rename wins, the loser's copy is
     deleted, and a reader never sees a half-written directory.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final, replace=False) as tmp:
         build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-            # another process finished first; its copy is equivalent
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -10,11 +10,11 @@ questions and requests for advice.
 from __future__ import annotations
 
 import itertools
-import os
 import random
 from pathlib import Path
 
 from rlhf_env.default_task import ASSETS
+from rlhf_env.agents.atomic import write_text
 
 _REVIEW_TEMPLATES = [
     "Continue this review of {thing}: \"I tried {thing} last weekend and",
@@ -172,10 +172,7 @@ def split_prompts(prompts: list[str], n_test: int = 60, seed: int = 0) -> tuple[
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (no torn file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def write_prompts(assets: Path = ASSETS) -> tuple[list[str], list[str]]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_env.agents.atomic import write_text
 from rlhf_env.tasks.answers import extract_answer, follows_format
 from rlhf_env.tasks.reasoning_gym import ReasoningGymTask, make_task
 
@@ -125,8 +126,6 @@ def evaluate_task(
     ]
     report["seconds"] = round(time.perf_counter() - start, 2)
     if out is not None:
-        from agents.atomic import write_text
-
         write_text(out, json.dumps(report, indent=2))
     return report
 
