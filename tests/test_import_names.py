@@ -51,3 +51,13 @@ def test_users_own_agents_and_envs_modules_do_not_shadow_the_package(tmp_path):
     assert done.stdout.split("\n")[-2] == "the user's agents.py | the user's envs.py | the user's agents.py | 64 10"
     # the rewritten imports never reach the bytecode cache a plain `import agents` reads
     assert not any(b"rlhf_env.envs" in pyc.read_bytes() for pyc in ROOT.glob("agents/__pycache__/base.*.pyc"))
+
+
+def test_rlhf_env_imports_only_the_long_names():
+    """Any `from agents ...` inside rlhf_env would break `import rlhf_env` beside a user's agents.py."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import)\s+(agents|envs)\b", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "rlhf_env").rglob("*.py")
+                 if p.name != "_packages.py" and pattern.search(p.read_text(encoding="utf-8"))]
+    assert not offenders, f"use rlhf_env.agents / rlhf_env.envs in {offenders}"

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from agents.atomic import atomic_file, write_text
+from rlhf_env.agents.atomic import atomic_file, write_text
 
 
 @dataclass
@@ -90,7 +90,7 @@ def make_task_agent(cfg: TaskTrainConfig, task: Any = None, tensorboard_log: str
     import gymnasium as gym
 
     import rlhf_env  # noqa: F401  (registers the envs)
-    from agents import ALGOS
+    from rlhf_env.agents import ALGOS
     from rlhf_env.tasks import make_task
 
     if cfg.algo not in ("grpo", "rloo"):
