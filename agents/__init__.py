@@ -1,7 +1,9 @@
 """Agents with the Stable-Baselines3 API: ``REINFORCE``, ``A2C``, ``PPO``, ``GRPO``, ``RLOO``.
 
-``from agents import PPO`` replaces ``from stable_baselines3 import PPO``. ``ALGOS`` maps
-the command line's ``--algo`` names to classes; other modules may add entries.
+``from rlhf_env.agents import PPO`` (or the short ``from agents import PPO``: the same
+objects) replaces ``from stable_baselines3 import PPO``; the long name works even beside a
+user's own ``agents.py`` (see ``rlhf_env._packages``). ``ALGOS`` maps the command line's
+``--algo`` names to classes; other modules may add entries.
 """
 
 from __future__ import annotations
