@@ -6,8 +6,8 @@
 
 import os
 
-from agents import PPO, evaluate_policy
-from agents.schedules import linear_schedule
+from rlhf_env.agents import PPO, evaluate_policy
+from rlhf_env.agents.schedules import linear_schedule
 
 QUICK = os.environ.get("RLHF_ENV_QUICK") == "1"
 

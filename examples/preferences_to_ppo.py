@@ -20,7 +20,7 @@ from pathlib import Path
 import gymnasium as gym
 
 import rlhf_env  # noqa: F401  (registers the envs)
-from agents import PPO
+from rlhf_env.agents import PPO
 from rlhf_env import RewardModel, load_preferences, train_reward_model
 from rlhf_env.data import PreferencePair, save_preferences
 from rlhf_env.generation import generate

@@ -16,8 +16,8 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.vec_env import VecMonitor
 
 import rlhf_env  # noqa: F401  (registers TextRLHF-v0 and TextRLHF-tiny-v0)
-from agents.policies import LMActorCriticPolicy
-from envs.wrappers import SB3VecEnv
+from rlhf_env.agents.policies import LMActorCriticPolicy
+from rlhf_env.envs.wrappers import SB3VecEnv
 from rlhf_env.generation import generate
 from rlhf_env.prompts import load_prompts
 

@@ -16,7 +16,7 @@ import os
 import gymnasium as gym
 
 import rlhf_env  # noqa: F401  (registers TextRLHF-v0 and TextRLHF-tiny-v0)
-from agents import PPO
+from rlhf_env.agents import PPO
 from rlhf_env.generation import generate
 
 QUICK = os.environ.get("RLHF_ENV_QUICK") == "1"
