@@ -113,6 +113,24 @@ class _OpenSegment:
         )
 
 
+def _act(policy: Any, obs: dict[str, torch.Tensor], active: np.ndarray | None):
+    """The policy's ``(actions, values, log_probs)`` for every env; with ``active`` given
+    (GRPO mode), only those rows are computed and the others (envs whose response has
+    finished and that the env keeps idle, ignoring their action) get zeros. An idle env's
+    observation is its final context, which the env's step cache does not hold, so acting
+    for it would cost a full forward without KV cache per idle row and step."""
+    if active is None or active.all():
+        return policy(obs)
+    rows = torch.as_tensor(np.flatnonzero(active), device=obs["input_ids"].device)
+    actions, values, log_probs = policy({key: value[rows] for key, value in obs.items()})
+    n = len(active)
+    full_actions = torch.zeros((n, *actions.shape[1:]), dtype=actions.dtype, device=actions.device)
+    full_values = torch.zeros((n, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    full_log_probs = torch.zeros((n, *log_probs.shape[1:]), dtype=log_probs.dtype, device=log_probs.device)
+    full_actions[rows], full_values[rows], full_log_probs[rows] = actions, values, log_probs
+    return full_actions, full_values, full_log_probs
+
+
 def collect_text_rollout(
     algo: Any,
     env: Any,
@@ -173,7 +191,7 @@ def collect_text_rollout(
     while n_steps < n_rollout_steps:
         obs_tensor = as_tensor(last_obs, algo.observation_space, device)
         with torch.no_grad():
-            actions, values, log_probs = policy(obs_tensor)
+            actions, values, log_probs = _act(policy, obs_tensor, None if groups is None else ~finished_once)
         step = env.step(actions.cpu().numpy())
         algo.num_timesteps += n_envs * distributed.world_size()  # counted over ranks: all run as many iterations
         callback.update_locals(locals())
