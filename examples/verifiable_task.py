@@ -1,4 +1,4 @@
-"""Reinforcement learning from verifiable rewards: GRPO on reasoning-gym's chain_sum.
+"""Reinforcement learning from verifiable rewards: RLOO on reasoning-gym's chain_sum.
 
 A task is rows (a chat prompt, the gold answer, the reasoning-gym item) plus the task's own
 verifier as a TRL-style reward function; ``ReasoningGym-v0`` is the text env over its train
@@ -17,7 +17,7 @@ import os
 import gymnasium as gym
 
 import rlhf_env  # noqa: F401  (registers ReasoningGym-v0)
-from agents import GRPO
+from agents import RLOO
 from rlhf_env.tasks import accuracy_line, evaluate_task, make_task
 
 MODEL = os.environ.get("MODEL", "tiny")
@@ -29,7 +29,7 @@ print(task.rows("test")[0]["prompt"], "->", task.rows("test")[0]["answer"])
 
 group, rows_per_step = (8, 4) if real else (4, 2)
 env = gym.make_vec("ReasoningGym-v0", num_envs=group * rows_per_step, task=task, model=MODEL)
-agent = GRPO("LMPolicy", env, group_size=group, learning_rate=5e-5 if real else 1e-3, beta=0.0, seed=0,
+agent = RLOO("LMPolicy", env, group_size=group, learning_rate=1e-4 if real else 1e-3, beta=0.0, seed=0,
              policy_kwargs={"train_layers": 4} if real else {})
 
 limit, k = (64, 4) if real else (4, 2)
