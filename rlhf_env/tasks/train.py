@@ -70,7 +70,7 @@ class TaskTrainConfig:
     train_layers: int | None = 4
     max_new_tokens: int | None = None
     format_weight: float = 0.0
-    train_seconds: float = 420.0
+    train_seconds: float = 300.0
     max_iterations: int = 1000
     eval_samples: int = 4
     eval_limit: int | None = None
