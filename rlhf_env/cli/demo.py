@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "chain_sum_2digit, letter_counting or any reasoning-gym name) and print held-out accuracy before "
                         "and after; writes DIR/summary.json, DIR/policy and DIR/curve.png")
     parser.add_argument("--task-config", default=None, help='with --task: generator settings as JSON, e.g. \'{"max_terms": 3}\'')
-    parser.add_argument("--algo", default=None, choices=["grpo", "rloo"], help="with --task: the method (default: rloo, which learned fastest per CPU second)")
+    parser.add_argument("--algo", default=None, choices=["grpo", "rloo"], help="with --task: the method (default: rloo; see docs/benchmarks.md)")
     parser.add_argument("--kl-stop", type=_kl_stop, default=_CONFIG, metavar="KL",
                         help="stop training after the iteration whose rollout KL per response reaches KL; 'none' "
                         "switches the rule off (default: 6 within the 8 nat KL budget of the pass rule; quick: none)")
