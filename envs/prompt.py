@@ -73,6 +73,15 @@ def prompt_text(prompt: Any) -> str:
     return users[-1] if users else prompt[-1]["content"]
 
 
+def flat_text(prompt: Any) -> str:
+    """The whole prompt as one string for a model without a chat template (the tiny LM, an
+    encoder reward model): a string as it is, a message list's contents joined by newlines,
+    the system message included."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt)
+
+
 def as_messages(prompt: Any, system_prompt: Any = TEMPLATE_DEFAULT) -> list[dict[str, str]]:
     """The messages of a prompt with ``system_prompt`` applied where the prompt has no
     system message of its own (a string system prompt is inserted first; ``None`` and
@@ -115,8 +124,7 @@ def encode_prompt(tokenizer: Any, prompt: Any, system_prompt: Any = TEMPLATE_DEF
         raise TypeError(f"system_prompt must be a string, None (no system message) or TEMPLATE_DEFAULT, got {system_prompt!r}")
     messages = as_messages(prompt, system_prompt)
     if not getattr(tokenizer, "chat_template", None):
-        text = "\n".join(m["content"] for m in messages)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(flat_text(messages), add_special_tokens=False)["input_ids"]
         if tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id, *ids]
         return [int(i) for i in ids]

@@ -186,7 +186,8 @@ def _implicit_pair(chosen: object, rejected: object, where: str) -> PreferencePa
 def _pair_from_obj(obj: object, where: str) -> PreferencePair:
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object with keys {list(FIELDS)}, got {type(obj).__name__}")
-    if "prompt" not in obj and "chosen" in obj and "rejected" in obj:
+    if obj.get("prompt") is None and "chosen" in obj and "rejected" in obj:
+        # no prompt (a Dataset mixing both formats fills the missing column with None)
         return _implicit_pair(obj["chosen"], obj["rejected"], where)
     missing = [k for k in FIELDS if k not in obj]
     if missing:

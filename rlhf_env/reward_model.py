@@ -170,11 +170,17 @@ class RewardModel(nn.Module):
         return self.head.weight.device
 
     # ---- tokenisation ------------------------------------------------------------
-    def encode(self, prompt: str, response: str) -> list[int]:
-        """Token ids of one (prompt, response) input, truncated to ``max_length``."""
+    def encode(self, prompt: Union[str, Sequence[dict]], response: str) -> list[int]:
+        """Token ids of one (prompt, response) input, truncated to ``max_length``. A prompt of
+        chat messages (a system message, several turns) is rendered whole: with the chat
+        template for a causal backbone, as its contents joined by newlines for an encoder."""
         tok = self.tokenizer
         if self.kind == "encoder":
-            enc = tok(prompt, response, truncation="longest_first", max_length=self.max_length)
+            from rlhf_env.envs.prompt import check_messages, flat_text
+
+            if not isinstance(prompt, str):
+                check_messages(prompt)
+            enc = tok(flat_text(prompt), response, truncation="longest_first", max_length=self.max_length)
             return list(enc["input_ids"])
         from rlhf_env.models import encode_prompt, encode_response
 
