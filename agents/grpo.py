@@ -7,7 +7,8 @@ Per iteration:
 
 1. ``n_envs / group_size`` prompts are drawn; the batched text env is reset with each
    row repeated ``group_size`` times (``reset(options={"row": [...]})``) and runs
-   until every sub-env has finished its response.
+   until every sub-env has finished its response
+   (:class:`agents.group_rollout.GroupRolloutAlgorithm`).
 2. ``A_i = (score_i - mean(group)) / (std(group) + eps)`` for response ``i``, on each of
    its tokens.
 3. ``n_epochs`` passes of minibatches of whole responses; one teacher-forced forward per
@@ -24,8 +25,7 @@ Per iteration:
    ``exp(mean_t log ratio_t)``, clipped and applied to all its tokens). Micro-batches hold responses to one prompt, whose prompt then runs
    once for the whole group (:func:`agents.lm_forward.evaluate_shared_context`; exact up
    to float rounding). ``log ref`` is computed once per response in the first epoch, not by
-   the env (a per-token reference forward during the rollout would cost one incremental
-   forward per token for the same numbers): when the reference's lower blocks equal the
+   the env (:mod:`agents.reference_logprobs`): when the reference's lower blocks equal the
    actor's frozen ones (``train_layers=k``) only its top blocks run, on the actor's hidden
    state; else one teacher-forced, gradient-free forward of the reference per micro-batch.
 
@@ -49,11 +49,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from gymnasium import spaces
 
 from agents import distributed
+from agents.group_rollout import GroupRolloutAlgorithm
 from agents.guards import check_finite
-from agents.kl_controller import set_env_kl_coef
 from agents.lm_forward import evaluate_kept, evaluate_shared_context, evaluate_tokens, kept_trunk_batch
 from agents.losses import (
     IMPORTANCE_SAMPLING_LEVELS,
@@ -68,7 +67,7 @@ from agents.losses import (
     kl_to_reference,
     sequence_log_ratio,
 )
-from agents.on_policy import OnPolicyAlgorithm
+from agents.reference_logprobs import fill_reference_logprobs, reference_logprobs, reference_top_logprobs, shared_trunk
 from agents.schedules import get_schedule_fn
 from agents.segments import (
     TextSegment,
@@ -80,10 +79,9 @@ from agents.segments import (
     shared_context,
     split_minibatches,
 )
-from agents.text_rollout import RolloutStats, collect_text_rollout, find_text_env
 
 
-class GRPO(OnPolicyAlgorithm):
+class GRPO(GroupRolloutAlgorithm):
     """GRPO on a batched ``TextRLHF`` env.
 
     :param policy: ``"LMPolicy"`` (the language-model policy; its value head is unused)
@@ -115,10 +113,10 @@ class GRPO(OnPolicyAlgorithm):
     :param sample_every: log sample responses to TensorBoard every this many iterations
     :param policy_kwargs: as SB3's; Adam/AdamW default to ``fused=True`` (pass
         ``optimizer_kwargs={"fused": False}`` for the per-tensor loop)
-    Other parameters: see :class:`agents.on_policy.OnPolicyAlgorithm`.
+    Other parameters: see :class:`agents.group_rollout.GroupRolloutAlgorithm`.
     """
 
-    _excluded_save_params = OnPolicyAlgorithm._excluded_save_params + ("_segments", "_refs_filled")
+    _excluded_save_params = GroupRolloutAlgorithm._excluded_save_params + ("_segments", "_refs_filled")
 
     def __init__(
         self,
@@ -170,12 +168,10 @@ class GRPO(OnPolicyAlgorithm):
         super().__init__(
             policy,
             env,
+            group_size=group_size,
+            sample_every=sample_every,
             learning_rate=learning_rate,
-            n_steps=1,  # set from the env's max_new_tokens in _setup_model
-            gamma=1.0,
-            gae_lambda=1.0,
             ent_coef=ent_coef,
-            vf_coef=0.0,
             max_grad_norm=max_grad_norm,
             stats_window_size=stats_window_size,
             tensorboard_log=tensorboard_log,
@@ -184,11 +180,9 @@ class GRPO(OnPolicyAlgorithm):
             seed=seed,
             device=device,
             _init_setup_model=False,
-            supported_action_spaces=(spaces.Discrete,),
             n_envs=n_envs,
             env_kwargs=env_kwargs,
         )
-        self.group_size = int(group_size)
         self.batch_size = int(batch_size)
         self.n_epochs = int(n_epochs)
         self.clip_range = clip_range
@@ -200,95 +194,12 @@ class GRPO(OnPolicyAlgorithm):
         self.eps = float(eps)
         self.log_kl = bool(log_kl)
         self.micro_batch_tokens = int(micro_batch_tokens)
-        self.sample_every = int(sample_every)
-        self._iteration = 0
-        # each torchrun rank draws its own rows (seed + rank * n_envs, as the envs are seeded)
-        self._prompt_rng = np.random.default_rng(distributed.rank_seed(seed, self.n_envs))
         if _init_setup_model:
             self._setup_model()
 
-    # --- set-up -----------------------------------------------------------------------
-    def _text_env(self) -> Any:
-        text_env = find_text_env(self.env) if self.env is not None else None
-        inner = getattr(self.env, "env", None)
-        if text_env is None or text_env is not inner or not hasattr(text_env, "num_envs"):
-            got = "a single env (gym.make)" if text_env is not None and not hasattr(text_env, "num_envs") else type(inner).__name__
-            raise ValueError(
-                f"GRPO samples a group of responses per prompt, so it needs the batched text env, got {got}: "
-                f"pass gym.make_vec('TextRLHF-v0', num_envs=N) or the id with n_envs=N, N a multiple of "
-                f"group_size={self.group_size}"
-            )
-        return text_env
-
-    def _check_env(self) -> None:
-        text_env = self._text_env()
-        if self.n_envs % self.group_size:
-            raise ValueError(
-                f"num_envs={self.n_envs} is not a multiple of group_size={self.group_size}: "
-                f"use num_envs = prompts_per_step * group_size (e.g. {self.group_size * max(1, self.n_envs // self.group_size)})"
-            )
-        # the KL enters through the loss (beta * k3), not through the env's reward
-        set_env_kl_coef(self.env, 0.0)
-        # ... so the rollout needs no reference forward: train() scores whole responses once
-        text_env.reference_logprobs = False
-        text_env.keep_trunk = True  # the frozen trunk's output of every token, for the update
-        self.n_steps = int(text_env.max_new_tokens) + 1
-
     def _setup_model(self) -> None:
-        super()._setup_model()
-        from agents.text_ppo import is_lm_policy
-
-        if not is_lm_policy(self.policy):
-            raise ValueError("GRPO trains a language-model policy: use policy='LMPolicy' on a TextRLHF env")
         self.clip_range_schedule = get_schedule_fn(self.clip_range)
-        if self.env is not None:
-            self._check_env()
-
-    def _on_n_envs_changed(self) -> None:
-        super()._on_n_envs_changed()
-        self._check_env()
-
-    def set_env(self, env: Any, force_reset: bool = True) -> None:
-        super().set_env(env, force_reset)
-        self._check_env()
-
-    # --- rollout ----------------------------------------------------------------------
-    def _reset_to_groups(self) -> list[int]:
-        """Reset the env: row ``k`` of the group draw in sub-envs ``k*G .. k*G+G-1`` (by row
-        index, so each response is scored with its own row's columns)."""
-        text_env = self._text_env()
-        n_prompts = self.n_envs // self.group_size
-        n_rows = len(text_env.prompts)
-        chosen = self._prompt_rng.choice(n_rows, size=n_prompts, replace=n_prompts > n_rows)
-        obs, _ = text_env.reset(options={"row": [int(k) for k in chosen for _ in range(self.group_size)]})
-        self.env._prev_done[:] = False
-        self._last_obs = obs
-        self._last_episode_starts = np.ones(self.n_envs, dtype=bool)
-        return [i // self.group_size for i in range(self.n_envs)]
-
-    def collect_rollouts(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
-        """One group of ``group_size`` complete responses per prompt (see the module docstring)."""
-        groups = self._reset_to_groups()
-        text_env = self._text_env()
-        # finished sub-envs wait for the others instead of starting (and prefilling) new prompts
-        text_env.autoreset = False
-        try:
-            ok, self._segments, stats = collect_text_rollout(self, env, callback, n_rollout_steps, groups=groups)
-        finally:
-            text_env.autoreset = True
-        self._iteration += 1
-        self._record_rollout(stats)
-        return ok
-
-    def _record_rollout(self, stats: RolloutStats) -> None:
-        """Score, length and samples of the rollout. The KL per response is measured by
-        :meth:`train` (the reference runs there, not in the env) and logged with it."""
-        from agents.text_ppo import RLHFConfig, TextPPOState, record_rollout_stats
-
-        state = TextPPOState(RLHFConfig(sample_every=self.sample_every), 0.0)
-        state.iteration = self._iteration
-        stats.kls = []  # the env charged no KL (kl_coef 0): not this rollout's measure
-        record_rollout_stats(self, stats, state, None)
+        super()._setup_model()
 
     # --- update -----------------------------------------------------------------------
     @property
@@ -415,103 +326,30 @@ class GRPO(OnPolicyAlgorithm):
                 policy.actor, hidden, kept_mask, kept_split, positions, targets, value_head=None, **kw
             )
             if with_ref and split == kept_split:
-                self._reference_top_logprobs(trunk, split, hidden, kept_mask, micro, positions, targets)
+                reference_top_logprobs(core, trunk, split, hidden, kept_mask, micro, positions, targets)
             elif with_ref:
-                self._reference_logprobs(micro)
+                reference_logprobs(core, micro, device)
         elif shared_context(micro) and not (split and with_ref):
             # one group's responses: the prompt runs once (for the reference too)
             if with_ref:
-                self._reference_logprobs(micro)
+                reference_logprobs(core, micro, device)
             log_prob, entropy, _ = evaluate_shared_context(policy.actor, micro, core.pad_id, value_head=None, **kw)
         else:
             if with_ref and not split:
-                self._reference_logprobs(micro)
+                reference_logprobs(core, micro, device)
             with contextlib.ExitStack() as stack:
                 captured = stack.enter_context(trunk.capture(split)) if split and with_ref else None
                 log_prob, entropy, _ = evaluate_tokens(policy.actor, ids, attn, positions, targets, value_head=None, **kw)
             if captured is not None:
                 if "hidden" not in captured:
                     raise RuntimeError("the actor's forward did not reach the captured block (no hidden state recorded)")
-                self._reference_top_logprobs(trunk, split, captured["hidden"][:, :-1], attn[:, :-1], micro, positions, targets)
+                reference_top_logprobs(core, trunk, split, captured["hidden"][:, :-1], attn[:, :-1], micro, positions, targets)
         return log_prob, entropy
 
-    @torch.no_grad()
-    def _fill_reference_logprobs(self, segments: list[TextSegment]) -> None:
-        """``seg.ref_logprobs`` of every segment before the update (RLOO's KL reward), one
-        micro-batch at a time: the reference's top blocks on the kept trunk states where
-        they are shared with the actor, else its own forward."""
-        trunk, split = self._shared_trunk()
-        for run in group_by_context(segments):
-            for micro in micro_batches(run, self.micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
-                kept = kept_trunk_batch(self.policy.actor, micro)
-                if kept is not None and split and split == kept[2]:
-                    _, _, positions, targets = pack_segments(micro, self.policy.core.pad_id, self.device)
-                    self._reference_top_logprobs(trunk, split, kept[0], kept[1], micro, positions, targets)
-                else:
-                    self._reference_logprobs(micro)
-
     def _shared_trunk(self) -> tuple[Any, int]:
-        """``(SharedTrunk, split)`` when the reference can take its lower ``split`` blocks
-        from the actor (the env's ``reference_share`` is ``"auto"`` and they are frozen and
-        equal), else ``(None, 0)``."""
-        text_env = self._text_env()
-        if text_env.contexts.reference_share != "auto":
-            return None, 0
-        trunk = self.policy.core.shared_trunk()
-        split = trunk.split()
-        return (trunk, split) if split else (None, 0)
+        """:func:`agents.reference_logprobs.shared_trunk` of this model and its env."""
+        return shared_trunk(self.policy.core, self._text_env().contexts.reference_share)
 
-    @torch.no_grad()
-    def _reference_top_logprobs(
-        self, trunk: Any, split: int, hidden: torch.Tensor, attention_mask: torch.Tensor, micro: list[TextSegment],
-        positions: torch.Tensor, targets: torch.Tensor,
-    ) -> None:
-        """``seg.ref_logprobs`` of the segments of one micro-batch from the reference's blocks
-        ``split ..`` (its own decoder code: :func:`envs.trunk_states.top_hidden`) run on the
-        actor's input of block ``split`` (the tensor the reference's equal, frozen lower blocks
-        would produce), right-padded ``(B, L, H)`` with its ``(B, L)`` mask."""
-        from envs.trunk_states import top_hidden
-
-        parts = trunk.ref_parts
-        h = top_hidden(parts, split, hidden.detach(), attention_mask)
-        index = positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-        logits = parts["head"](torch.gather(h, 1, index))
-        core = self.policy.core
-        ref_log_prob = torch.gather(core.ref_log_probs(logits), -1, targets.unsqueeze(-1)).squeeze(-1)
-        ref_log_prob = ref_log_prob.float().cpu()
-        for i, seg in enumerate(micro):
-            seg.ref_logprobs = ref_log_prob[i, : len(seg)].clone()
-
-    @torch.no_grad()
-    def _reference_logprobs(self, micro: list[TextSegment]) -> None:
-        """``seg.ref_logprobs``: log ref(a_t|s_t) of every response token of one micro-batch,
-        from one teacher-forced forward of the reference (the env's distribution: same
-        temperature, no top-k, as :meth:`envs.lm_core.LMCore.ref_log_probs`)."""
-        core = self.policy.core
-        if shared_context(micro):  # one group's responses: the prompt runs once
-            ref_log_prob, _, _ = evaluate_shared_context(
-                core.reference, micro, core.pad_id, temperature=core.temperature, top_k=0, with_entropy=False,
-            )
-        elif micro:
-            ids, attn, positions, targets = pack_segments(micro, core.pad_id, self.device)
-            ref_log_prob, _, _ = evaluate_tokens(
-                core.reference, ids, attn, positions, targets, value_head=None,
-                temperature=core.temperature, top_k=0, with_entropy=False,
-            )
-        if micro:
-            ref_log_prob = ref_log_prob.float().cpu()
-            for i, seg in enumerate(micro):
-                seg.ref_logprobs = ref_log_prob[i, : len(seg)].clone()
-
-    def learn(
-        self,
-        total_timesteps: int,
-        callback: Any = None,
-        log_interval: int = 1,
-        tb_log_name: str | None = None,
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> "GRPO":
-        """SB3's ``learn``; ``tb_log_name`` defaults to the class name (``"GRPO"``, ``"RLOO"``)."""
-        tb_log_name = tb_log_name or type(self).__name__
-        return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
+    def _fill_reference_logprobs(self, segments: list[TextSegment]) -> None:
+        """``seg.ref_logprobs`` of every segment before the update (RLOO's KL reward)."""
+        fill_reference_logprobs(self.policy, segments, self.micro_batch_tokens, self._text_env().contexts.reference_share, self.device)

@@ -240,7 +240,7 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         total_timesteps: int,
         callback: Any = None,
         log_interval: int = 1,
-        tb_log_name: str = "OnPolicyAlgorithm",
+        tb_log_name: str | None = None,
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> "OnPolicyAlgorithm":
@@ -249,11 +249,13 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         :param total_timesteps: env steps to collect
         :param callback: a callback, a list of callbacks or None
         :param log_interval: iterations (rollouts) between log dumps
-        :param tb_log_name: TensorBoard run name (``{tensorboard_log}/{tb_log_name}_{k}``)
+        :param tb_log_name: TensorBoard run name (``{tensorboard_log}/{tb_log_name}_{k}``);
+            None: the class name (``"PPO"``, ``"GRPO"``, ...)
         :param reset_num_timesteps: False continues counters and the TensorBoard run
         :param progress_bar: show a tqdm progress bar
         """
         iteration = 0
+        tb_log_name = tb_log_name or type(self).__name__
         total_timesteps, callback = self._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         # Ctrl-C/SIGTERM with a CheckpointCallback: stop at a step, save, raise TrainingInterrupted
         with training_guard(self, callback) as callback:

@@ -340,14 +340,3 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
             self.logger.record("train/clip_range_vf", clip_range_vf)
         if self.loss_type == "kl_penalty":
             self.logger.record("train/kl_beta", self.kl_beta)
-
-    def learn(
-        self,
-        total_timesteps: int,
-        callback: Any = None,
-        log_interval: int = 1,
-        tb_log_name: str = "PPO",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> "PPO":
-        return super().learn(total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar)
