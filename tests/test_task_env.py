@@ -71,3 +71,17 @@ def test_task_demo_writes_summary_policy_and_curve(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(policy) is not None
     env = gym.make("ReasoningGym-v0", model=str(policy), max_new_tokens=2)
     env.reset(seed=0)
+
+
+def test_train_task_runs_one_rollout_and_one_update_per_iteration():
+    # one recorded iteration is one group rollout (n_envs responses) and one optimizer update,
+    # the unit the benchmark compares with one step of TRL's GRPOTrainer
+    from rlhf_env.tasks.train import make_task_agent, quick_task_config, train_task
+
+    cfg = quick_task_config()
+    cfg.max_iterations, cfg.train_seconds = 3, 1e9
+    agent, _ = make_task_agent(cfg)
+    history = train_task(agent, cfg)
+    assert [h["iteration"] for h in history] == [1, 2, 3]
+    assert agent._iteration == 3 and agent._n_updates == 3
+    assert agent.num_timesteps <= 3 * agent.n_envs * agent.n_steps

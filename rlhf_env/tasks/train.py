@@ -109,14 +109,17 @@ def make_task_agent(cfg: TaskTrainConfig, task: Any = None, tensorboard_log: str
 
 def train_task(agent: Any, cfg: TaskTrainConfig, on_iteration: Callable[[dict], None] | None = None,
                tb_log_name: str = "task") -> list[dict[str, float]]:
-    """Train ``agent`` one iteration at a time until ``cfg.train_seconds`` of process CPU
-    time or ``cfg.max_iterations``; returns one record per iteration (``iteration``,
-    ``reward`` = mean training reward of the rollout, ``cpu_seconds``, ``seconds``)."""
-    per_iteration = agent.n_envs * agent.n_steps
+    """Train ``agent`` one iteration (one group rollout, one update) at a time until
+    ``cfg.train_seconds`` of process CPU time or ``cfg.max_iterations``; returns one record
+    per iteration (``iteration``, ``reward`` = mean training reward of the rollout,
+    ``cpu_seconds``, ``seconds``)."""
     history: list[dict[str, float]] = []
     t0, c0 = time.perf_counter(), time.process_time()
     for it in range(1, cfg.max_iterations + 1):
-        agent.learn(per_iteration, reset_num_timesteps=it == 1, tb_log_name=tb_log_name)
+        # total_timesteps=1: learn stops after its first rollout and update (a group rollout
+        # ends when every response has, before n_steps steps, so n_envs * n_steps timesteps
+        # would take a second rollout and update in the same call)
+        agent.learn(1, reset_num_timesteps=it == 1, tb_log_name=tb_log_name)
         episodes = list(agent.ep_info_buffer)[-agent.n_envs:]
         record = {
             "iteration": it,
