@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from agents import distributed
-from agents.base import clip_grad_norm, explained_variance
+from agents.fast_kernels import clip_grad_norm
 from agents.guards import check_finite
 from agents.losses import policy_gradient_loss, value_loss
 from agents.on_policy import OnPolicyAlgorithm
+from agents.utils import explained_variance
 
 
 class A2C(OnPolicyAlgorithm):

@@ -2,7 +2,7 @@
 
 :mod:`agents.fast_mlp` (PPO's hand-written MLP gradients and flat Adam) and the lean gradient
 clipping and Adam step of every agent (:func:`lean_clip_grad_norm`, :func:`lean_adam_step`,
-used by :mod:`agents.base`) call private torch kernels: ``torch._fused_adam_`` (Adam's fused
+behind :func:`clip_grad_norm` and :func:`optimizer_step`) call private torch kernels: ``torch._fused_adam_`` (Adam's fused
 update), ``aten.tanh_backward`` / ``aten.threshold_backward`` (the activations' backward) and
 ``torch._foreach_norm`` / ``_foreach_mul_`` / ``_foreach_add_`` (clipping, step counts). They
 skip Python bookkeeping that costs more than the maths for small networks (measured in
@@ -99,6 +99,27 @@ def lean_adam_step(optimizer: torch.optim.Optimizer) -> bool:
     _fused_adam(params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                 steps, group["lr"], beta1, beta2, group["weight_decay"], group["eps"])
     return True
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)``: through the lean version of
+    this module (same maths, without the per-call grouping that costs more than
+    the clipping for a small network) where this torch has the kernels it calls, through
+    torch's function otherwise.
+
+    :return: the total gradient norm before clipping
+    """
+    total = lean_clip_grad_norm(params, max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm) if total is None else total
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``; for a fused single-group Adam whose state exists, the same
+    kernels through :func:`lean_adam_step` (without the optimizer's Python
+    bookkeeping, which costs more than the update for a small network) where this torch
+    has them."""
+    if not lean_adam_step(optimizer):
+        optimizer.step()
 
 
 def _check_private_kernels() -> str | None:

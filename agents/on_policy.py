@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from agents.base import BaseAlgorithm, safe_mean
+from agents.base import BaseAlgorithm
 from agents.buffers import RolloutBuffer
 from agents import distributed
 from agents.callbacks import BaseCallback
 from agents.guards import check_number, training_guard
 from agents.preprocessing import as_tensor
+from agents.utils import safe_mean
 from agents.vec_env import VecEnvAdapter
 
 

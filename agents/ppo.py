@@ -19,7 +19,7 @@ import torch
 
 from agents import distributed
 from agents.fast_mlp import FusedPPOLoss
-from agents.base import clip_grad_norm, explained_variance, optimizer_step
+from agents.fast_kernels import clip_grad_norm, optimizer_step
 from agents.guards import check_finite, check_number
 from agents.on_policy import OnPolicyAlgorithm
 from agents.schedules import get_schedule_fn
@@ -32,6 +32,7 @@ from agents.text_ppo import (
     names_lm_policy,
     text_rollout_steps,
 )
+from agents.utils import explained_variance
 
 
 @torch.no_grad()

@@ -373,7 +373,7 @@ class TextPPOMixin:
     def _record_text_train(
         self, stats: dict[str, list[float]], segments: list[TextSegment], clip_range: float, clip_range_vf: float | None
     ) -> None:
-        from agents.base import explained_variance
+        from agents.utils import explained_variance
 
         values_all = torch.cat([s.old_values for s in segments])
         returns_all = torch.cat([s.returns for s in segments])

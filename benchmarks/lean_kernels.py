@@ -2,7 +2,7 @@
 
     python -m benchmarks.lean_kernels --steps 16000 --repeats 3
 
-``agents.base.clip_grad_norm`` / ``optimizer_step`` go through
+``agents.fast_kernels.clip_grad_norm`` / ``optimizer_step`` go through
 :func:`agents.fast_kernels.lean_clip_grad_norm` / :func:`~agents.fast_kernels.lean_adam_step`
 (private foreach and fused-Adam kernels, guarded) and fall back to
 ``torch.nn.utils.clip_grad_norm_`` / ``optimizer.step()``. This runs the paths that use them,
@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    import agents.base as base
+    import agents.fast_kernels as base
     from agents import A2C, PPO
 
     lean = (base.lean_clip_grad_norm, base.lean_adam_step)

@@ -278,7 +278,7 @@ def test_flat_adam_not_used_where_it_does_not_apply():
     assert FlatAdam.for_optimizer(torch.optim.Adam(params), params, grad) is None  # not the fused kernel
     assert FlatAdam.for_optimizer(torch.optim.SGD(params, lr=0.1), params, grad) is None
     assert FlatAdam.for_optimizer(policy.optimizer, params[::-1], grad) is None
-    # another optimizer still steps through the fused loss (agents.base.optimizer_step)
+    # another optimizer still steps through the fused loss (agents.fast_kernels.optimizer_step)
     policy.optimizer = torch.optim.SGD(params, lr=0.1)
     fused = FusedPPOLoss(policy)
     assert fused.flat_adam is None
