@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +228,7 @@ def train_dpo(
     checkpoint_every: Optional[int] = None,
     resume_from: Union[str, os.PathLike, None] = None,
     on_nonfinite: str = "raise",
+    callback: Optional[Callable[[int, dict], Optional[bool]]] = None,
 ):
     """Train a causal LM with DPO on preference pairs.
 
@@ -255,6 +256,10 @@ def train_dpo(
     :param checkpoint_every: updates between checkpoints (None: at the end and on Ctrl-C/SIGTERM only)
     :param resume_from: a checkpoint file or folder to continue from (same data and batch size)
     :param on_nonfinite: ``"raise"`` (stop, naming the step and the last checkpoint) or ``"skip"`` the batch
+    :param callback: called after every update as ``callback(step, metrics)`` (this rank's metrics of
+        that step); returning ``False`` stops training there, as an SB3 callback's ``_on_step`` does (a time
+        budget, early stopping, an evaluation every so often: the model is ``train_dpo``'s own, in
+        training mode, and may be evaluated in between)
     :return: ``(model, tokenizer)``, the model in eval mode; ``model.dpo_metrics`` holds the last metrics
     """
     from tqdm.auto import tqdm
@@ -306,6 +311,7 @@ def train_dpo(
     step = loop.step_count
     model.train()
     bar = tqdm(total=total, initial=step, desc="dpo", disable=not progress or not main)
+    stopped = False
     for epoch in loop.epochs():
         for idx in loop.batches(epoch):
             idx, _ = loop.shard(idx)  # this rank's share of the global batch
@@ -339,6 +345,12 @@ def train_dpo(
                 writer.add_scalar("train/margin", metrics["rewards/margin"], step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{metrics['rewards/accuracy']:.2f}")
+            if callback is not None and callback(step, dict(metrics)) is False:
+                stopped = True
+                break
+        if stopped:
+            loop.save()  # the checkpoint the end of training writes (with checkpoint_dir)
+            break
         if eval_data is not None:
             eval_acc = implicit_reward_accuracy(model, eval_data, eval_ref, beta, cfg.eval_batch_size, device)
             metrics["eval/rewards/accuracy"] = eval_acc
