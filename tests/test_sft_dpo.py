@@ -414,3 +414,18 @@ def test_trainers_take_trl_conversational_datasets(tiny_lm):
     b, _ = train_sft(messages, str(tiny_lm), config=sft_config, progress=False)
     for x, y in zip(a.parameters(), b.parameters()):
         assert torch.equal(x, y)
+
+
+def test_dpo_callback_sees_every_step_and_stops_training(tiny_lm, tmp_path):
+    seen = []
+
+    def stop_after_three(step, metrics):
+        seen.append((step, metrics["train/loss"]))
+        return step < 3
+
+    model, _ = train_dpo(PAIRS, str(tiny_lm), config=DPOConfig(batch_size=1, epochs=5, trainable_layers=None,
+                                                               group_by_prompt=False),
+                         progress=False, callback=stop_after_three, checkpoint_dir=tmp_path / "ckpt")
+    assert [s for s, _ in seen] == [1, 2, 3]  # 5 epochs of len(PAIRS) steps were asked for
+    assert model.dpo_metrics["train/loss"] == seen[-1][1]
+    assert (tmp_path / "ckpt" / "checkpoint_3.pt").is_file()  # stopping writes the end-of-training checkpoint

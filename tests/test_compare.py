@@ -1,0 +1,90 @@
+"""``rlhf_env.compare`` / ``rlhf-env compare``: every method from the same model at the same
+CPU budget, judged by ``rlhf_env.evaluate``, written as JSON, Markdown and a PNG."""
+
+import json
+import math
+
+import pytest
+
+from rlhf_env.compare import METHODS, check_methods, dpo_pairs_for_budget, run_comparison
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SECONDS = 0.5  # CPU seconds of training per method
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("compare")
+    try:
+        result = run_comparison(out, model="tiny", seconds=SECONDS, eval_prompts=4, eval_samples=1, max_new_tokens=8,
+                                checkpoints=2, dpo_pairs=24, progress=False, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    return out, result
+
+
+def test_the_comparison_runs_every_method_and_writes_its_table_and_plot(comparison):
+    out, result = comparison
+    saved = json.loads((out / "compare.json").read_text())
+    assert list(saved["methods"]) == list(METHODS)
+    judges = ("reward", "win_rate", "kl", "tone", "relevance", "fluency_nll", "distinct_2", "top_3gram_share")
+    for name, m in saved["methods"].items():
+        final = m["final"]
+        for key in judges:
+            assert math.isfinite(final[key]), (name, key)
+        assert 0.0 <= final["win_rate"] <= 1.0
+        assert set(final["pass_rule"]["checks"]) == {"tone_gain", "relevance_change", "distinct_2_change", "top_3gram_share", "kl"}
+        # checkpoints in order of training time, the last one the final evaluation
+        seconds = [p["cpu_seconds"] for p in m["checkpoints"]]
+        assert seconds == sorted(seconds) and m["checkpoints"][-1] == final
+        assert m["samples"] and all({"prompt", "reference", "policy"} <= set(s) for s in m["samples"])
+        assert (out / name / "evaluation.json").is_file()
+    for name in ("ppo", "grpo", "rloo"):  # an RL method trains until its budget is spent
+        assert saved["methods"][name]["cpu_seconds"] >= SECONDS
+    assert saved["methods"]["dpo"]["pairs"] >= 24
+    # every method is judged against the same reference column: same prompts, same seed
+    ref = saved["reference"]
+    assert ref["kl"] == 0.0
+    for name in METHODS:
+        report = json.loads((out / name / "evaluation.json").read_text())
+        assert report["reference"]["reward"] == ref["reward"]
+        assert report["responses"]["reference"] == json.loads((out / "ppo" / "evaluation.json").read_text())["responses"]["reference"]
+
+    table = (out / "compare.md").read_text()
+    for name in METHODS:
+        rule = saved["methods"][name]["final"]["pass_rule"]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |") and ("PASS" in line or "FAIL" in line))
+        assert row.rstrip(" |").endswith("PASS" if rule["passed"] else "FAIL")
+        assert row.count("FAIL") == sum(not c["ok"] for c in rule["checks"].values()) + (not rule["passed"])
+    png = (out / "frontier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_an_unknown_method_is_a_clear_error_before_anything_loads(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown method 'sac'; valid methods: ppo, grpo, rloo, dpo"):
+        run_comparison(tmp_path, methods="ppo,sac", model="no-such-model")
+    with pytest.raises(ValueError, match="named twice"):
+        check_methods(["ppo", "PPO"])
+    assert check_methods(" dpo, grpo ") == ["dpo", "grpo"]
+
+
+def test_cli_reports_an_unknown_method_in_one_line(tmp_path, capsys):
+    from rlhf_env.cli import main
+
+    assert main(["compare", "--methods", "ppo,trpo", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown method 'trpo'; valid methods: ppo, grpo, rloo, dpo" in err and "Traceback" not in err
+
+
+def test_dpo_gets_the_pairs_its_budget_can_prepare_and_train_on():
+    from rlhf_env.compare import DPO_SECONDS_PER_PAIR
+
+    per_pair = DPO_SECONDS_PER_PAIR["prepare"] + 2 * DPO_SECONDS_PER_PAIR["epoch"]
+    assert dpo_pairs_for_budget(100 * per_pair, epochs=2, available=3802) == 100
+    assert dpo_pairs_for_budget(1e6, epochs=2, available=3802) == 3802
+    assert dpo_pairs_for_budget(0.01, epochs=2, available=3802) == 16  # at least a few steps' worth
