@@ -3,7 +3,8 @@
 Trains PPO with the language-model policy on ``TextRLHF-v0`` for one short iteration (so
 the optimizer holds real state), then, in the same process and on the same thread count:
 
-* ``save``: ``model.save(path)``, the checkpoint to resume training, which leaves out the
+* ``save``: ``model.save(path)``, the checkpoint to resume training (its bytes split into
+  trainable weights, optimizer state and the rest), which leaves out the
   frozen actor weights (the recorded base model gives them back at load), against
   ``full``: the same zip with the whole policy ``state_dict`` (what ``save`` wrote before:
   every actor weight), printed as a size ratio;
@@ -34,6 +35,17 @@ def _dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
+def breakdown(path: str) -> str:
+    """The checkpoint's bytes by what they hold: trainable weights (``policy.pth``: the
+    trained actor blocks and the value head), optimizer state (``policy.optimizer.pth``:
+    Adam's two moments), and the rest (hyperparameters, RNG states, frozen-weight fingerprint)."""
+    with zipfile.ZipFile(path) as archive:
+        sizes = {info.filename: info.compress_size for info in archive.infolist()}
+    weights, optimizer = sizes.pop("policy.pth", 0), sizes.pop("policy.optimizer.pth", 0)
+    rest = ", ".join(f"{k} {v / 1e3:.0f} kB" for k, v in sizes.items())
+    return f"weights {weights / 1e6:.2f} MB, optimizer {optimizer / 1e6:.2f} MB, other {sum(sizes.values()) / 1e6:.3f} MB ({rest})"
+
+
 def run(model_name: str, policy_kwargs: dict, label: str) -> None:
     import gymnasium as gym
     from transformers import AutoModelForCausalLM
@@ -51,12 +63,14 @@ def run(model_name: str, policy_kwargs: dict, label: str) -> None:
     model = PPO("LMPolicy", make_env(), n_steps=8, batch_size=16, n_epochs=1, learning_rate=1e-4, seed=0,
                 policy_kwargs=policy_kwargs)
     model.learn(16)
+    n_train = sum(p.numel() for p in model.policy.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ckpt.zip")
         t0 = time.perf_counter()
         model.save(path)
         t_save = time.perf_counter() - t0
         small = os.path.getsize(path)
+        parts = breakdown(path)
         full_path = os.path.join(tmp, "full.zip")
         t0 = time.perf_counter()
         with zipfile.ZipFile(full_path, "w") as archive:
@@ -89,6 +103,7 @@ def run(model_name: str, policy_kwargs: dict, label: str) -> None:
               f"{full / 1e6:.1f} MB in {t_full:.2f} s (ratio {small / full:.3f}); load {t_load:.2f} s, params equal {equal}; "
               f"export {t_export:.2f} s ({_dir_size(out) / 1e6:.1f} MB) vs transformers save_pretrained {t_peer:.2f} s "
               f"(ratio {t_export / t_peer:.2f}); reloaded logits max |diff| {diff:.2e}")
+        print(f"  save() holds: {parts}; trainable parameters {n_train:,} ({4 * n_train / 1e6:.2f} MB in float32)")
 
 
 def main() -> None:

@@ -103,6 +103,33 @@ def test_text_checkpoint_leaves_out_frozen_weights_and_continues_identically(tmp
     assert changed
 
 
+@pytest.mark.parametrize("policy_kwargs", [{"train_layers": 1}, {"lora": {"r": 4}}], ids=["top-block", "lora"])
+def test_text_checkpoint_holds_only_trainable_weights_and_their_adam_moments(tmp_path, tiny_lm_dir, tiny_prompts, length_reward, policy_kwargs):
+    """The floor of an exact resume and nothing above it: each trainable tensor once at its
+    own size (no frozen tensor, no shared or oversized storage), Adam's two moments of each,
+    and a few kB of the rest."""
+    model = PPO("LMPolicy", _env(tiny_lm_dir, tiny_prompts, length_reward), n_steps=7, batch_size=16, n_epochs=1,
+                seed=0, policy_kwargs=policy_kwargs)
+    model.learn(28)
+    path = tmp_path / "ckpt.zip"
+    model.save(path)
+    trainable = {k: p for k, p in model.policy.named_parameters() if p.requires_grad}
+    weight_bytes = sum(p.numel() * p.element_size() for p in trainable.values())
+    with zipfile.ZipFile(path) as archive:
+        sizes = {i.filename: i.compress_size for i in archive.infolist()}
+        saved = torch.load(archive.open("policy.pth"), weights_only=False)
+        optimizer = torch.load(archive.open("policy.optimizer.pth"), weights_only=False)
+    assert set(saved) == set(trainable)
+    for k, v in saved.items():
+        assert v.dtype == trainable[k].dtype and v.untyped_storage().nbytes() == v.numel() * v.element_size(), k
+    moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in optimizer["state"].values()]
+    assert len(moments) == len(trainable)
+    assert sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in moments) == 2 * weight_bytes
+    overhead = 100_000  # pickle framing, RNG states, hyperparameters, the frozen-weight fingerprint
+    assert sizes["policy.pth"] < weight_bytes + overhead and sizes["policy.optimizer.pth"] < 2 * weight_bytes + overhead
+    assert path.stat().st_size < 3 * weight_bytes + overhead
+
+
 def test_text_checkpoint_refuses_another_base_model(tmp_path, tiny_lm_dir, tiny_prompts, length_reward):
     from tests.conftest import build_tiny_lm_dir
 
