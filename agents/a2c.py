@@ -13,9 +13,6 @@ from typing import Any
 
 import torch
 
-from agents import distributed
-from agents.fast_kernels import clip_grad_norm
-from agents.guards import check_finite
 from agents.losses import policy_gradient_loss, value_loss
 from agents.on_policy import OnPolicyAlgorithm
 from agents.utils import explained_variance
@@ -36,7 +33,8 @@ class A2C(OnPolicyAlgorithm):
     :param rms_prop_eps: RMSprop epsilon
     :param use_rms_prop: RMSprop (SB3's default) instead of Adam
     :param normalize_advantage: normalise advantages
-    Other parameters: see :class:`OnPolicyAlgorithm`.
+    Other parameters (``tensorboard_log``, ``verbose``, ``seed``, ``device``, ``n_envs``,
+    ``env_kwargs``, ``stats_window_size``): see :class:`OnPolicyAlgorithm`.
     """
 
     def __init__(
@@ -57,15 +55,9 @@ class A2C(OnPolicyAlgorithm):
         rollout_buffer_class: Any = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         normalize_advantage: bool = False,
-        stats_window_size: int = 100,
-        tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
-        verbose: int = 0,
-        seed: int | None = None,
-        device: torch.device | str = "cpu",
         _init_setup_model: bool = True,
-        n_envs: int = 1,
-        env_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         policy_kwargs = dict(policy_kwargs or {})
         if use_rms_prop and "optimizer_class" not in policy_kwargs:
@@ -85,15 +77,9 @@ class A2C(OnPolicyAlgorithm):
             sde_sample_freq=sde_sample_freq,
             rollout_buffer_class=rollout_buffer_class,
             rollout_buffer_kwargs=rollout_buffer_kwargs,
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
             policy_kwargs=policy_kwargs,
-            verbose=verbose,
-            seed=seed,
-            device=device,
             _init_setup_model=False,
-            n_envs=n_envs,
-            env_kwargs=env_kwargs,
+            **kwargs,
         )
         self.normalize_advantage = normalize_advantage
         if _init_setup_model:
@@ -117,10 +103,7 @@ class A2C(OnPolicyAlgorithm):
 
             self.policy.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            distributed.allreduce_gradients(params, weight=len(advantages))  # data-parallel: mean over all ranks' samples
-            grad_norm = clip_grad_norm(params, self.max_grad_norm)
-            if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
-                self.policy.optimizer.step()
+            self._clip_and_step(params, loss, grad_weight=len(advantages))  # data-parallel: mean over all ranks' samples
         self._n_updates += 1
 
         buffer = self.rollout_buffer

@@ -101,12 +101,7 @@ class BaseAlgorithm(SaveLoadMixin):
         self._stats_window_size = 100
         self.start_time = 0.0
         self.policy: BasePolicy | None = None
-        self.env: VecEnvAdapter | None = None
-        self._logger: Logger | None = None
-        self._last_obs: Any = None
-        self._last_episode_starts: np.ndarray | None = None
-        self.ep_info_buffer: deque = deque(maxlen=self._stats_window_size)
-        self.ep_success_buffer: deque = deque(maxlen=self._stats_window_size)
+        self._clear_runtime_state()
         self.observation_space: spaces.Space | None = None
         self.action_space: spaces.Space | None = None
         self.n_envs = n_envs
@@ -136,6 +131,20 @@ class BaseAlgorithm(SaveLoadMixin):
 
             if issubclass(self.policy_class, ActorCriticPolicy):
                 check_observation_space(observation_space)
+
+    def _clear_runtime_state(self) -> None:
+        """No env and nothing from running one (logger, last observation, episode
+        statistics): what a new model starts from, and what :meth:`load` starts from too
+        (:meth:`save` keeps none of it)."""
+        self.env: VecEnvAdapter | None = None
+        self._logger: Logger | None = None
+        self._last_obs: Any = None
+        self._last_episode_starts: np.ndarray | None = None
+        self._clear_episode_stats()
+
+    def _clear_episode_stats(self) -> None:
+        self.ep_info_buffer: deque = deque(maxlen=self._stats_window_size)
+        self.ep_success_buffer: deque = deque(maxlen=self._stats_window_size)
 
     # --- set-up ---------------------------------------------------------------------
     def _setup_lr_schedule(self) -> None:
@@ -175,8 +184,7 @@ class BaseAlgorithm(SaveLoadMixin):
         total_timesteps = check_number("total_timesteps", total_timesteps, low=0, integer=True)
         self.start_time = time.time_ns()
         if reset_num_timesteps:
-            self.ep_info_buffer = deque(maxlen=self._stats_window_size)
-            self.ep_success_buffer = deque(maxlen=self._stats_window_size)
+            self._clear_episode_stats()
             self.num_timesteps = 0
             self._episode_num = 0
         else:

@@ -50,9 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents import distributed
 from agents.group_rollout import GroupRolloutAlgorithm
-from agents.guards import check_finite
 from agents.lm_forward import evaluate_kept, evaluate_shared_context, evaluate_tokens, kept_trunk_batch
 from agents.losses import (
     IMPORTANCE_SAMPLING_LEVELS,
@@ -71,6 +69,7 @@ from agents.reference_logprobs import fill_reference_logprobs, reference_logprob
 from agents.schedules import get_schedule_fn
 from agents.segments import (
     TextSegment,
+    add_masked_sums,
     group_by_context,
     micro_batches,
     pack_segments,
@@ -79,6 +78,7 @@ from agents.segments import (
     shared_context,
     split_minibatches,
 )
+from agents.text_ppo import record_train_stats
 
 
 class GRPO(GroupRolloutAlgorithm):
@@ -113,7 +113,8 @@ class GRPO(GroupRolloutAlgorithm):
     :param sample_every: log sample responses to TensorBoard every this many iterations
     :param policy_kwargs: as SB3's; Adam/AdamW default to ``fused=True`` (pass
         ``optimizer_kwargs={"fused": False}`` for the per-tensor loop)
-    Other parameters: see :class:`agents.group_rollout.GroupRolloutAlgorithm`.
+    Other parameters (``tensorboard_log``, ``verbose``, ``seed``, ``device``, ``n_envs``,
+    ``env_kwargs``, ``stats_window_size``): see :class:`agents.group_rollout.GroupRolloutAlgorithm`.
     """
 
     _excluded_save_params = GroupRolloutAlgorithm._excluded_save_params + ("_segments", "_refs_filled")
@@ -138,15 +139,9 @@ class GRPO(GroupRolloutAlgorithm):
         max_grad_norm: float = 1.0,
         micro_batch_tokens: int = 4096,
         sample_every: int = 5,
-        stats_window_size: int = 100,
-        tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
-        verbose: int = 0,
-        seed: int | None = None,
-        device: torch.device | str = "cpu",
         _init_setup_model: bool = True,
-        n_envs: int = 1,
-        env_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -173,15 +168,9 @@ class GRPO(GroupRolloutAlgorithm):
             learning_rate=learning_rate,
             ent_coef=ent_coef,
             max_grad_norm=max_grad_norm,
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
             policy_kwargs=policy_kwargs,
-            verbose=verbose,
-            seed=seed,
-            device=device,
             _init_setup_model=False,
-            n_envs=n_envs,
-            env_kwargs=env_kwargs,
+            **kwargs,
         )
         self.batch_size = int(batch_size)
         self.n_epochs = int(n_epochs)
@@ -277,19 +266,13 @@ class GRPO(GroupRolloutAlgorithm):
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = log_prob - pad_field(micro, "old_logprobs", device)
-                        sums["pg"] += float((pg_losses.expand_as(mask) * mask).sum())
-                        sums["kl_ref"] += float((kl_ref * mask).sum())
-                        sums["ent"] += float((-entropy * mask).sum())
-                        sums["clip"] += float((clip_fraction(ratio, clip_range, self.epsilon_high).expand_as(mask) * mask).sum())
-                        sums["kl"] += float((approx_kl(log_ratio) * mask).sum())
+                        add_masked_sums(sums, mask, pg=pg_losses, kl_ref=kl_ref, ent=-entropy,
+                                        clip=clip_fraction(ratio, clip_range, self.epsilon_high), kl=approx_kl(log_ratio))
                         sums["loss"] += float(loss) * n_tokens
                 for key in stats:
                     stats[key].append(sums[key] / n_tokens)
                 # data-parallel: the loss's mean over all ranks
-                distributed.allreduce_gradients(params, weight=aggregation_weight(self.loss_type, len(batch), n_tokens))
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                if check_finite(sums["loss"], grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
-                    policy.optimizer.step()
+                self._clip_and_step(params, sums["loss"], grad_weight=aggregation_weight(self.loss_type, len(batch), n_tokens))
             self._n_updates += 1
 
         logger = self.logger
@@ -297,15 +280,9 @@ class GRPO(GroupRolloutAlgorithm):
             # KL(pi_old || ref) per response, as the method penalises it
             kls = [self._kl_of_response(s) for s in segments]
             logger.record("rollout/kl_mean", float(np.mean(kls)))
-        logger.record("train/policy_gradient_loss", float(np.mean(stats["pg"])))
-        logger.record("train/kl_ref", float(np.mean(stats["kl_ref"])))
-        logger.record("train/entropy_loss", float(np.mean(stats["ent"])))
-        logger.record("train/clip_fraction", float(np.mean(stats["clip"])))
-        logger.record("train/approx_kl", float(np.mean(stats["kl"])))
-        logger.record("train/loss", float(stats["loss"][-1]))
+        record_train_stats(self, stats)
         logger.record("train/beta", self.beta)
         logger.record("train/advantage_std", float(response_advantages.std()) if len(segments) > 1 else 0.0)
-        logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
     def _evaluate_micro(self, micro: list[TextSegment], with_ref: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log_prob, entropy)`` ``(B, Tmax)`` of the responses of one micro-batch under the

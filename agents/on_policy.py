@@ -8,6 +8,7 @@ copied once into the buffer's preallocated tensor, episode statistics kept as ar
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any
@@ -20,7 +21,8 @@ from agents.base import BaseAlgorithm
 from agents.buffers import RolloutBuffer
 from agents import distributed
 from agents.callbacks import BaseCallback
-from agents.guards import check_number, training_guard
+from agents.fast_kernels import clip_grad_norm
+from agents.guards import check_finite, check_number, training_guard
 from agents.preprocessing import as_tensor
 from agents.utils import safe_mean
 from agents.vec_env import VecEnvAdapter
@@ -140,6 +142,16 @@ class OnPolicyAlgorithm(BaseAlgorithm):
             else:
                 env_actions = np.clip(env_actions, self.action_space.low, self.action_space.high)
         return env_actions
+
+    def _clip_and_step(self, params: list[torch.Tensor], loss: torch.Tensor | float, grad_weight: float) -> None:
+        """The end of an update whose gradients are accumulated: average them over the
+        data-parallel ranks (each rank's weighted by ``grad_weight``, its share of the loss),
+        clip their norm to ``max_grad_norm`` (``inf``: no clipping) and step the optimizer,
+        unless the loss or a gradient is not finite (:func:`agents.guards.check_finite`)."""
+        distributed.allreduce_gradients(params, weight=grad_weight)
+        grad_norm = clip_grad_norm(params, self.max_grad_norm) if math.isfinite(self.max_grad_norm) else None
+        if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
+            self.policy.optimizer.step()
 
     def collect_rollouts(
         self, env: VecEnvAdapter, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int

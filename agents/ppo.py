@@ -108,7 +108,8 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
         actions, same hidden sizes for both networks, tanh or ReLU), compute the loss's
         gradients by hand (:mod:`agents.fast_mlp`, equal to autograd's up to rounding,
         several times faster for small networks); False: always autograd
-    Other parameters: see :class:`OnPolicyAlgorithm`.
+    Other parameters (``tensorboard_log``, ``verbose``, ``seed``, ``device``, ``n_envs``,
+    ``env_kwargs``, ``stats_window_size``): see :class:`OnPolicyAlgorithm`.
     """
 
     # the last text rollout is not state worth saving
@@ -141,15 +142,9 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
         adaptive_kl: bool = True,
         rlhf: RLHFConfig | dict | None = None,
         fused_update: bool = True,
-        stats_window_size: int = 100,
-        tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
-        verbose: int = 0,
-        seed: int | None = None,
-        device: torch.device | str = "cpu",
         _init_setup_model: bool = True,
-        n_envs: int = 1,
-        env_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         # the arguments left out (None): SB3's defaults, or the text ones with the LM policy
         text = names_lm_policy(policy)
@@ -184,15 +179,9 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
             sde_sample_freq=sde_sample_freq,
             rollout_buffer_class=rollout_buffer_class,
             rollout_buffer_kwargs=rollout_buffer_kwargs,
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
             policy_kwargs=policy_kwargs,
-            verbose=verbose,
-            seed=seed,
-            device=device,
             _init_setup_model=False,
-            n_envs=n_envs,
-            env_kwargs=env_kwargs,
+            **kwargs,
         )
         if n_steps is None:
             self.n_steps = text_rollout_steps(self.env) or TEXT_FALLBACK_N_STEPS

@@ -18,7 +18,6 @@ import torch
 from gymnasium import spaces
 
 from agents.callbacks import BaseCallback
-from agents.guards import check_finite
 from agents.losses import policy_gradient_loss, value_loss
 from agents.on_policy import OnPolicyAlgorithm
 from agents.preprocessing import as_tensor
@@ -51,7 +50,8 @@ class REINFORCE(OnPolicyAlgorithm):
     :param max_grad_norm: gradient-norm clip (None: no clipping)
     With several envs, the unfinished episodes at the end of a collection are kept and
     finished in the next one (their early steps come from the previous policy).
-    Other parameters: see :class:`OnPolicyAlgorithm`.
+    Other parameters (``tensorboard_log``, ``verbose``, ``seed``, ``device``, ``n_envs``,
+    ``env_kwargs``, ``stats_window_size``): see :class:`OnPolicyAlgorithm`.
     """
 
     def __init__(
@@ -66,15 +66,8 @@ class REINFORCE(OnPolicyAlgorithm):
         ent_coef: float = 0.0,
         vf_coef: float = 0.5,
         max_grad_norm: float | None = None,
-        stats_window_size: int = 100,
-        tensorboard_log: str | None = None,
-        policy_kwargs: dict[str, Any] | None = None,
-        verbose: int = 0,
-        seed: int | None = None,
-        device: torch.device | str = "cpu",
         _init_setup_model: bool = True,
-        n_envs: int = 1,
-        env_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ):
         from agents.distributed import launched_by_torchrun
 
@@ -95,15 +88,8 @@ class REINFORCE(OnPolicyAlgorithm):
             ent_coef=ent_coef,
             vf_coef=vf_coef,
             max_grad_norm=max_grad_norm if max_grad_norm is not None else float("inf"),
-            stats_window_size=stats_window_size,
-            tensorboard_log=tensorboard_log,
-            policy_kwargs=policy_kwargs,
-            verbose=verbose,
-            seed=seed,
-            device=device,
             _init_setup_model=False,
-            n_envs=n_envs,
-            env_kwargs=env_kwargs,
+            **kwargs,
         )
         self.n_episodes = n_episodes
         self.use_baseline = use_baseline
@@ -191,11 +177,7 @@ class REINFORCE(OnPolicyAlgorithm):
 
         self.policy.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = None
-        if np.isfinite(self.max_grad_norm):
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-        if check_finite(loss, grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
-            self.policy.optimizer.step()
+        self._clip_and_step(list(self.policy.parameters()), loss, grad_weight=len(advantages))
         self._n_updates += 1
 
         # keep the unfinished tails: rows after an env's last finished episode

@@ -12,7 +12,6 @@ import os
 import random
 import sys
 import zipfile
-from collections import deque
 from typing import TYPE_CHECKING, Any, Iterable
 
 import cloudpickle
@@ -33,7 +32,9 @@ SAVE_FORMAT_VERSION = 1
 class SaveLoadMixin:
     """``save``, ``load``, ``get_parameters``, ``set_parameters`` and ``save_pretrained`` of
     an agent. ``save`` pickles the instance's attributes except ``_excluded_save_params``
-    (the policy, the env, buffers, the logger: what is rebuilt or not worth keeping)."""
+    (the policy, the env, buffers, the logger: what is rebuilt or not worth keeping);
+    ``load`` rebuilds a model through the class's ``_clear_runtime_state`` and
+    ``_setup_model``."""
 
     _excluded_save_params: tuple[str, ...] = ()
 
@@ -167,13 +168,8 @@ class SaveLoadMixin:
         model.__dict__.update(data)
         model.__dict__.update(kwargs)
         model.device = device
-        model.env = None
-        model._logger = None
-        model._last_obs = None
-        model._last_episode_starts = None
+        model._clear_runtime_state()
         model._last_checkpoint = os.fspath(path)
-        model.ep_info_buffer = deque(maxlen=model._stats_window_size)
-        model.ep_success_buffer = deque(maxlen=model._stats_window_size)
         if env is not None:
             model.set_env(env, force_reset=True)  # takes the env's own space: the policy is built on its actor
         model._setup_model()

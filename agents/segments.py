@@ -107,6 +107,14 @@ def response_mask(segments: Sequence[TextSegment], device: torch.device | str = 
     return mask.to(device)
 
 
+@torch.no_grad()
+def add_masked_sums(sums: dict[str, float], mask: torch.Tensor, **values: torch.Tensor) -> None:
+    """``sums[name] += sum of values[name] over the real response tokens`` (``mask`` from
+    :func:`response_mask`; a ``(B, 1)`` value counts once per token of its response)."""
+    for name, value in values.items():
+        sums[name] += float((value.expand_as(mask) * mask).sum())
+
+
 def pad_field(segments: Sequence[TextSegment], name: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """Stack the per-token field ``name`` of each segment into ``(B, Tmax)``, zero-padded."""
     Tmax = max(len(s) for s in segments)

@@ -38,11 +38,18 @@ import numpy as np
 import torch
 
 from agents import distributed
-from agents.guards import check_finite
 from agents.kl_controller import get_env_kl_coef, make_kl_controller, set_env_kl_coef
 from agents.lm_forward import evaluate_kept, evaluate_tokens, kept_trunk_batch
 from agents.losses import approx_kl, clip_fraction, clipped_surrogate, token_gae, value_loss
-from agents.segments import TextSegment, micro_batches, pack_segments, pad_field, response_mask, split_minibatches
+from agents.segments import (
+    TextSegment,
+    add_masked_sums,
+    micro_batches,
+    pack_segments,
+    pad_field,
+    response_mask,
+    split_minibatches,
+)
 from agents.text_rollout import RolloutStats, collect_text_rollout, find_text_env
 
 
@@ -234,6 +241,28 @@ def record_rollout_stats(algo: Any, stats: RolloutStats, state: TextPPOState, kl
         logger.record("samples/responses", "\n\n---\n\n".join(lines), exclude="stdout")
 
 
+# per-token statistics of a text update (means over minibatches) -> their logged names
+TRAIN_STAT_TAGS = {
+    "pg": "train/policy_gradient_loss",
+    "v": "train/value_loss",
+    "kl_ref": "train/kl_ref",
+    "ent": "train/entropy_loss",
+    "clip": "train/clip_fraction",
+    "kl": "train/approx_kl",
+}
+
+
+def record_train_stats(algo: Any, stats: dict[str, list[float]]) -> None:
+    """The mean over minibatches of each per-token statistic of ``stats``
+    (:data:`TRAIN_STAT_TAGS`), the last minibatch's loss and the update count."""
+    logger = algo.logger
+    for key, tag in TRAIN_STAT_TAGS.items():
+        if key in stats:
+            logger.record(tag, float(np.mean(stats[key])))
+    logger.record("train/loss", float(stats["loss"][-1]))
+    logger.record("train/n_updates", algo._n_updates, exclude="tensorboard")
+
+
 def keep_trunk_states(env: Any) -> None:
     """Have the batched text env behind ``env`` keep the actor's frozen-trunk states from
     its next prefill on (for :func:`agents.lm_forward.evaluate_kept`); other envs: nothing."""
@@ -320,10 +349,7 @@ class TextPPOMixin:
                     if self.verbose >= 1:
                         print(f"Early stopping at step {epoch} due to reaching max kl: {mean_kl:.2f}")
                     break
-                distributed.allreduce_gradients(params, weight=n_tokens)  # data-parallel: token mean over all ranks
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                if check_finite(sums["loss"], grad_norm, self._n_updates, self.on_nonfinite, self._last_checkpoint):
-                    policy.optimizer.step()
+                self._clip_and_step(params, sums["loss"], grad_weight=n_tokens)  # data-parallel: token mean over all ranks
             self._n_updates += 1
             if not continue_training:
                 break
@@ -362,11 +388,8 @@ class TextPPOMixin:
             loss = (token_loss * mask).sum() / n_tokens
             loss.backward()
             with torch.no_grad():
-                sums["pg"] += float((pg_losses * mask).sum())
-                sums["v"] += float((v_losses * mask).sum())
-                sums["ent"] += float((entropy_losses * mask).sum())
-                sums["clip"] += float((clip_fraction(ratio, clip_range) * mask).sum())
-                sums["kl"] += float((approx_kl(log_ratio) * mask).sum())  # as SB3 logs it
+                add_masked_sums(sums, mask, pg=pg_losses, v=v_losses, ent=entropy_losses, clip=clip_fraction(ratio, clip_range),
+                                kl=approx_kl(log_ratio))  # approx_kl: as SB3 logs it
                 sums["loss"] += float(loss) * n_tokens
         return sums
 
@@ -378,14 +401,8 @@ class TextPPOMixin:
         values_all = torch.cat([s.old_values for s in segments])
         returns_all = torch.cat([s.returns for s in segments])
         logger = self.logger
-        logger.record("train/entropy_loss", float(np.mean(stats["ent"])))
-        logger.record("train/policy_gradient_loss", float(np.mean(stats["pg"])))
-        logger.record("train/value_loss", float(np.mean(stats["v"])))
-        logger.record("train/approx_kl", float(np.mean(stats["kl"])))
-        logger.record("train/clip_fraction", float(np.mean(stats["clip"])))
-        logger.record("train/loss", float(stats["loss"][-1]))
+        record_train_stats(self, stats)
         logger.record("train/explained_variance", explained_variance(values_all, returns_all))
-        logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:
             logger.record("train/clip_range_vf", clip_range_vf)
