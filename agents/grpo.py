@@ -31,9 +31,10 @@ Per iteration:
 
    When only the top ``k`` blocks train, the rollout kept the output of the frozen lower
    blocks for every token (:attr:`agents.segments.TextSegment.trunk_states`) and the
-   update runs only the top blocks, the norm and the head on it (exact up to float
-   rounding; the full forward whenever the lower weights changed, see
-   :mod:`envs.trunk_states`).
+   update runs only the top blocks, the norm and the head on it, a group's prompt once
+   (:func:`agents.lm_forward.evaluate_kept_shared`), the head on the real response
+   tokens only (exact up to float rounding; the full forward whenever the lower weights
+   changed, see :mod:`envs.trunk_states`).
 
 **The env's KL reward and per-token reference are switched off**: GRPO sets the env's
 ``kl_coef`` to 0 and ``reference_logprobs`` to False when it is built (the KL to the
@@ -51,7 +52,13 @@ import numpy as np
 import torch
 
 from agents.group_rollout import GroupRolloutAlgorithm
-from agents.lm_forward import evaluate_kept, evaluate_shared_context, evaluate_tokens, kept_trunk_batch
+from agents.lm_forward import (
+    evaluate_kept,
+    evaluate_kept_shared,
+    evaluate_shared_context,
+    evaluate_tokens,
+    kept_trunk_batch,
+)
 from agents.losses import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPES,
@@ -65,7 +72,13 @@ from agents.losses import (
     kl_to_reference,
     sequence_log_ratio,
 )
-from agents.reference_logprobs import fill_reference_logprobs, reference_logprobs, reference_top_logprobs, shared_trunk
+from agents.reference_logprobs import (
+    fill_reference_logprobs,
+    reference_logprobs,
+    reference_top_logprobs,
+    reference_top_logprobs_shared,
+    shared_trunk,
+)
 from agents.schedules import get_schedule_fn
 from agents.segments import (
     TextSegment,
@@ -296,11 +309,20 @@ class GRPO(GroupRolloutAlgorithm):
         kw = dict(temperature=core.temperature, top_k=core.top_k, with_entropy=True, entropy_grad=self.ent_coef != 0)
         ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
         kept = kept_trunk_batch(policy.actor, micro)
-        if kept is not None:
+        lengths = [len(s) for s in micro]
+        if kept is not None and shared_context(micro):
+            # kept frozen-trunk states of one group: only the top blocks run, the prompt once
+            kept_split = kept[2]
+            log_prob, entropy, _ = evaluate_kept_shared(policy.actor, micro, kept_split, targets, value_head=None, **kw)
+            if with_ref and split == kept_split:
+                reference_top_logprobs_shared(core, trunk, split, micro)
+            elif with_ref:
+                reference_logprobs(core, micro, device)
+        elif kept is not None:
             # the frozen trunk's output was kept by the rollout: only the top blocks run
             hidden, kept_mask, kept_split = kept
             log_prob, entropy, _ = evaluate_kept(
-                policy.actor, hidden, kept_mask, kept_split, positions, targets, value_head=None, **kw
+                policy.actor, hidden, kept_mask, kept_split, positions, targets, value_head=None, lengths=lengths, **kw
             )
             if with_ref and split == kept_split:
                 reference_top_logprobs(core, trunk, split, hidden, kept_mask, micro, positions, targets)
@@ -316,7 +338,8 @@ class GRPO(GroupRolloutAlgorithm):
                 reference_logprobs(core, micro, device)
             with contextlib.ExitStack() as stack:
                 captured = stack.enter_context(trunk.capture(split)) if split and with_ref else None
-                log_prob, entropy, _ = evaluate_tokens(policy.actor, ids, attn, positions, targets, value_head=None, **kw)
+                log_prob, entropy, _ = evaluate_tokens(policy.actor, ids, attn, positions, targets, value_head=None,
+                                                       lengths=lengths, **kw)
             if captured is not None:
                 if "hidden" not in captured:
                     raise RuntimeError("the actor's forward did not reach the captured block (no hidden state recorded)")

@@ -9,6 +9,7 @@ same numbers), in the env's distribution (same temperature, no top-k:
 * :func:`reference_top_logprobs`: when the reference's lower blocks equal the actor's frozen
   ones (``train_layers=k``, :func:`shared_trunk`), only its top blocks run, on the actor's
   hidden state at the split (kept by the rollout or captured in the update's forward);
+  :func:`reference_top_logprobs_shared` the same for a group, its prompt run once;
 * :func:`reference_logprobs`: otherwise one teacher-forced, gradient-free forward of the
   reference per micro-batch (the prompt once for a group of responses to it).
 
@@ -61,6 +62,22 @@ def reference_top_logprobs(
 
 
 @torch.no_grad()
+def reference_top_logprobs_shared(core: Any, trunk: Any, split: int, micro: Sequence[TextSegment]) -> None:
+    """:func:`reference_top_logprobs` for a group's responses to one prompt (their kept
+    trunk states, :func:`agents.segments.shared_context`): the prompt's top blocks run
+    once (:func:`agents.lm_forward.kept_shared_hidden`) and the head only on the real
+    response tokens."""
+    from agents.lm_forward import kept_shared_hidden
+
+    h = kept_shared_hidden(trunk.ref_parts, split, micro)
+    real = torch.arange(h.shape[1], device=h.device)[None] < torch.tensor([len(s) for s in micro], device=h.device)[:, None]
+    targets = torch.cat([s.response_ids for s in micro]).to(h.device)
+    logp = torch.gather(core.ref_log_probs(trunk.ref_parts["head"](h[real])), -1, targets[:, None]).squeeze(-1)
+    out = torch.zeros(real.shape, dtype=logp.dtype, device=h.device).masked_scatter(real, logp)
+    _store(micro, out)
+
+
+@torch.no_grad()
 def reference_logprobs(core: Any, micro: Sequence[TextSegment], device: torch.device) -> None:
     """``seg.ref_logprobs`` of every response token of one micro-batch, from one
     teacher-forced forward of the reference."""
@@ -91,7 +108,9 @@ def fill_reference_logprobs(
     for run in group_by_context(list(segments)):
         for micro in micro_batches(run, micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
             kept = kept_trunk_batch(policy.actor, micro)
-            if kept is not None and split and split == kept[2]:
+            if kept is not None and split and split == kept[2] and shared_context(micro):
+                reference_top_logprobs_shared(core, trunk, split, micro)
+            elif kept is not None and split and split == kept[2]:
                 _, _, positions, targets = pack_segments(micro, core.pad_id, device)
                 reference_top_logprobs(core, trunk, split, kept[0], kept[1], micro, positions, targets)
             else:

@@ -4,6 +4,7 @@ are never used, and GRPO groups are prefilled once per prompt with the same numb
 
 from __future__ import annotations
 
+import dataclasses
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -56,6 +57,7 @@ def test_grpo_kept_states_equal_the_full_forward_and_go_stale(tiny_lm_dir, tiny_
 
     calls = {"kept": 0, "full": 0}
     kept_fn, full_fn, shared_fn = grpo.evaluate_kept, grpo.evaluate_tokens, grpo.evaluate_shared_context
+    kept_shared_fn = grpo.evaluate_kept_shared
 
     def count(name, fn):
         def wrapped(model_, *a, **k):
@@ -66,6 +68,7 @@ def test_grpo_kept_states_equal_the_full_forward_and_go_stale(tiny_lm_dir, tiny_
 
     grpo.evaluate_kept, grpo.evaluate_tokens = count("kept", kept_fn), count("full", full_fn)
     grpo.evaluate_shared_context = count("full", shared_fn)  # a full forward too (prompt once)
+    grpo.evaluate_kept_shared = count("kept", kept_shared_fn)  # kept states, the group's prompt once
     try:
         model.train()
         assert calls["kept"] == 2 and calls["full"] == 0  # one micro-batch per prompt group
@@ -80,6 +83,7 @@ def test_grpo_kept_states_equal_the_full_forward_and_go_stale(tiny_lm_dir, tiny_
         assert kept_trunk_batch(model.policy.actor, model._segments) is not None
     finally:
         grpo.evaluate_kept, grpo.evaluate_tokens, grpo.evaluate_shared_context = kept_fn, full_fn, shared_fn
+        grpo.evaluate_kept_shared = kept_shared_fn
     # a lower block turned trainable: its gradient would be missing, so no kept states
     set_trainable(model.policy.actor, None)
     assert kept_trunk_batch(model.policy.actor, model._segments) is None
@@ -173,3 +177,66 @@ def test_update_of_the_top_blocks_refreshes_only_their_cache(tiny_lm_dir, tiny_p
         with torch.no_grad():
             actor = sampling_log_probs(text_env.actor(input_ids=torch.tensor([ids])).logits[0, -1], 0.8)
         assert info["logprob"][row] == pytest.approx(float(actor[14 + row]), abs=1e-5)
+
+
+def test_group_prompt_once_on_kept_states_equals_the_full_forward_with_gradients(tiny_lm_dir, tiny_prompts, length_reward):
+    """A GRPO group's responses on their kept trunk states with the prompt's top blocks run
+    once (and the head on the real tokens only) give the log-probs and entropies of the full
+    teacher-forced forward and the gradients of the padded batch on the same kept states
+    (which differ from the full forward's by the kept states' float rounding, ~0.2% here),
+    and the reference's log-probs of its own forward."""
+    from agents.lm_forward import evaluate_kept_shared
+    from agents.reference_logprobs import reference_logprobs, reference_top_logprobs_shared, shared_trunk
+    from agents.segments import group_by_context, shared_context
+
+    env = gym.make_vec("TextRLHF-v0", num_envs=8, model=str(tiny_lm_dir), reward_model=length_reward,
+                       prompts=tiny_prompts, max_new_tokens=6, temperature=0.7, shared_model=False)
+    model = GRPO("LMPolicy", env, group_size=4, learning_rate=1e-2, beta=0.1, seed=0, policy_kwargs={"train_layers": 1})
+    model.learn(1)
+    policy, core = model.policy, model.policy.core
+    groups = group_by_context(model._segments)
+    assert len(groups) == 2 and all(shared_context(g) for g in groups)
+
+    def prefix(seg, k):  # the first k tokens of a response (its kept states cut to match)
+        c = len(seg.context_ids)
+        return dataclasses.replace(seg, response_ids=seg.response_ids[:k], old_logprobs=seg.old_logprobs[:k],
+                                   rewards=seg.rewards[:k], old_values=seg.old_values[:k],
+                                   ref_logprobs=seg.ref_logprobs[:k], trunk_states=seg.trunk_states[: c + k - 1])
+
+    # responses of different lengths (one of a single token), so the padding is exercised
+    groups = [[prefix(s, max(1, len(s) - 2 * i)) for i, s in enumerate(g)] for g in groups]
+    assert all(min(len(s) for s in g) == 1 < max(len(s) for s in g) for g in groups)
+    params = [p for p in policy.actor.parameters() if p.requires_grad]
+    for group in groups:
+        ids, attn, positions, targets = pack_segments(group, core.pad_id)
+        mask = torch.zeros(targets.shape, dtype=torch.bool)
+        for i, s in enumerate(group):
+            mask[i, : len(s)] = True
+        kept = kept_trunk_batch(policy.actor, group)
+        kw = dict(temperature=core.temperature, top_k=core.top_k)
+        outputs, grads = {}, {}
+        for name in ("full", "kept", "shared"):
+            if name == "shared":
+                out = evaluate_kept_shared(policy.actor, group, kept[2], targets, **kw)
+                assert float(out[0].detach()[~mask].abs().sum()) == 0.0  # padding entries are 0
+            elif name == "kept":
+                out = evaluate_kept(policy.actor, *kept, positions, targets, **kw)
+            else:
+                out = evaluate_tokens(policy.actor, ids, attn, positions, targets, **kw)
+            (out[0][mask].sum() + out[1][mask].sum()).backward()
+            outputs[name] = [x.detach()[mask] for x in out[:2]]
+            grads[name] = [p.grad.clone() for p in params]
+            policy.actor.zero_grad()
+        for a, b in zip(outputs["full"], outputs["shared"]):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        for a, b in zip(grads["kept"], grads["shared"]):
+            torch.testing.assert_close(b, a, atol=1e-5 * float(a.abs().max()) + 1e-7, rtol=1e-4)
+        for a, b in zip(grads["full"], grads["shared"]):
+            assert float((b - a).norm()) <= 0.02 * float(a.norm())
+        trunk, split = shared_trunk(core, "auto")
+        assert split == kept_trunk_batch(policy.actor, group)[2]
+        reference_top_logprobs_shared(core, trunk, split, group)
+        fast_ref = [s.ref_logprobs for s in group]
+        reference_logprobs(core, group, "cpu")
+        for a, b in zip(fast_ref, [s.ref_logprobs for s in group]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
