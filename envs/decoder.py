@@ -1,15 +1,17 @@
-"""The parts of a Hugging Face causal LM that the env, the agents, SFT/DPO and the
-benchmarks reach for: its decoder blocks, its decoder trunk and head, and which of its
-weights train.
+"""The parts of a Hugging Face model that the env, the agents, SFT/DPO, the reward model
+and the benchmarks reach for: its transformer blocks, its decoder trunk and head, and which
+of its weights train.
 
 One place, so they cannot disagree on one model:
 
 * :func:`decoder_blocks`: the transformer blocks of any causal LM (the ``nn.ModuleList``
-  of ``config.num_hidden_layers`` modules);
+  of ``config.num_hidden_layers`` modules), or of an encoder;
 * :func:`trunk_and_head`: its decoder (``get_decoder()``) and its LM head;
 * :func:`decoder_parts`: the named parts of a Llama-like model whose logits are exactly
   ``lm_head(norm(h))`` (model types in :data:`SUPPORTED_MODEL_TYPES`), or why not: what the
   exact frozen-trunk shortcuts (:mod:`envs.reference`, :mod:`envs.trunk_states`) need;
+* :func:`encoder_parts`: the embeddings and blocks of a BERT-like encoder, or why not: what
+  the reward model's frozen lower trunk (``train_layers``) needs;
 * :func:`set_trainable`: train every weight, or only the last ``k`` blocks and the final
   norm (the embeddings and the often tied head stay frozen: on CPU they are the most
   expensive weights to train).
@@ -87,6 +89,22 @@ def decoder_parts(model: nn.Module) -> tuple[dict[str, Any] | None, str | None]:
         if getattr(config, attr, None) not in (None, 1, 1.0):
             return None, f"its logits are rescaled ({attr}={getattr(config, attr)})"
     return {"embed": embed, "layers": layers, "norm": norm, "head": head, "inner": inner}, None
+
+
+def encoder_parts(model: nn.Module) -> tuple[dict[str, Any] | None, str | None]:
+    """``({"embed", "layers"}, None)`` of a BERT-like encoder: its ``embeddings`` module and
+    its blocks (:func:`decoder_blocks`), which run as ``layer(hidden, mask)``; or
+    ``(None, reason)`` saying why it is not one (a causal LM, another layout)."""
+    model = base_model(model)
+    config = getattr(model, "config", None)
+    embed = getattr(model, "embeddings", None)
+    if getattr(config, "is_decoder", False) or not isinstance(embed, nn.Module):
+        return None, f"{type(model).__name__} is not a BERT-like encoder with .embeddings"
+    try:
+        layers = decoder_blocks(model)
+    except TypeError as err:
+        return None, str(err)
+    return {"embed": embed, "layers": layers}, None
 
 
 def set_trainable(model: nn.Module, train_layers: int | None) -> None:

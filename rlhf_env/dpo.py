@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from rlhf_env.agents import distributed
 from rlhf_env.agents.lora import ALL_LINEAR_TARGETS, apply_lora, merge_lora
 from rlhf_env.data import as_pairs
+from rlhf_env.envs.decoder import decoder_blocks
 from rlhf_env.envs.trunk_states import FrozenTrunk
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.sft import encode_example
@@ -279,7 +280,7 @@ def train_dpo(
     eval_data = _EncodedPairs(eval_pairs, tokenizer, cfg.max_length) if eval_pairs else None
 
     if cfg.lora_rank is not None:  # adapters only; in the last trainable_layers blocks when set
-        n_blocks = model.config.num_hidden_layers
+        n_blocks = len(decoder_blocks(model))
         top = None if cfg.trainable_layers is None else range(n_blocks - cfg.trainable_layers, n_blocks)
         apply_lora(model, r=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, layers=top)
     else:

@@ -222,18 +222,25 @@ class RewardModel(nn.Module):
             return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
 
     # ---- layer-wise forward (encoders): frozen lower layers computed once -----------
-    def encoder_layers(self) -> nn.ModuleList:
-        """The transformer blocks of a BERT-like encoder backbone (``backbone.encoder.layer``).
+    def encoder_parts(self) -> dict:
+        """``{"embed", "layers"}`` of a BERT-like encoder backbone
+        (:func:`envs.decoder.encoder_parts`).
 
         :raises ValueError: for a causal LM or an encoder without that layout
         """
-        layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
-        if self.kind != "encoder" or not isinstance(layers, nn.ModuleList) or not hasattr(self.backbone, "embeddings"):
+        from rlhf_env.envs.decoder import encoder_parts
+
+        parts, reason = encoder_parts(self.backbone) if self.kind == "encoder" else (None, "a causal LM")
+        if parts is None:
             raise ValueError(
-                "a frozen lower trunk (train_layers) needs a BERT-like encoder backbone with .embeddings and "
-                f".encoder.layer; this {self.kind} backbone is {type(self.backbone).__name__}: train all layers (train_layers=None)"
+                f"a frozen lower trunk (train_layers) needs a BERT-like encoder backbone; this {self.kind} backbone "
+                f"({type(self.backbone).__name__}) is not one ({reason}): train all layers (train_layers=None)"
             )
-        return layers
+        return parts
+
+    def encoder_layers(self) -> nn.ModuleList:
+        """The transformer blocks of a BERT-like encoder backbone (see :meth:`encoder_parts`)."""
+        return self.encoder_parts()["layers"]
 
     def _run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         from transformers.masking_utils import create_bidirectional_mask
@@ -246,7 +253,7 @@ class RewardModel(nn.Module):
     def hidden_after(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_layers: int) -> torch.Tensor:
         """Hidden states after the embeddings and the first ``n_layers`` blocks (encoders),
         shape ``(batch, length, hidden)``; :meth:`score_hidden` finishes the forward."""
-        hidden = self.backbone.embeddings(input_ids=input_ids)
+        hidden = self.encoder_parts()["embed"](input_ids=input_ids)
         return self._run_layers(hidden, attention_mask, 0, n_layers)
 
     def score_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:

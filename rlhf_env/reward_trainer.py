@@ -248,7 +248,8 @@ def train_reward_model(
         frozen = n_layers - cfg.train_layers
     frozen_params = []
     if frozen:
-        frozen_params = [p for p in rm.backbone.embeddings.parameters()] + [p for layer in rm.encoder_layers()[:frozen] for p in layer.parameters()]
+        parts = rm.encoder_parts()
+        frozen_params = [p for p in parts["embed"].parameters()] + [p for layer in parts["layers"][:frozen] for p in layer.parameters()]
         frozen_params = [p for p in frozen_params if p.requires_grad]
         for p in frozen_params:
             p.requires_grad_(False)

@@ -36,3 +36,16 @@ def test_the_decoder_helpers_agree_on_a_llama_and_a_gpt2(tiny_lm_dir):
         assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
     with pytest.raises(ValueError, match="train_layers must be in"):
         set_trainable(llama, 9)
+
+
+def test_encoder_parts_find_a_bert_trunk_and_refuse_a_causal_lm(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM, BertConfig, BertModel
+
+    from envs.decoder import decoder_blocks, encoder_parts
+
+    bert = BertModel(BertConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50))
+    parts, reason = encoder_parts(bert)
+    assert reason is None and parts["layers"] is bert.encoder.layer is decoder_blocks(bert) and parts["embed"] is bert.embeddings
+    llama = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir))
+    parts, reason = encoder_parts(llama)
+    assert parts is None and "not a BERT-like encoder" in reason
