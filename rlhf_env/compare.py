@@ -348,12 +348,14 @@ def plot_frontier(result: dict, path: str | os.PathLike) -> pathlib.Path:
             xs = [0.0] + [p["kl"] for p in m["checkpoints"]]
             ys = [ref[key]] + [p[key] for p in m["checkpoints"]]
             ax.plot(xs, ys, marker="o", label=name)
-        ax.axvline(max_kl, color="gray", linestyle="--", linewidth=1)
+        ax.axvline(max_kl, color="gray", linestyle="--", linewidth=1, label=f"KL bound ({max_kl:g} nats)")
         ax.set_xlabel("KL to the reference per response (nats)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].axhline(ref["tone"] + result["targets"]["min_tone_gain"], color="gray", linestyle=":", linewidth=1)
+    axes[1].axhline(ref["tone"] + result["targets"]["min_tone_gain"], color="gray", linestyle=":", linewidth=1,
+                    label=f"tone target (+{result['targets']['min_tone_gain']:g})")
     axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
     s = result["settings"]
     fig.suptitle(f"{s['model']}, {s['seconds']:.0f} CPU s of training per method, {s['eval_prompts']} held-out prompts x "
                  f"{s['eval_samples']}", fontsize=10)
