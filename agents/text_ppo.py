@@ -91,7 +91,7 @@ def names_lm_policy(policy: Any) -> bool:
     """Whether a ``policy`` argument (alias or class) names the language-model policy."""
     if isinstance(policy, str):
         return policy == "LMPolicy"
-    module = sys.modules.get("agents.policies.lm")
+    module = sys.modules.get(f"{__package__}.policies.lm")
     return module is not None and isinstance(policy, type) and issubclass(policy, module.LMActorCriticPolicy)
 
 
@@ -168,7 +168,7 @@ class RunningMeanStd:
 
 def is_lm_policy(policy: Any) -> bool:
     """Whether ``policy`` is the language-model actor-critic (then the text path applies)."""
-    module = sys.modules.get("agents.policies.lm")  # not imported: it cannot be one
+    module = sys.modules.get(f"{__package__}.policies.lm")  # not imported: it cannot be one
     return module is not None and isinstance(policy, module.LMActorCriticPolicy)
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import importlib
 
-# public name -> module that defines it; imported on first attribute access (torch is slow to import)
+# public name -> module (relative to this package) that defines it; imported on first attribute access (torch is slow to import)
 _LAZY = {
-    "TextRLHFEnv": "envs.text_env",
-    "TextRLHFVectorEnv": "envs.text_vec_env",
-    "SB3VecEnv": "envs.wrappers",
-    "encode_prompt": "envs.prompt",
-    "TEMPLATE_DEFAULT": "envs.prompt",
-    "RewardFunctionError": "envs.reward_funcs",
+    "TextRLHFEnv": ".text_env",
+    "TextRLHFVectorEnv": ".text_vec_env",
+    "SB3VecEnv": ".wrappers",
+    "encode_prompt": ".prompt",
+    "TEMPLATE_DEFAULT": ".prompt",
+    "RewardFunctionError": ".reward_funcs",
 }
 
 __all__ = list(_LAZY)
@@ -25,5 +25,5 @@ __all__ = list(_LAZY)
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'envs' has no attribute {name!r}")

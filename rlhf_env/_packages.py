@@ -4,26 +4,29 @@ under names that a user's own ``agents.py`` or ``envs.py`` cannot shadow.
 The short names ``agents`` and ``envs`` stay (the repository's layout), but they are generic:
 a file ``agents.py`` next to a user's script comes first on ``sys.path``, so
 ``from agents import PPO`` would import it instead. ``rlhf_env.agents`` always reaches the
-package shipped beside ``rlhf_env``:
+package shipped beside ``rlhf_env``, by one of two standard import hooks:
 
 * normally (the top-level name resolves to the shipped package) ``rlhf_env.agents`` IS
-  ``agents``: the same module objects, so classes, registries and pickles are shared, and
-  ``rlhf_env.agents.X`` is ``agents.X`` (a finder maps the submodules, no second copy);
+  ``agents``: the same module objects, so classes, registries and pickles are shared; a
+  meta-path finder makes ``rlhf_env.agents.X`` the already imported (or now imported)
+  ``agents.X``, never a second copy;
 * when a user's module holds the name, the shipped package is loaded from its folder under
-  the private name ``rlhf_env.agents``, its own absolute imports (``from agents.base
-  import ...``, ``from envs.spaces import ...``) rewritten to the private names as the
-  source is compiled (never cached to ``__pycache__``), so the user's module keeps the
-  short name and both work side by side.
+  the private name ``rlhf_env.agents``, its source and bytecode unchanged: its modules get
+  their own ``__builtins__`` whose ``__import__`` (the function every ``import`` statement
+  calls) maps absolute imports of a shadowed short name (``from agents.base import ...``,
+  ``import envs.spaces``) to the private name. The user's module keeps the short name, and
+  both work side by side. (Imports by string inside the packages are relative to their
+  ``__name__``/``__package__``, so they need no mapping.)
 """
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
-import re
 import sys
 from types import ModuleType
 
@@ -51,21 +54,26 @@ def _is_shipped(short: str) -> bool:
     return origin is not None and os.path.realpath(origin) == os.path.realpath(expected)
 
 
-def _rewrite(source: str) -> str:
-    """Absolute imports of the shadowed short names -> the private names."""
-    for short in _SHADOWED:
-        source = re.sub(rf"(^|[\s;(])(from|import)(\s+){short}(?=[\s.])", rf"\1\2\3rlhf_env.{short}", source, flags=re.M)
-        source = re.sub(rf"([\"']){short}\.", rf"\1rlhf_env.{short}.", source)  # "agents.policies.lm" strings
-    return source
+def _private_import(name, globals=None, locals=None, fromlist=(), level=0):
+    """``__import__`` of the privately loaded packages: ``agents[.X]`` -> ``rlhf_env.agents[.X]``
+    for a shadowed short name; everything else as usual."""
+    short = name.partition(".")[0]
+    if level == 0 and short in _SHADOWED:
+        module = builtins.__import__("rlhf_env." + name, globals, locals, fromlist, 0)
+        # `import agents.x` binds the name `agents`: the private top package, not `rlhf_env`
+        return module if fromlist else sys.modules["rlhf_env." + short]
+    return builtins.__import__(name, globals, locals, fromlist, level)
+
+
+_PRIVATE_BUILTINS = dict(vars(builtins), __import__=_private_import)
 
 
 class _PrivateLoader(importlib.machinery.SourceFileLoader):
-    """Compiles the shipped source with :func:`_rewrite` applied; no bytecode cache (the
-    rewritten code must never be what a plain ``import agents`` reads back)."""
+    """Runs a shipped module under its private name with :data:`_PRIVATE_BUILTINS`."""
 
-    def get_code(self, fullname: str):
-        source = self.get_data(self.path).decode("utf-8")
-        return compile(_rewrite(source), self.path, "exec", dont_inherit=True)
+    def exec_module(self, module: ModuleType) -> None:
+        module.__builtins__ = _PRIVATE_BUILTINS
+        super().exec_module(module)
 
 
 class _Existing(importlib.abc.Loader):
@@ -81,6 +89,18 @@ class _Existing(importlib.abc.Loader):
         pass
 
 
+def _private_spec(fullname: str, short: str, rest: list[str]):
+    """The spec of the shipped file behind ``rlhf_env.<short>.<rest>``, loaded privately."""
+    base = os.path.join(_shipped_dir(short), *rest)
+    if os.path.isfile(os.path.join(base, "__init__.py")):
+        init = os.path.join(base, "__init__.py")
+        return importlib.util.spec_from_file_location(
+            fullname, init, loader=_PrivateLoader(fullname, init), submodule_search_locations=[base])
+    if os.path.isfile(base + ".py"):
+        return importlib.util.spec_from_file_location(fullname, base + ".py", loader=_PrivateLoader(fullname, base + ".py"))
+    return None
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     """``rlhf_env.<short>.X``: ``<short>.X`` itself, or (shadowed) the shipped file loaded privately."""
 
@@ -92,14 +112,7 @@ class _Finder(importlib.abc.MetaPathFinder):
             if short not in _SHADOWED:
                 module = importlib.import_module(short + fullname[len(prefix) - 1 :])
                 return importlib.util.spec_from_loader(fullname, _Existing(module))
-            base = os.path.join(_shipped_dir(short), *fullname[len(prefix) :].split("."))
-            if os.path.isdir(base) and os.path.isfile(os.path.join(base, "__init__.py")):
-                init = os.path.join(base, "__init__.py")
-                return importlib.util.spec_from_file_location(
-                    fullname, init, loader=_PrivateLoader(fullname, init), submodule_search_locations=[base])
-            if os.path.isfile(base + ".py"):
-                return importlib.util.spec_from_file_location(fullname, base + ".py", loader=_PrivateLoader(fullname, base + ".py"))
-            return None
+            return _private_spec(fullname, short, fullname[len(prefix) :].split("."))
         return None
 
 
@@ -116,9 +129,7 @@ def alias(name: str, short: str) -> ModuleType:
     if short not in _SHADOWED:
         module = importlib.import_module(short)
     else:
-        init = os.path.join(_shipped_dir(short), "__init__.py")
-        spec = importlib.util.spec_from_file_location(
-            name, init, loader=_PrivateLoader(name, init), submodule_search_locations=[_shipped_dir(short)])
+        spec = _private_spec(name, short, [])
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         try:

@@ -13,14 +13,14 @@ from typing import Any
 from agents.policies.base import BasePolicy
 from agents.policies.mlp import ActorCriticPolicy, MlpExtractor, MultiInputActorCriticPolicy
 
-# alias -> "module:attribute", resolved on demand
+# alias -> "module:attribute" (module relative to this package), resolved on demand
 POLICY_ALIASES: dict[str, str] = {
-    "MlpPolicy": "agents.policies.mlp:ActorCriticPolicy",
-    "MultiInputPolicy": "agents.policies.mlp:MultiInputActorCriticPolicy",
-    "LMPolicy": "agents.policies.lm:LMActorCriticPolicy",
+    "MlpPolicy": ".mlp:ActorCriticPolicy",
+    "MultiInputPolicy": ".mlp:MultiInputActorCriticPolicy",
+    "LMPolicy": ".lm:LMActorCriticPolicy",
 }
 
-_LAZY = {"LMActorCriticPolicy": "agents.policies.lm"}
+_LAZY = {"LMActorCriticPolicy": ".lm"}
 
 __all__ = [
     "BasePolicy",
@@ -42,7 +42,7 @@ def get_policy_class(policy: str | type[BasePolicy]) -> type[BasePolicy]:
         if policy not in POLICY_ALIASES:
             raise ValueError(f"unknown policy {policy!r}: use one of {sorted(POLICY_ALIASES)} or a policy class.")
         module_name, attr = POLICY_ALIASES[policy].split(":")
-        return getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name, __name__), attr)
     if isinstance(policy, type) and issubclass(policy, BasePolicy):
         return policy
     if isinstance(policy, type) and hasattr(policy, "evaluate_actions"):
@@ -52,5 +52,5 @@ def get_policy_class(policy: str | type[BasePolicy]) -> type[BasePolicy]:
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'agents.policies' has no attribute {name!r}")
