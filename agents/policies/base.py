@@ -158,4 +158,11 @@ class BasePolicy(nn.Module):
         return actions, state
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        return dict(observation_space=self.observation_space, action_space=self.action_space)
+        """The arguments that rebuild this policy (SB3's); subclasses add their own."""
+        return dict(
+            observation_space=self.observation_space,
+            action_space=self.action_space,
+            lr_schedule=self.lr_schedule,
+            optimizer_class=self.optimizer_class,
+            optimizer_kwargs=self.optimizer_kwargs,
+        )

@@ -243,13 +243,4 @@ class LMActorCriticPolicy(BasePolicy):
             raise ValueError(f"checkpoint does not fit this policy: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        return dict(
-            observation_space=self.observation_space,
-            action_space=self.action_space,
-            lr_schedule=self.lr_schedule,
-            train_layers=self.train_layers,
-            lora=self.lora,
-            detach_value=self.detach_value,
-            optimizer_class=self.optimizer_class,
-            optimizer_kwargs=self.optimizer_kwargs,
-        )
+        return dict(super()._get_constructor_parameters(), train_layers=self.train_layers, lora=self.lora, detach_value=self.detach_value)

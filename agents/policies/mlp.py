@@ -99,20 +99,17 @@ class MlpExtractor(nn.Module):
         return self.policy_net(features), self.value_net(features)
 
     def forward_actor(self, features: torch.Tensor) -> torch.Tensor:
-        if self.stacked:
-            h = features
-            for w, b in self._layers:
-                h = self._activation(torch.addmm(b[0], h, w[0]))
-            return h
-        return self.policy_net(features)
+        return self._forward_stacked(features, 0) if self.stacked else self.policy_net(features)
 
     def forward_critic(self, features: torch.Tensor) -> torch.Tensor:
-        if self.stacked:
-            h = features
-            for w, b in self._layers:
-                h = self._activation(torch.addmm(b[1], h, w[1]))
-            return h
-        return self.value_net(features)
+        return self._forward_stacked(features, 1) if self.stacked else self.value_net(features)
+
+    def _forward_stacked(self, features: torch.Tensor, net: int) -> torch.Tensor:
+        """One of the stacked networks on its own (0: actor, 1: critic)."""
+        h = features
+        for w, b in self._layers:
+            h = self._activation(torch.addmm(b[net], h, w[net]))
+        return h
 
 
 class ActorCriticPolicy(BasePolicy):
@@ -264,16 +261,8 @@ class ActorCriticPolicy(BasePolicy):
         return self.value_net(self.mlp_extractor.forward_critic(self.extract_features(obs)))
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.update(
-            net_arch=self.net_arch,
-            activation_fn=self.activation_fn,
-            ortho_init=self.ortho_init,
-            log_std_init=self.log_std_init,
-            optimizer_class=self.optimizer_class,
-            optimizer_kwargs=self.optimizer_kwargs,
-        )
-        return data
+        return dict(super()._get_constructor_parameters(), net_arch=self.net_arch, activation_fn=self.activation_fn,
+                    ortho_init=self.ortho_init, log_std_init=self.log_std_init)
 
 
 MultiInputActorCriticPolicy = ActorCriticPolicy
