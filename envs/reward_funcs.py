@@ -133,11 +133,29 @@ class RewardFunctions:
         self.columns = list(columns)
         for f, name in zip(self.funcs, self.names):
             self._check_signature(f, name)
+        if reward_model is not None:
+            self._check_model_signature(reward_model)
 
     @property
     def info_keys(self) -> list[str]:
         """The ``info`` keys of the per-function values (``rewards/{name}``)."""
         return [f"rewards/{name}" for name in self.names]
+
+    @staticmethod
+    def _check_model_signature(model: Callable) -> None:
+        try:
+            sig = inspect.signature(model)
+        except (TypeError, ValueError):  # builtins without a signature: checked by the call
+            return
+        try:
+            sig.bind([], [])
+        except TypeError as err:
+            name = function_name(model)
+            raise RewardFunctionError(
+                f"reward_model {name!r} cannot be called as {name}(prompts, responses): {err}; write it as "
+                f"def {name}(prompts, responses): return [one score per response] (both lists: it is called once per "
+                "batch), or pass TRL-style functions f(prompts, completions, **kwargs) as reward_funcs=[...]"
+            ) from None
 
     def _check_signature(self, f: Callable, name: str) -> None:
         try:
@@ -213,7 +231,8 @@ class RewardFunctions:
         if isinstance(out, torch.Tensor):
             out = out.detach().float().cpu().numpy()
         if isinstance(out, np.ndarray) and out.ndim == 0 or isinstance(out, (numbers.Number, np.number, str, bytes)):
-            raise RewardFunctionError(f"{who} returned a single {type(out).__name__} ({out!r}), not {expected}")
+            raise RewardFunctionError(f"{who} returned a single {type(out).__name__} ({out!r}), not {expected}; "
+                                      "it is called once per batch, with lists of prompts and responses")
         try:
             items = list(np.asarray(out).reshape(-1)) if isinstance(out, np.ndarray) else list(out)
         except TypeError:

@@ -81,6 +81,7 @@ def make_text_env(**kwargs: Any):
     the entry point of ``gym.make("TextRLHF-v0")``."""
     from rlhf_env.envs.text_env import TextRLHFEnv
 
+    check_keywords(TextRLHFEnv, kwargs)
     return TextRLHFEnv(**resolve_text_env_kwargs(**kwargs))
 
 
@@ -91,7 +92,53 @@ def make_text_vec_env(num_envs: int = 1, **kwargs: Any):
 
     if int(num_envs) < 1:  # before any model is loaded
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    check_keywords(TextRLHFVectorEnv, kwargs)
     return TextRLHFVectorEnv(num_envs=num_envs, **resolve_text_env_kwargs(**kwargs))
+
+
+def check_keywords(env_class: type, kwargs: dict[str, Any]) -> None:
+    """A ``TypeError`` naming an unknown keyword (and the closest known one) before any model
+    is loaded, instead of the env class's own error after the load."""
+    import difflib
+    import inspect
+
+    known = set(inspect.signature(resolve_text_env_kwargs).parameters) | set(inspect.signature(env_class).parameters)
+    known -= {"self", "env_kwargs", "lm_spec"}
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{env_class.__name__} got an unexpected keyword argument {key!r}{hint} "
+                            f"(its arguments: {', '.join(sorted(known))})")
+
+
+def _a_reward_model(prompts: Any, responses: Any) -> None:
+    """A placeholder ``(prompts, responses)`` scorer (see :func:`_check_reward`)."""
+
+
+def _check_reward(reward_model: Any, reward_funcs: Any, reward_weights: Any, dataset: Any) -> None:
+    """The reward's checks of :class:`envs.reward_funcs.RewardFunctions` (signatures, weights,
+    a missing reward) and an unknown reward name, run before the slow model load (a trained
+    reward model itself is loaded after it): the env repeats them on its rows."""
+    from rlhf_env.envs.reward_funcs import RewardFunctions
+    from rlhf_env.envs.rows import column_names
+    from rlhf_env.rewards import REWARD_NAMES, resolve_reward
+
+    if reward_model is not None and not callable(reward_model):
+        named = isinstance(reward_model, str) and reward_model.lower() in REWARD_NAMES
+        if not named and not (isinstance(reward_model, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(reward_model))):
+            resolve_reward(reward_model)  # raises, naming the valid choices
+        reward_model = _a_reward_model  # stands in for the named model in the signature checks
+
+    if dataset is None:
+        columns: list[str] = []
+    elif isinstance(getattr(dataset, "column_names", None), list):
+        columns = [c for c in dataset.column_names if c != "prompt"]
+    elif isinstance(dataset, list) and all(isinstance(row, dict) for row in dataset):
+        columns = column_names(dataset)
+    else:
+        return  # the env reports what is wrong with the rows
+    RewardFunctions(reward_funcs, reward_weights, reward_model, columns)
 
 
 def resolve_text_env_kwargs(
@@ -133,6 +180,7 @@ def resolve_text_env_kwargs(
         prompts = load_prompts(prompts)
     if reward_funcs is not None and isinstance(reward_model, IdDefault):
         reward_model = None  # the reward functions replace the id's default reward model
+    _check_reward(reward_model, reward_funcs, env_kwargs.get("reward_weights"), dataset)
     lm_spec = None
     if not isinstance(model, torch.nn.Module):
         lm_spec = {"model": str(model), "dtype": _dtype_name(dtype), "loader": "rlhf_env.registration:load_spec_model"}

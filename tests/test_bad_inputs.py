@@ -101,7 +101,17 @@ ENV_CASES = {
     "reward_weights count": (dict(reward_funcs=[lambda prompts, completions, **kw: [0.0]], reward_weights=[1.0, 2.0]), ValueError,
                              "got 2 reward_weights for 1 reward_funcs"),
     "reward_funcs not callable": (dict(reward_funcs=["correct"]), TypeError, r"reward_funcs\[0\] is a str, not a callable"),
+    "reward_model one argument": (dict(reward_model=lambda responses: [0.0]), ValueError,
+                                  r"reward_model '<lambda>' cannot be called as <lambda>\(prompts, responses\): .*write it as"),
+    "reward_model TRL-style": (dict(reward_model=lambda completions, **kw: [0.0]), ValueError,
+                               r"cannot be called as <lambda>\(prompts, responses\).* as reward_funcs=\[...\]"),
+    "unknown keyword": (dict(max_tokens=12), TypeError, r"unexpected keyword argument 'max_tokens'; did you mean 'max_new_tokens'\?"),
 }
+
+# refused before any model is loaded (so at once, not after the load)
+EARLY_CASES = ["prompts a sentence", "dataset and prompts", "reward function signature", "reward function column",
+               "reward_weights count", "reward_funcs not callable", "reward_model one argument", "reward_model TRL-style",
+               "unknown keyword", "reward wrong type", "reward folder missing", "prompt file missing", "kl_coef negative"]
 
 
 @pytest.mark.parametrize("case", list(ENV_CASES))
@@ -110,6 +120,22 @@ def test_env_constructor_refuses(case, files):
     kwargs = {k: v.format(d=files) if isinstance(v, str) else v for k, v in kwargs.items()}
     env_id = "TextRLHF-v0" if "model" in kwargs else "TextRLHF-tiny-v0"  # a bad model: no need to load the default
     _raises(lambda: gym.make(env_id, **kwargs), exc, match)
+
+
+@pytest.mark.parametrize("case", EARLY_CASES)
+@pytest.mark.parametrize("vector", [False, True])
+def test_env_constructor_refuses_before_loading_a_model(case, vector, files, monkeypatch):
+    import rlhf_env.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(rlhf_env.models, "load_lm", no_load)
+    kwargs, exc, match = ENV_CASES[case]
+    kwargs = {k: v.format(d=files) if isinstance(v, str) else v for k, v in kwargs.items()}
+    make = (lambda: gym.make_vec("TextRLHF-tiny-v0", num_envs=2, shared_model=False, **kwargs)) if vector else (
+        lambda: gym.make("TextRLHF-tiny-v0", shared_model=False, **kwargs))
+    _raises(make, exc, match)
 
 
 def _raises_key(prompts, completions, **kwargs):
@@ -132,6 +158,32 @@ def test_reward_function_mistakes_are_one_line_naming_the_function(case):
 
     func, match = REWARD_RESULT_CASES[case]
     env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=1, reward_funcs=func)
+    env.reset(seed=0)
+    err = _raises(lambda: env.step(np.array([5, 6])), RewardFunctionError, match)
+    assert "\n" not in str(err)
+
+
+def _model_raises(prompts, responses):
+    return [len(r) / 0 for r in responses]
+
+
+REWARD_MODEL_RESULT_CASES = {
+    "raises": (_model_raises, r"^the reward model raised ZeroDivisionError: division by zero \(at test_bad_inputs.py:\d+\)$"),
+    "returns None": (lambda prompts, responses: None, r"^the reward model returned None, not a list of 2 scores"),
+    "returns a scalar": (lambda prompts, responses: 1.0, r"returned a single float \(1.0\), not a list of 2 scores .*called once per batch"),
+    "wrong count": (lambda prompts, responses: [1.0], r"returned 1 scores for 2 completions"),
+    "NaN": (lambda prompts, responses: [float("nan")] * len(responses), r"returned nan for completion 0 \(prompt '.*'\): scores must be finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(REWARD_MODEL_RESULT_CASES))
+def test_reward_model_mistakes_are_one_line(case):
+    """The (prompts, responses) reward model: its mistakes are named at the first finished
+    response (a NaN score as the reward's fault, not the learning rate's)."""
+    from envs import RewardFunctionError
+
+    func, match = REWARD_MODEL_RESULT_CASES[case]
+    env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=1, reward_model=func)
     env.reset(seed=0)
     err = _raises(lambda: env.step(np.array([5, 6])), RewardFunctionError, match)
     assert "\n" not in str(err)
