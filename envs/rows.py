@@ -23,6 +23,15 @@ from envs.prompt import check_messages
 RESERVED = ("prompts", "completions", "completion_ids")
 
 
+def check_row(row: Any, where: str) -> None:
+    """Raise a ``ValueError`` that names ``where`` unless ``row`` is a dict with a ``"prompt"``."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where} is a {type(row).__name__}, not a dict with a \"prompt\" key: {str(row)[:80]!r}")
+    if "prompt" not in row:
+        keys = ", ".join(map(str, row)) or "none"
+        raise ValueError(f"{where} has no \"prompt\" key (its keys: {keys}); every row needs a \"prompt\"")
+
+
 def as_rows(dataset: Any, where: str = "dataset") -> list[dict[str, Any]]:
     """The rows of ``dataset`` as a list of dicts, each checked to hold a usable ``"prompt"``.
 
@@ -48,11 +57,7 @@ def as_rows(dataset: Any, where: str = "dataset") -> list[dict[str, Any]]:
         raise ValueError(f"{where} is empty: give at least one row with a \"prompt\"")
     out = []
     for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise ValueError(f"{where}[{i}] is a {type(row).__name__}, not a dict with a \"prompt\" key: {str(row)[:80]!r}")
-        if "prompt" not in row:
-            keys = ", ".join(map(str, row)) or "none"
-            raise ValueError(f"{where}[{i}] has no \"prompt\" key (its keys: {keys}); every row needs a \"prompt\"")
+        check_row(row, f"{where}[{i}]")
         check_messages(row["prompt"], f'{where}[{i}]["prompt"]')
         clash = [k for k in row if k in RESERVED]
         if clash:

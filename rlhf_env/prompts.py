@@ -8,6 +8,7 @@ import pathlib
 from typing import Any, Sequence, Union
 
 from rlhf_env.data import iter_jsonl
+from rlhf_env.envs.rows import check_row
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 SPLITS = ("train", "test")
@@ -115,11 +116,7 @@ def load_rows(source: Any) -> Any:
         raise ValueError(f"dataset file {path}: unknown type {path.suffix!r}; use .jsonl (one JSON object per line)")
     rows = []
     for where, record in iter_jsonl(path):
-        if not isinstance(record, dict):
-            raise ValueError(f'{where}: expected a JSON object with a "prompt" key, got {json.dumps(record)[:80]}')
-        if "prompt" not in record:
-            keys = ", ".join(record) or "none"
-            raise ValueError(f'{where}: the row has no "prompt" key (its keys: {keys}); every row needs a "prompt"')
+        check_row(record, f"{where}: the row")
         rows.append(record)
     if not rows:
         raise ValueError(f"dataset file {path} holds no rows: give at least one line with a \"prompt\"")
