@@ -65,7 +65,7 @@ def test_task_demo_writes_summary_policy_and_curve(tmp_path):
     assert saved["iterations"] == 2 == len(saved["history"])
     for key in ("accuracy_before", "accuracy_after"):
         assert set(saved[key]) == {"greedy", "sampled", "pass@2"}
-    assert saved["seconds"] > 0 and summary["task"] == "chain_sum"
+    assert saved["seconds"] > 0 and saved["cpu_seconds"] > 0 and summary["task"] == "chain_sum"
     assert (tmp_path / "demo" / "curve.png").stat().st_size > 0
     policy = tmp_path / "demo" / "policy"
     assert AutoModelForCausalLM.from_pretrained(policy) is not None
