@@ -188,6 +188,11 @@ class Contexts:
         for row, ids in zip(rows, prompts):
             self.ids[row] = list(ids)
             self.prompt_len[row] = len(ids)
+        if sorted(rows) == list(range(self.n)):
+            # every context restarts (a GRPO group reset): drop the old caches instead of
+            # first bringing them up to date with the actor's new weights
+            self.actor.clear()
+            self.ref.clear()
         actor_done, ref_done = self._refresh()  # a rebuild already covers the new prompts
         self._prefill_rows(rows, actor=not actor_done, ref=not ref_done)
 

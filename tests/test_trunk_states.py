@@ -240,3 +240,19 @@ def test_group_prompt_once_on_kept_states_equals_the_full_forward_with_gradients
         reference_logprobs(core, group, "cpu")
         for a, b in zip(fast_ref, [s.ref_logprobs for s in group]):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_group_reset_after_an_update_does_not_refresh_the_old_contexts(tiny_lm_dir, tiny_prompts, length_reward):
+    # every context restarts at a group reset: the caches of the finished responses are
+    # dropped, not first recomputed for the updated top blocks
+    env = gym.make_vec("TextRLHF-v0", num_envs=4, model=str(tiny_lm_dir), reward_model=length_reward,
+                       prompts=tiny_prompts, max_new_tokens=4, shared_model=False)
+    model = GRPO("LMPolicy", env, group_size=2, learning_rate=1e-2, beta=0.0, seed=0, policy_kwargs={"train_layers": 1})
+    model.learn(1)
+    contexts = env.unwrapped.contexts
+    calls = []
+    refresh_top = contexts._refresh_top
+    contexts._refresh_top = lambda: calls.append(1) or refresh_top()
+    model.learn(1, reset_num_timesteps=False)
+    assert calls == []
+    assert kept_trunk_batch(model.policy.actor, model._segments) is not None
