@@ -125,6 +125,19 @@ def rank_seed(seed: int | None, stride: int = 1) -> int | None:
     return None if seed is None else int(seed) + rank() * int(stride)
 
 
+def _by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by dtype: one flat collective per group rather than one per tensor."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
+
+
+def _split_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of the 1-D ``flat`` shaped as the tensors of ``like``, in order."""
+    return [chunk.view_as(t) for chunk, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+
+
 @torch.no_grad()
 def broadcast_parameters(module_or_params: torch.nn.Module | Iterable[torch.Tensor], src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (in place)."""
@@ -137,18 +150,11 @@ def broadcast_parameters(module_or_params: torch.nn.Module | Iterable[torch.Tens
     tensors = [t for t in tensors if t.numel() > 0]
     if not tensors:
         return
-    # one flat broadcast per dtype rather than one per tensor
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
+    for group in _by_dtype(tensors):
         flat = torch.cat([t.detach().reshape(-1) for t in group])
         dist.broadcast(flat, src=src)
-        offset = 0
-        for t in group:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
+        for t, chunk in zip(group, _split_like(flat, group)):
+            t.copy_(chunk)
 
 
 @torch.no_grad()
@@ -168,10 +174,7 @@ def allreduce_gradients(params: Iterable[torch.Tensor], weight: float | None = N
     params = [p for p in params if p.requires_grad]
     if not params:
         return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.dtype, []).append(p)
-    for group in by_dtype.values():
+    for group in _by_dtype(params):
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
         if weight is None:
             flat = torch.cat(grads)
@@ -187,15 +190,11 @@ def allreduce_gradients(params: Iterable[torch.Tensor], weight: float | None = N
             flat = flat[:-1]
             if float(total) > 0:
                 flat.div_(total)
-        offset = 0
-        for p in group:
-            n = p.numel()
-            chunk = flat[offset : offset + n].view_as(p)
+        for p, chunk in zip(group, _split_like(flat, group)):
             if p.grad is None:
                 p.grad = chunk.clone()
             else:
                 p.grad.copy_(chunk)
-            offset += n
 
 
 def allreduce_mean(value: float | torch.Tensor) -> float:
