@@ -20,10 +20,16 @@ the other, and both are scored by the same held-out evaluation
   (TRL's default) and ``gradient_checkpointing=False`` (TRL 1.16 turns it on by default; on
   a CPU with memory to spare it only recomputes forwards, so it is off to TRL's benefit).
 
-Each trainer runs until ``--budget`` CPU seconds of this process have passed (checked after
-every step: ``time.process_time``, so a shared machine does not shorten either). Printed:
-steps done, CPU seconds per step, held-out accuracy at the budget, and the ratios
-(ours / TRL). The thread count is set by ``--threads`` (default 1).
+One step is the same work for both: one generation of ``rows x group`` completions, their
+rewards and one optimizer step (ours: one group rollout and one update of
+:func:`rlhf_env.tasks.train.train_task`; TRL: one ``global_step``). Each trainer runs until
+``--budget`` CPU seconds of this process have passed (checked after every step:
+``time.process_time``, so a shared machine does not shorten either). Printed: steps done,
+CPU seconds per step split into generation (ours: the rollout, reward included; TRL:
+``_generate_and_score_completions``) and update (the rest: forward, backward, optimizer,
+and for ours the reference's log-probs that log the KL), steps per CPU second and their
+ratio (ours / TRL), held-out accuracy at the budget, the thread count (``--threads``,
+default 1) and the machine's load average before and after.
 
     python -m benchmarks.rlvr --budget 240 --threads 1
     python -m benchmarks.rlvr --quick   # the tiny model, seconds (checks the wiring only)
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -47,15 +54,48 @@ def _evaluate(policy, task, cfg, label: str) -> dict:
     return report
 
 
+class _CpuTimer:
+    """CPU seconds spent inside one method of a class, while installed (``with``)."""
+
+    def __init__(self, owner: type, name: str):
+        self.owner, self.name, self.seconds, self.calls = owner, name, 0.0, 0
+
+    def __enter__(self) -> "_CpuTimer":
+        original = self.original = self.owner.__dict__[self.name]
+
+        def timed(*args, **kwargs):
+            c0 = time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.process_time() - c0
+                self.calls += 1
+
+        setattr(self.owner, self.name, timed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.owner, self.name, self.original)
+
+
+def _split_line(steps: int, cpu: float, generation: float) -> str:
+    return (f"{steps} steps in {cpu:.1f} CPU s = {cpu / steps:.2f} s/step: generation {generation / steps:.2f} "
+            f"+ update {(cpu - generation) / steps:.2f}")
+
+
 def run_ours(cfg, task) -> dict:
+    from agents.group_rollout import GroupRolloutAlgorithm
     from rlhf_env.tasks.train import make_task_agent, train_task
 
     agent, _ = make_task_agent(cfg, task=task)
-    history = train_task(agent, cfg)
+    with _CpuTimer(GroupRolloutAlgorithm, "collect_rollouts") as rollout:
+        history = train_task(agent, cfg)
     steps, cpu = len(history), history[-1]["cpu_seconds"]
-    print(f"[ours] {cfg.algo} {cfg.algo_kwargs}: {steps} steps in {cpu:.1f} CPU s ({cpu / steps:.2f} s/step)", flush=True)
+    assert rollout.calls == steps, (rollout.calls, steps)  # one rollout and one update a step
+    print(f"[ours] {cfg.algo} {cfg.algo_kwargs}: " + _split_line(steps, cpu, rollout.seconds), flush=True)
     report = _evaluate(agent, task, cfg, "ours")
-    return {"steps": steps, "cpu_seconds": cpu, "seconds_per_step": cpu / steps, "report": report}
+    return {"steps": steps, "cpu_seconds": cpu, "seconds_per_step": cpu / steps,
+            "generation_seconds_per_step": rollout.seconds / steps, "report": report}
 
 
 def run_trl(cfg, task, model_dir: str, out_dir: str) -> dict:
@@ -102,13 +142,15 @@ def run_trl(cfg, task, model_dir: str, out_dir: str) -> dict:
 
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tokenizer,
                           callbacks=[Budget()])
-    trainer.train()
+    with _CpuTimer(GRPOTrainer, "_generate_and_score_completions") as generation:
+        trainer.train()
     cpu = time.process_time() - state["c0"]
     steps = max(state["steps"], 1)
-    print(f"[trl] GRPOTrainer: {steps} steps in {cpu:.1f} CPU s ({cpu / steps:.2f} s/step)", flush=True)
+    print("[trl] GRPOTrainer: " + _split_line(steps, cpu, generation.seconds), flush=True)
     model.eval()
     report = _evaluate((model, tokenizer), task, cfg, "trl")
-    return {"steps": steps, "cpu_seconds": cpu, "seconds_per_step": cpu / steps, "report": report}
+    return {"steps": steps, "cpu_seconds": cpu, "seconds_per_step": cpu / steps,
+            "generation_seconds_per_step": generation.seconds / steps, "report": report}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,12 +172,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     cfg = quick_task_config() if args.quick else TaskTrainConfig()
     cfg.task, cfg.seed, cfg.eval_limit, cfg.eval_samples = args.task, args.seed, args.eval_limit, args.eval_samples
     cfg.train_seconds = 10.0 if args.quick else args.budget
     task = make_task(cfg.task, cfg.task_config, answer_format=cfg.answer_format)
     model, tokenizer = load_lm(cfg.model)
-    print(f"task {task!r}, model {cfg.model}, {args.threads} thread(s), budget {cfg.train_seconds:.0f} CPU s each; "
+    print(f"task {task!r}, model {cfg.model}, {torch.get_num_threads()} torch thread(s), budget {cfg.train_seconds:.0f} CPU s each; "
           f"{cfg.prompts_per_step} rows x {cfg.group_size} completions per step, lr {cfg.learning_rate}, "
           f"train_layers {cfg.train_layers}", flush=True)
     before = None if "before" in args.skip else _evaluate((model, tokenizer), task, cfg, "before")
@@ -149,12 +192,20 @@ def main(argv: list[str] | None = None) -> dict:
     if "ours" in results and "trl" in results:
         o, t = results["ours"], results["trl"]
         speed = t["seconds_per_step"] / o["seconds_per_step"]
-        print(f"steps per CPU second, ours / TRL: {speed:.2f}x ({o['seconds_per_step']:.2f} vs {t['seconds_per_step']:.2f} s/step)")
+        print(f"steps per CPU second: ours {1 / o['seconds_per_step']:.4f}, TRL {1 / t['seconds_per_step']:.4f}; "
+              f"ours / TRL {speed:.2f}x ({o['seconds_per_step']:.2f} vs {t['seconds_per_step']:.2f} CPU s a step; "
+              f"generation {o['generation_seconds_per_step']:.2f} vs {t['generation_seconds_per_step']:.2f}, update "
+              f"{o['seconds_per_step'] - o['generation_seconds_per_step']:.2f} vs "
+              f"{t['seconds_per_step'] - t['generation_seconds_per_step']:.2f})")
         for key in ("greedy", "sampled"):
             a, b = o["report"][key]["accuracy"], t["report"][key]["accuracy"]
             start = f" (before {before[key]['accuracy']:.3f})" if before else ""
             print(f"held-out {key} accuracy at the budget: ours {a:.3f}, TRL {b:.3f}{start}; ours - TRL {a - b:+.3f}")
         results["ratios"] = {"steps_per_second": speed}
+    load = (load_before, os.getloadavg())
+    results["load_average"] = load
+    print(f"load average (1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in load[0])}, at the end "
+          f"{', '.join(f'{x:.2f}' for x in load[1])} ({os.cpu_count()} CPUs)")
     for name in ("ours", "trl"):
         if name in results:
             results[name]["report"] = {k: v for k, v in results[name]["report"].items() if k != "samples"} | {
