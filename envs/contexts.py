@@ -428,15 +428,17 @@ class Contexts:
         """One incremental forward of ``model`` over all rows."""
         feed, mask, position_ids, idx = self._feed(state, rows, tokens)
         parts = self._actor_parts if state is self.actor else None
+        every_row = list(rows) == list(range(self.n))
         with contextlib.ExitStack() as stack:
             box = self._keep_capture(stack) if state is self.actor else None
             if parts is not None:
-                # decoder, then the head on the last position (logits = head(norm(h)) for the
-                # supported models; see decode_head)
+                # decoder, then the head on the last position of the rows fed a token only
+                # (logits = head(norm(h)) for the supported models; see decode_head)
                 out = parts["inner"](input_ids=feed, attention_mask=mask, position_ids=position_ids,
                                      cache=state.cache, use_cache=True)
                 last = out.last_hidden_state[:, -1:]
-                logits, last_hidden = decode_head(parts["head"], last, state.version)[:, -1], last[:, -1]
+                live = last if every_row else last[idx]
+                logits, last_hidden = decode_head(parts["head"], live, state.version)[:, -1], last[:, -1]
             else:
                 out = model(
                     input_ids=feed,
@@ -447,11 +449,13 @@ class Contexts:
                     output_hidden_states=hidden,
                 )
                 logits = out.logits[:, -1]
+                if not every_row:
+                    logits = logits[idx]
                 last_hidden = out.hidden_states[-1][:, -1] if hidden else None
         self._keep_step(rows, box)
         state.cache = output_cache(out)
         state.mask = mask
-        state.logits[idx] = logits[idx].to(state.logits.dtype)
+        state.logits[idx] = logits.to(state.logits.dtype)  # (len(rows), vocab), in the order of rows
         if hidden:
             state.hidden[idx] = last_hidden[idx].to(state.hidden.dtype)
         # rows fed a masked pad keep a dead column; columns dead in every row are dropped
