@@ -1,5 +1,7 @@
 """`rlhf-env train` and `rlhf-env plot` end to end, and the shipped hyperparameter files."""
 
+import re
+
 import pytest
 
 from agents import ALGOS
@@ -29,6 +31,9 @@ def test_train_save_resume_and_plot(tmp_path, capsys):
                  "--resume", str(model), "--tensorboard-log", str(tb), "--verbose", "0", "--eval-episodes", "0"]) == 0
     out = capsys.readouterr().out
     assert "evaluation over 2 deterministic episodes" in out and "resuming" in out
+    # the steps of this run, not the resumed counter (512 rounded up to 4 envs x PPO's n_steps)
+    first, resumed = re.findall(r"trained ppo on CartPole-v1: (\d+) steps in [\d.]+ s(?: \((\d+) in all\))?", out)
+    assert int(resumed[1]) == int(first[0]) + int(resumed[0]) and first[1] == ""
     assert sorted(p.name for p in tb.iterdir()) == ["PPO_1"]  # resumed into the same run
     assert main(["plot", str(tb), "--out", str(tmp_path / "curve.png")]) == 0
     assert (tmp_path / "curve.png").stat().st_size > 1000

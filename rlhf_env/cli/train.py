@@ -162,14 +162,16 @@ def run(args) -> int:
 
         freq = args.checkpoint_freq if args.checkpoint_freq else 2**62  # only the final checkpoint on interrupt
         learn_kwargs["callback"] = CheckpointCallback(freq, args.checkpoint_dir or "checkpoints", name_prefix=args.algo)
-    start = time.perf_counter()
+    start, start_steps = time.perf_counter(), model.num_timesteps if args.resume else 0
     model.learn(total, **learn_kwargs)
     from rlhf_env.agents import distributed
 
     if not distributed.is_main_process():  # under torchrun: rank 0 saves and evaluates
         return 0
     elapsed = time.perf_counter() - start
-    print(f"trained {args.algo} on {args.env}: {model.num_timesteps} steps in {elapsed:.1f} s")
+    done = model.num_timesteps - start_steps
+    print(f"trained {args.algo} on {args.env}: {done} steps in {elapsed:.1f} s"
+          + (f" ({model.num_timesteps} in all)" if args.resume else ""))
     if args.save:
         model.save(args.save)
         print(f"saved {args.save}")
