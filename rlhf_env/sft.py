@@ -155,7 +155,8 @@ def train_sft(
     :param checkpoint_every: updates between checkpoints (None: at the end and on Ctrl-C/SIGTERM only)
     :param resume_from: a checkpoint file or folder to continue from (same data and batch size)
     :param on_nonfinite: ``"raise"`` (stop, naming the step and the last checkpoint) or ``"skip"`` the batch
-    :return: ``(model, tokenizer)``, the model in eval mode
+    :return: ``(model, tokenizer)``, the model in eval mode; ``model.sft_metrics`` holds the
+        mean loss of the last epoch (``train/loss``)
     """
     from tqdm.auto import tqdm
 
@@ -176,7 +177,9 @@ def train_sft(
     step = loop.step_count
     model.train()
     bar = tqdm(total=total, initial=step, desc="sft", disable=not progress or not main)
+    epoch_losses: list[float] = []
     for epoch in loop.epochs():
+        epoch_losses = []
         for idx in loop.batches(epoch):
             idx, _ = loop.shard(idx)  # this rank's share of the global batch
             optimizer.zero_grad(set_to_none=True)
@@ -197,10 +200,12 @@ def train_sft(
                 writer.add_scalar("train/loss", loss.item(), step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            epoch_losses.append(loss.item())
     bar.close()
     if writer is not None:
         writer.close()
     model.eval()
+    model.sft_metrics = {"train/loss": sum(epoch_losses) / len(epoch_losses)} if epoch_losses else {}
     if output_dir is not None and main:
         save_lm(model, tokenizer, output_dir)
     return model, tokenizer

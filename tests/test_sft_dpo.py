@@ -182,8 +182,9 @@ def test_trainable_layers_trains_only_the_last_block(tiny_lm):
     assert changed and all(n.startswith(("model.layers.1.", "model.norm.")) for n in changed), changed
 
 
-def test_cli_sft_and_dpo(tiny_lm, tmp_path):
+def test_cli_sft_and_dpo(tiny_lm, tmp_path, capsys):
     import json
+    import re
 
     from rlhf_env.cli import main
     from rlhf_env.data import save_preferences
@@ -192,6 +193,9 @@ def test_cli_sft_and_dpo(tiny_lm, tmp_path):
     data = tmp_path / "pairs.jsonl"
     save_preferences(PAIRS, data)
     assert main(["sft", "--data", str(data), "--model", str(tiny_lm), "--output", str(tmp_path / "sft"), "--epochs", "2", "--no-progress"]) == 0
+    # the last epoch's mean loss is printed, as train-rm and dpo print theirs
+    loss = float(re.search(r"train/loss=([\d.]+) saved=", capsys.readouterr().out).group(1))
+    assert 0 < loss < math.log(len(WORDS) + 8)  # below a uniform guess over the vocabulary
     assert main(["dpo", "--train", str(data), "--eval", str(data), "--model", str(tmp_path / "sft"), "--output", str(tmp_path / "dpo"),
                  "--beta", "0.5", "--lr", "3e-3", "--batch-size", "2", "--epochs", "10", "--trainable-layers", "all",
                  "--log-dir", str(tmp_path / "tb"), "--no-progress"]) == 0

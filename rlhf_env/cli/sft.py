@@ -31,6 +31,6 @@ def run(args) -> int:
 
     apply_threads(args)
     cfg = config_from_args(SFTConfig, args, add_eos=not args.no_eos)
-    train_sft(args.data, args.model, config=cfg, **trainer_kwargs(args))
-    print(f"saved={args.output}")
+    model, _ = train_sft(args.data, args.model, config=cfg, **trainer_kwargs(args))
+    print(*(f"{k}={v:.4f}" for k, v in model.sft_metrics.items()), f"saved={args.output}")
     return 0
