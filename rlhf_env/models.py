@@ -258,7 +258,10 @@ def _train_tiny(out: pathlib.Path) -> None:
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=hp["lr"], total_steps=hp["steps"], pct_start=0.1
     )
-    for _ in range(hp["steps"]):
+    from tqdm.auto import tqdm
+
+    # first use only (then cached): about 40 s on one CPU core, so say what the wait is
+    for _ in tqdm(range(hp["steps"]), desc=f"training the tiny model once (cached in {out.parent})", unit="step", leave=False):
         rows = torch.randint(len(docs), (hp["batch_size"],), generator=generator)
         used = int(mask[rows].sum(1).max())  # trim to the longest document in the batch
         loss = model(

@@ -208,3 +208,13 @@ def test_smollm2_loads_from_cache_with_chat_template():
         out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, len(ids):], skip_special_tokens=True).lower()
     assert "data" in answer, answer  # the dequantised weights still make sense
+
+
+def test_training_the_tiny_model_shows_a_progress_bar(tmp_path, monkeypatch, capsys):
+    """The first use of "tiny" trains it (about 40 s): a bar says what the wait is."""
+    from rlhf_env import models
+
+    monkeypatch.setitem(models._TINY_TRAIN, "steps", 3)  # a few steps: only the bar is checked
+    models._build_tiny(tmp_path / "tiny")
+    err = capsys.readouterr().err
+    assert "training the tiny model once (cached in" in err and "/3 " in err  # the bar counts the 3 steps
