@@ -29,7 +29,9 @@ def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     :param temperature: softmax temperature (> 0)
     :param top_k: keep only the ``top_k`` most likely tokens; 0 keeps all
     """
-    scaled = logits.float() / temperature
+    scaled = logits.float()
+    if temperature != 1.0:  # x / 1.0 == x exactly: skip a vocabulary-sized copy (and its backward)
+        scaled = scaled / temperature
     if top_k and 0 < top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth, _MASKED)
