@@ -174,3 +174,23 @@ def test_cli_train_export_writes_a_loadable_folder(tmp_path):
     info = json.loads((out / "rlhf_env_training.json").read_text())
     assert info["algorithm"] == "PPO" and info["train_layers"] == 1 and info["num_timesteps"] >= 8
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+def test_cli_eval_of_an_exported_folder_judges_it_against_its_base_model(tmp_path, monkeypatch, capsys):
+    """`rlhf-env eval DIR` of a policy trained from "tiny" takes "tiny" as the reference (the
+    KL and win rate against SmolLM2 meant nothing); --reference still wins."""
+    import rlhf_env.evaluate
+    from agents.export import TRAINING_FILE
+    from rlhf_env.cli import main
+
+    seen = []
+    monkeypatch.setattr(rlhf_env.evaluate, "evaluate", lambda policy, reference, **kw: seen.append(reference) or {})
+    monkeypatch.setattr(rlhf_env.evaluate, "format_table", lambda report: "")
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / TRAINING_FILE).write_text(json.dumps({"base_model": "tiny", "algorithm": "PPO"}))
+    (tmp_path / "plain").mkdir()
+    assert main(["eval", str(tmp_path / "policy")]) == 0
+    assert main(["eval", str(tmp_path / "policy"), "--reference", "smollm2-135m"]) == 0
+    assert main(["eval", str(tmp_path / "plain")]) == 0  # a folder without a record: the shipped starting model
+    assert seen == ["tiny", "smollm2-135m", "smollm2-135m"]
+    assert "reference (--reference): tiny" in capsys.readouterr().out

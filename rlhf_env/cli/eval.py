@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-greedy", action="store_true", help="skip greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default: the task's)")
-    p.add_argument("--reference", default=None, help="without --task: the policy's starting model (default: the agent's, else smollm2-135m)")
+    p.add_argument("--reference", default=None, help="without --task: the policy's starting model (default: the agent's, or the base model recorded in an exported folder, else smollm2-135m)")
     p.add_argument("--reward", default="default", help="without --task: reward model ('default', 'sentiment', 'tiny' or a directory)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -57,6 +57,18 @@ def load_policy(path: str, device: str = "cpu"):
         raise ValueError(f"{path} is not an agent saved by rlhf-env train (its header.json names {name!r}); "
                          f"pass a model directory or one of the algorithms {', '.join(by_class)}")
     return by_class[name].load(path, device=device)
+
+
+def default_reference(policy: str) -> str:
+    """The starting model a policy folder is judged against: the base model recorded in an
+    exported folder's ``rlhf_env_training.json`` (a policy trained from "tiny" against
+    "tiny", not against SmolLM2), else the shipped starting model, smollm2-135m."""
+    import os
+
+    from rlhf_env.agents.export import read_training_info
+
+    info = read_training_info(policy) if os.path.isdir(policy) else None
+    return str(info["base_model"]) if info and info.get("base_model") else "smollm2-135m"
 
 
 def run(args) -> int:
@@ -89,7 +101,8 @@ def run(args) -> int:
             raise ValueError("--task-config and --answer-format need --task")
         reference = args.reference
         if reference is None and isinstance(policy, str):
-            reference = "smollm2-135m"  # a model name or directory: judged against the shipped starting model
+            reference = default_reference(policy)
+            print(f"reference (--reference): {reference}")
         report = evaluate(policy, reference=reference, reward=args.reward, seed=args.seed, device=args.device,
                           progress=progress, out=args.out)
         print(format_table(report))
