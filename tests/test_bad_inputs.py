@@ -393,6 +393,14 @@ CLI_CASES = {
     "dpo: missing model": (["dpo", "--train", "{d}/good.jsonl", "--eval", "none", "--model", "{d}/no_model", "--output", "{out}/dpo"], "no_model"),
     "plot: missing log dir": (["plot", "{d}/no_logs", "--out", "{out}/curve.png"], "no log directory .*no_logs"),
     "dpo: bad beta": (["dpo", "--train", "{d}/good.jsonl", "--eval", "none", "--model", "tiny", "--beta", "-1", "--output", "{out}/dpo"], "beta must be a number > 0"),
+    "train: env-kwargs not JSON": (["train", "--algo", "ppo", "--env", "TextRLHF-tiny-v0", "--env-kwargs", "max_new_tokens=8", "--save", "{out}/m.zip"],
+                                   r"--env-kwargs must be a JSON object, e.g. --env-kwargs '\{\"max_new_tokens\": 16\}' .*got 'max_new_tokens=8'"),
+    "train: env-kwargs unknown key": (["train", "--algo", "ppo", "--env", "TextRLHF-tiny-v0", "--env-kwargs", '{{"max_tokens": 8}}', "--save", "{out}/m.zip"],
+                                      "unexpected keyword argument 'max_tokens'; did you mean 'max_new_tokens'"),
+    "train: task-config not JSON": (["train", "--algo", "grpo", "--task", "chain_sum", "--task-config", "{{max_terms: 3}}", "--save", "{out}/m.zip"],
+                                    "--task-config must be a JSON object"),
+    "train-rm: file with a missing key": (["train-rm", "--train", "{d}/missing_key.jsonl", "--eval", "none", "--output", "{out}/rm"],
+                                          r"missing_key.jsonl:1: missing key\(s\) \['rejected'\]"),
 }
 
 
@@ -426,6 +434,8 @@ def test_cli_takes_rl_zoo3_spelling_and_hints_at_misspelled_flags(tmp_path, caps
         main(argv + ["--timesteps", "64", "--svae", str(tmp_path / "m.zip")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
+    # the algorithm in capitals, as the classes are spelled, is taken
+    assert main(["train", "--algo", "PPO", "--env", "CartPole-v1", "--eval-episodes", "0", "--verbose", "0", "--timesteps", "64"]) == 0
     # the subcommand's usage (not the top-level one) and the likely flag
     assert "usage: rlhf-env train" in err and "unrecognized arguments: --svae" in err and "--svae -> --save" in err
 

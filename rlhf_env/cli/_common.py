@@ -24,6 +24,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def json_object(text: str, flag: str, example: str) -> dict:
+    """The JSON object a flag holds (``--env-kwargs``, ``--task-config``), or one line that
+    says what is wrong and shows the form (``key=value`` or Python's quotes are common slips).
+
+    :raises ValueError: the text is not JSON, or not a JSON object
+    """
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} must be a JSON object, e.g. {flag} '{example}' (double quotes, in single "
+                         f"quotes for the shell); got {text!r} ({err.msg} at column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, e.g. {flag} '{example}'; got {text!r}")
+    return value
+
+
 def training_pairs(value: str):
     """The ``--train`` value of train-rm and dpo: ``'default'`` gives the default task's
     training pairs (what :meth:`rlhf_env.RewardModel.default` trains on), anything else is a

@@ -46,13 +46,12 @@ def _kl_stop(text: str) -> float | None:
 
 
 def run_task(args: argparse.Namespace) -> int:
-    import json
-
+    from rlhf_env.cli._common import json_object
     from rlhf_env.tasks.train import TaskTrainConfig, quick_task_config, run_task_demo
 
     cfg = quick_task_config() if args.quick else TaskTrainConfig()
     cfg.task = args.task
-    cfg.task_config = json.loads(args.task_config) if args.task_config else None
+    cfg.task_config = json_object(args.task_config, "--task-config", '{"max_terms": 3}') if args.task_config else None
     if args.algo is not None:
         cfg.algo = args.algo
     if args.seconds is not None:

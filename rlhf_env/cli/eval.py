@@ -82,7 +82,9 @@ def run(args) -> int:
         from rlhf_env.tasks import make_task
         from rlhf_env.tasks.evaluation import accuracy_line, evaluate_task
 
-        config = json.loads(args.task_config) if args.task_config else None
+        from rlhf_env.cli._common import json_object
+
+        config = json_object(args.task_config, "--task-config", '{"max_terms": 3}') if args.task_config else None
         task = make_task(args.task, config, answer_format=args.answer_format)
         report = evaluate_task(
             policy, task, limit=args.limit, greedy=not args.no_greedy, num_samples=args.samples, temperature=args.temperature,

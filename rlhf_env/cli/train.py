@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 
 from rlhf_env.cli._common import HelpFormatter
-import json
 import time
 
 
@@ -21,7 +20,7 @@ def add_parser(subparsers) -> None:
         "flags override them. Prints the mean return of a deterministic evaluation at the end.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--algo", required=True, choices=sorted(ALGOS), help="agent to train")
+    p.add_argument("--algo", required=True, type=str.lower, choices=sorted(ALGOS), help="agent to train (any case: ppo or PPO)")
     p.add_argument("--env", default=None,
                    help="Gymnasium environment id, e.g. CartPole-v1, TextRLHF-tiny-v0, ReasoningGym-v0 (default with --task: "
                    "ReasoningGym-v0; required otherwise)")
@@ -90,15 +89,15 @@ def is_text_env(env_id: str) -> bool:
 
 def env_kwargs_of(args) -> dict:
     """The env's constructor arguments from --env-kwargs, --task, --task-config and --dataset."""
-    env_kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
-    if not isinstance(env_kwargs, dict):
-        raise ValueError(f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
+    from rlhf_env.cli._common import json_object
+
+    env_kwargs = json_object(args.env_kwargs, "--env-kwargs", '{"max_new_tokens": 16}') if args.env_kwargs else {}
     if args.task is not None:
         env_kwargs["task"] = args.task
     if args.task_config is not None:
         if args.task is None:
             raise ValueError("--task-config needs --task")
-        env_kwargs["task_config"] = json.loads(args.task_config)
+        env_kwargs["task_config"] = json_object(args.task_config, "--task-config", '{"max_terms": 3}')
     if args.dataset is not None:
         if args.task is not None:
             raise ValueError("--dataset and --task both give the rows: pass one of them")
