@@ -9,7 +9,7 @@ TASK_DIR = Path(__file__).resolve().parent.parent / "assets" / "task"
 DEFAULT_TRAIN = TASK_DIR / "pairs_train.jsonl"
 DEFAULT_EVAL = TASK_DIR / "pairs_test.jsonl"
 DEFAULT_PAIRS_HELP = ("training pairs: JSON Lines of {prompt, chosen, rejected}, or 'default': the default task's "
-                      "pairs_train.jsonl (pairs the independent judges agree on plus failure modes, 3,259 pairs; "
+                      "pairs_train.jsonl (pairs the independent judges agree on plus failure modes; "
                       "rlhf_env.default_reward_model.default_training_pairs)")
 
 
