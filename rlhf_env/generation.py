@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
+from rlhf_env.envs.prompt import TEMPLATE_DEFAULT
+
 Prompt = str | Sequence[dict]
 
 
@@ -50,20 +52,21 @@ class Completions:
         return [t for group in self.texts for t in group]
 
 
-def prompt_ids(tokenizer: Any, prompt: Prompt, system_prompt: str | None = None) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: Prompt, system_prompt: Any = TEMPLATE_DEFAULT) -> list[int]:
     """Token ids of one prompt, ready for the model to write its completion after them,
     exactly as the text env encodes it (:func:`envs.prompt.encode_prompt`).
 
     :param prompt: a string (one user message) or a list of chat messages
         ``[{"role": ..., "content": ...}, ...]``.
-    :param system_prompt: a system message put in front (ignored when the messages already
-        start with one); None leaves the chat template's default (SmolLM2's own system message).
+    :param system_prompt: as the env's: ``TEMPLATE_DEFAULT`` (the default) leaves it to the
+        chat template (SmolLM2's own system message), a string is put in front (unless the
+        messages hold one), ``None`` renders no system message.
     :return: the ids: the chat template with the assistant header when the tokenizer has
         one, else the messages' contents joined by newlines after BOS.
     """
-    from rlhf_env.envs.prompt import TEMPLATE_DEFAULT, encode_prompt
+    from rlhf_env.envs.prompt import encode_prompt
 
-    return encode_prompt(tokenizer, prompt, TEMPLATE_DEFAULT if system_prompt is None else system_prompt)
+    return encode_prompt(tokenizer, prompt, system_prompt)
 
 
 def resolve_policy(policy: Any, device: str | torch.device | None = None) -> tuple[Any, Any]:
@@ -111,7 +114,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     max_new_tokens: int = 64,
-    system_prompt: str | None = None,
+    system_prompt: Any = TEMPLATE_DEFAULT,
     seed: int = 0,
     batch_size: int = 32,
     device: str | torch.device | None = None,
@@ -129,7 +132,8 @@ def generate(
     :param top_k: keep only the ``k`` most likely tokens when sampling (0: all, the env's
         default distribution).
     :param max_new_tokens: length limit of a completion.
-    :param system_prompt: a system message put before every prompt.
+    :param system_prompt: the system message of every prompt, as the env's ``system_prompt=``:
+        ``TEMPLATE_DEFAULT`` (the chat template's), a string, or ``None`` (none).
     :param seed: the same seed, prompts and batch size give the same completions on CPU;
         the caller's torch random state is left as it was.
     :param batch_size: sequences per ``generate`` call (``num_samples`` of a prompt count

@@ -64,6 +64,22 @@ def test_chat_messages_and_system_prompt(lm):
     assert a == b
 
 
+def test_system_prompt_none_means_no_system_message_as_in_the_env():
+    """generate(system_prompt=None) renders no system message, as the env's system_prompt=None
+    does (it gave the template's default one); the default stays the template's."""
+    from rlhf_env.models import load_lm
+
+    model, tokenizer = load_lm("tiny")
+    tokenizer.chat_template = (  # a template that adds a default system message, as SmolLM2's does
+        "{% if messages[0]['role'] != 'system' %}<|system|>You are a default helper.\n{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    bare, default = prompt_ids(tokenizer, "hello", system_prompt=None), prompt_ids(tokenizer, "hello")
+    assert bare == encode_prompt(tokenizer, "hello", None) and tokenizer.decode(bare) == "<|user|>hello\n<|assistant|>"
+    assert default == encode_prompt(tokenizer, "hello") and "You are a default helper." in tokenizer.decode(default)
+    out = generate(model, tokenizer, ["hello"], system_prompt=None, greedy=True, max_new_tokens=3, progress=False)
+    assert len(out.texts) == 1
+
+
 def test_resolve_policy_takes_a_directory_a_pair_and_an_agent(lm, tiny_lm_dir):
     import gymnasium as gym
 
