@@ -28,7 +28,7 @@ def test_train_save_resume_and_plot(tmp_path, capsys):
     assert main(args) == 0
     assert model.is_file() and (tb / "PPO_1").is_dir()
     assert main(["train", "--algo", "ppo", "--env", "CartPole-v1", "--timesteps", "256", "--n-envs", "4",
-                 "--resume", str(model), "--tensorboard-log", str(tb), "--verbose", "0", "--eval-episodes", "0"]) == 0
+                 "--resume", str(model), "-tb", str(tb), "--verbose", "0", "--eval-episodes", "0"]) == 0  # rl-zoo3's -tb
     out = capsys.readouterr().out
     assert "evaluation over 2 deterministic episodes" in out and "resuming" in out
     # the steps of this run, not the resumed counter (512 rounded up to 4 envs x PPO's n_steps)

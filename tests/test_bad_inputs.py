@@ -434,6 +434,9 @@ def test_cli_takes_rl_zoo3_spelling_and_hints_at_misspelled_flags(tmp_path, caps
         main(argv + ["--timesteps", "64", "--svae", str(tmp_path / "m.zip")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(argv + ["--timesteps", "64", "--tb", str(tmp_path / "runs")])
+    assert "--tb -> -tb" in capsys.readouterr().err  # rl-zoo3's single-dash -tb, not --task
     # the algorithm in capitals, as the classes are spelled, is taken
     assert main(["train", "--algo", "PPO", "--env", "CartPole-v1", "--eval-episodes", "0", "--verbose", "0", "--timesteps", "64"]) == 0
     # the subcommand's usage (not the top-level one) and the likely flag

@@ -40,7 +40,7 @@ def _unrecognized(parser: argparse.ArgumentParser, command: str, extra: list[str
     import difflib
 
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    known = [o for action in sub._actions for o in action.option_strings if o.startswith("--")]
+    known = [o for action in sub._actions for o in action.option_strings if len(o) > 2]  # -tb, --save; not -h
     hints = []
     for flag in (e.split("=", 1)[0] for e in extra if e.startswith("-")):
         match = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
                    help="env steps to train (default: the YAML's n_timesteps); --n-timesteps/-n as in rl-zoo3")
     p.add_argument("--n-envs", type=int, default=None, help="parallel envs (default: the YAML's n_envs, else 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--tensorboard-log", default=None, help="TensorBoard root; runs go to DIR/ALGO_k")
+    p.add_argument("--tensorboard-log", "-tb", default=None, help="TensorBoard root; runs go to DIR/ALGO_k (-tb as in rl-zoo3)")
     p.add_argument("--save", default=None, help="write the trained model to this .zip")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="export the trained language-model policy as a Hugging Face folder (LoRA merged, tokenizer, "
