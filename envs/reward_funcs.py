@@ -14,9 +14,11 @@ the column). A function written for TRL with ``**kwargs`` therefore ports unchan
 It returns one number per completion, or ``None`` for a completion it does not apply to.
 The score of a response is TRL's ``nansum``: the weighted sum over the functions that apply
 (a function returning ``None`` adds nothing), plus the reward model's score when there is
-one (weight 1). A response no function applies to (and no reward model) scores 0, with a
-warning. Each function's own (unweighted) value, NaN where it returned ``None``, is reported
-as ``info["rewards/{name}"]`` with ``name`` the function's ``__name__``.
+one (weight 1; it gets each prompt as text, the last user message of a message list,
+unless it has ``accepts_messages = True``: then message lists whole). A response no function
+applies to (and no reward model) scores 0, with a warning. Each function's own (unweighted)
+value, NaN where it returned ``None``, is reported as ``info["rewards/{name}"]`` with
+``name`` the function's ``__name__``.
 
 Every misuse is one :class:`RewardFunctionError` line naming the function: a signature
 that cannot take the call (checked when the env is built), an exception inside the
@@ -191,7 +193,10 @@ class RewardFunctions:
         values: dict[str, np.ndarray] = {}
         applied = np.zeros(n, dtype=bool)
         if self.reward_model is not None:
-            texts = [prompt_text(p) for p in prompts]
+            # a (prompts, responses) scorer gets each prompt's text (the last user message); one
+            # that declares accepts_messages (rlhf_env.RewardModel) gets message lists whole, so a
+            # reward model trained with system messages scores with them
+            texts = list(prompts) if getattr(self.reward_model, "accepts_messages", False) else [prompt_text(p) for p in prompts]
             model_scores = self._checked(self.reward_model, "the reward model", n, prompts, lambda: self.reward_model(texts, list(responses)), allow_none=False)
             scores += model_scores
             applied[:] = True

@@ -144,6 +144,9 @@ class RewardModel(nn.Module):
         first, then of the response
     """
 
+    # the text env hands it chat-message prompts whole (system message included), not their text
+    accepts_messages = True
+
     def __init__(self, backbone, tokenizer, kind: str = "encoder", pooling: Optional[str] = None, max_length: int = 256):
         super().__init__()
         if kind not in ("encoder", "causal"):

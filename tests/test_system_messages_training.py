@@ -157,3 +157,29 @@ def test_cli_train_rm_and_dpo_on_a_conversational_file_with_a_system_message(tmp
                  "-o", str(tmp_path / "dpo"), "--no-progress"]) == 0
     assert_sequences(tokenizer, seen)
     assert (tmp_path / "dpo" / "config.json").is_file()
+
+
+def test_the_env_scores_message_prompts_with_the_system_message(monkeypatch):
+    """A reward model trained with system messages scores the env's message rows with them
+    (RewardModel.accepts_messages); a plain (prompts, responses) function gets the text."""
+    import gymnasium as gym
+    import numpy as np
+
+    import rlhf_env  # noqa: F401  (registers the envs)
+    from rlhf_env.reward_model import RewardModel
+
+    rows = [{"prompt": [_msg("system", SYSTEM), _msg("user", q)]} for q, _, _ in QUESTIONS]
+    rm = RewardModel.from_backbone("tiny", seed=0)
+    seen = _record_reward_inputs(monkeypatch)
+    got = []
+
+    def plain(prompts, responses):
+        got.extend(prompts)
+        return [0.0] * len(responses)
+
+    for reward in (rm, plain):
+        env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, dataset=rows, reward_model=reward, max_new_tokens=1)
+        env.reset(seed=0)
+        env.step(np.array([5, 6]))
+    assert len(seen) == 2 and all(rm.tokenizer.decode(ids).startswith(f"<s>{SYSTEM}\n") for ids in seen), [rm.tokenizer.decode(i) for i in seen]
+    assert len(got) == 2 and all(p in [q for q, _, _ in QUESTIONS] for p in got)
