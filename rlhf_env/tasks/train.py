@@ -63,8 +63,8 @@ class TaskTrainConfig:
     model: str = "smollm2-135m"
     algo: str = "rloo"
     algo_kwargs: dict = field(default_factory=dict)
-    group_size: int = 8
-    prompts_per_step: int = 4
+    group_size: int = 4
+    prompts_per_step: int = 8
     learning_rate: float = 1e-4
     beta: float = 0.0
     train_layers: int | None = 4
