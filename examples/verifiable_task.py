@@ -27,13 +27,14 @@ real = MODEL != "tiny"
 task = make_task("chain_sum")  # a + b or a - b with one-digit numbers; any reasoning-gym name works
 print(task.rows("test")[0]["prompt"], "->", task.rows("test")[0]["answer"])
 
-group, rows_per_step = (8, 4) if real else (4, 2)
+group, rows_per_step = (4, 8) if real else (4, 2)  # the demo's 8 rows x 4 completions a step
 env = gym.make_vec("ReasoningGym-v0", num_envs=group * rows_per_step, task=task, model=MODEL)
 agent = RLOO("LMPolicy", env, group_size=group, learning_rate=1e-4 if real else 1e-3, beta=0.0, seed=0,
              policy_kwargs={"train_layers": 4} if real else {})
 
 limit, k = (64, 4) if real else (4, 2)
 print("before:", accuracy_line(evaluate_task(agent, task, limit=limit, num_samples=k, progress=False)))
-iterations = 1 if QUICK else (15 if real else 3)
-agent.learn(iterations * agent.n_envs * agent.n_steps)  # one iteration = a group per row, then one update
+iterations = 1 if QUICK else (30 if real else 3)
+for i in range(iterations):  # one iteration = a group of completions per row, then one update
+    agent.learn(1, reset_num_timesteps=i == 0)
 print("after: ", accuracy_line(evaluate_task(agent, task, limit=limit, num_samples=k, progress=False)))

@@ -85,3 +85,16 @@ def test_train_task_runs_one_rollout_and_one_update_per_iteration():
     assert [h["iteration"] for h in history] == [1, 2, 3]
     assert agent._iteration == 3 and agent._n_updates == 3
     assert agent.num_timesteps <= 3 * agent.n_envs * agent.n_steps
+
+
+def test_shipped_rloo_settings_for_tasks_match_the_demo():
+    # `rlhf-env train --algo rloo --task ...` reads rloo.yml's ReasoningGym-v0 entry and the
+    # task demo reads TaskTrainConfig: the same measured settings (8 rows x 4 completions)
+    from agents.hyperparams import load_hyperparams
+    from rlhf_env.tasks.train import TaskTrainConfig
+
+    cfg, shipped = TaskTrainConfig(), load_hyperparams("rloo", "ReasoningGym-v0")
+    assert (cfg.algo, cfg.group_size, cfg.prompts_per_step) == ("rloo", 4, 8)
+    assert shipped["n_envs"] == cfg.group_size * cfg.prompts_per_step and shipped["group_size"] == cfg.group_size
+    assert (shipped["learning_rate"], shipped["beta"]) == (cfg.learning_rate, cfg.beta)
+    assert shipped["policy_kwargs"] == {"train_layers": cfg.train_layers}
