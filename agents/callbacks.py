@@ -309,7 +309,12 @@ class ProgressBarCallback(BaseCallback):
         self._last = self.model.num_timesteps
 
     def _on_step(self) -> bool:
-        self.pbar.update(self.model.num_timesteps - self._last)
+        step = self.model.num_timesteps - self._last
+        if self.pbar.total is not None and self.pbar.n + step > self.pbar.total:
+            # the last rollout runs past total_timesteps (whole rollouts, as SB3): the bar grows
+            # with it rather than dropping its total ("312steps" instead of "312/312")
+            self.pbar.total = self.pbar.n + step
+        self.pbar.update(step)
         self._last = self.model.num_timesteps
         return True
 

@@ -281,8 +281,12 @@ def test_callbacks_hooks_checkpoint_and_stop(tmp_path):
     assert model.num_timesteps == 16 and eval_cb.best_mean_reward > 0
 
 
-def test_progress_bar_runs():
+def test_progress_bar_runs(capsys):
     PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, n_epochs=1).learn(64, progress_bar=True)
+    # a last rollout past total_timesteps (whole rollouts of 32) grows the bar's total, which it keeps
+    PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, n_epochs=1).learn(40, progress_bar=True)
+    err = capsys.readouterr().err
+    assert "64/64" in err and "64steps" not in err
 
 
 def test_kl_penalty_objective_adapts_beta():
