@@ -183,3 +183,20 @@ def test_the_env_scores_message_prompts_with_the_system_message(monkeypatch):
         env.step(np.array([5, 6]))
     assert len(seen) == 2 and all(rm.tokenizer.decode(ids).startswith(f"<s>{SYSTEM}\n") for ids in seen), [rm.tokenizer.decode(i) for i in seen]
     assert len(got) == 2 and all(p in [q for q, _, _ in QUESTIONS] for p in got)
+
+
+@pytest.mark.slow
+def test_smollm2_sequences_hold_the_system_message_in_its_chat_template():
+    """With SmolLM2's own template: the pair's system message replaces the template's default one."""
+    from transformers import AutoTokenizer
+
+    from rlhf_env.data import as_pairs
+    from rlhf_env.models import _smollm2_dir
+    from rlhf_env.sft import encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_dir())
+    pair = as_pairs(records()[:1])[0]
+    ids, n_prompt = encode_example(tokenizer, pair.prompt, pair.chosen, 128)
+    assert tokenizer.decode(ids[:n_prompt]) == (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n"
+                                                "<|im_start|>assistant\n")
+    assert tokenizer.decode(ids[n_prompt:]) == "Ahoy matey!<|im_end|>"
