@@ -183,7 +183,10 @@ def resolve_text_env_kwargs(
     _check_reward(reward_model, reward_funcs, env_kwargs.get("reward_weights"), dataset)
     lm_spec = None
     if not isinstance(model, torch.nn.Module):
-        lm_spec = {"model": str(model), "dtype": _dtype_name(dtype), "loader": "rlhf_env.registration:load_spec_model"}
+        # a local folder is recorded by its absolute path: an agent saved here loads from any folder
+        name = os.path.abspath(os.path.expanduser(model)) if isinstance(model, (str, os.PathLike)) and os.path.isdir(
+            os.path.expanduser(model)) else str(model)
+        lm_spec = {"model": name, "dtype": _dtype_name(dtype), "loader": "rlhf_env.registration:load_spec_model"}
         model, tokenizer, reference = _load_models(model, tokenizer, reference, device, dtype, temperature, top_k, shared_model)
     elif reference is not None and not isinstance(reference, torch.nn.Module):
         from rlhf_env.models import load_lm

@@ -130,6 +130,25 @@ def test_text_checkpoint_holds_only_trainable_weights_and_their_adam_moments(tmp
     assert path.stat().st_size < 3 * weight_bytes + overhead
 
 
+def test_text_checkpoint_of_a_relative_model_folder_loads_from_another_folder(tmp_path, tiny_lm_dir, tiny_prompts, length_reward, monkeypatch):
+    """model="my_model" (a folder next to the script) is recorded by its absolute path, so
+    PPO.load(zip) without env= rebuilds the base model from any working folder."""
+    import shutil
+
+    shutil.copytree(tiny_lm_dir, tmp_path / "my_model")
+    monkeypatch.chdir(tmp_path)
+    env = gym.make_vec("TextRLHF-v0", num_envs=2, model="my_model", reward_model=length_reward, prompts=tiny_prompts,
+                       max_new_tokens=4, shared_model=False)
+    model = PPO("LMPolicy", env, n_steps=5, batch_size=10, policy_kwargs={"train_layers": 1})
+    model.learn(10)
+    model.save("agent.zip")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = PPO.load(tmp_path / "agent.zip")
+    for (k, a), b in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_text_checkpoint_refuses_another_base_model(tmp_path, tiny_lm_dir, tiny_prompts, length_reward):
     from tests.conftest import build_tiny_lm_dir
 
