@@ -49,10 +49,10 @@ RL_METHODS = ("ppo", "grpo", "rloo")
 # DPO computes the frozen trunk's output and the reference's log-probabilities of every
 # sequence of its pairs before its first update, so it is given the pairs its budget can
 # train on (see dpo_pairs_for_budget). CPU seconds per pair with SmolLM2-135M-Instruct and
-# DPOConfig's defaults on one thread of this project's 2-core x86 machine ("DPO on the
-# default task" in docs/benchmarks.md: the trunk pass and two epochs over 4,124 pairs took
-# 6 and 16 minutes under load):
-DPO_SECONDS_PER_PAIR = {"prepare": 0.07, "epoch": 0.10}
+# DPOConfig's defaults on one thread of this project's 2-core x86 machine, measured by
+# benchmarks/alignment.py (791 pairs: first update after 117 CPU s, then 95 updates of one
+# prompt's pairs each in 93 s, 58 updates an epoch; docs/benchmarks.md):
+DPO_SECONDS_PER_PAIR = {"prepare": 0.15, "epoch": 0.075}
 
 
 @dataclass
@@ -188,7 +188,9 @@ def _train_rl(method: str, cfg: CompareConfig, reward: Callable, budget: _Budget
     params = _rl_hyperparams(method, env_id)
     n_envs = int(params.pop("n_envs", 16))
     policy = params.pop("policy", "LMPolicy")
-    env = gym.make_vec(env_id, num_envs=n_envs, model=cfg.model, reward_model=reward,
+    # shared_model=False: a model of its own, never the live actor of an env built earlier in
+    # this process (an earlier method's trained policy, while anything still holds it)
+    env = gym.make_vec(env_id, num_envs=n_envs, model=cfg.model, reward_model=reward, shared_model=False,
                        max_new_tokens=cfg.max_new_tokens, device=cfg.device)
     agent = ALGOS[method](policy, env, seed=cfg.seed, device=cfg.device, verbose=0, **params)
     core = env.unwrapped.core
