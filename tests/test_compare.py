@@ -88,3 +88,29 @@ def test_dpo_gets_the_pairs_its_budget_can_prepare_and_train_on():
     assert dpo_pairs_for_budget(100 * per_pair, epochs=2, available=3802) == 100
     assert dpo_pairs_for_budget(1e6, epochs=2, available=3802) == 3802
     assert dpo_pairs_for_budget(0.01, epochs=2, available=3802) == 16  # at least a few steps' worth
+
+
+def test_each_method_starts_from_the_starting_model_not_an_earlier_methods_policy():
+    """Envs made by name share a live actor by default (shared_model=True): a second method
+    built while the first one's trained actor is still referenced must not continue from it."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from rlhf_env.compare import CompareConfig, _Budget, _train_rl
+    from rlhf_env.models import load_lm
+    from rlhf_env.rewards import resolve_reward
+
+    cfg = CompareConfig(model="tiny", max_new_tokens=8, seed=0)
+    reward = resolve_reward("tiny")
+    bar = tqdm(disable=True)
+    start = load_lm("tiny")[0].state_dict()
+    first, info = _train_rl("ppo", cfg, reward, _Budget(1e-9, 1, None), bar)  # one iteration
+    assert any(not torch.equal(v, start[k]) for k, v in first[0].state_dict().items())  # it trained
+    second, info2 = _train_rl("grpo", cfg, reward, _Budget(1e-9, 1, None), bar)
+    assert second[0] is not first[0]
+    # GRPO's actor after one update is one update away from the start, not from PPO's policy
+    diff_start = sum(float((v - start[k]).abs().sum()) for k, v in second[0].state_dict().items())
+    diff_first = sum(float((v - first[0].state_dict()[k]).abs().sum()) for k, v in second[0].state_dict().items())
+    assert diff_start < diff_first
+    info["_close"]()
+    info2["_close"]()
