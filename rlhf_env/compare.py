@@ -473,13 +473,49 @@ def run_comparison(
             close()
         write_text(out / "compare.json", json.dumps(result, indent=2))  # after every method: a partial run keeps its results
 
-    tables = format_tables(result)
     result["seconds"] = time.time() - t0
-    write_text(out / "compare.json", json.dumps(result, indent=2))
-    write_text(out / "compare.md", f"# {', '.join(cfg.methods)} on the default task\n\n{tables}\n\n## Samples\n\n"
-                                   f"{format_samples(result)}\n")
-    plot_frontier(result, out / "frontier.png")
-    log("[compare] judges on the held-out prompts (final checkpoint of each method):\n" + tables)
+    write_outputs(result, out)
+    log("[compare] judges on the held-out prompts (final checkpoint of each method):\n" + format_tables(result))
     log(f"[compare] wrote {out}/compare.json, compare.md, frontier.png and each method's evaluation.json "
         f"({result['seconds']:.0f} s)")
     return result
+
+
+def write_outputs(result: dict, out: str | os.PathLike) -> None:
+    """Write ``compare.json``, ``compare.md`` (tables and samples) and ``frontier.png`` of a result."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "compare.json", json.dumps(result, indent=2))
+    write_text(out / "compare.md", f"# {', '.join(result['methods'])} on the default task\n\n{format_tables(result)}\n\n"
+                                   f"## Samples\n\n{format_samples(result)}\n")
+    plot_frontier(result, out / "frontier.png")
+
+
+def merge_results(results: Sequence[dict]) -> dict[str, Any]:
+    """One comparison from runs of different methods made with the same settings (model,
+    reward, budget, seed, held-out prompts and sampling): their methods side by side.
+
+    :raises ValueError: when the settings or the reference columns differ (the runs would
+        not be judged against the same reference responses), or a method appears twice
+    """
+    if not results:
+        raise ValueError("nothing to merge")
+    same = ("model", "reward", "seconds", "seed", "eval_prompts", "eval_samples", "max_new_tokens", "checkpoints")
+    first = results[0]
+    merged = json.loads(json.dumps(first))
+    merged["methods"], merged["runs"] = {}, []
+    for r in results:
+        diff = {k: (first["settings"].get(k), r["settings"].get(k)) for k in same if first["settings"].get(k) != r["settings"].get(k)}
+        if diff:
+            raise ValueError(f"runs made with different settings cannot be merged: {diff}")
+        if r["reference"] != first["reference"]:
+            raise ValueError("the runs judged different reference responses (same settings, another model or reward version?)")
+        for name, m in r["methods"].items():
+            if name in merged["methods"]:
+                raise ValueError(f"method {name!r} is in more than one run")
+            merged["methods"][name] = m
+        merged["runs"].append({"methods": list(r["methods"]), "settings": r["settings"]})
+    order = {name: i for i, name in enumerate(METHODS)}
+    merged["methods"] = dict(sorted(merged["methods"].items(), key=lambda kv: order.get(kv[0], len(order))))
+    merged["settings"]["methods"] = list(merged["methods"])
+    return merged

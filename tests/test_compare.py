@@ -114,3 +114,28 @@ def test_each_method_starts_from_the_starting_model_not_an_earlier_methods_polic
     assert diff_start < diff_first
     info["_close"]()
     info2["_close"]()
+
+
+def test_runs_with_the_same_settings_merge_and_others_are_refused(comparison, tmp_path):
+    from rlhf_env.compare import merge_results, write_outputs
+
+    _, result = comparison
+    a = json.loads(json.dumps(result))
+    b = json.loads(json.dumps(result))
+    a["methods"] = {k: v for k, v in a["methods"].items() if k in ("dpo", "ppo")}
+    b["methods"] = {k: v for k, v in b["methods"].items() if k in ("grpo", "rloo")}
+    merged = merge_results([a, b])
+    assert list(merged["methods"]) == list(METHODS)  # the usual order, whatever the runs' order
+    assert merged["methods"] == result["methods"]
+    write_outputs(merged, tmp_path)
+    assert (tmp_path / "frontier.png").is_file() and "| rloo |" in (tmp_path / "compare.md").read_text()
+    with pytest.raises(ValueError, match="more than one run"):
+        merge_results([a, a])
+    other = json.loads(json.dumps(b))
+    other["settings"]["seed"] = 1
+    with pytest.raises(ValueError, match="different settings"):
+        merge_results([a, other])
+    other = json.loads(json.dumps(b))
+    other["reference"]["reward"] += 1.0
+    with pytest.raises(ValueError, match="different reference"):
+        merge_results([a, other])
