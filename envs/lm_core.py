@@ -58,6 +58,16 @@ def params_version(parameters: Sequence[torch.Tensor]) -> int:
     return sum(p._version for p in parameters)
 
 
+def actor_changes(actor: nn.Module) -> int:
+    """How often ``actor`` changed since it was loaded, as far as this process can tell:
+    the changes the LM policies reported to its cores (optimizer steps, adapters
+    injected; see :meth:`LMCore.parameters_changed`) plus its parameters' in-place
+    version counters (compare with the value taken when it was loaded)."""
+    cores = _CORES_OF.get(actor)
+    reported = sum(core._changes for core in cores.values()) if cores is not None else 0
+    return reported + params_version(list(actor.parameters()))
+
+
 class LMCore:
     """Actor, frozen reference, tokenizer and sampling configuration, shared by the text
     envs of one process and the LM policy built on them.

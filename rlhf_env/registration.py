@@ -21,12 +21,15 @@ writes into the objects :mod:`envs` takes (:func:`resolve_text_env_kwargs`):
 Every other keyword goes to the env class unchanged. With ``shared_model=True`` (the
 default) envs of one process made with the same model name, device, dtype, reference and
 sampling configuration get the same loaded modules, so they share one actor (the one the
-policy trains) and one reference, as the N copies of a ``DummyVecEnv`` must.
+policy trains) and one reference, as the N copies of a ``DummyVecEnv`` must. An env made after a
+policy trained that shared actor gets the trained weights, with a warning that says to
+pass ``shared_model=False`` for a freshly loaded model.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from typing import Any
 
@@ -34,9 +37,10 @@ import gymnasium as gym
 
 TEXT_ENV_IDS = ("TextRLHF-v0", "TextRLHF-tiny-v0")
 
-# (model name, device, dtype, reference, temperature, top_k) -> (actor, tokenizer, reference or None),
-# the modules held weakly: an entry lives as long as an env or a policy uses its modules
-_LOADED: dict[tuple, tuple[weakref.ref, Any, weakref.ref | None]] = {}
+# (model name, device, dtype, reference, temperature, top_k) -> (actor, tokenizer, reference or None,
+# envs.lm_core.actor_changes(actor) when it was loaded), the modules held weakly: an entry lives as
+# long as an env or a policy uses its modules
+_LOADED: dict[tuple, tuple[weakref.ref, Any, weakref.ref | None, int]] = {}
 
 
 # id -> default keyword arguments. TextRLHF-v0: the package's trained reward model (built from
@@ -200,10 +204,13 @@ def resolve_text_env_kwargs(
     )
 
 
-def _load_models(name: Any, tokenizer: Any, reference: Any, device: Any, dtype: Any, temperature: float, top_k: int, shared: bool):
+def _load_models(name: Any, tokenizer: Any, reference: Any, device: Any, dtype: Any, temperature: float, top_k: int,
+                 shared: bool, warn_trained: bool = True):
     """``(actor, tokenizer, reference)`` for a model name or path (and a reference None, a
     module or a name), reusing the modules of an earlier env of this process made with the
-    same settings when ``shared``."""
+    same settings when ``shared`` (with a warning, when ``warn_trained``, if a policy has
+    changed that actor since it was loaded)."""
+    from envs.lm_core import actor_changes
     from rlhf_env.models import load_lm
 
     if not isinstance(name, (str, bytes)) and not hasattr(name, "__fspath__"):
@@ -212,17 +219,26 @@ def _load_models(name: Any, tokenizer: Any, reference: Any, device: Any, dtype: 
     ref_key = os.fspath(reference) if ref_by_name else None if reference is None else ("module", id(reference))
     key = (os.fspath(name), str(device), _dtype_name(dtype), ref_key, float(temperature), int(top_k))
     if shared and key in _LOADED:
-        actor_ref, loaded_tokenizer, reference_ref = _LOADED[key]
+        actor_ref, loaded_tokenizer, reference_ref, loaded_changes = _LOADED[key]
         actor, loaded_reference = actor_ref(), reference_ref() if reference_ref is not None else None
         if actor is not None and (not ref_by_name or loaded_reference is not None):
+            if warn_trained and actor_changes(actor) != loaded_changes:
+                warnings.warn(
+                    f"model={os.fspath(name)!r}: this env shares the actor that an earlier env of this process "
+                    "built and a policy has since trained (shared_model=True, the default, so the envs of one "
+                    "agent act with one actor); a new agent on it starts from those trained weights. Pass "
+                    "shared_model=False for a freshly loaded model.",
+                    stacklevel=4,
+                )
             return actor, tokenizer or loaded_tokenizer, loaded_reference if ref_by_name else reference
     actor, loaded_tokenizer = load_lm(name, device=device, dtype=dtype)
     if ref_by_name:
         reference, _ = load_lm(reference, device=device, dtype=dtype)
     if shared:
-        for dead in [k for k, (actor_ref, _, _) in _LOADED.items() if actor_ref() is None]:
+        for dead in [k for k, (actor_ref, *_) in _LOADED.items() if actor_ref() is None]:
             del _LOADED[dead]
-        _LOADED[key] = (weakref.ref(actor), loaded_tokenizer, weakref.ref(reference) if ref_by_name else None)
+        _LOADED[key] = (weakref.ref(actor), loaded_tokenizer, weakref.ref(reference) if ref_by_name else None,
+                        actor_changes(actor))
     return actor, tokenizer or loaded_tokenizer, reference
 
 
@@ -231,7 +247,7 @@ def load_spec_model(spec: dict[str, Any], device: Any = "cpu"):
     named in the spec; see :func:`envs.lm_core.core_from_spec`): a policy loaded from disk
     in a process without its env rebuilds its actor from the model name or path."""
     model, tokenizer, _ = _load_models(spec["model"], None, None, device, spec.get("dtype"), spec.get("temperature", 1.0),
-                                       spec.get("top_k", 0), True)
+                                       spec.get("top_k", 0), True, warn_trained=False)
     return model, tokenizer
 
 
