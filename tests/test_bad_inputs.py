@@ -399,6 +399,8 @@ CLI_CASES = {
                                       "unexpected keyword argument 'max_tokens'; did you mean 'max_new_tokens'"),
     "train: task-config not JSON": (["train", "--algo", "grpo", "--task", "chain_sum", "--task-config", "{{max_terms: 3}}", "--save", "{out}/m.zip"],
                                     "--task-config must be a JSON object"),
+    "eval: a CartPole agent": (["eval", "{d}/ppo_cartpole.zip", "--out", "{out}/report.json"],
+                               r"ppo_cartpole.zip holds a PPO agent whose policy is a ActorCriticPolicy, not a language model: .*evaluate_policy"),
     "train-rm: file with a missing key": (["train-rm", "--train", "{d}/missing_key.jsonl", "--eval", "none", "--output", "{out}/rm"],
                                           r"missing_key.jsonl:1: missing key\(s\) \['rejected'\]"),
 }

@@ -56,7 +56,12 @@ def load_policy(path: str, device: str = "cpu"):
     if name not in by_class:
         raise ValueError(f"{path} is not an agent saved by rlhf-env train (its header.json names {name!r}); "
                          f"pass a model directory or one of the algorithms {', '.join(by_class)}")
-    return by_class[name].load(path, device=device)
+    agent = by_class[name].load(path, device=device)
+    if not hasattr(agent.policy, "save_pretrained"):  # an MLP policy (CartPole, ...): nothing to judge here
+        raise ValueError(f"{path} holds a {name} agent whose policy is a {type(agent.policy).__name__}, not a language model: "
+                         "rlhf-env eval judges text policies; evaluate a classic-control agent with "
+                         "rlhf_env.agents.evaluate_policy(model, env) (rlhf-env train prints it after training)")
+    return agent
 
 
 def default_reference(policy: str) -> str:
