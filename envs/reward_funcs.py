@@ -145,6 +145,9 @@ class RewardFunctions:
 
     @staticmethod
     def _check_model_signature(model: Callable) -> None:
+        if inspect.isclass(model):
+            raise RewardFunctionError(f"reward_model is the class {model.__name__}: pass an instance, {model.__name__}(...), "
+                                      "whose __call__(prompts, responses) returns one score per response")
         try:
             sig = inspect.signature(model)
         except (TypeError, ValueError):  # builtins without a signature: checked by the call

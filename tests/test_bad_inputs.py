@@ -69,6 +69,11 @@ def _raises(fn, exc, match):
 
 
 # --- environments --------------------------------------------------------------------
+class _KindnessReward:
+    def __call__(self, prompts, responses):
+        return [float("kind" in r) for r in responses]
+
+
 ENV_CASES = {
     "max_new_tokens negative": (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be >= 1, got -1"),
     "max_new_tokens float": (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer"),
@@ -105,13 +110,14 @@ ENV_CASES = {
                                   r"reward_model '<lambda>' cannot be called as <lambda>\(prompts, responses\): .*write it as"),
     "reward_model TRL-style": (dict(reward_model=lambda completions, **kw: [0.0]), ValueError,
                                r"cannot be called as <lambda>\(prompts, responses\).* as reward_funcs=\[...\]"),
+    "reward_model a class": (dict(reward_model=_KindnessReward), ValueError, r"reward_model is the class _KindnessReward: pass an instance"),
     "unknown keyword": (dict(max_tokens=12), TypeError, r"unexpected keyword argument 'max_tokens'; did you mean 'max_new_tokens'\?"),
 }
 
 # refused before any model is loaded (so at once, not after the load)
 EARLY_CASES = ["prompts a sentence", "dataset and prompts", "reward function signature", "reward function column",
                "reward_weights count", "reward_funcs not callable", "reward_model one argument", "reward_model TRL-style",
-               "unknown keyword", "reward wrong type", "reward folder missing", "prompt file missing", "kl_coef negative"]
+               "unknown keyword", "reward_model a class", "reward wrong type", "reward folder missing", "prompt file missing", "kl_coef negative"]
 
 
 @pytest.mark.parametrize("case", list(ENV_CASES))
