@@ -107,6 +107,9 @@ def test_relabel_keeps_the_pairs_the_judges_agree_on():
     assert judged == {("Water it whe", "Basil needs "), ("Water it whe", "Basil basil ")}
     kinds = [r["kind"] for r in pairs if r["kind"] != "judged"]
     assert kinds == ["boilerplate", "repetition", "rude"]  # one prompt: no other prompt to take off-topic cheer from
+    # with cold=True the best answer (one sentence here) has no warmest sentence to drop: no cold pair
+    assert [r["kind"] for r in relabel(samples, RelabelConfig(failure_chosen=1, cold=True), relevance_fn=_no_relevance)
+            if r["kind"] != "judged"] == kinds
     failure = [r for r in pairs if r["kind"] != "judged"]
     assert all(r["chosen"].startswith("Water it") for r in failure)
     boiler, repeated, unfriendly = (r["rejected"] for r in failure)
@@ -116,6 +119,46 @@ def test_relabel_keeps_the_pairs_the_judges_agree_on():
     assert any(boiler.startswith(o) for o in _OPENERS) and any(m in boiler for m in _MIDDLES) and any(boiler.endswith(c) for c in _CLOSERS)
     phrase = repeated.split("!")[0]
     assert repeated.count(phrase) >= 3
+
+
+def test_relabel_require_tone_keeps_friendlier_answers_that_are_as_relevant():
+    from rlhf_env.default_task.relabel import RelabelConfig, relabel
+
+    samples = {
+        "How do I keep basil alive?": [
+            _row("Water it when the soil is dry and give it plenty of sun, it will thrive.", 0.8, 0.60, 2.00),  # good
+            _row("Basil needs water and light.", 0.0, 0.62, 1.90),  # plainer, as relevant (within tolerance)
+            _row("Basil dies. Water.", 0.7, 0.20, 2.10),  # friendly enough but much less relevant
+            _row("Plants. Sun.", 0.75, 0.30, 2.05),  # less relevant, tone about equal to the good one
+            _row("Basil needs water, sun and patience; a sunny window is best, trust me.", 0.2, 0.61, 3.00),  # clumsy
+        ],
+    }
+    tolerant = RelabelConfig(failure_chosen=1, require_tone=True, relevance_tolerance=0.05, nll_tolerance=0.2)
+    judged = {(r["chosen"][:12], r["rejected"][:12]) for r in relabel(samples, tolerant, relevance_fn=_no_relevance)
+              if r["kind"] == "judged"}
+    # good > plain: tone +0.8 and relevance / fluency within tolerance. Not good > "Basil dies"
+    # (relevance better by 0.4 but tone only +0.1: the relevance-only pair is dropped), not good >
+    # "Plants" (tone tie), not good > clumsy (tone +0.6 but NLL 1.0 worse: beyond tolerance)
+    assert judged == {("Water it whe", "Basil needs ")}
+    strict = RelabelConfig(failure_chosen=1, require_tone=True)
+    # without tolerance the plainer answer's slightly higher relevance vetoes the pair
+    assert not [r for r in relabel(samples, strict, relevance_fn=_no_relevance) if r["kind"] == "judged"]
+    # the default rule keeps the relevance-only pairs ("Basil dies", "Plants") instead
+    default = {(r["chosen"][:12], r["rejected"][:12]) for r in relabel(samples, RelabelConfig(failure_chosen=1), relevance_fn=_no_relevance)
+               if r["kind"] == "judged"}
+    assert ("Water it whe", "Basil dies. ") in default and ("Water it whe", "Basil needs ") not in default
+
+
+def test_cold_drops_the_warmest_sentence_only_when_that_cools_the_answer():
+    from rlhf_env.default_task.relabel import cold
+    from rlhf_env.judges import tone
+
+    warm = "I'm so glad you asked, this is a lovely question! Water basil when the soil is dry. Give it sun."
+    assert cold(warm, tone, 0.3) == "Water basil when the soil is dry. Give it sun."
+    assert tone([warm])[0] - tone(["Water basil when the soil is dry. Give it sun."])[0] >= 0.3
+    assert cold("Water basil when the soil is dry. Give it sun.", tone, 0.3) is None  # nothing warm to remove
+    assert cold("What a lovely, wonderful question, I love it!", tone, 0.3) is None  # one sentence
+    assert cold("Great! Water it.", tone, 0.3) is None  # what is left is under four words
 
 
 def test_relabel_adds_off_topic_cheer_only_when_it_is_off_topic():

@@ -25,6 +25,7 @@ split's shipped samples.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -64,6 +65,17 @@ class RelabelConfig:
     :param max_repetition: the chosen sample repeats at most this share of its 3-grams
     :param failure_chosen: chosen samples per prompt paired with each failure mode (the
         most positive of those that answer the prompt; one rejected response per mode)
+    :param require_tone: a judged pair must be clearly friendlier (``tone_margin``); pairs
+        better on relevance alone are dropped (the failure modes teach relevance). Without
+        it most judged pairs differ in relevance and tone together, and the reward model
+        learned relevance and fluency, hardly tone (within a prompt its score correlated
+        0.78 with relevance, 0.13 with tone)
+    :param relevance_tolerance: with ``require_tone``, the chosen sample may be less
+        relevant than the rejected one by up to this (a tie within the judge's noise)
+    :param nll_tolerance: likewise for fluency: its NLL may be higher by up to this
+    :param cold: add the ``cold`` failure mode: a best answer against itself without its
+        warmest sentence (when that lowers its tone by ``tone_margin``): the content stays,
+        the warmth goes, so tone alone decides among equally relevant answers
     """
 
     tone_margin: float = 0.3
@@ -72,6 +84,10 @@ class RelabelConfig:
     nll_quantile: float = 0.5
     max_repetition: float = 0.1
     failure_chosen: int = 2
+    require_tone: bool = False
+    relevance_tolerance: float = 0.0
+    nll_tolerance: float = 0.0
+    cold: bool = False
 
 
 def repetition(text: str, n: int = 3) -> float:
@@ -91,6 +107,9 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 def agree(a: dict, b: dict, cfg: RelabelConfig) -> bool:
     """Whether every judge prefers sample ``a`` to ``b`` (ties allowed) and tone or
     relevance clearly: ``a`` and ``b`` hold ``tone``, ``relevance``, ``nll``, ``repetition``."""
+    if cfg.require_tone:
+        return (a["tone"] - b["tone"] >= cfg.tone_margin and a["relevance"] >= b["relevance"] - cfg.relevance_tolerance
+                and a["nll"] <= b["nll"] + cfg.nll_tolerance and a["repetition"] <= b["repetition"])
     no_judge_disagrees = (a["tone"] >= b["tone"] and a["relevance"] >= b["relevance"] and a["nll"] <= b["nll"]
                           and a["repetition"] <= b["repetition"])
     clear = a["tone"] - b["tone"] >= cfg.tone_margin or a["relevance"] - b["relevance"] >= cfg.relevance_margin
@@ -117,6 +136,25 @@ def repeated_phrase(rng: random.Random, chosen: str) -> str:
     return " ".join([phrase + "!"] * rng.randint(3, 5))
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def cold(chosen: str, tone_fn: Callable[[list[str]], list[float]], margin: float) -> str | None:
+    """The answer without its warmest sentence (the one VADER scores most positive), or
+    None when it has a single sentence, what is left is under four words, or its tone
+    drops by less than ``margin``."""
+    sentences = [x for x in _SENTENCE_END.split(chosen.strip()) if x]
+    if len(sentences) < 2:
+        return None
+    scores = tone_fn(sentences)
+    k = max(range(len(sentences)), key=lambda i: scores[i])
+    rest = " ".join(sentences[:k] + sentences[k + 1:])
+    if len(rest.split()) < 4:
+        return None
+    before, after = tone_fn([chosen, rest])
+    return rest if before - after >= margin else None
+
+
 def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, seed: int = 0,
             relevance_fn: Callable[[list[str], list[str]], list[float]] | None = None) -> list[dict]:
     """Preference pairs from judged samples (see the module docstring).
@@ -133,6 +171,7 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
     cfg = cfg or RelabelConfig()
     if relevance_fn is None:
         from rlhf_env.judges import relevance as relevance_fn
+    from rlhf_env.judges import tone as tone_fn
     rng = random.Random(seed)
     prompts = list(samples)
     judged: dict[str, list[dict]] = {}
@@ -183,6 +222,11 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
                 out.append({"prompt": p, "chosen": a["response"], "rejected": rejected, "kind": kind})
         for a in best:  # the same answer, unfriendly: tone alone decides
             out.append({"prompt": p, "chosen": a["response"], "rejected": rude(rng, a["response"]), "kind": "rude"})
+        if cfg.cold:
+            for a in best:  # the same answer, less warm
+                rest = cold(a["response"], tone_fn, cfg.tone_margin)
+                if rest is not None:
+                    out.append({"prompt": p, "chosen": a["response"], "rejected": rest, "kind": "cold"})
     return out
 
 
