@@ -64,6 +64,7 @@ class DemoConfig:
     :param learning_rate: Adam learning rate.
     :param n_epochs: PPO epochs per rollout.
     :param batch_size: tokens per PPO minibatch.
+    :param gae_lambda: GAE's lambda (``gamma`` is 1: the score comes at the end).
     :param train_layers: train the last ``k`` transformer blocks (None: all weights).
     :param lora: LoRA arguments instead of ``train_layers`` (e.g. ``{"r": 8}``).
     :param kl_coef: initial KL coefficient of the env's reward.
@@ -98,6 +99,7 @@ class DemoConfig:
     learning_rate: float = 1e-4
     n_epochs: int = 4
     batch_size: int = 96
+    gae_lambda: float = 0.95
     train_layers: int | None = 4
     lora: dict | None = None
     kl_coef: float = 0.2
@@ -263,7 +265,7 @@ def run_demo(
         policy_kwargs["train_layers"] = cfg.train_layers
     model = PPO(
         "LMPolicy", env, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
-        n_epochs=cfg.n_epochs, gamma=1.0, gae_lambda=0.95, clip_range=0.2, vf_coef=0.5, ent_coef=0.0,
+        n_epochs=cfg.n_epochs, gamma=1.0, gae_lambda=cfg.gae_lambda, clip_range=0.2, vf_coef=0.5, ent_coef=0.0,
         max_grad_norm=1.0, seed=cfg.seed, device=cfg.device, tensorboard_log=str(out / "tb"),
         policy_kwargs=policy_kwargs,
         rlhf=RLHFConfig(kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, kl_horizon=cfg.kl_horizon,
