@@ -9,10 +9,11 @@ wraps it: held-out accuracy before, training, held-out accuracy after, and write
 
 The defaults (:class:`TaskTrainConfig`): RLOO, which raised held-out sampled accuracy on the
 default task a little more than GRPO per CPU second at the same settings, learning rate 1e-4,
-the top 4 blocks of SmolLM2, no KL term, and 8 rows x 4 completions a step. With 4 rows x 8
-completions (the same 32 completions and cost a step) the gain depended on which few rows a
-seed drew: one seed in three lost greedy accuracy; 8 distinct rows a step learned on every
-seed tried. docs/benchmarks.md ("Verifiable tasks", "Robust across seeds") has the runs.
+the top 4 blocks of SmolLM2, no KL term, and 8 rows x 4 completions a step (the same 32
+completions and cost as 4 x 8, spread over twice as many problems). The gain still varies from
+seed to seed at this budget: a seed can lose greedy accuracy (one of three did with 4 x 8, and
+seed 0 did with 8 x 4, its policy repeating the sum until the length limit cut it).
+docs/benchmarks.md ("Verifiable tasks", "the chain_sum demo across seeds") has the runs.
 """
 
 from __future__ import annotations
