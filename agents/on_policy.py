@@ -106,6 +106,7 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         self.rollout_buffer_class = rollout_buffer_class or RolloutBuffer
         self.rollout_buffer_kwargs = dict(rollout_buffer_kwargs or {})
         self._stats_window_size = stats_window_size
+        self._clear_episode_stats()  # the buffers were sized with the default window
         if _init_setup_model:
             self._setup_model()
 

@@ -301,3 +301,10 @@ def test_target_kl_stops_epochs_early():
                 learning_rate=1e-2, seed=0)
     model.learn(64)
     assert model._n_updates < 10
+
+
+def test_stats_window_size_sizes_the_episode_buffers():
+    from agents import PPO
+
+    model = PPO("MlpPolicy", "CartPole-v1", n_steps=16, batch_size=16, stats_window_size=5)
+    assert model.ep_info_buffer.maxlen == 5 and model.ep_success_buffer.maxlen == 5
