@@ -210,7 +210,7 @@ def _load_models(name: Any, tokenizer: Any, reference: Any, device: Any, dtype: 
     module or a name), reusing the modules of an earlier env of this process made with the
     same settings when ``shared`` (with a warning, when ``warn_trained``, if a policy has
     changed that actor since it was loaded)."""
-    from envs.lm_core import actor_changes
+    from rlhf_env.envs.lm_core import actor_changes
     from rlhf_env.models import load_lm
 
     if not isinstance(name, (str, bytes)) and not hasattr(name, "__fspath__"):
