@@ -42,6 +42,7 @@ import torch
 
 from rlhf_env.agents.atomic import write_text
 from rlhf_env.compare_report import format_samples, format_tables, merge_results, plot_frontier, write_outputs
+from rlhf_env.demo import DemoConfig
 
 __all__ = ["METHODS", "CompareConfig", "check_methods", "dpo_pairs_for_budget", "run_comparison", "format_tables",
            "format_samples", "plot_frontier", "write_outputs", "merge_results"]
@@ -72,8 +73,8 @@ class CompareConfig:
         the tiny reward for the tiny model)
     :param seed: seed of every method (and, plus 12345, of the evaluation's sampling)
     :param eval_prompts: held-out prompts judged (the first N of the default task's test
-        prompts; None: all 60)
-    :param eval_samples: responses per held-out prompt
+        prompts; None: all 60; the demo's)
+    :param eval_samples: responses per held-out prompt (the demo's)
     :param max_new_tokens: response length, in training and evaluation (the demo's)
     :param checkpoints: evaluations per method, evenly spaced over the budget (the last at its end)
     :param dpo_pairs: DPO's training pairs: ``"budget"`` (:func:`dpo_pairs_for_budget`),
@@ -88,12 +89,12 @@ class CompareConfig:
     model: str = "smollm2-135m"
     reward: Any = None
     seed: int = 0
-    eval_prompts: int | None = 32
-    eval_samples: int = 2
-    max_new_tokens: int = 24
+    eval_prompts: int | None = DemoConfig.eval_prompts
+    eval_samples: int = DemoConfig.eval_samples
+    max_new_tokens: int = DemoConfig.max_new_tokens
     checkpoints: int = 3
     dpo_pairs: Any = "budget"
-    n_show: int = 4
+    n_show: int = DemoConfig.n_show
     threads: int | None = None
     device: str = "cpu"
 
