@@ -13,6 +13,8 @@ halved when the measured KL is below ``kl_target / 1.5``, doubled above ``kl_tar
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any
 
 import torch
@@ -83,7 +85,8 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
     :param n_steps: steps per env per rollout; with the LM policy the default is the text
         env's ``max_new_tokens + 1``, so every env finishes a response in every rollout
         (and ``rollout/score_mean``, ``rollout/kl_mean``, ``rollout/response_len_mean``
-        are in every log); a response still open at the end of a rollout continues in the next
+        are in every log); a response still open at the end of a rollout continues in the next.
+        A shorter ``n_steps`` with the LM policy warns: such a rollout can hold no finished response
     :param batch_size: minibatch size (with the LM policy: tokens, made of whole responses)
     :param n_epochs: passes over each rollout
     :param gamma: discount factor
@@ -185,6 +188,13 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
         )
         if n_steps is None:
             self.n_steps = text_rollout_steps(self.env) or TEXT_FALLBACK_N_STEPS
+        elif text and n_steps < (text_rollout_steps(self.env) or 0):
+            warnings.warn(
+                f"n_steps={n_steps} is shorter than max_new_tokens + 1 = {text_rollout_steps(self.env)}: a rollout may "
+                "hold no finished response (then no score_mean, kl_mean or KL-controller update that iteration); "
+                "leave n_steps out to get max_new_tokens + 1",
+                stacklevel=2,
+            )
         self.batch_size = batch_size
         self.n_epochs = n_epochs
         self.clip_range = clip_range

@@ -256,5 +256,43 @@ def test_lm_defaults_finish_responses_in_every_rollout(tiny_lm_dir, tiny_prompts
             assert np.isfinite(model.logger.name_to_value[key]), (i, key)
     # explicit values win; SB3's defaults without the LM policy
     assert PPO("LMPolicy", env, n_steps=5, learning_rate=1e-3, gamma=0.9).n_steps == 5
+    with pytest.warns(UserWarning, match=r"n_steps=2 is shorter than max_new_tokens \+ 1"):
+        PPO("LMPolicy", env, n_steps=2)
     cartpole = PPO("MlpPolicy", "CartPole-v1")
     assert (cartpole.learning_rate, cartpole.n_steps, cartpole.gamma, cartpole.batch_size) == (3e-4, 2048, 0.99, 64)
+
+
+def test_shipped_text_settings_finish_responses_in_every_rollout():
+    """Every text setting the package ships (the rl-zoo3-style YAML entries that
+    ``rlhf-env train`` reads, the demo's full and ``--quick`` configs) gives PPO rollouts of
+    at least ``max_new_tokens + 1`` steps; the tiny env's YAML entry, built as the CLI builds
+    it, finishes a response per env in every rollout and logs the text metrics each time."""
+    import inspect
+
+    import yaml
+
+    from agents.hyperparams import load_hyperparams, shipped_file
+    from envs.text_vec_env import TextRLHFVectorEnv
+    from rlhf_env.demo import DemoConfig, quick_config
+
+    env_default = inspect.signature(TextRLHFVectorEnv).parameters["max_new_tokens"].default
+    for algo in ("ppo", "a2c"):
+        with open(shipped_file(algo), encoding="utf-8") as fh:
+            table = yaml.safe_load(fh)
+        for env_id, entry in table.items():
+            if entry.get("policy") == "LMPolicy" and "n_steps" in entry:
+                assert entry["n_steps"] >= env_default + 1, (algo, env_id)
+    for cfg in (DemoConfig(), quick_config()):
+        assert cfg.n_steps >= cfg.max_new_tokens + 1, cfg
+
+    params = load_hyperparams("ppo", "TextRLHF-tiny-v0")
+    for key in ("n_timesteps", "n_envs"):
+        params.pop(key)
+    model = PPO(params.pop("policy"), "TextRLHF-tiny-v0", n_envs=2, seed=0, **params)
+    assert model.n_steps == env_default + 1
+    for i in range(3):
+        model.logger.name_to_value.clear()
+        model.learn(model.n_steps * model.n_envs, reset_num_timesteps=i == 0, log_interval=10**6)
+        assert len(model._last_rollout_stats.scores) >= model.n_envs, i
+        for key in ("rollout/score_mean", "rollout/kl_mean", "rollout/response_len_mean"):
+            assert np.isfinite(model.logger.name_to_value[key]), (i, key)
