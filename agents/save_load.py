@@ -44,11 +44,14 @@ class SaveLoadMixin:
             params["policy.optimizer"] = self.policy.optimizer.state_dict()
         return params
 
-    def _checkpoint_params(self) -> dict[str, Any]:
-        """What :meth:`save` writes: :meth:`get_parameters`, except that a language-model
-        policy leaves out its frozen actor weights (``"policy.frozen"`` records which, and a
-        fingerprint of them): :meth:`load` rebuilds those from the recorded base model."""
+    def _checkpoint_params(self, with_optimizer: bool = True) -> dict[str, Any]:
+        """What :meth:`save` writes: :meth:`get_parameters` (without ``"policy.optimizer"``
+        when not ``with_optimizer``), except that a language-model policy leaves out its
+        frozen actor weights (``"policy.frozen"`` records which, and a fingerprint of them):
+        :meth:`load` rebuilds those from the recorded base model."""
         params = self._get_torch_save_params()
+        if not with_optimizer:
+            params.pop("policy.optimizer", None)
         if hasattr(self.policy, "checkpoint_state"):
             params["policy"], params["policy.frozen"] = self.policy.checkpoint_state()
         return params
@@ -62,12 +65,21 @@ class SaveLoadMixin:
     ) -> None:
         """Load parameters from a dict like :meth:`get_parameters` returns, or from a saved zip.
 
-        :param exact_match: require every key (policy and optimizer) to be present
+        :param exact_match: require every key (policy and optimizer) to be present; a zip
+            saved with ``save_only_model=True`` needs no optimizer entry (the optimizer
+            keeps its state, fresh after :meth:`load`)
         """
+        optimizer_saved = True
         if isinstance(load_path_or_dict, dict):
             params = load_path_or_dict
         else:
-            _, params, _ = read_zip(load_path_or_dict, self.device)
+            header, params, _ = read_zip(load_path_or_dict, self.device)
+            optimizer_saved = header.get("optimizer_state", True)
+        self._load_parameters(params, exact_match, optimizer_saved)
+
+    def _load_parameters(self, params: dict[str, Any], exact_match: bool, optimizer_saved: bool) -> None:
+        """:meth:`set_parameters` of a dict; ``optimizer_saved`` False (a zip saved with
+        ``save_only_model=True``) accepts the missing optimizer entry."""
         if "policy" not in params:
             raise ValueError(f"parameters have no 'policy' entry (keys: {sorted(params)})")
         if "policy.frozen" in params:  # a small checkpoint of a language-model policy
@@ -78,20 +90,36 @@ class SaveLoadMixin:
             self.policy.load_state_dict(params["policy"], strict=exact_match)
         if "policy.optimizer" in params and getattr(self.policy, "optimizer", None) is not None:
             self.policy.optimizer.load_state_dict(params["policy.optimizer"])
-        elif exact_match and getattr(self.policy, "optimizer", None) is not None:
+        elif exact_match and optimizer_saved and getattr(self.policy, "optimizer", None) is not None:
             raise ValueError("parameters have no 'policy.optimizer' entry; pass exact_match=False to skip it")
 
-    def save(self, path: str | os.PathLike, exclude: Iterable[str] | None = None, include: Iterable[str] | None = None) -> None:
+    def save(
+        self,
+        path: str | os.PathLike,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+        save_only_model: bool = False,
+    ) -> None:
         """One zip (``.zip`` added when the name has no suffix): hyperparameters and
         counters (cloudpickle), parameters and optimizer state (torch), RNG states, and a
         JSON header. Written to a temporary file and renamed, so a failed save leaves
-        nothing behind.
+        nothing behind. :meth:`load` of it resumes training exactly where it stopped.
+
+        :param exclude: attribute names not to pickle (SB3's ``exclude``); naming
+            ``"policy.optimizer"`` here is the same as ``save_only_model=True``
+        :param include: attribute names to pickle although excluded by default
+        :param save_only_model: leave out the optimizer state (Hugging Face Trainer's
+            ``save_only_model``): for Adam two moments per trained weight, two thirds of a
+            text agent's checkpoint. :meth:`load` still works and training continues with a
+            fresh optimizer (Adam's moments restart at zero), so the resumed run is not
+            identical to an uninterrupted one.
         """
         path = os.fspath(path)
         if not os.path.splitext(path)[1]:
             path += ".zip"
         exclude = set(self._excluded_save_params) | set(exclude or ())
         exclude -= set(include or ())
+        with_optimizer = not save_only_model and "policy.optimizer" not in exclude
         data = {k: v for k, v in self.__dict__.items() if k not in exclude}
         header = {
             "format": SAVE_FORMAT,
@@ -99,6 +127,7 @@ class SaveLoadMixin:
             "algorithm": type(self).__name__,
             "num_timesteps": self.num_timesteps,
             "n_updates": self._n_updates,
+            "optimizer_state": with_optimizer,
             "torch_version": torch.__version__,
             "python_version": sys.version.split()[0],
         }
@@ -111,7 +140,7 @@ class SaveLoadMixin:
         with atomic_file(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("header.json", json.dumps(header, indent=2))
             archive.writestr("data.pkl", cloudpickle.dumps(data))
-            for name, state in self._checkpoint_params().items():
+            for name, state in self._checkpoint_params(with_optimizer).items():
                 buf = io.BytesIO()
                 torch.save(state, buf)
                 # weights barely compress and deflating hundreds of MB takes a minute: stored as is
@@ -153,7 +182,8 @@ class SaveLoadMixin:
         **kwargs: Any,
     ) -> "BaseAlgorithm":
         """A model saved by :meth:`save`, with its parameters, optimizer state, counters and
-        RNG states. ``env`` (optional) must have the saved spaces.
+        RNG states. ``env`` (optional) must have the saved spaces. A zip saved with
+        ``save_only_model=True`` loads with a fresh optimizer.
 
         :raises FileNotFoundError: no such file
         :raises ValueError: a corrupt file or one not written by this package (the message names the file)
@@ -173,7 +203,8 @@ class SaveLoadMixin:
         if env is not None:
             model.set_env(env, force_reset=True)  # takes the env's own space: the policy is built on its actor
         model._setup_model()
-        model.set_parameters(params, exact_match=True)
+        # saved with save_only_model=True: the optimizer _setup_model built stays, fresh
+        model._load_parameters(params, exact_match=True, optimizer_saved=header.get("optimizer_state", True))
         rng = params.get("rng")
         if rng is not None:
             random.setstate(rng["python"])

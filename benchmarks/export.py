@@ -9,6 +9,8 @@ the optimizer holds real state), then, in the same process and on the same threa
   ``full``: the same zip with the whole policy ``state_dict`` (what ``save`` wrote before:
   every actor weight), printed as a size ratio;
 * ``load``: ``PPO.load(path, env=fresh env)``, and whether its parameters equal the saved ones;
+* ``save_only_model``: ``model.save(path, save_only_model=True)`` (no optimizer state: a
+  resume restarts Adam's moments) and its ``PPO.load``, size and times;
 * ``export``: ``model.save_pretrained(dir)`` (LoRA merged, tokenizer, training record),
   against ``peer``: ``actor.save_pretrained`` + ``tokenizer.save_pretrained`` of transformers
   alone; then ``AutoModelForCausalLM.from_pretrained(dir)`` and the maximum absolute
@@ -60,9 +62,9 @@ def run(model_name: str, policy_kwargs: dict, label: str) -> None:
         return gym.make_vec("TextRLHF-v0", num_envs=2, model=model_name, reward_model=reward, max_new_tokens=8,
                             shared_model=False)
 
-    model = PPO("LMPolicy", make_env(), n_steps=8, batch_size=16, n_epochs=1, learning_rate=1e-4, seed=0,
+    model = PPO("LMPolicy", make_env(), n_steps=9, batch_size=16, n_epochs=1, learning_rate=1e-4, seed=0,
                 policy_kwargs=policy_kwargs)
-    model.learn(16)
+    model.learn(18)
     n_train = sum(p.numel() for p in model.policy.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ckpt.zip")
@@ -85,6 +87,16 @@ def run(model_name: str, policy_kwargs: dict, label: str) -> None:
         t_load = time.perf_counter() - t0
         equal = all(torch.equal(a, b) for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values()))
         del loaded
+        only_path = os.path.join(tmp, "model_only.zip")
+        t0 = time.perf_counter()
+        model.save(only_path, save_only_model=True)
+        t_only = time.perf_counter() - t0
+        only = os.path.getsize(only_path)
+        t0 = time.perf_counter()
+        loaded = PPO.load(only_path, env=make_env())
+        t_only_load = time.perf_counter() - t0
+        only_equal = all(torch.equal(a, b) for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values()))
+        del loaded
 
         out = os.path.join(tmp, "export")
         t0 = time.perf_counter()
@@ -104,6 +116,8 @@ def run(model_name: str, policy_kwargs: dict, label: str) -> None:
               f"export {t_export:.2f} s ({_dir_size(out) / 1e6:.1f} MB) vs transformers save_pretrained {t_peer:.2f} s "
               f"(ratio {t_export / t_peer:.2f}); reloaded logits max |diff| {diff:.2e}")
         print(f"  save() holds: {parts}; trainable parameters {n_train:,} ({4 * n_train / 1e6:.2f} MB in float32)")
+        print(f"  save(save_only_model=True): {only / 1e6:.1f} MB in {t_only:.2f} s (ratio to full {only / full:.3f}); "
+              f"load {t_only_load:.2f} s (fresh optimizer), params equal {only_equal}")
 
 
 def main() -> None:

@@ -130,6 +130,39 @@ def test_text_checkpoint_holds_only_trainable_weights_and_their_adam_moments(tmp
     assert path.stat().st_size < 3 * weight_bytes + overhead
 
 
+@pytest.mark.parametrize("how", ["save_only_model", "exclude"])
+def test_text_checkpoint_without_the_optimizer_loads_and_continues_with_a_fresh_one(tmp_path, tiny_lm_dir, tiny_prompts, length_reward, how):
+    """``save(path, save_only_model=True)`` (or SB3's spelling ``exclude=["policy.optimizer"]``)
+    leaves Adam's moments out: a third of the exact checkpoint; ``load`` gives the same weights
+    and counters, and continues exactly as the saved agent does after its optimizer is reset."""
+    kwargs = dict(n_steps=7, batch_size=16, n_epochs=2, learning_rate=1e-2, policy_kwargs={"train_layers": 1})
+    model = PPO("LMPolicy", _env(tiny_lm_dir, tiny_prompts, length_reward), seed=0, **kwargs)
+    model.learn(28)
+    full, small = tmp_path / "full.zip", tmp_path / "small.zip"
+    model.save(full)
+    model.save(small, **({"save_only_model": True} if how == "save_only_model" else {"exclude": ["policy.optimizer"]}))
+    with zipfile.ZipFile(small) as archive:
+        assert "policy.optimizer.pth" not in archive.namelist()
+        assert json.loads(archive.read("header.json"))["optimizer_state"] is False
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.policy.parameters() if p.requires_grad)
+    assert 2 * trainable_bytes <= full.stat().st_size - small.stat().st_size < 2 * trainable_bytes + 20_000  # Adam's moments
+
+    loaded = PPO.load(small, env=_env(tiny_lm_dir, tiny_prompts, length_reward))
+    assert loaded.num_timesteps == model.num_timesteps and loaded._n_updates == model._n_updates
+    assert not loaded.policy.optimizer.state  # fresh: no moments yet
+    for (k, a), b in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b), k
+    model.policy.optimizer.state.clear()  # what the small checkpoint's resume starts from
+    for m in (model, loaded):
+        m.set_random_seed(3)
+        m.learn(14)
+    for (k, a), b in zip(model.policy.state_dict().items(), loaded.policy.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert loaded.policy.optimizer.state  # it trained
+    # set_parameters of the small zip into a live agent keeps that agent's optimizer
+    loaded.set_parameters(str(small))
+
+
 def test_text_checkpoint_of_a_relative_model_folder_loads_from_another_folder(tmp_path, tiny_lm_dir, tiny_prompts, length_reward, monkeypatch):
     """model="my_model" (a folder next to the script) is recorded by its absolute path, so
     PPO.load(zip) without env= rebuilds the base model from any working folder."""
