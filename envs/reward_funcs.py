@@ -15,7 +15,9 @@ It returns one number per completion, or ``None`` for a completion it does not a
 The score of a response is TRL's ``nansum``: the weighted sum over the functions that apply
 (a function returning ``None`` adds nothing), plus the reward model's score when there is
 one (weight 1; it gets each prompt as text, the last user message of a message list,
-unless it has ``accepts_messages = True``: then message lists whole). A response no function
+unless it has ``accepts_messages = True``: then message lists whole, with the env's
+``system_prompt`` string inserted where a prompt has no system message of its own, as the
+policy saw it). A response no function
 applies to (and no reward model) scores 0, with a warning. Each function's own (unweighted)
 value, NaN where it returned ``None``, is reported as ``info["rewards/{name}"]`` with
 ``name`` the function's ``__name__``.
@@ -39,7 +41,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from envs.prompt import is_conversational, prompt_text
+from envs.prompt import TEMPLATE_DEFAULT, as_messages, is_conversational, prompt_text
 from envs.rows import columns_of
 
 
@@ -92,6 +94,9 @@ class RewardFunctions:
     :param reward_model: None or a callable ``(prompts, responses) -> scores`` (weight 1)
     :param columns: the dataset's column names besides ``"prompt"``: every function's
         signature is checked against the call it will get
+    :param system_prompt: the env's system message (:mod:`envs.prompt`): a string reaches a
+        reward model with ``accepts_messages = True`` as the first message of every prompt
+        without its own (TRL-style reward functions get the rows' prompts as they are)
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class RewardFunctions:
         reward_weights: Sequence[float] | None = None,
         reward_model: Callable | None = None,
         columns: Sequence[str] = (),
+        system_prompt: Any = TEMPLATE_DEFAULT,
     ):
         if reward_funcs is None:
             funcs: list[Callable] = []
@@ -133,6 +139,7 @@ class RewardFunctions:
         self.names = _unique([function_name(f) for f in funcs])
         self.reward_model = reward_model
         self.columns = list(columns)
+        self.system_prompt = system_prompt
         for f, name in zip(self.funcs, self.names):
             self._check_signature(f, name)
         if reward_model is not None:
@@ -197,9 +204,15 @@ class RewardFunctions:
         applied = np.zeros(n, dtype=bool)
         if self.reward_model is not None:
             # a (prompts, responses) scorer gets each prompt's text (the last user message); one
-            # that declares accepts_messages (rlhf_env.RewardModel) gets message lists whole, so a
-            # reward model trained with system messages scores with them
-            texts = list(prompts) if getattr(self.reward_model, "accepts_messages", False) else [prompt_text(p) for p in prompts]
+            # that declares accepts_messages (rlhf_env.RewardModel) gets message lists whole, the
+            # env's system message included, so a reward model trained with system messages scores
+            # what the policy answered
+            if not getattr(self.reward_model, "accepts_messages", False):
+                texts = [prompt_text(p) for p in prompts]
+            elif isinstance(self.system_prompt, str):
+                texts = [as_messages(p, self.system_prompt) for p in prompts]
+            else:
+                texts = list(prompts)
             model_scores = self._checked(self.reward_model, "the reward model", n, prompts, lambda: self.reward_model(texts, list(responses)), allow_none=False)
             scores += model_scores
             applied[:] = True

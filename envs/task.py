@@ -51,7 +51,7 @@ class Task:
         self.tokenizer = tokenizer
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.system_prompt = system_prompt
-        self.reward = RewardFunctions(reward_funcs, reward_weights, reward_model, column_names(self.rows))
+        self.reward = RewardFunctions(reward_funcs, reward_weights, reward_model, column_names(self.rows), system_prompt)
         # a one-string view of each prompt (the text of a message list's last user turn), for
         # infos, logs and (prompts, responses) reward models
         self.prompts = [prompt_text(row["prompt"]) for row in self.rows]

@@ -38,7 +38,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n-envs", type=int, default=None, help="parallel envs (default: the YAML's n_envs, else 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--tensorboard-log", "-tb", default=None, help="TensorBoard root; runs go to DIR/ALGO_k (-tb as in rl-zoo3)")
-    p.add_argument("--save", default=None, help="write the trained model to this .zip")
+    p.add_argument("--save", default=None, help="write the trained model to this .zip (what --resume needs to continue exactly)")
+    p.add_argument("--save-only-model", action="store_true",
+                   help="--save without the optimizer state (Hugging Face's save_only_model): a third of a text agent's "
+                   "zip with Adam; --resume of it continues with a fresh optimizer")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="export the trained language-model policy as a Hugging Face folder (LoRA merged, tokenizer, "
                    "rlhf_env_training.json) that from_pretrained and gym.make('TextRLHF-v0', model=DIR) load")
@@ -114,6 +117,8 @@ def run(args) -> int:
         if args.task is None:
             raise ValueError("--env is required (or --task, which trains on ReasoningGym-v0)")
         args.env = "ReasoningGym-v0"
+    if args.save_only_model and not args.save:
+        raise ValueError("--save-only-model applies to --save: pass --save PATH.zip too")
     text = is_text_env(args.env)
     env_kwargs = env_kwargs_of(args)
     if env_kwargs and not text and args.vec_env is None and (args.task or args.dataset):
@@ -172,7 +177,7 @@ def run(args) -> int:
     print(f"trained {args.algo} on {args.env}: {done} steps in {elapsed:.1f} s"
           + (f" ({model.num_timesteps} in all)" if args.resume else ""))
     if args.save:
-        model.save(args.save)
+        model.save(args.save, save_only_model=args.save_only_model)
         print(f"saved {args.save}")
     if args.export:
         print(f"exported the policy to {model.save_pretrained(args.export)}")
