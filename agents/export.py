@@ -3,8 +3,8 @@
 The folder holds the actor with any LoRA adapters merged into its weights (so
 ``AutoModelForCausalLM.from_pretrained(dir)`` reads it without ``peft``), its tokenizer
 (chat template included) and ``rlhf_env_training.json``, a small record of how it was
-trained (algorithm, base model, steps, hyperparameters). ``load_lm(dir)`` and
-``gym.make("TextRLHF-v0", model=dir)`` accept it. The folder is written to a temporary
+trained (algorithm, base model, steps, hyperparameters, the env and its reward model).
+``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` accept it. The folder is written to a temporary
 sibling and renamed into place.
 """
 
@@ -32,6 +32,42 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return repr(value)
+
+
+def env_description(env: Any) -> dict[str, Any] | None:
+    """What an exported policy was trained on, for ``rlhf_env_training.json``: the env id,
+    its reward model as the user named it (a name, or a folder by its absolute path; a
+    callable by its name, which nothing can load back; None for reward functions alone),
+    ``max_new_tokens``, ``max_prompt_tokens``, ``system_prompt`` (a string, None, or
+    ``"TEMPLATE_DEFAULT"``) and the KL coefficient in force. None when ``env`` holds no text env."""
+    from agents.text_rollout import find_text_env
+
+    text_env = find_text_env(env) if env is not None else None
+    if text_env is None:
+        return None
+    spec = None
+    for candidate in (env, getattr(env, "env", None), getattr(getattr(env, "env", None), "unwrapped", None), text_env):
+        spec = getattr(candidate, "spec", None)
+        if spec is not None:
+            break
+    named = (spec.kwargs or {}).get("reward_model") if spec is not None else None
+    actual = getattr(text_env, "reward_model", None)
+    if actual is None:
+        reward = None
+    elif isinstance(named, (str, os.PathLike)):
+        reward = os.path.abspath(os.path.expanduser(named)) if os.path.isdir(os.path.expanduser(named)) else str(named)
+    else:
+        reward = f"callable {getattr(actual, '__name__', type(actual).__name__)}"
+    task = getattr(text_env, "task", None)
+    system = getattr(task, "system_prompt", None)
+    return {
+        "id": getattr(spec, "id", None),
+        "reward_model": reward,
+        "max_new_tokens": getattr(text_env, "max_new_tokens", None),
+        "max_prompt_tokens": getattr(text_env, "max_prompt_tokens", None),
+        "system_prompt": system if system is None or isinstance(system, str) else repr(system),
+        "kl_coef": float(text_env.kl_coef) if getattr(text_env, "kl_coef", None) is not None else None,
+    }
 
 
 def save_pretrained(model: nn.Module, tokenizer: Any, directory: os.PathLike | str, training: dict[str, Any] | None = None) -> Path:

@@ -20,6 +20,7 @@ import torch
 
 from agents import distributed
 from agents.atomic import atomic_file
+from agents.export import env_description
 from agents.utils import get_device
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class SaveLoadMixin:
             "num_timesteps": self.num_timesteps,
             "n_updates": self._n_updates,
             "optimizer_state": with_optimizer,
+            "env": env_description(self.env),  # a text env's id, reward model, lengths (rlhf-env eval reads it)
             "torch_version": torch.__version__,
             "python_version": sys.version.split()[0],
         }
@@ -153,7 +155,8 @@ class SaveLoadMixin:
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Export the trained language model as a Hugging Face folder: the actor with any
         LoRA adapters merged, its tokenizer, and ``rlhf_env_training.json`` (algorithm, base
-        model, steps, hyperparameters). ``AutoModelForCausalLM.from_pretrained(dir)``,
+        model, steps, hyperparameters, and under ``"env"`` the env id, reward model,
+        ``max_new_tokens`` and system prompt, which ``rlhf-env eval DIR`` judges with). ``AutoModelForCausalLM.from_pretrained(dir)``,
         ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` load it. (:meth:`save`
         writes a checkpoint to resume training instead.)
 
@@ -167,7 +170,7 @@ class SaveLoadMixin:
         hyper = {k: v for k, v in self.__dict__.items()
                  if k not in self._excluded_save_params and not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
         info = {"algorithm": type(self).__name__, "num_timesteps": self.num_timesteps, "n_updates": self._n_updates,
-                "hyperparameters": hyper, "policy_kwargs": self.policy_kwargs}
+                "hyperparameters": hyper, "policy_kwargs": self.policy_kwargs, "env": env_description(self.env)}
         return os.fspath(self.policy.save_pretrained(directory, training=info))
 
     @classmethod

@@ -222,10 +222,39 @@ def test_cli_train_export_writes_a_loadable_folder(tmp_path):
                    "  policy_kwargs: \"dict(train_layers=1)\"\n")
     out = tmp_path / "policy"
     assert main(["train", "--algo", "ppo", "--env", "TextRLHF-tiny-v0", "--hyperparams", str(yml), "--timesteps", "8",
-                 "--eval-episodes", "0", "--verbose", "0", "--export", str(out)]) == 0
+                 "--eval-episodes", "0", "--verbose", "0", "--export", str(out), "--save", str(tmp_path / "agent.zip"),
+                 "--env-kwargs", '{"reward_model": "sentiment", "max_new_tokens": 3, "system_prompt": "Be kind.", "max_prompt_tokens": 96}']) == 0
     info = json.loads((out / "rlhf_env_training.json").read_text())
     assert info["algorithm"] == "PPO" and info["train_layers"] == 1 and info["num_timesteps"] >= 8
+    assert info["env"] == {"id": "TextRLHF-tiny-v0", "reward_model": "sentiment", "max_new_tokens": 3, "max_prompt_tokens": 96,
+                           "system_prompt": "Be kind.", "kl_coef": info["env"]["kl_coef"]}
+    with zipfile.ZipFile(tmp_path / "agent.zip") as archive:  # the agent's zip records the same
+        assert json.loads(archive.read("header.json"))["env"] == info["env"]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+def test_cli_eval_judges_an_export_with_the_reward_it_was_trained_on(tmp_path, monkeypatch, capsys):
+    """`rlhf-env eval DIR` without --reward uses the reward model and response length recorded
+    in the export (a policy trained on "sentiment" was judged by the default reward model
+    before); --reward wins; a callable reward cannot be loaded back: the default, said so."""
+    import rlhf_env.evaluate
+    from agents.export import TRAINING_FILE
+    from rlhf_env.cli import main
+
+    seen = []
+    monkeypatch.setattr(rlhf_env.evaluate, "evaluate", lambda policy, reference, reward, **kw: seen.append((reward, kw.get("max_new_tokens"))) or {})
+    monkeypatch.setattr(rlhf_env.evaluate, "format_table", lambda report: "")
+    for name, reward in (("named", "sentiment"), ("folder", str(tmp_path)), ("callable", "callable my_reward"), ("old", None)):
+        (tmp_path / name).mkdir()
+        env = {"env": {"reward_model": reward, "max_new_tokens": 12}} if reward else {}
+        (tmp_path / name / TRAINING_FILE).write_text(json.dumps({"base_model": "tiny", **env}))
+    for name in ("named", "folder", "callable", "old"):
+        assert main(["eval", str(tmp_path / name)]) == 0
+    assert main(["eval", str(tmp_path / "named"), "--reward", "tiny", "--max-new-tokens", "5"]) == 0
+    assert seen == [("sentiment", 12), (str(tmp_path), 12), ("default", 12), ("default", None), ("tiny", 5)]
+    out = capsys.readouterr().out
+    assert f"reward (--reward): sentiment (recorded in {tmp_path / 'named'})" in out
+    assert "trained with callable my_reward, which cannot be loaded by name" in out
 
 
 def test_cli_eval_of_an_exported_folder_judges_it_against_its_base_model(tmp_path, monkeypatch, capsys):

@@ -28,9 +28,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--samples", "-k", type=int, default=4, help="samples per row for mean@K and pass@K (0: greedy only)")
     p.add_argument("--no-greedy", action="store_true", help="skip greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="completion length (default: the task's)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="completion length (default: the task's; without --task the exported folder's training length, else 48)")
     p.add_argument("--reference", default=None, help="without --task: the policy's starting model (default: the agent's, or the base model recorded in an exported folder, else smollm2-135m)")
-    p.add_argument("--reward", default="default", help="without --task: reward model ('default', 'sentiment', 'tiny' or a directory)")
+    p.add_argument("--reward", default=None,
+                   help="without --task: reward model ('default', 'sentiment', 'tiny' or a directory; default: the one an "
+                   "exported folder was trained with, recorded in its rlhf_env_training.json, else 'default')")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="torch device")
@@ -64,16 +67,44 @@ def load_policy(path: str, device: str = "cpu"):
     return agent
 
 
+def _training_info(policy: str) -> dict:
+    """How a policy was trained: an exported folder's ``rlhf_env_training.json``, or for an
+    agent ``.zip`` its ``header.json`` (which records the env too); {} for a model name."""
+    import os
+    import zipfile
+
+    from rlhf_env.agents.export import read_training_info
+
+    if os.path.isdir(policy):
+        return read_training_info(policy) or {}
+    if policy.endswith(".zip") and os.path.isfile(policy):
+        with zipfile.ZipFile(policy) as archive:
+            return json.loads(archive.read("header.json")) if "header.json" in archive.namelist() else {}
+    return {}
+
+
 def default_reference(policy: str) -> str:
     """The starting model a policy folder is judged against: the base model recorded in an
     exported folder's ``rlhf_env_training.json`` (a policy trained from "tiny" against
     "tiny", not against SmolLM2), else the shipped starting model, smollm2-135m."""
+    info = _training_info(policy)
+    return str(info["base_model"]) if info.get("base_model") else "smollm2-135m"
+
+
+def default_reward(policy: str) -> tuple[str, str]:
+    """``(reward, where it comes from)``: the reward model an exported folder or agent zip
+    was trained with (:func:`_training_info`), when it is one that can be loaded by name or
+    folder, else ``"default"``."""
     import os
 
-    from rlhf_env.agents.export import read_training_info
+    from rlhf_env.rewards import REWARD_NAMES
 
-    info = read_training_info(policy) if os.path.isdir(policy) else None
-    return str(info["base_model"]) if info and info.get("base_model") else "smollm2-135m"
+    recorded = (_training_info(policy).get("env") or {}).get("reward_model")
+    if isinstance(recorded, str) and (recorded.lower() in REWARD_NAMES or os.path.isdir(recorded)):
+        return recorded, f"recorded in {policy}"
+    if recorded:
+        return "default", f"the export was trained with {recorded}, which cannot be loaded by name"
+    return "default", "the shipped default"
 
 
 def run(args) -> int:
@@ -110,8 +141,16 @@ def run(args) -> int:
         if reference is None and isinstance(policy, str):
             reference = default_reference(policy)
             print(f"reference (--reference): {reference}")
-        report = evaluate(policy, reference=reference, reward=args.reward, seed=args.seed, device=args.device,
-                          progress=progress, out=args.out)
+        reward = args.reward
+        if reward is None:
+            reward, source = default_reward(args.policy)
+            print(f"reward (--reward): {reward} ({source})")
+        kwargs = {}
+        recorded_length = (_training_info(args.policy).get("env") or {}).get("max_new_tokens")
+        if args.max_new_tokens is not None or recorded_length:
+            kwargs["max_new_tokens"] = args.max_new_tokens or int(recorded_length)
+        report = evaluate(policy, reference=reference, reward=reward, seed=args.seed, device=args.device,
+                          progress=progress, out=args.out, **kwargs)
         print(format_table(report))
     if args.out:
         print(f"wrote {args.out}")
