@@ -53,6 +53,7 @@ import torch
 
 from agents.group_rollout import GroupRolloutAlgorithm
 from agents.lm_forward import (
+    HeadOptions,
     evaluate_kept,
     evaluate_kept_shared,
     evaluate_shared_context,
@@ -306,14 +307,14 @@ class GRPO(GroupRolloutAlgorithm):
         # blocks run on the actor's hidden state at block `split` (kept from the rollout, or
         # captured in the update's forward); else one forward of its own per micro-batch
         trunk, split = self._shared_trunk() if with_ref else (None, 0)
-        kw = dict(temperature=core.temperature, top_k=core.top_k, with_entropy=True, entropy_grad=self.ent_coef != 0)
+        options = HeadOptions(temperature=core.temperature, top_k=core.top_k, entropy_grad=self.ent_coef != 0)
         ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
         kept = kept_trunk_batch(policy.actor, micro)
         lengths = [len(s) for s in micro]
         if kept is not None and shared_context(micro):
             # kept frozen-trunk states of one group: only the top blocks run, the prompt once
             kept_split = kept[2]
-            log_prob, entropy, _ = evaluate_kept_shared(policy.actor, micro, kept_split, targets, value_head=None, **kw)
+            log_prob, entropy, _ = evaluate_kept_shared(policy.actor, micro, kept_split, targets, options)
             if with_ref and split == kept_split:
                 reference_top_logprobs_shared(core, trunk, split, micro)
             elif with_ref:
@@ -322,7 +323,7 @@ class GRPO(GroupRolloutAlgorithm):
             # the frozen trunk's output was kept by the rollout: only the top blocks run
             hidden, kept_mask, kept_split = kept
             log_prob, entropy, _ = evaluate_kept(
-                policy.actor, hidden, kept_mask, kept_split, positions, targets, value_head=None, lengths=lengths, **kw
+                policy.actor, hidden, kept_mask, kept_split, positions, targets, options, lengths=lengths
             )
             if with_ref and split == kept_split:
                 reference_top_logprobs(core, trunk, split, hidden, kept_mask, micro, positions, targets)
@@ -332,14 +333,14 @@ class GRPO(GroupRolloutAlgorithm):
             # one group's responses: the prompt runs once (for the reference too)
             if with_ref:
                 reference_logprobs(core, micro, device)
-            log_prob, entropy, _ = evaluate_shared_context(policy.actor, micro, core.pad_id, value_head=None, **kw)
+            log_prob, entropy, _ = evaluate_shared_context(policy.actor, micro, core.pad_id, options)
         else:
             if with_ref and not split:
                 reference_logprobs(core, micro, device)
             with contextlib.ExitStack() as stack:
                 captured = stack.enter_context(trunk.capture(split)) if split and with_ref else None
-                log_prob, entropy, _ = evaluate_tokens(policy.actor, ids, attn, positions, targets, value_head=None,
-                                                       lengths=lengths, **kw)
+                log_prob, entropy, _ = evaluate_tokens(policy.actor, ids, attn, positions, targets, options,
+                                                       lengths=lengths)
             if captured is not None:
                 if "hidden" not in captured:
                     raise RuntimeError("the actor's forward did not reach the captured block (no hidden state recorded)")

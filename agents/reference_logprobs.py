@@ -22,7 +22,14 @@ from typing import Any, Sequence
 
 import torch
 
-from agents.lm_forward import evaluate_shared_context, evaluate_tokens, kept_trunk_batch
+from agents.lm_forward import (
+    HeadOptions,
+    evaluate_kept,
+    evaluate_kept_shared,
+    evaluate_shared_context,
+    evaluate_tokens,
+    kept_trunk_batch,
+)
 from agents.segments import TextSegment, group_by_context, micro_batches, pack_segments, shared_context
 
 
@@ -30,6 +37,12 @@ def _store(micro: Sequence[TextSegment], ref_log_prob: torch.Tensor) -> None:
     ref_log_prob = ref_log_prob.float().cpu()
     for i, seg in enumerate(micro):
         seg.ref_logprobs = ref_log_prob[i, : len(seg)].clone()
+
+
+def _reference_options(core: Any) -> HeadOptions:
+    """The reference's distribution, :meth:`envs.lm_core.LMCore.ref_log_probs`: the env's
+    temperature, no top-k; log-probs only."""
+    return HeadOptions(temperature=core.temperature, top_k=0, with_entropy=False)
 
 
 def shared_trunk(core: Any, reference_share: str) -> tuple[Any, int]:
@@ -52,29 +65,19 @@ def reference_top_logprobs(
     ``split ..`` (its own decoder code: :func:`envs.trunk_states.top_hidden`) run on the
     actor's input of block ``split`` (the tensor the reference's equal, frozen lower blocks
     would produce), right-padded ``(B, L, H)`` with its ``(B, L)`` mask."""
-    from envs.trunk_states import top_hidden
-
-    parts = trunk.ref_parts
-    h = top_hidden(parts, split, hidden.detach(), attention_mask)
-    index = positions.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-    logits = parts["head"](torch.gather(h, 1, index))
-    _store(micro, torch.gather(core.ref_log_probs(logits), -1, targets.unsqueeze(-1)).squeeze(-1))
+    ref_log_prob, _, _ = evaluate_kept(trunk.ref_parts, hidden.detach(), attention_mask, split, positions, targets,
+                                       _reference_options(core))
+    _store(micro, ref_log_prob)
 
 
 @torch.no_grad()
 def reference_top_logprobs_shared(core: Any, trunk: Any, split: int, micro: Sequence[TextSegment]) -> None:
     """:func:`reference_top_logprobs` for a group's responses to one prompt (their kept
     trunk states, :func:`agents.segments.shared_context`): the prompt's top blocks run
-    once (:func:`agents.lm_forward.kept_shared_hidden`) and the head only on the real
+    once (:func:`agents.lm_forward.evaluate_kept_shared`) and the head only on the real
     response tokens."""
-    from agents.lm_forward import kept_shared_hidden
-
-    h = kept_shared_hidden(trunk.ref_parts, split, micro)
-    real = torch.arange(h.shape[1], device=h.device)[None] < torch.tensor([len(s) for s in micro], device=h.device)[:, None]
-    targets = torch.cat([s.response_ids for s in micro]).to(h.device)
-    logp = torch.gather(core.ref_log_probs(trunk.ref_parts["head"](h[real])), -1, targets[:, None]).squeeze(-1)
-    out = torch.zeros(real.shape, dtype=logp.dtype, device=h.device).masked_scatter(real, logp)
-    _store(micro, out)
+    ref_log_prob, _, _ = evaluate_kept_shared(trunk.ref_parts, micro, split, options=_reference_options(core))
+    _store(micro, ref_log_prob)
 
 
 @torch.no_grad()
@@ -83,16 +86,12 @@ def reference_logprobs(core: Any, micro: Sequence[TextSegment], device: torch.de
     teacher-forced forward of the reference."""
     if not micro:
         return
+    options = _reference_options(core)
     if shared_context(micro):  # one group's responses: the prompt runs once
-        ref_log_prob, _, _ = evaluate_shared_context(
-            core.reference, micro, core.pad_id, temperature=core.temperature, top_k=0, with_entropy=False,
-        )
+        ref_log_prob, _, _ = evaluate_shared_context(core.reference, micro, core.pad_id, options)
     else:
         ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
-        ref_log_prob, _, _ = evaluate_tokens(
-            core.reference, ids, attn, positions, targets, value_head=None,
-            temperature=core.temperature, top_k=0, with_entropy=False,
-        )
+        ref_log_prob, _, _ = evaluate_tokens(core.reference, ids, attn, positions, targets, options)
     _store(micro, ref_log_prob)
 
 

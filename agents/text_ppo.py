@@ -39,7 +39,7 @@ import torch
 
 from agents import distributed
 from agents.kl_controller import get_env_kl_coef, make_kl_controller, set_env_kl_coef
-from agents.lm_forward import evaluate_kept, evaluate_tokens, kept_trunk_batch
+from agents.lm_forward import HeadOptions, evaluate_kept, evaluate_tokens, kept_trunk_batch
 from agents.losses import approx_kl, clip_fraction, clipped_surrogate, token_gae, value_loss
 from agents.segments import (
     TextSegment,
@@ -365,20 +365,16 @@ class TextPPOMixin:
         policy.optimizer.zero_grad(set_to_none=True)
         # longest first, so micro-batches hold responses of similar length
         batch = sorted(batch, key=lambda s: len(s.context_ids) + len(s), reverse=True)
+        options = HeadOptions(temperature=core.temperature, top_k=core.top_k, entropy_grad=self.ent_coef != 0,
+                              value_head=policy._values)
         for micro in micro_batches(batch, micro_batch_tokens, lambda s: len(s.context_ids) + len(s)):
             ids, attn, positions, targets = pack_segments(micro, core.pad_id, device)
             mask = response_mask(micro, device)
             kept = kept_trunk_batch(policy.actor, micro)
             if kept is not None:  # the rollout kept the frozen trunk's output: only the top blocks run
-                log_prob, entropy, values = evaluate_kept(
-                    policy.actor, *kept, positions, targets, value_head=policy._values,
-                    temperature=core.temperature, top_k=core.top_k, entropy_grad=self.ent_coef != 0,
-                )
+                log_prob, entropy, values = evaluate_kept(policy.actor, *kept, positions, targets, options)
             else:
-                log_prob, entropy, values = evaluate_tokens(
-                    policy.actor, ids, attn, positions, targets, value_head=policy._values,
-                    temperature=core.temperature, top_k=core.top_k, entropy_grad=self.ent_coef != 0,
-                )
+                log_prob, entropy, values = evaluate_tokens(policy.actor, ids, attn, positions, targets, options)
             log_ratio = log_prob - pad_field(micro, "old_logprobs", device)
             ratio = torch.exp(log_ratio)
             pg_losses = clipped_surrogate(ratio, pad_field(micro, "advantages", device), clip_range)

@@ -155,7 +155,7 @@ def response_logprobs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[
     :param temperature: the softmax of ``logits / temperature`` (the env's distribution)
     :return: one float tensor per response (``None`` for an empty response)
     """
-    from rlhf_env.agents.lm_forward import evaluate_segments
+    from rlhf_env.agents.lm_forward import HeadOptions, evaluate_segments
     from rlhf_env.agents.segments import TextSegment
     from rlhf_env.models import encode_prompt, encode_response
 
@@ -174,7 +174,7 @@ def response_logprobs(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[
             for i in chunk:
                 z = torch.zeros(len(ids[i]))
                 segs.append(TextSegment(torch.tensor(encode_prompt(tokenizer, prompts[i])), torch.tensor(ids[i]), z, z, z, z))
-            lps = evaluate_segments(model, segs, pad, temperature=temperature, with_entropy=False).logprobs
+            lps = evaluate_segments(model, segs, pad, HeadOptions(temperature=temperature, with_entropy=False)).logprobs
             for i, lp in zip(chunk, lps):
                 out[i] = lp.float().cpu()
     finally:

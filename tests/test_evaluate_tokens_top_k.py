@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rlhf_env  # noqa: F401
-from agents.lm_forward import evaluate_segments
+from agents.lm_forward import HeadOptions, evaluate_segments
 from agents.segments import TextSegment
 from rlhf_env.registration import make_text_vec_env
 from tests.conftest import PROMPTS
@@ -43,8 +43,8 @@ def test_evaluate_segments_uses_the_env_sampling_distribution(tiny_lm_dir, lengt
     ]
     pad = core.pad_id
     with torch.no_grad():
-        evaluated = evaluate_segments(core.actor, segments, pad, temperature=temperature, top_k=top_k)
-        without_top_k = evaluate_segments(core.actor, segments, pad, temperature=temperature)
+        evaluated = evaluate_segments(core.actor, segments, pad, HeadOptions(temperature=temperature, top_k=top_k))
+        without_top_k = evaluate_segments(core.actor, segments, pad, HeadOptions(temperature=temperature))
     for seg, new in zip(segments, evaluated.logprobs):
         np.testing.assert_allclose(new.numpy(), seg.old_logprobs.numpy(), atol=1e-5)
     # the top-k renormalisation matters: leaving it out changes every log-prob

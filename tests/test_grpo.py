@@ -129,7 +129,7 @@ def test_env_without_reference_logprobs(tiny_lm_dir, tiny_prompts, length_reward
 def test_shared_context_forward_equals_the_full_forward_with_gradients(tiny_lm_dir):
     """A group's responses to one prompt: the prompt run once (KV cache repeated) gives the
     log-probs, entropies and gradients of one full teacher-forced forward per response."""
-    from agents.lm_forward import evaluate_shared_context, evaluate_tokens
+    from agents.lm_forward import HeadOptions, evaluate_shared_context, evaluate_tokens
     from agents.segments import TextSegment, group_by_context, pack_segments, shared_context
     from rlhf_env.models import load_lm
 
@@ -146,10 +146,10 @@ def test_shared_context_forward_equals_the_full_forward_with_gradients(tiny_lm_d
     outputs, grads = [], []
     for shared in (False, True):
         if shared:
-            out = evaluate_shared_context(model, segs, tok.pad_token_id, temperature=0.7)
+            out = evaluate_shared_context(model, segs, tok.pad_token_id, HeadOptions(temperature=0.7))
         else:
             ids, attn, positions, targets = pack_segments(segs, tok.pad_token_id)
-            out = evaluate_tokens(model, ids, attn, positions, targets, temperature=0.7)
+            out = evaluate_tokens(model, ids, attn, positions, targets, HeadOptions(temperature=0.7))
         (out[0][mask].sum() + out[1][mask].sum()).backward()
         outputs.append([x.detach() for x in out[:2]])
         grads.append([p.grad.clone() for p in model.parameters()])

@@ -12,7 +12,7 @@ import torch
 
 import rlhf_env  # noqa: F401  (registers the envs)
 from agents import PPO
-from agents.lm_forward import evaluate_segments
+from agents.lm_forward import HeadOptions, evaluate_segments
 from agents.losses import token_gae
 from agents.segments import TextSegment, micro_batches
 from agents.text_ppo import RunningMeanStd, compute_advantages, shape_scores, TextPPOState, RLHFConfig
@@ -81,7 +81,7 @@ def test_one_forward_per_response_equals_independent_forwards(tiny_lm_dir):
         resp = torch.randint(3, len(tok), (n,))
         z = torch.zeros(n)
         segs.append(TextSegment(ctx, resp, z, z, z, z))
-    out = evaluate_segments(model, segs, tok.pad_token_id, value_head=head, temperature=0.7)
+    out = evaluate_segments(model, segs, tok.pad_token_id, HeadOptions(temperature=0.7, value_head=head))
     for seg, lp, ent, v in zip(segs, out.logprobs, out.entropies, out.values):
         ids = torch.cat([seg.context_ids, seg.response_ids])[None]
         full = model(ids, output_hidden_states=True)

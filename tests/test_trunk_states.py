@@ -12,7 +12,7 @@ import torch
 
 import rlhf_env  # noqa: F401
 from agents import GRPO, PPO
-from agents.lm_forward import evaluate_kept, evaluate_tokens, kept_trunk_batch
+from agents.lm_forward import HeadOptions, evaluate_kept, evaluate_tokens, kept_trunk_batch
 from agents.segments import pack_segments
 from agents.policies.lm import set_trainable
 
@@ -25,12 +25,10 @@ def _compare(policy, segments, values: bool) -> None:
     assert kept is not None
     ids, attn, positions, targets = pack_segments(segments, core.pad_id)
     assert kept[0].shape[1] == ids.shape[1] - 1  # every token but the last
-    value_head = policy._values if values else None
+    options = HeadOptions(temperature=core.temperature, top_k=core.top_k, value_head=policy._values if values else None)
     with torch.no_grad():
-        full = evaluate_tokens(policy.actor, ids, attn, positions, targets, value_head=value_head,
-                               temperature=core.temperature, top_k=core.top_k)
-        fast = evaluate_kept(policy.actor, *kept, positions, targets, value_head=value_head,
-                             temperature=core.temperature, top_k=core.top_k)
+        full = evaluate_tokens(policy.actor, ids, attn, positions, targets, options)
+        fast = evaluate_kept(policy.actor, *kept, positions, targets, options)
     mask = torch.zeros_like(full[0], dtype=torch.bool)
     for i, s in enumerate(segments):
         mask[i, : len(s)] = True
@@ -213,16 +211,16 @@ def test_group_prompt_once_on_kept_states_equals_the_full_forward_with_gradients
         for i, s in enumerate(group):
             mask[i, : len(s)] = True
         kept = kept_trunk_batch(policy.actor, group)
-        kw = dict(temperature=core.temperature, top_k=core.top_k)
+        options = HeadOptions(temperature=core.temperature, top_k=core.top_k)
         outputs, grads = {}, {}
         for name in ("full", "kept", "shared"):
             if name == "shared":
-                out = evaluate_kept_shared(policy.actor, group, kept[2], targets, **kw)
+                out = evaluate_kept_shared(policy.actor, group, kept[2], targets, options)
                 assert float(out[0].detach()[~mask].abs().sum()) == 0.0  # padding entries are 0
             elif name == "kept":
-                out = evaluate_kept(policy.actor, *kept, positions, targets, **kw)
+                out = evaluate_kept(policy.actor, *kept, positions, targets, options)
             else:
-                out = evaluate_tokens(policy.actor, ids, attn, positions, targets, **kw)
+                out = evaluate_tokens(policy.actor, ids, attn, positions, targets, options)
             (out[0][mask].sum() + out[1][mask].sum()).backward()
             outputs[name] = [x.detach()[mask] for x in out[:2]]
             grads[name] = [p.grad.clone() for p in params]
