@@ -22,14 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
-from agents.lm_forward import (
-    HeadOptions,
-    evaluate_kept,
-    evaluate_kept_shared,
-    evaluate_shared_context,
-    evaluate_tokens,
-    kept_trunk_batch,
-)
+from agents.lm_forward import HeadOptions, evaluate_kept, evaluate_kept_shared, evaluate_shared_context, evaluate_tokens
+from agents.lm_forward import kept_trunk_batch
 from agents.segments import TextSegment, group_by_context, micro_batches, pack_segments, shared_context
 
 
