@@ -106,12 +106,12 @@ def is_main_process() -> bool:
 def local_device(device: torch.device | str) -> torch.device:
     """``cuda`` without an index becomes ``cuda:LOCAL_RANK`` under torchrun (one GPU per rank).
 
-    :raises ValueError: naming a string that is no torch device
+    :raises ValueError: a string that is no torch device, or a device this machine lacks
+        (``envs.device.check_device``)
     """
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from exc
+    from envs.device import check_device
+
+    device = check_device(device)
     if device.type == "cuda" and device.index is None and launched_by_torchrun():
         return torch.device("cuda", local_rank())
     return device

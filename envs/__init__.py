@@ -18,6 +18,7 @@ _LAZY = {
     "encode_prompt": ".prompt",
     "TEMPLATE_DEFAULT": ".prompt",
     "RewardFunctionError": ".reward_funcs",
+    "check_device": ".device",
 }
 
 __all__ = list(_LAZY)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from envs.contexts import Contexts
+from envs.device import check_device
 from envs.lm_core import LMCore, build_core
 from envs.prompt import TEMPLATE_DEFAULT, prompt_text
 from envs.reference import check_reference_share
@@ -311,10 +312,7 @@ def check_config(
             raise ValueError(f"{name} must be >= 1, got {value}")
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float, np.number)) or not kl_coef >= 0:
         raise ValueError(f"kl_coef must be a number >= 0 (the weight of the KL penalty), got {kl_coef!r}")
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    check_device(device)  # a GPU this machine lacks is one clear line, before the model load
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if render_mode is not None and render_mode not in modes:

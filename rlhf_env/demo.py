@@ -231,6 +231,9 @@ def run_demo(
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
+    from rlhf_env.envs.device import check_device
+
+    check_device(cfg.device)  # else the default reward model's fallback to VADER would hide it
     reward, reward_name = _resolve_demo_reward(cfg.reward, cfg.device, log)
     log(f"[demo] model {cfg.model}, reward: {reward_name}")
     env = gym.make_vec(

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from rlhf_env.agents.atomic import atomic_dir
+from rlhf_env.envs.device import check_device
 from rlhf_env.envs.prompt import encode_prompt  # noqa: F401 (re-exported: the one place a prompt becomes ids)
 
 SHIPPED_MODELS: dict[str, str] = {
@@ -346,8 +347,10 @@ def load_lm(
         ``"float16"``; ``None`` means float32.
     :return: ``(model, tokenizer)``: a ``PreTrainedModel`` in eval mode and its tokenizer,
         which has an EOS token and a pad token (EOS when the model defines none).
-    :raises ValueError: for an unknown name or a missing directory, listing the shipped names.
+    :raises ValueError: for an unknown name or a missing directory, listing the shipped names;
+        for a device this machine lacks (``device="cuda"`` without a GPU).
     """
+    check_device(device)  # before the load, not torch's AssertionError halfway through it
     torch_dtype = _resolve_dtype(dtype)
     name = os.fspath(name_or_path)
     if name == "smollm2-135m":

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         # under torchrun only rank 0 reports; the other ranks still print errors (stderr)
         sys.stdout = open(os.devnull, "w")
     try:
+        if getattr(args, "device", None) is not None:  # a GPU this machine lacks: one line before any work
+            from rlhf_env.envs.device import check_device
+
+            check_device(args.device)
         result = args.func(args)
     except KeyboardInterrupt as exc:
         # agents.guards.TrainingInterrupted carries the final checkpoint it wrote
