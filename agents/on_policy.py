@@ -24,7 +24,7 @@ from agents.callbacks import BaseCallback
 from agents.fast_kernels import clip_grad_norm
 from agents.guards import check_finite, check_number, training_guard
 from agents.preprocessing import as_tensor
-from agents.utils import safe_mean
+from agents.utils import init_parameters, safe_mean, unexpected_keyword
 from agents.vec_env import VecEnvAdapter
 
 
@@ -73,7 +73,14 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         supported_action_spaces: tuple[type[spaces.Space], ...] | None = None,
         n_envs: int = 1,
         env_kwargs: dict[str, Any] | None = None,
+        **unexpected: Any,
     ):
+        if unexpected:  # a misspelt keyword names the agent and the closest argument, not this base class
+            raise unexpected_keyword(
+                type(self).__name__, unexpected, init_parameters(type(self)),
+                "; text settings (target_kl, kl_coef, ...) go in rlhf=dict(...), policy ones in policy_kwargs=dict(...)"
+                if "rlhf" in init_parameters(type(self)) else "; policy settings go in policy_kwargs=dict(...)",
+            )
         if use_sde:
             raise ValueError("use_sde=True is not supported by agents; pass use_sde=False")
         check_number("n_steps", n_steps, low=1, integer=True)

@@ -1,5 +1,6 @@
 """Small helpers every agent uses (SB3's ``common/utils``): the device, seeding, means of
-episode statistics, the explained variance and the name of the env a model trains on."""
+episode statistics, the explained variance, the name of the env a model trains on, and the
+error for a misspelt keyword argument."""
 
 from __future__ import annotations
 
@@ -17,6 +18,30 @@ def get_device(device: torch.device | str = "auto") -> torch.device:
     if device == "auto" or device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return distributed.local_device(device)  # under torchrun: cuda -> cuda:LOCAL_RANK
+
+
+def unexpected_keyword(owner: str, unexpected: dict[str, Any], known: Iterable[str], hint: str = "") -> TypeError:
+    """The ``TypeError`` for keyword arguments ``owner`` does not take, naming the closest
+    known one (``learning_rat`` -> ``learning_rate``), else ``hint`` (where such settings go)."""
+    import difflib
+
+    known = sorted({k for k in known if not k.startswith("_") and k not in ("self", "args", "kwargs", "supported_action_spaces")})
+    key = sorted(unexpected)[0]
+    close = difflib.get_close_matches(key, known, n=1)
+    advice = f"; did you mean {close[0]!r}?" if close else hint
+    return TypeError(f"{owner} got an unexpected keyword argument {key!r}{advice} (its arguments: {', '.join(known)})")
+
+
+def init_parameters(cls: type) -> set[str]:
+    """The keyword names the ``__init__`` methods along ``cls``'s MRO accept."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names |= {n for n, p in inspect.signature(init).parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return names
 
 
 def set_random_seed(seed: int) -> None:

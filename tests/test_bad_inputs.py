@@ -74,6 +74,8 @@ class _KindnessReward:
         return [float("kind" in r) for r in responses]
 
 
+NO_GPU = r"device 'cuda:99' (asks for a GPU but .*use device='cpu'|: this machine has \d+ CUDA GPU)"
+
 ENV_CASES = {
     "max_new_tokens negative": (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be >= 1, got -1"),
     "max_new_tokens float": (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an integer"),
@@ -88,6 +90,8 @@ ENV_CASES = {
     "reward folder missing": (dict(reward_model="{d}/no_rm"), ValueError, "no_rm"),
     "reward wrong type": (dict(reward_model=42), ValueError, "unknown reward_model 42"),
     "device unknown": (dict(device="bogus"), ValueError, "device 'bogus' is not a torch device"),
+    # not torch's AssertionError from inside the model load (a CPU build) or a missing GPU index
+    "device not on this machine": (dict(device="cuda:99"), ValueError, NO_GPU),
     # offline: one line at once (a probe of the hub), not transformers' retries
     "hub id not cached": (dict(model="no-such-org/no-such-model"), ValueError,
                           "cannot load 'no-such-org/no-such-model': not a local folder, not in the Hugging Face cache"),
@@ -117,7 +121,8 @@ ENV_CASES = {
 # refused before any model is loaded (so at once, not after the load)
 EARLY_CASES = ["prompts a sentence", "dataset and prompts", "reward function signature", "reward function column",
                "reward_weights count", "reward_funcs not callable", "reward_model one argument", "reward_model TRL-style",
-               "unknown keyword", "reward_model a class", "reward wrong type", "reward folder missing", "prompt file missing", "kl_coef negative"]
+               "unknown keyword", "reward_model a class", "reward wrong type", "reward folder missing", "prompt file missing", "kl_coef negative",
+               "device not on this machine"]
 
 
 @pytest.mark.parametrize("case", list(ENV_CASES))
@@ -249,6 +254,17 @@ AGENT_CASES = {
     "learning_rate unreadable": (lambda: PPO("MlpPolicy", "CartPole-v1", learning_rate="abc"), ValueError, "cannot read schedule 'abc'"),
     "loss_type unknown": (lambda: PPO("MlpPolicy", "CartPole-v1", loss_type="huber"), ValueError, "loss_type must be 'clip' or 'kl_penalty'"),
     "device unknown": (lambda: PPO("MlpPolicy", "CartPole-v1", device="bogus"), ValueError, "device 'bogus' is not a torch device"),
+    "device not on this machine": (lambda: PPO("MlpPolicy", "CartPole-v1", device="cuda:99"), ValueError, NO_GPU),
+    "misspelt keyword": (lambda: PPO("MlpPolicy", "CartPole-v1", learning_rat=1e-3), TypeError,
+                         r"^PPO got an unexpected keyword argument 'learning_rat'; did you mean 'learning_rate'\?"),
+    "misspelt GRPO keyword": (lambda: GRPO("LMPolicy", gym.make_vec("TextRLHF-tiny-v0", num_envs=4, max_new_tokens=4), group_sise=4),
+                              TypeError, r"^GRPO got an unexpected keyword argument 'group_sise'; did you mean 'group_size'\?"),
+    "text setting outside rlhf=": (lambda: PPO("LMPolicy", gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=4), kl_per_response=3),
+                                   TypeError, r"unexpected keyword argument 'kl_per_response'; text settings .* go in rlhf=dict"),
+    # a misspelt policy_kwargs key used to be swallowed: train_layer=4 then trained every weight
+    "misspelt policy_kwargs key": (lambda: PPO("LMPolicy", gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=4),
+                                               policy_kwargs={"train_layer": 1}), TypeError,
+                                   r"LMActorCriticPolicy \(policy_kwargs\) got an unexpected keyword argument 'train_layer'; did you mean 'train_layers'\?"),
     "unsupported action space": (lambda: PPO("MlpPolicy", gym.make("Blackjack-v1")), ValueError, "observation space|Tuple"),
     "MlpPolicy on a text env": (lambda: PPO("MlpPolicy", gym.make("TextRLHF-tiny-v0", max_new_tokens=4)), ValueError,
                                 r'MlpPolicy on a text env .* PPO\("LMPolicy", env\)'),
@@ -407,6 +423,8 @@ CLI_CASES = {
                                     "--task-config must be a JSON object"),
     "eval: a CartPole agent": (["eval", "{d}/ppo_cartpole.zip", "--out", "{out}/report.json"],
                                r"ppo_cartpole.zip holds a PPO agent whose policy is a ActorCriticPolicy, not a language model: .*evaluate_policy"),
+    "train: device not on this machine": (["train", "--algo", "ppo", "--env", "TextRLHF-tiny-v0", "--device", "cuda:99", "--save", "{out}/m.zip"], NO_GPU),
+    "demo: device not on this machine": (["demo", "--quick", "--device", "cuda:99", "--out", "{out}"], NO_GPU),
     "train-rm: file with a missing key": (["train-rm", "--train", "{d}/missing_key.jsonl", "--eval", "none", "--output", "{out}/rm"],
                                           r"missing_key.jsonl:1: missing key\(s\) \['rejected'\]"),
 }
@@ -459,3 +477,22 @@ def test_cli_debug_flag_shows_the_traceback_in_a_real_process(files):
     loud = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=300)
     assert loud.returncode != 0 and "Traceback (most recent call last)" in loud.stderr and "malformed.jsonl:2" in loud.stderr
     assert not (files / "cli_out").exists()
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_load(monkeypatch, tmp_path):
+    """load_lm, resolve_reward and the demo check device= first (the demo's default reward
+    would otherwise fall back to VADER on the load's error and hide it)."""
+    import rlhf_env.models
+    from rlhf_env.demo import quick_config, run_demo
+    from rlhf_env.models import load_lm
+    from rlhf_env.rewards import resolve_reward
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the device was checked")
+
+    monkeypatch.setattr(rlhf_env.models, "_load_dir", no_load)
+    _raises(lambda: load_lm("tiny", device="cuda:99"), ValueError, NO_GPU)
+    _raises(lambda: resolve_reward("default", device="cuda:99"), ValueError, NO_GPU)
+    cfg = quick_config()
+    cfg.device, cfg.reward = "cuda:99", "default"
+    _raises(lambda: run_demo(tmp_path / "demo", config=cfg, log=lambda line: None), ValueError, NO_GPU)

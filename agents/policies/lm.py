@@ -64,6 +64,7 @@ class LMActorCriticPolicy(BasePolicy):
     :param optimizer_kwargs: extra optimizer arguments; Adam and AdamW default to
         ``fused=True`` (pass ``{"fused": False}`` for the per-tensor loop)
     :param use_sde: must be False (SB3 passes it)
+    :raises TypeError: any other keyword (a misspelt ``policy_kwargs`` key), naming the closest one
     """
 
     def __init__(
@@ -79,6 +80,12 @@ class LMActorCriticPolicy(BasePolicy):
         use_sde: bool = False,
         **kwargs: Any,
     ):
+        if kwargs:  # a misspelt policy_kwargs key (train_layer=4) would otherwise train every weight silently
+            from agents.utils import init_parameters, unexpected_keyword
+
+            raise unexpected_keyword(
+                "LMActorCriticPolicy (policy_kwargs)", kwargs, init_parameters(type(self)) - {"observation_space", "action_space", "lr_schedule"}
+            )
         if optimizer_class in (torch.optim.Adam, torch.optim.AdamW):
             # one fused kernel over all trainable weights: the per-tensor loop costs tens of
             # milliseconds a step on one CPU thread (TRL's default is adamw_torch_fused too)
