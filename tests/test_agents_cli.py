@@ -67,3 +67,25 @@ def test_plot_groups_mixed_runs_by_env(tmp_path, capsys):
     assert main(["plot", str(tb), "--runs", "PPO_1", "--out", str(tmp_path / "one.png")]) == 0
     assert (tmp_path / "one.png").is_file()  # one group: the name as given
     assert smooth([0.0, 1.0, 1.0], 0.5) == pytest.approx([0.0, 2 / 3, 6 / 7])
+
+
+def test_plot_gives_a_run_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """A run missing from a panel (GRPO logs no train/kl_coef) does not shift the others'
+    colours: each run is drawn in the same colour in every panel."""
+    import matplotlib.pyplot as plt
+
+    from rlhf_env.cli.plot import Run, draw
+
+    runs = [Run("GRPO_1", {"rollout/score_mean": ([1, 2], [0.0, 1.0]), "rollout/kl_mean": ([1, 2], [0.0, 0.5])}),
+            Run("PPO_2", {"rollout/score_mean": ([1, 2], [0.0, 2.0]), "rollout/kl_mean": ([1, 2], [0.0, 1.0]),
+                          "train/kl_coef": ([1, 2], [0.2, 0.2])})]
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
+    draw(runs, ["rollout/score_mean", "rollout/kl_mean", "train/kl_coef"], str(tmp_path / "c.png"), "t", 0.0)
+    colours: dict[str, set] = {}
+    for ax in figures[0].axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {"GRPO_1", "PPO_2"} and all(len(c) == 1 for c in colours.values())
+    assert colours["GRPO_1"] != colours["PPO_2"]

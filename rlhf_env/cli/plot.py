@@ -136,11 +136,14 @@ def draw(runs: list[Run], tags: list[str], path: str, title: str, weight: float)
     xlabel = "timesteps (env steps)" if all(r.is_agent for r in runs) else (
         "optimizer steps" if not any(r.is_agent for r in runs) else "step")
     fig, axes = plt.subplots(1, len(tags), figsize=(6 * len(tags), 4.2), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {run.name: cycle[i % len(cycle)] for i, run in enumerate(runs)}  # a run keeps its colour in every panel
     for ax, tag in zip(axes[0], tags):
         for run in runs:
             if tag in run.scalars:
                 steps, values = run.scalars[tag]
-                ax.plot(steps, smooth(values, weight), label=run.name, marker="o" if len(steps) <= 30 else None, markersize=3)
+                ax.plot(steps, smooth(values, weight), label=run.name, color=colors[run.name],
+                        marker="o" if len(steps) <= 30 else None, markersize=3)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(tag)
         ax.grid(alpha=0.3)
