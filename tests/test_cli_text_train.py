@@ -20,7 +20,7 @@ def test_train_on_the_tiny_text_env_trains_the_lm_policy(algo, tmp_path, capsys)
     with zipfile.ZipFile(out) as archive:
         data = archive.read("data.pkl")
     assert b"LMActorCriticPolicy" in data and b"mlp" not in data.lower()
-    assert "mean score of the last" in capsys.readouterr().out
+    assert "mean reward (score minus the KL penalty) of the last" in capsys.readouterr().out
 
 
 def test_eval_loads_an_agent_zip(tmp_path, capsys):

@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
 # docs snippets that are templates, not programs: a placeholder (BASE, runs/my_policy) or a call signature
-FRAGMENTS = {("export.md", 1), ("tasks.md", 1), ("alignment.md", 0)}
+FRAGMENTS = {("export.md", 2), ("tasks.md", 1), ("alignment.md", 0)}
 DOC_BLOCKS = {f"{path.name}[{i}]": code for path in sorted((ROOT / "docs").glob("*.md"))
               for i, code in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S))
               if (path.name, i) not in FRAGMENTS}

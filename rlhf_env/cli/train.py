@@ -190,7 +190,7 @@ def run(args) -> int:
     elif args.eval_episodes > 0 and text:
         episodes = list(model.ep_info_buffer)
         if episodes:
-            print(f"mean score of the last {len(episodes)} training responses: {sum(e['r'] for e in episodes) / len(episodes):.3f}")
+            print(f"mean reward (score minus the KL penalty) of the last {len(episodes)} training responses: {sum(e['r'] for e in episodes) / len(episodes):.3f}")
     elif args.eval_episodes > 0:
         mean, std = evaluate_policy(model, args.env, n_eval_episodes=args.eval_episodes, deterministic=True)
         print(f"evaluation over {args.eval_episodes} deterministic episodes: {mean:.2f} +/- {std:.2f}")
