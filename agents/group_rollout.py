@@ -38,6 +38,10 @@ class GroupRolloutAlgorithm(OnPolicyAlgorithm):
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}")
         self.group_size = int(group_size)
+        n_envs = kwargs.get("n_envs", 1)
+        if isinstance(env, str) and isinstance(n_envs, int) and n_envs % self.group_size:
+            self.n_envs = n_envs  # refused before the env (and its model) is built
+            self._refuse_n_envs("n_envs")
         super().__init__(
             policy, env, n_steps=1, gamma=1.0, gae_lambda=1.0, vf_coef=0.0, seed=seed,
             supported_action_spaces=(spaces.Discrete,), **kwargs,
@@ -60,13 +64,16 @@ class GroupRolloutAlgorithm(OnPolicyAlgorithm):
             )
         return text_env
 
+    def _refuse_n_envs(self, name: str = "num_envs") -> None:
+        raise ValueError(
+            f"{name}={self.n_envs} is not a multiple of group_size={self.group_size}: "
+            f"use {name} = prompts_per_step * group_size (e.g. {self.group_size * max(1, self.n_envs // self.group_size)})"
+        )
+
     def _check_env(self) -> None:
         text_env = self._text_env()
         if self.n_envs % self.group_size:
-            raise ValueError(
-                f"num_envs={self.n_envs} is not a multiple of group_size={self.group_size}: "
-                f"use num_envs = prompts_per_step * group_size (e.g. {self.group_size * max(1, self.n_envs // self.group_size)})"
-            )
+            self._refuse_n_envs()
         # the KL enters through train() (GRPO's loss, RLOO's reward), not through the env's reward
         set_env_kl_coef(self.env, 0.0)
         # ... so the rollout needs no reference forward: train() scores whole responses once

@@ -270,6 +270,8 @@ AGENT_CASES = {
                                 r'MlpPolicy on a text env .* PPO\("LMPolicy", env\)'),
     "GRPO on a single env": (lambda: GRPO("LMPolicy", gym.make("TextRLHF-tiny-v0", max_new_tokens=4)), ValueError,
                              r"got a single env \(gym.make\): pass gym.make_vec\('TextRLHF-v0', num_envs=N\)"),
+    "GRPO n_envs not a multiple of group_size": (lambda: GRPO("LMPolicy", "TextRLHF-tiny-v0", n_envs=3), ValueError,
+                                                 r"n_envs=3 is not a multiple of group_size=4: use n_envs = prompts_per_step \* group_size"),
 }
 
 
@@ -277,6 +279,16 @@ AGENT_CASES = {
 def test_agent_constructor_refuses(case):
     fn, exc, match = AGENT_CASES[case]
     _raises(fn, exc, match)
+
+
+def test_group_size_mismatch_is_refused_before_the_env_is_built(monkeypatch):
+    import rlhf_env.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was reported")
+
+    monkeypatch.setattr(rlhf_env.models, "load_lm", no_load)
+    _raises(lambda: GRPO("LMPolicy", "TextRLHF-tiny-v0", n_envs=6), ValueError, r"n_envs=6 is not a multiple of group_size=4: .*\(e.g. 4\)")
 
 
 def test_learn_refuses_bad_total_timesteps(cartpole_model):
