@@ -36,8 +36,10 @@ def _jsonable(value: Any) -> Any:
 
 def env_description(env: Any) -> dict[str, Any] | None:
     """What an exported policy was trained on, for ``rlhf_env_training.json``: the env id,
-    its reward model as the user named it (a name, or a folder by its absolute path; a
-    callable by its name, which nothing can load back; None for reward functions alone),
+    its reward model as the user named it (a name, or a folder by its absolute path), or as a
+    reward object names itself (its ``reward_name``: ``RewardModel.load``/``default`` and the
+    VADER rewards set one), else a callable by its name, which nothing can load back; None for
+    reward functions alone,
     ``max_new_tokens``, ``max_prompt_tokens``, ``system_prompt`` (a string, None, or
     ``"TEMPLATE_DEFAULT"``) and the KL coefficient in force. None when ``env`` holds no text env."""
     from agents.text_rollout import find_text_env
@@ -56,6 +58,8 @@ def env_description(env: Any) -> dict[str, Any] | None:
         reward = None
     elif isinstance(named, (str, os.PathLike)):
         reward = os.path.abspath(os.path.expanduser(named)) if os.path.isdir(os.path.expanduser(named)) else str(named)
+    elif isinstance(getattr(actual, "reward_name", None), str):  # a reward object that says how to load it again
+        reward = actual.reward_name
     else:
         reward = f"callable {getattr(actual, '__name__', type(actual).__name__)}"
     task = getattr(text_env, "task", None)

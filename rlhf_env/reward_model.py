@@ -353,6 +353,7 @@ class RewardModel(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         rm = cls(backbone, tokenizer, meta["kind"], meta["pooling"], meta["max_length"])
         rm.head.load_state_dict({k: v.to(rm.head.weight.dtype) for k, v in load_file(str(directory / _HEAD_FILE)).items()})
+        rm.reward_name = str(directory.expanduser().resolve())  # how resolve_reward loads it again (an export records it)
         return rm.eval()
 
     @classmethod
@@ -368,4 +369,6 @@ class RewardModel(nn.Module):
         first use, then loaded from the cache (:func:`rlhf_env.default_reward_model.default_reward_model_dir`)."""
         from rlhf_env.default_reward_model import default_reward_model_dir
 
-        return cls.load(default_reward_model_dir(device=device, progress=progress), device=device)
+        rm = cls.load(default_reward_model_dir(device=device, progress=progress), device=device)
+        rm.reward_name = "default"
+        return rm

@@ -48,6 +48,8 @@ class SentimentReward:
         gives 0.
     """
 
+    reward_name = "sentiment"  # the name resolve_reward builds it from (an export records it)
+
     def __init__(self, empty_score: float = 0.0) -> None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -81,6 +83,8 @@ class TinyReward(SentimentReward):
     few hundred PPO steps: its corpus mixes friendly and unfriendly replies, so sampled
     responses already span the whole range and the policy only has to prefer the friendly ones.
     """
+
+    reward_name = "tiny"
 
     def __init__(self) -> None:
         super().__init__(empty_score=-1.0)

@@ -275,3 +275,29 @@ def test_cli_eval_of_an_exported_folder_judges_it_against_its_base_model(tmp_pat
     assert main(["eval", str(tmp_path / "plain")]) == 0  # a folder without a record: the shipped starting model
     assert seen == ["tiny", "smollm2-135m", "smollm2-135m"]
     assert "reference (--reference): tiny" in capsys.readouterr().out
+
+
+def test_the_export_records_the_reward_so_that_it_loads_again(tmp_path):
+    """An env's reward in the export's record: as named, or as a reward object names itself
+    (a RewardModel folder by its absolute path, the VADER rewards by name), a plain callable by
+    its name (not loadable), None with reward functions alone."""
+    from agents.export import env_description
+    from rlhf_env.reward_model import RewardModel
+    from rlhf_env.rewards import TinyReward, resolve_reward
+
+    RewardModel.from_backbone("tiny", seed=0).save(tmp_path / "rm")
+    loaded = RewardModel.load(tmp_path / "rm")
+
+    def mine(prompts, responses):
+        return [0.0] * len(responses)
+
+    cases = [(dict(reward_model="sentiment"), "sentiment"), (dict(reward_model=TinyReward()), "tiny"),
+             (dict(reward_model=loaded), str((tmp_path / "rm").resolve())), (dict(reward_model=mine), "callable mine"),
+             (dict(reward_funcs=lambda prompts, completions, **kw: [0.0] * len(completions)), None)]
+    for kwargs, expected in cases:
+        env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=2, **kwargs)
+        record = env_description(env)
+        assert record["reward_model"] == expected, kwargs
+        assert record["id"] == "TextRLHF-tiny-v0" and record["max_new_tokens"] == 2
+        if expected is not None and not expected.startswith("callable"):
+            assert callable(resolve_reward(expected))  # what rlhf-env eval does with it
