@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from agents.losses import policy_gradient_loss, value_loss
+from agents.losses import normalize_advantages, policy_gradient_loss, value_loss
 from agents.on_policy import OnPolicyAlgorithm
 from agents.utils import explained_variance
 
@@ -94,7 +94,7 @@ class A2C(OnPolicyAlgorithm):
             values = values.flatten()
             advantages = batch.advantages
             if self.normalize_advantage:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                advantages = normalize_advantages(advantages)
 
             pg_loss = policy_gradient_loss(log_prob, advantages).mean()
             v_loss = value_loss(values, batch.returns).mean()

@@ -9,7 +9,8 @@ so the caller chooses the mean (over samples, over tokens, over sequences).
 Advantages
     :func:`compute_gae` / :func:`token_gae` (Schulman et al. 2016), :func:`group_advantages`
     (GRPO, Shao et al. 2024, with TRL's ``scale_rewards``), :func:`rloo_advantages`
-    (leave-one-out baseline, Ahmadian et al. 2024).
+    (leave-one-out baseline, Ahmadian et al. 2024), :func:`normalize_advantages` (whitening
+    over a batch).
 Policy losses
     :func:`policy_gradient_loss` (REINFORCE, A2C), :func:`clipped_surrogate` (PPO, Schulman et al. 2017; DAPO's clip-higher with
     ``clip_range_high``), :func:`kl_penalty_surrogate` (PPO's adaptive-KL variant),
@@ -176,6 +177,13 @@ def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tens
         if k > 1:
             advantages[members] = s - (s.sum() - s) / (k - 1)
     return advantages.float()
+
+
+def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Advantages whitened over the batch, ``(A - mean(A)) / (std(A) + eps)`` (SB3's
+    ``normalize_advantage``; TRL's RLOO uses ``eps = 1e-4``). Needs two or more entries:
+    the caller skips a batch of one, whose std is undefined."""
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
 # --- policy losses -------------------------------------------------------------------

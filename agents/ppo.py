@@ -25,7 +25,7 @@ from agents.fast_kernels import clip_grad_norm, optimizer_step
 from agents.guards import check_finite, check_number
 from agents.on_policy import OnPolicyAlgorithm
 from agents.schedules import get_schedule_fn
-from agents.losses import approx_kl, clip_fraction, clipped_surrogate, kl_penalty_surrogate, value_loss
+from agents.losses import approx_kl, clip_fraction, clipped_surrogate, kl_penalty_surrogate, normalize_advantages, value_loss
 from agents.text_ppo import (
     TEXT_PPO_DEFAULTS,
     RLHFConfig,
@@ -253,7 +253,7 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
                     # normalised once when the same minibatch returns every epoch
                     if advantages is not raw_advantages:
                         raw_advantages = advantages
-                        normalized_advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                        normalized_advantages = normalize_advantages(advantages)
                     advantages = normalized_advantages
 
                 if fused is not None:

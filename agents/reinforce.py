@@ -18,7 +18,7 @@ import torch
 from gymnasium import spaces
 
 from agents.callbacks import BaseCallback
-from agents.losses import policy_gradient_loss, value_loss
+from agents.losses import normalize_advantages, policy_gradient_loss, value_loss
 from agents.on_policy import OnPolicyAlgorithm
 from agents.preprocessing import as_tensor
 from agents.vec_env import VecEnvAdapter
@@ -168,7 +168,7 @@ class REINFORCE(OnPolicyAlgorithm):
         values = values.flatten()
         advantages = returns_t - values.detach() if self.use_baseline else returns_t
         if self.normalize_returns and len(advantages) > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            advantages = normalize_advantages(advantages)
 
         pg_loss = policy_gradient_loss(log_prob, advantages).mean()
         v_loss = value_loss(values, returns_t).mean() if self.use_baseline else torch.zeros((), device=self.device)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from agents.grpo import GRPO
-from agents.losses import clipped_surrogate, rloo_advantages, sequence_log_ratio
+from agents.losses import clipped_surrogate, normalize_advantages, rloo_advantages, sequence_log_ratio
 from agents.segments import TextSegment
 
 
@@ -86,7 +86,7 @@ class RLOO(GRPO):
             rewards = rewards - self.beta * kl
         advantages = rloo_advantages(rewards, torch.tensor([s.group for s in segments]))
         if self.normalize_advantages and len(advantages) > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
+            advantages = normalize_advantages(advantages, eps=1e-4)
         return advantages
 
     def _policy_loss(

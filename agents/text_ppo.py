@@ -40,7 +40,7 @@ import torch
 from agents import distributed
 from agents.kl_controller import get_env_kl_coef, make_kl_controller, set_env_kl_coef
 from agents.lm_forward import HeadOptions, evaluate_kept, evaluate_tokens, kept_trunk_batch
-from agents.losses import approx_kl, clip_fraction, clipped_surrogate, token_gae, value_loss
+from agents.losses import approx_kl, clip_fraction, clipped_surrogate, normalize_advantages, token_gae, value_loss
 from agents.segments import (
     TextSegment,
     add_masked_sums,
@@ -211,9 +211,8 @@ def compute_advantages(segments: list[TextSegment], gamma: float, gae_lambda: fl
     if normalize:
         flat = torch.cat([s.advantages for s in segments])
         if flat.numel() > 1:
-            mean, std = flat.mean(), flat.std()
-            for seg in segments:
-                seg.advantages = (seg.advantages - mean) / (std + 1e-8)
+            for seg, advantages in zip(segments, normalize_advantages(flat).split([len(s.advantages) for s in segments])):
+                seg.advantages = advantages
 
 
 def record_rollout_stats(algo: Any, stats: RolloutStats, state: TextPPOState, kl_coef: float | None) -> None:

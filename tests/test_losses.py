@@ -17,6 +17,7 @@ from agents.losses import (
     group_advantages,
     kl_penalty_surrogate,
     kl_to_reference,
+    normalize_advantages,
     policy_gradient_loss,
     rloo_advantages,
     sequence_log_ratio,
@@ -110,6 +111,15 @@ def test_rloo_advantages_by_hand():
     assert got == pytest.approx(expected)
     # k / (k - 1) * (s - mean): the same numbers
     assert got[:3] == pytest.approx([1.5 * (x - 3.0) for x in (1.0, 2.0, 6.0)])
+
+
+
+def test_normalize_advantages_by_hand():
+    # mean 3, sample std sqrt((4 + 1 + 0 + 9) / 3)
+    std = math.sqrt(14 / 3)
+    got = normalize_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0]), eps=0.5).tolist()
+    assert got == pytest.approx([x / (std + 0.5) for x in (-2.0, -1.0, 0.0, 3.0)])
+    assert normalize_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0])).tolist() == pytest.approx([x / std for x in (-2, -1, 0, 3)])
 
 
 TOKEN_LOSS = [[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
