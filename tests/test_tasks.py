@@ -115,10 +115,17 @@ def test_evaluate_task_report_and_cli(tiny_lm_dir, tmp_path, one_thread):
     from rlhf_env.tasks import evaluate_task
     from rlhf_env.tasks.evaluation import accuracy_line
 
-    report = evaluate_task(str(tiny_lm_dir), "chain_sum", limit=3, num_samples=2, max_new_tokens=4, progress=False, n_show=2)
-    assert report["n"] == 3 and report["split"] == "test" and len(report["samples"]) == 2
-    assert 0.0 <= report["greedy"]["accuracy"] <= 1.0 and report["sampled"]["k"] == 2
-    assert report["sampled"]["pass@2"] >= 0.0 and len(report["samples"][0]["sampled"]) == 2
+    report = evaluate_task(str(tiny_lm_dir), "chain_sum", limit=3, num_samples=2, max_new_tokens=4, progress=False, n_show=3)
+    assert report["n"] == 3 and report["split"] == "test" and len(report["samples"]) == 3 and report["sampled"]["k"] == 2
+    # the accuracies are the verifier's scores of the completions the report shows, row by row
+    task = make_task("chain_sum")
+    rows = task.rows("test")[:3]
+    assert [s["answer"] for s in report["samples"]] == [r["answer"] for r in rows]
+    greedy = task.score([s["greedy"] for s in report["samples"]], rows)
+    sampled = [task.score(s["sampled"], [row, row]) for s, row in zip(report["samples"], rows)]
+    assert report["greedy"]["accuracy"] == pytest.approx(sum(greedy) / 3)
+    assert report["sampled"]["accuracy"] == pytest.approx(sum(map(sum, sampled)) / 6)
+    assert report["sampled"]["pass@2"] == pytest.approx(sum(max(s) >= 1.0 for s in sampled) / 3)
     assert "(3 test rows of chain_sum)" in accuracy_line(report)
     out = tmp_path / "eval.json"
     argv = ["eval", str(tiny_lm_dir), "--task", "chain_sum", "--limit", "2", "-k", "1", "--max-new-tokens", "3", "--out", str(out), "--no-progress"]
@@ -128,8 +135,8 @@ def test_evaluate_task_report_and_cli(tiny_lm_dir, tmp_path, one_thread):
     assert main(["eval", str(tiny_lm_dir), "--task", "chain_summ", "--no-progress"]) == 1  # one-line error
 
 
-def test_correct_completions_score_one_through_evaluate_task():
-    """A 'model' that answers every held-out row correctly scores 1.0 (the verifier and the extractor agree)."""
+def test_correct_completions_score_one():
+    """Completions that answer every held-out row correctly score 1.0 (the verifier and the extractor agree)."""
     task = make_task("chain_sum", test_size=8)
     answers = [f"So the result is {r['answer']}." for r in task.rows("test")]
     assert task.score(answers, task.rows("test")) == [1.0] * 8
