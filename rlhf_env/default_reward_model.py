@@ -23,8 +23,8 @@ def default_config() -> "RewardModelConfig":
     from rlhf_env.reward_trainer import RewardModelConfig
 
     # bf16 autocast where the CPU (AMX / AVX512-BF16) or GPU computes it natively, float32 elsewhere:
-    # on the v4 pairs it ranked as many hand-written pairs right as float32 (94.1%), held-out 97.0%
-    # against 97.6%, for about 0.6x the CPU time (docs/benchmarks.md, helper "demoq")
+    # on these pairs it ranks as many hand-written pairs right as float32 in less CPU time
+    # (docs/benchmarks.md, "Precision on the current pairs")
     return RewardModelConfig(learning_rate=1e-4, epochs=2, autocast="auto")
 
 

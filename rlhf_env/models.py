@@ -214,7 +214,7 @@ def _train_tiny_tokenizer(lines: list[str]):
 
 def _build_tiny(out: pathlib.Path) -> None:
     # one thread: the model is so small that a second OpenMP thread only adds synchronisation,
-    # and on a busy 2-core machine spinning threads made training 40x slower (measured)
+    # and on a busy machine threads spinning for a core made training many times slower
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -387,7 +387,7 @@ def _hub_offline() -> bool:
 def _load_hub(name: str, device: str | torch.device, dtype: torch.dtype):
     """A hub id: from the local Hugging Face cache when it is there (no network); otherwise
     downloaded, after a single probe of the hub (2 s timeout) so that an offline machine
-    gets one clear error at once instead of transformers' retries (46 s measured)."""
+    gets one clear error at once instead of transformers' retries (tens of seconds)."""
     try:
         return _load_dir(name, device, dtype, local_files_only=True)
     except OSError as err:

@@ -56,7 +56,7 @@ class RewardModelConfig:
         default because bf16, though faster, ranked the first default task's held-out pairs
         worse; the default task's reward model (``default_config()``) trains under
         ``"auto"``: on its current pairs bf16 ranked as many hand-written pairs right as
-        float32 for about 0.6x the CPU time (docs/benchmarks.md).
+        float32 in less CPU time (docs/benchmarks.md, "Precision on the current pairs").
     """
 
     learning_rate: float = 5e-5

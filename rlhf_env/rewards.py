@@ -11,8 +11,8 @@ the environment treats both alike.
   default task's preference pairs.
 * :class:`TinyReward` is the cheap reward of ``TextRLHF-tiny-v0``: the same VADER score, but an
   empty response scores -1. The tiny model's corpus holds friendly and unfriendly replies in
-  equal measure, so its samples score about 0.09 +- 0.62 (64 shipped prompts, one sample each,
-  32 new tokens: 48% above 0.3, 33% below -0.3): a strong, learnable signal. Without the empty-response penalty,
+  equal measure, so its samples already score across the whole range (docs/benchmarks.md,
+  "The tiny model's reward"): a strong, learnable signal. Without the empty-response penalty,
   ending at once (score 0) would beat every unfriendly reply and be a shortcut.
 """
 
