@@ -20,11 +20,13 @@ Per iteration:
    aggregated as TRL's ``loss_type`` says (:func:`agents.losses.aggregate_token_loss`;
    default ``"dapo"``: the mean over the minibatch's tokens, no length bias). TRL's other
    options are here under TRL's names: ``scale_rewards`` (``"group"``, ``"batch"``,
-   ``"none"``), ``epsilon_high`` (DAPO's clip-higher) and
+   ``"none"``), ``epsilon_high`` (DAPO's clip-higher),
    ``importance_sampling_level="sequence"`` (GSPO: one ratio per response,
-   ``exp(mean_t log ratio_t)``, clipped and applied to all its tokens). Micro-batches hold responses to one prompt, whose prompt then runs
-   once for the whole group (:func:`agents.lm_forward.evaluate_shared_context`; exact up
-   to float rounding). ``log ref`` is computed once per response in the first epoch, not by
+   ``exp(mean_t log ratio_t)``, clipped and applied to all its tokens) and
+   ``mask_truncated_completions`` (responses the length limit cut, without EOS, give no
+   gradient; DAPO's overlong filtering). Micro-batches hold responses to one prompt,
+   whose prompt then runs once for the whole group
+   (:func:`agents.lm_forward.evaluate_shared_context`; exact up to float rounding). ``log ref`` is computed once per response in the first epoch, not by
    the env (:mod:`agents.reference_logprobs`): when the reference's lower blocks equal the
    actor's frozen ones (``train_layers=k``) only its top blocks run, on the actor's hidden
    state; else one teacher-forced, gradient-free forward of the reference per micro-batch.
@@ -51,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents import distributed
 from agents.group_rollout import GroupRolloutAlgorithm
 from agents.lm_forward import (
     HeadOptions,
@@ -85,6 +88,7 @@ from agents.segments import (
     TextSegment,
     add_masked_sums,
     group_by_context,
+    is_truncated,
     micro_batches,
     pack_segments,
     pad_field,
@@ -117,6 +121,14 @@ class GRPO(GroupRolloutAlgorithm):
         ``"group"``/``"none"``
     :param importance_sampling_level: ``"token"`` (one ratio per token) or
         ``"sequence"`` (GSPO: ``exp`` of the mean token log-ratio of the response)
+    :param mask_truncated_completions: leave responses that the length limit cut (no EOS)
+        out of the loss, as TRL's option of that name and DAPO's overlong filtering do:
+        their score still counts in their group's baseline, but they give no gradient (with
+        ``loss_type="grpo"``/``"dr_grpo"`` and in RLOO they stay in the mean over responses
+        as a zero, with ``"dapo"`` their tokens leave the token count: TRL's arithmetic).
+        The score of a cut response says little about the policy (the last number of a
+        cut sentence is whatever the cut left), and reinforcing it teaches responses that
+        never end. ``rollout/truncated_frac`` logs the share of cut responses either way.
     :param eps: added to the std when scaling rewards
     :param log_kl: with ``beta=0``, still run the reference once per rollout to log the KL
         per response (``rollout/kl_mean``); False skips that forward
@@ -148,6 +160,7 @@ class GRPO(GroupRolloutAlgorithm):
         epsilon_high: float | None = None,
         importance_sampling_level: str = "token",
         eps: float = 1e-4,
+        mask_truncated_completions: bool = False,
         log_kl: bool = True,
         ent_coef: float = 0.0,
         max_grad_norm: float = 1.0,
@@ -195,6 +208,7 @@ class GRPO(GroupRolloutAlgorithm):
         self.epsilon_high = None if epsilon_high is None else float(epsilon_high)
         self.importance_sampling_level = importance_sampling_level
         self.eps = float(eps)
+        self.mask_truncated_completions = bool(mask_truncated_completions)
         self.log_kl = bool(log_kl)
         self.micro_batch_tokens = int(micro_batch_tokens)
         if _init_setup_model:
@@ -246,6 +260,12 @@ class GRPO(GroupRolloutAlgorithm):
         response_advantages = self._response_advantages(segments)  # RLOO runs the reference here
         for seg, adv in zip(segments, response_advantages.tolist()):
             seg.advantages = torch.full((len(seg),), adv)
+        # responses the length limit cut: out of the loss with mask_truncated_completions
+        # (after the advantages: their scores still count in their groups' baselines)
+        eos_ids = self.policy.core.eos_ids
+        truncated = {id(s) for s in segments if is_truncated(s, eos_ids)}
+        self.logger.record("rollout/truncated_frac", len(truncated) / len(segments))
+        masked = truncated if self.mask_truncated_completions else set()
 
         policy = self.policy
         params = [p for group in policy.optimizer.param_groups for p in group["params"]]
@@ -255,9 +275,17 @@ class GRPO(GroupRolloutAlgorithm):
             # the reference's log-probs, once per rollout
             with_ref = measure_kl and epoch == 0 and not self._refs_filled
             for batch in split_minibatches(segments, self.batch_size):
+                n_sequences = len(batch)  # masked responses included, as TRL's loss counts them
+                batch = [s for s in batch if id(s) not in masked]
                 n_tokens = sum(len(s) for s in batch)
                 sums = dict.fromkeys(stats, 0.0)
                 policy.optimizer.zero_grad(set_to_none=True)
+                if not batch:
+                    # every response of this minibatch was cut: nothing to learn from; the
+                    # ranks of a torchrun job still step together (zero gradient here)
+                    if distributed.is_distributed():
+                        self._clip_and_step(params, 0.0, grad_weight=0.0)
+                    continue
                 batch = sorted(batch, key=lambda s: len(s.context_ids) + len(s), reverse=True)
                 # micro-batches within one prompt's group: its prompt then runs once
                 micros = [m for run in group_by_context(batch)
@@ -276,7 +304,7 @@ class GRPO(GroupRolloutAlgorithm):
                     else:
                         kl_ref = torch.zeros_like(log_prob)
                     token_loss = pg_losses + self.beta * kl_ref - self.ent_coef * entropy
-                    loss = aggregate_token_loss(token_loss, mask, self.loss_type, len(batch), n_tokens, max_len)
+                    loss = aggregate_token_loss(token_loss, mask, self.loss_type, n_sequences, n_tokens, max_len)
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = log_prob - pad_field(micro, "old_logprobs", device)
@@ -286,14 +314,18 @@ class GRPO(GroupRolloutAlgorithm):
                 for key in stats:
                     stats[key].append(sums[key] / n_tokens)
                 # data-parallel: the loss's mean over all ranks
-                self._clip_and_step(params, sums["loss"], grad_weight=aggregation_weight(self.loss_type, len(batch), n_tokens))
+                self._clip_and_step(params, sums["loss"], grad_weight=aggregation_weight(self.loss_type, n_sequences, n_tokens))
             self._n_updates += 1
 
         logger = self.logger
         if measure_kl:
-            # KL(pi_old || ref) per response, as the method penalises it
-            kls = [self._kl_of_response(s) for s in segments]
-            logger.record("rollout/kl_mean", float(np.mean(kls)))
+            # KL(pi_old || ref) per response, as the method penalises it (over the responses
+            # the reference scored: a masked response may have skipped the update's forward)
+            kls = [self._kl_of_response(s) for s in segments if not torch.isnan(s.ref_logprobs).any()]
+            if kls:
+                logger.record("rollout/kl_mean", float(np.mean(kls)))
+        if not any(stats.values()):
+            return  # every response was cut and masked: no update was made
         record_train_stats(self, stats)
         logger.record("train/beta", self.beta)
         logger.record("train/advantage_std", float(response_advantages.std()) if len(segments) > 1 else 0.0)

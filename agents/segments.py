@@ -12,7 +12,7 @@ whole responses, and runs of segments that share a context (a GRPO group).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +62,12 @@ class TextSegment:
 
     def __len__(self) -> int:
         return int(self.response_ids.shape[0])
+
+
+def is_truncated(segment: TextSegment, eos_ids: Collection[int]) -> bool:
+    """Whether the response ended without an end-of-sequence token, cut by the length limit
+    (TRL's truncated completion: its last token is not an EOS). An empty segment is not."""
+    return len(segment) > 0 and int(segment.response_ids[-1]) not in eos_ids
 
 
 def pack_segments(

@@ -16,7 +16,8 @@ the other, and both are scored by the same held-out evaluation
   norm: every other parameter has ``requires_grad=False`` before the trainer is built),
   ``num_generations`` = group size, ``per_device_train_batch_size`` = rows x group (one
   generation and one optimizer step per step, as ours), the same ``max_completion_length``,
-  learning rate, ``beta``, ``loss_type`` and ``scale_rewards``, temperature 1, fused AdamW
+  learning rate, ``beta``, ``loss_type``, ``scale_rewards`` and ``mask_truncated_completions``
+  (completions cut by the length limit out of the loss), temperature 1, fused AdamW
   (TRL's default) and ``gradient_checkpointing=False`` (TRL 1.16 turns it on by default; on
   a CPU with memory to spare it only recomputes forwards, so it is off to TRL's benefit).
 
@@ -125,7 +126,8 @@ def run_trl(cfg, task, model_dir: str, out_dir: str) -> dict:
         output_dir=out_dir, use_cpu=cfg.device == "cpu", num_generations=cfg.group_size, per_device_train_batch_size=n,
         gradient_accumulation_steps=1, steps_per_generation=1, max_completion_length=cfg.max_new_tokens or task.max_new_tokens,
         learning_rate=cfg.learning_rate, beta=cfg.beta, loss_type=cfg.algo_kwargs.get("loss_type", "dapo"),
-        scale_rewards=cfg.algo_kwargs.get("scale_rewards", "group"), temperature=1.0, gradient_checkpointing=False,
+        scale_rewards=cfg.algo_kwargs.get("scale_rewards", "group"), mask_truncated_completions=cfg.mask_truncated_completions,
+        temperature=1.0, gradient_checkpointing=False,
         max_steps=cfg.max_iterations, logging_strategy="no", report_to="none", save_strategy="no", seed=cfg.seed,
         disable_tqdm=True, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
     )
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_lm(cfg.model)
     print(f"task {task!r}, model {cfg.model}, {torch.get_num_threads()} torch thread(s), budget {cfg.train_seconds:.0f} CPU s each; "
           f"{cfg.prompts_per_step} rows x {cfg.group_size} completions per step, lr {cfg.learning_rate}, "
-          f"train_layers {cfg.train_layers}", flush=True)
+          f"train_layers {cfg.train_layers}, mask_truncated_completions {cfg.mask_truncated_completions}", flush=True)
     before = None if "before" in args.skip else _evaluate((model, tokenizer), task, cfg, "before")
     results: dict = {"settings": {**vars(args), "method": cfg.algo, "algo_kwargs": cfg.algo_kwargs}, "before": before}
     if "ours" not in args.skip:

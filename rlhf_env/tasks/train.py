@@ -46,6 +46,8 @@ class TaskTrainConfig:
     :param prompts_per_step: rows per iteration.
     :param learning_rate: Adam learning rate.
     :param beta: KL-to-reference coefficient (GRPO: loss term; RLOO: in the reward).
+    :param mask_truncated_completions: leave completions the length limit cut (no EOS) out
+        of the loss (TRL's option, DAPO's overlong filtering; see :class:`agents.GRPO`).
     :param train_layers: train only the last ``k`` transformer blocks (None: all weights).
     :param max_new_tokens: completion length (None: the task's).
     :param format_weight: weight of the format reward (0: correctness only).
@@ -70,6 +72,7 @@ class TaskTrainConfig:
     prompts_per_step: int = 8
     learning_rate: float = 1e-4
     beta: float = 0.0
+    mask_truncated_completions: bool = True
     train_layers: int | None = 4
     max_new_tokens: int | None = None
     format_weight: float = 0.0
@@ -105,8 +108,8 @@ def make_task_agent(cfg: TaskTrainConfig, task: Any = None, tensorboard_log: str
                        max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, device=cfg.device)
     policy_kwargs = {} if cfg.train_layers is None else {"train_layers": cfg.train_layers}
     agent = ALGOS[cfg.algo]("LMPolicy", env, group_size=cfg.group_size, learning_rate=cfg.learning_rate, beta=cfg.beta,
-                            seed=cfg.seed, device=cfg.device, policy_kwargs=policy_kwargs, tensorboard_log=tensorboard_log,
-                            **cfg.algo_kwargs)
+                            mask_truncated_completions=cfg.mask_truncated_completions, seed=cfg.seed, device=cfg.device,
+                            policy_kwargs=policy_kwargs, tensorboard_log=tensorboard_log, **cfg.algo_kwargs)
     return agent, task
 
 
