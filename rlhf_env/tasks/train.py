@@ -72,7 +72,7 @@ class TaskTrainConfig:
     prompts_per_step: int = 8
     learning_rate: float = 1e-4
     beta: float = 0.0
-    mask_truncated_completions: bool = True
+    mask_truncated_completions: bool = False
     train_layers: int | None = 4
     max_new_tokens: int | None = None
     format_weight: float = 0.0
