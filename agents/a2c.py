@@ -15,6 +15,7 @@ import torch
 
 from agents.losses import normalize_advantages, policy_gradient_loss, value_loss
 from agents.on_policy import OnPolicyAlgorithm
+from agents.text_ppo import names_lm_policy, resolve_lm_n_steps
 from agents.utils import explained_variance
 
 
@@ -24,7 +25,9 @@ class A2C(OnPolicyAlgorithm):
     :param policy: ``"MlpPolicy"``, ``"MultiInputPolicy"``, ``"LMPolicy"`` or a policy class
     :param env: env id, ``gymnasium.Env``, ``gymnasium.vector.VectorEnv`` or SB3 ``VecEnv``
     :param learning_rate: number, ``"lin_<x>"`` or schedule
-    :param n_steps: steps per env per update
+    :param n_steps: steps per env per update (default 5; with the language-model policy the
+        text env's ``max_new_tokens + 1``, so every env finishes a response in every rollout,
+        and a shorter value warns)
     :param gamma: discount factor
     :param gae_lambda: GAE's lambda (1.0: classic n-step advantage)
     :param ent_coef: entropy bonus weight
@@ -42,7 +45,7 @@ class A2C(OnPolicyAlgorithm):
         policy: Any,
         env: Any,
         learning_rate: Any = 7e-4,
-        n_steps: int = 5,
+        n_steps: int | None = None,
         gamma: float = 0.99,
         gae_lambda: float = 1.0,
         ent_coef: float = 0.0,
@@ -67,7 +70,7 @@ class A2C(OnPolicyAlgorithm):
             policy,
             env,
             learning_rate=learning_rate,
-            n_steps=n_steps,
+            n_steps=5 if n_steps is None else n_steps,
             gamma=gamma,
             gae_lambda=gae_lambda,
             ent_coef=ent_coef,
@@ -81,6 +84,8 @@ class A2C(OnPolicyAlgorithm):
             _init_setup_model=False,
             **kwargs,
         )
+        if names_lm_policy(policy):
+            self.n_steps = resolve_lm_n_steps(n_steps, self.env, 5)
         self.normalize_advantage = normalize_advantage
         if _init_setup_model:
             self._setup_model()

@@ -13,8 +13,6 @@ halved when the measured KL is below ``kl_target / 1.5``, doubled above ``kl_tar
 
 from __future__ import annotations
 
-import warnings
-
 from typing import Any
 
 import torch
@@ -32,7 +30,7 @@ from agents.text_ppo import (
     TextPPOMixin,
     is_lm_policy,
     names_lm_policy,
-    text_rollout_steps,
+    resolve_lm_n_steps,
 )
 from agents.utils import explained_variance
 
@@ -186,15 +184,8 @@ class PPO(TextPPOMixin, OnPolicyAlgorithm):
             _init_setup_model=False,
             **kwargs,
         )
-        if n_steps is None:
-            self.n_steps = text_rollout_steps(self.env) or TEXT_FALLBACK_N_STEPS
-        elif text and n_steps < (text_rollout_steps(self.env) or 0):
-            warnings.warn(
-                f"n_steps={n_steps} is shorter than max_new_tokens + 1 = {text_rollout_steps(self.env)}: a rollout may "
-                "hold no finished response (then no score_mean, kl_mean or KL-controller update that iteration); "
-                "leave n_steps out to get max_new_tokens + 1",
-                stacklevel=2,
-            )
+        if text or n_steps is None:
+            self.n_steps = resolve_lm_n_steps(n_steps, self.env, TEXT_FALLBACK_N_STEPS)
         self.batch_size = batch_size
         self.n_epochs = n_epochs
         self.clip_range = clip_range

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,23 @@ def text_rollout_steps(env: Any) -> int | None:
     text_env = find_text_env(env) if env is not None else None
     max_new = getattr(text_env, "max_new_tokens", None)
     return None if max_new is None else int(max_new) + 1
+
+
+def resolve_lm_n_steps(n_steps: int | None, env: Any, fallback: int) -> int:
+    """``n_steps`` of an agent with the language-model policy: ``None`` gives
+    :func:`text_rollout_steps` (``fallback`` without a text env); a shorter value than that
+    warns, since such a rollout can hold no finished response."""
+    needed = text_rollout_steps(env)
+    if n_steps is None:
+        return needed or fallback
+    if needed and n_steps < needed:
+        warnings.warn(
+            f"n_steps={n_steps} is shorter than max_new_tokens + 1 = {needed}: a rollout may hold no finished "
+            "response (then no score_mean, kl_mean or KL-controller update that iteration); leave n_steps out "
+            "to get max_new_tokens + 1",
+            stacklevel=3,
+        )
+    return int(n_steps)
 
 
 def names_lm_policy(policy: Any) -> bool:

@@ -264,8 +264,8 @@ def test_lm_defaults_finish_responses_in_every_rollout(tiny_lm_dir, tiny_prompts
 
 def test_shipped_text_settings_finish_responses_in_every_rollout():
     """Every text setting the package ships (the rl-zoo3-style YAML entries that
-    ``rlhf-env train`` reads, the demo's full and ``--quick`` configs) gives PPO rollouts of
-    at least ``max_new_tokens + 1`` steps; the tiny env's YAML entry, built as the CLI builds
+    ``rlhf-env train`` reads, the demo's full and ``--quick`` configs, A2C's default with the
+    LM policy) gives rollouts of at least ``max_new_tokens + 1`` steps; the tiny env's YAML entry, built as the CLI builds
     it, finishes a response per env in every rollout and logs the text metrics each time."""
     import inspect
 
@@ -284,6 +284,16 @@ def test_shipped_text_settings_finish_responses_in_every_rollout():
                 assert entry["n_steps"] >= env_default + 1, (algo, env_id)
     for cfg in (DemoConfig(), quick_config()):
         assert cfg.n_steps >= cfg.max_new_tokens + 1, cfg
+
+    from agents import A2C
+
+    a2c = A2C("LMPolicy", "TextRLHF-tiny-v0", n_envs=2, seed=0)  # the CLI's A2C on a text env: no YAML entry
+    assert a2c.n_steps == env_default + 1
+    a2c.learn(a2c.n_steps * a2c.n_envs)
+    assert len(a2c.ep_info_buffer) >= a2c.n_envs  # a finished response per env
+    with pytest.warns(UserWarning, match=r"n_steps=5 is shorter than max_new_tokens \+ 1"):
+        A2C("LMPolicy", a2c.env, n_steps=5)
+    assert A2C("MlpPolicy", "CartPole-v1").n_steps == 5  # SB3's default without the LM policy
 
     params = load_hyperparams("ppo", "TextRLHF-tiny-v0")
     for key in ("n_timesteps", "n_envs"):
