@@ -46,3 +46,27 @@ def test_train_with_task_trains_on_reasoning_gym_and_reports_held_out_accuracy(t
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "trained rloo on ReasoningGym-v0" in out and "(2 test rows of chain_sum)" in out
+
+
+@pytest.mark.parametrize("n_envs", ["1", "2"])
+def test_resume_of_a_text_agent_keeps_env_kwargs_and_its_own_actor(tmp_path, n_envs):
+    """--resume builds the env (with --env-kwargs, for any --n-envs) before loading, so the
+    loaded policy acts on a fresh actor: no warning about reusing a trained one, and the
+    resumed agent's env is the one asked for."""
+    import json
+    import warnings
+
+    from rlhf_env import registration
+
+    first, second = tmp_path / "a.zip", tmp_path / "b.zip"
+    common = ["train", "--algo", "ppo", "--env", "TextRLHF-tiny-v0", "--timesteps", "20", "--verbose", "0",
+              "--eval-episodes", "0", "--n-envs", n_envs, "--env-kwargs", '{"max_new_tokens": 4}']
+    assert main(common + ["--save", str(first)]) == 0
+    registration._LOADED.clear()  # as in a new process: the actor trained above is not in memory
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(common + ["--resume", str(first), "--save", str(second)]) == 0
+    assert not [w for w in caught if "shares the actor" in str(w.message)]
+    with zipfile.ZipFile(second) as archive:
+        header = json.loads(archive.read("header.json"))
+    assert header["env"]["max_new_tokens"] == 4 and header["num_timesteps"] > 20

@@ -143,11 +143,12 @@ def run(args) -> int:
 
         env = make_vec_env(args.env, n_envs=n_envs, vectorization_mode=args.vec_env, env_kwargs=env_kwargs)
     if args.resume:
-        model = algo_class.load(args.resume, env=env if n_envs == 1 or args.vec_env else None, device=args.device)
-        if n_envs != 1 and args.vec_env is None:
+        if isinstance(env, str):
             from rlhf_env.agents.vec_env import make_vec_env
 
-            model.set_env(make_vec_env(args.env, n_envs=n_envs, env_kwargs=env_kwargs))
+            # the env first, with --env-kwargs: the loaded policy is built on its (fresh) actor
+            env = make_vec_env(args.env, n_envs=n_envs, env_kwargs=env_kwargs)
+        model = algo_class.load(args.resume, env=env, device=args.device)
         model.tensorboard_log = args.tensorboard_log
         model.verbose = args.verbose
         reset = False
