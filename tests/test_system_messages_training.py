@@ -159,28 +159,37 @@ def test_cli_train_rm_and_dpo_on_a_conversational_file_with_a_system_message(tmp
     assert (tmp_path / "dpo" / "config.json").is_file()
 
 
-def test_the_env_scores_message_prompts_with_the_system_message(monkeypatch):
-    """A reward model trained with system messages scores the env's message rows with them
-    (RewardModel.accepts_messages); a plain (prompts, responses) function gets the text."""
+def _recording_reward(got: list):
+    """A plain (prompts, responses) reward function that records the prompts it is given."""
+    def plain(prompts, responses):
+        got.extend(prompts)
+        return [0.0] * len(responses)
+    return plain
+
+
+def _one_step_scores(reward, **env_kwargs):
+    """The scores of one step of two TextRLHF-tiny-v0 envs answering with one token."""
     import gymnasium as gym
     import numpy as np
 
     import rlhf_env  # noqa: F401  (registers the envs)
+
+    env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, reward_model=reward, max_new_tokens=1, **env_kwargs)
+    env.reset(seed=0)
+    return env.step(np.array([5, 6]))[4]["score"]
+
+
+def test_the_env_scores_message_prompts_with_the_system_message(monkeypatch):
+    """A reward model trained with system messages scores the env's message rows with them
+    (RewardModel.accepts_messages); a plain (prompts, responses) function gets the text."""
     from rlhf_env.reward_model import RewardModel
 
     rows = [{"prompt": [_msg("system", SYSTEM), _msg("user", q)]} for q, _, _ in QUESTIONS]
     rm = RewardModel.from_backbone("tiny", seed=0)
     seen = _record_reward_inputs(monkeypatch)
     got = []
-
-    def plain(prompts, responses):
-        got.extend(prompts)
-        return [0.0] * len(responses)
-
-    for reward in (rm, plain):
-        env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, dataset=rows, reward_model=reward, max_new_tokens=1)
-        env.reset(seed=0)
-        env.step(np.array([5, 6]))
+    for reward in (rm, _recording_reward(got)):
+        _one_step_scores(reward, dataset=rows)
     assert len(seen) == 2 and all(rm.tokenizer.decode(ids).startswith(f"<s>{SYSTEM}\n") for ids in seen), [rm.tokenizer.decode(i) for i in seen]
     assert len(got) == 2 and all(p in [q for q, _, _ in QUESTIONS] for p in got)
 
@@ -189,38 +198,26 @@ def test_the_envs_system_prompt_reaches_a_reward_model_that_takes_messages(monke
     """``system_prompt=`` of the env reaches a reward model that takes messages as the rows'
     own system messages do (the same token sequences); a row's own system message still wins;
     a plain (prompts, responses) function keeps getting the user's text."""
-    import gymnasium as gym
     import numpy as np
 
-    import rlhf_env  # noqa: F401  (registers the envs)
     from rlhf_env.reward_model import RewardModel
 
     questions = [q for q, _, _ in QUESTIONS]
     rm = RewardModel.from_backbone("tiny", seed=0)
     seen = _record_reward_inputs(monkeypatch)
     got = []
-
-    def plain(prompts, responses):
-        got.extend(prompts)
-        return [0.0] * len(responses)
-
-    def step(reward, **kwargs):
-        env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, reward_model=reward, max_new_tokens=1, **kwargs)
-        env.reset(seed=0)
-        return env.step(np.array([5, 6]))[4]["score"]
-
-    env_wide = step(rm, prompts=questions, system_prompt=SYSTEM)
-    by_rows = step(rm, dataset=[{"prompt": [_msg("system", SYSTEM), _msg("user", q)]} for q in questions])
+    env_wide = _one_step_scores(rm, prompts=questions, system_prompt=SYSTEM)
+    by_rows = _one_step_scores(rm, dataset=[{"prompt": [_msg("system", SYSTEM), _msg("user", q)]} for q in questions])
     assert len(seen) == 4 and seen[:2] == seen[2:], [rm.tokenizer.decode(i) for i in seen]
     assert all(rm.tokenizer.decode(ids).startswith(f"<s>{SYSTEM}\n") for ids in seen)
     np.testing.assert_array_equal(env_wide, by_rows)
     seen.clear()
-    step(rm, dataset=[{"prompt": [_msg("system", SYSTEM), _msg("user", q)]} for q in questions], system_prompt="Be brief.")
+    _one_step_scores(rm, dataset=[{"prompt": [_msg("system", SYSTEM), _msg("user", q)]} for q in questions], system_prompt="Be brief.")
     assert all(rm.tokenizer.decode(ids).startswith(f"<s>{SYSTEM}\n") for ids in seen)  # the row's own wins
     seen.clear()
-    step(rm, prompts=questions, system_prompt=None)
+    _one_step_scores(rm, prompts=questions, system_prompt=None)
     assert not any(SYSTEM in rm.tokenizer.decode(ids) for ids in seen) and len(seen) == 2
-    step(plain, prompts=questions, system_prompt=SYSTEM)
+    _one_step_scores(_recording_reward(got), prompts=questions, system_prompt=SYSTEM)
     assert len(got) == 2 and all(p in questions for p in got)
 
 
