@@ -97,20 +97,23 @@ def evaluate_tokens(
 def _token_outputs(
     hidden: torch.Tensor,
     head: torch.nn.Module,
-    positions: torch.Tensor,
+    positions: torch.Tensor | None,
     targets: torch.Tensor,
     options: HeadOptions,
     lengths: Sequence[int] | None = None,
 ) -> TokenOutputs:
     """Log-probs, entropies and values at ``positions`` of the decoder's normed last
-    hidden state ``(B, L, H)`` (the tail of every variant).
+    hidden state ``(B, L, H)`` (the tail of every variant); ``positions`` None when
+    ``hidden[:, t]`` already predicts ``targets[:, t]``.
 
     With ``lengths`` (the number of real targets of each row, the rest padding) the head
     and everything after it run on the real tokens only (the vocabulary-sized head and
     its backward are the costliest part of a small model's update) and the padding
     entries of the outputs are 0."""
-    index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    h = torch.gather(hidden, 1, index)  # (B, T, H)
+    if positions is None:
+        h = hidden.contiguous()  # (B, T, H)
+    else:
+        h = torch.gather(hidden, 1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, T, H)
     real = None
     if lengths is not None:
         B, T = targets.shape
@@ -184,11 +187,6 @@ def _response_targets(segments: Sequence[TextSegment], device: torch.device) -> 
     return targets.to(device)
 
 
-def _all_positions(hidden: torch.Tensor) -> torch.Tensor:
-    """``(B, L)`` positions ``0 .. L-1`` of every row: each hidden state predicts a target."""
-    return torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
-
-
 def evaluate_shared_context(
     model: torch.nn.Module,
     segments: Sequence[TextSegment],
@@ -220,7 +218,7 @@ def evaluate_shared_context(
         return out.last_hidden_state, output_cache(out)
 
     hidden = _context_once(run, segments[0].context_ids.to(device)[None], feed, lengths)
-    return _token_outputs(hidden, head, _all_positions(hidden), targets, options, lengths)
+    return _token_outputs(hidden, head, None, targets, options, lengths)
 
 
 def kept_trunk_batch(model: torch.nn.Module, segments: Sequence[TextSegment]) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -313,7 +311,7 @@ def evaluate_kept_shared(
     h = kept_shared_hidden(parts, split, segments)
     if targets is None:
         targets = _response_targets(segments, h.device)
-    return _token_outputs(h, parts["head"], _all_positions(h), targets, options, [len(s) for s in segments])
+    return _token_outputs(h, parts["head"], None, targets, options, [len(s) for s in segments])
 
 
 def evaluate_segments(
