@@ -62,6 +62,7 @@ class BaseAlgorithm(SaveLoadMixin):
         "_ep_lengths",
         "_episode_storage",
         "_last_checkpoint",
+        "_text_episodes",
     )
     # what a NaN/inf loss or gradient does: "raise" (NonFiniteError naming the update and
     # the last checkpoint) or "skip" (drop the batch); set model.on_nonfinite to change it

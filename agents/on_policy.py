@@ -24,6 +24,7 @@ from agents.callbacks import BaseCallback
 from agents.fast_kernels import clip_grad_norm
 from agents.guards import check_finite, check_number, training_guard
 from agents.preprocessing import as_tensor
+from agents.text_rollout import text_episode_stats
 from agents.utils import init_parameters, safe_mean, unexpected_keyword
 from agents.vec_env import VecEnvAdapter
 
@@ -182,6 +183,7 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         steps_per_iteration = env.num_envs * distributed.world_size()  # counted over all ranks
         env_actions, next_step_autoreset = self._env_actions, env.next_step_autoreset
         inference_mode = torch.inference_mode()  # one context object, entered once per step
+        text_stats = text_episode_stats(self, env)  # None unless a text env (A2C with the LM policy)
         n_steps = 0
         step = None
         while n_steps < n_rollout_steps:
@@ -208,6 +210,8 @@ class OnPolicyAlgorithm(BaseAlgorithm):
                 return False
             done = step.terminated | step.truncated
             self._update_episode_stats(step.rewards, done, step.valid)
+            if text_stats is not None:
+                text_stats.update(step.infos, step.valid, done & step.valid)
             n_steps += 1
             # numpy flags are staged by the buffer and moved to the device once per rollout
             rollout_buffer.add(
@@ -236,6 +240,8 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         with torch.no_grad():
             last_values = self.policy.predict_values(as_tensor(self._last_obs, self.observation_space, device))
         rollout_buffer.compute_returns_and_advantage(last_values=last_values)
+        if text_stats is not None:
+            text_stats.record(self.logger)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True

@@ -21,6 +21,7 @@ from agents.callbacks import BaseCallback
 from agents.losses import normalize_advantages, policy_gradient_loss, value_loss
 from agents.on_policy import OnPolicyAlgorithm
 from agents.preprocessing import as_tensor
+from agents.text_rollout import text_episode_stats
 from agents.vec_env import VecEnvAdapter
 
 
@@ -120,6 +121,7 @@ class REINFORCE(OnPolicyAlgorithm):
             self._clear_episodes()
         self.policy.set_training_mode(False)
         callback.on_rollout_start()
+        text_stats = text_episode_stats(self, env)  # None unless a text env (the LM policy)
         finished = 0
         while finished < self.n_episodes:
             obs_tensor = as_tensor(self._last_obs, self.observation_space, self.device)
@@ -132,6 +134,8 @@ class REINFORCE(OnPolicyAlgorithm):
                 return False
             done = step.terminated | step.truncated
             self._update_episode_stats(step.rewards, done, step.valid)
+            if text_stats is not None:
+                text_stats.update(step.infos, step.valid, done & step.valid)
             self._obs.append(obs_tensor)
             self._actions.append(actions)
             self._rewards.append(step.rewards)
@@ -139,6 +143,8 @@ class REINFORCE(OnPolicyAlgorithm):
             self._valid.append(step.valid)
             finished += int((done & step.valid).sum())
             self._last_obs = step.obs
+        if text_stats is not None:
+            text_stats.record(self.logger)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True

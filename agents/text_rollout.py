@@ -45,6 +45,52 @@ def _info_value(infos: Any, key: str, i: int) -> Any:
     return None
 
 
+class TextEpisodeStats:
+    """The text metrics (``rollout/score_mean``, ``kl_mean``, ``response_len_mean``) for the
+    per-token loops of A2C and REINFORCE, which do not regroup responses: each step's ``kl``
+    info is summed per env, and a finished response's ``score`` closes it. The sums carry
+    over from one rollout to the next (a response can span two)."""
+
+    def __init__(self, num_envs: int):
+        self.kl = np.zeros(num_envs)
+        self.length = np.zeros(num_envs, dtype=np.int64)
+        self.scores: list[float] = []
+        self.kls: list[float] = []
+        self.lengths: list[int] = []
+
+    def update(self, infos: Any, valid: np.ndarray, finished: np.ndarray) -> None:
+        """One env step: ``valid`` envs acted (not a reset step), ``finished`` ones ended a response."""
+        for i in np.nonzero(valid)[0]:
+            kl = _info_value(infos, "kl", i)
+            self.kl[i] += 0.0 if kl is None else float(kl)
+            self.length[i] += 1
+            if finished[i]:
+                score = _info_value(infos, "score", i)
+                if score is not None:
+                    self.scores.append(float(score))
+                    self.kls.append(float(self.kl[i]))
+                    self.lengths.append(int(self.length[i]))
+                self.kl[i], self.length[i] = 0.0, 0
+
+    def record(self, logger: Any) -> None:
+        """Log the means over the responses finished since the last call, then forget them."""
+        if self.scores:
+            logger.record("rollout/score_mean", float(np.mean(self.scores)))
+            logger.record("rollout/kl_mean", float(np.mean(self.kls)))
+            logger.record("rollout/response_len_mean", float(np.mean(self.lengths)))
+        self.scores, self.kls, self.lengths = [], [], []
+
+
+def text_episode_stats(algo: Any, env: Any) -> TextEpisodeStats | None:
+    """``algo``'s :class:`TextEpisodeStats` for ``env`` (made on first use, remade when the
+    number of envs changes), or None when ``env`` holds no text env."""
+    stats = getattr(algo, "_text_episodes", None)
+    if stats is None or len(stats.kl) != env.num_envs:
+        stats = TextEpisodeStats(env.num_envs) if find_text_env(env) is not None else None
+        algo._text_episodes = stats
+    return stats
+
+
 def find_text_env(env: Any) -> Any:
     """The unwrapped text env (batched vector env or single env) behind ``env`` (an
     adapter, a vector env, an SB3 VecEnv or a Gymnasium env), or None."""

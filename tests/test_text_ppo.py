@@ -285,12 +285,19 @@ def test_shipped_text_settings_finish_responses_in_every_rollout():
     for cfg in (DemoConfig(), quick_config()):
         assert cfg.n_steps >= cfg.max_new_tokens + 1, cfg
 
-    from agents import A2C
+    from agents import A2C, REINFORCE
 
     a2c = A2C("LMPolicy", "TextRLHF-tiny-v0", n_envs=2, seed=0)  # the CLI's A2C on a text env: no YAML entry
     assert a2c.n_steps == env_default + 1
-    a2c.learn(a2c.n_steps * a2c.n_envs)
-    assert len(a2c.ep_info_buffer) >= a2c.n_envs  # a finished response per env
+    for i in range(2):  # the per-token loops (A2C, REINFORCE) log the text metrics too
+        a2c.learn(a2c.n_steps * a2c.n_envs, reset_num_timesteps=i == 0, log_interval=10**6)
+        for key in ("rollout/score_mean", "rollout/kl_mean", "rollout/response_len_mean"):
+            assert np.isfinite(a2c.logger.name_to_value[key]), (i, key)
+        a2c.logger.name_to_value.clear()
+    assert len(a2c.ep_info_buffer) >= 2 * a2c.n_envs  # a finished response per env and rollout
+    reinforce = REINFORCE("LMPolicy", "TextRLHF-tiny-v0", n_envs=2, seed=0)
+    reinforce.learn(8, log_interval=10**6)
+    assert 1 <= reinforce.logger.name_to_value["rollout/response_len_mean"] <= env_default
     with pytest.warns(UserWarning, match=r"n_steps=5 is shorter than max_new_tokens \+ 1"):
         A2C("LMPolicy", a2c.env, n_steps=5)
     assert A2C("MlpPolicy", "CartPole-v1").n_steps == 5  # SB3's default without the LM policy
