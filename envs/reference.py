@@ -39,13 +39,13 @@ the full reference.
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
 from envs.decoder import SUPPORTED_MODEL_TYPES, decoder_parts  # noqa: F401 (SUPPORTED_MODEL_TYPES: documented above)
+from envs.trunk_states import capture_block_input
 
 REFERENCE_SHARE_MODES = ("auto", "off")
 
@@ -156,26 +156,11 @@ class SharedTrunk:
             equal += 1
         return equal
 
-    @contextmanager
-    def capture(self, split: int) -> Iterator[dict[str, Any]]:
+    def capture(self, split: int) -> ContextManager[dict[str, Any]]:
         """Record the input of the actor's block ``split`` (hidden state and keyword
-        arguments: causal mask, position embeddings ...) during the forwards in the block."""
-        box: dict[str, Any] = {}
-
-        def hook(module, args, kwargs):
-            if len(args) > 1:
-                raise RuntimeError(
-                    f"{type(module).__name__} got {len(args)} positional arguments; the shared reference trunk "
-                    "expects (hidden_states, **kwargs): build the env with reference_share='off'"
-                )
-            box["hidden"] = args[0] if args else kwargs["hidden_states"]
-            box["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-
-        handle = self.actor_parts["layers"][split].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            yield box
-        finally:
-            handle.remove()
+        arguments: causal mask, position embeddings ...) during the forwards in the block
+        (:func:`envs.trunk_states.capture_block_input`)."""
+        return capture_block_input(self.actor_parts["layers"][split], with_kwargs=True)
 
     def reference_top(self, split: int, captured: dict[str, Any], cache: Any, head: bool = True) -> torch.Tensor:
         """Run the reference's blocks ``split ..``, final norm and head on a captured

@@ -83,13 +83,22 @@ class _Stop(Exception):
 
 
 @contextmanager
-def capture_block_input(layer: nn.Module, stop: bool = False) -> Iterator[dict[str, Any]]:
+def capture_block_input(layer: nn.Module, stop: bool = False, with_kwargs: bool = False) -> Iterator[dict[str, Any]]:
     """Record ``box["hidden"]``, the hidden-state input of ``layer``, at each forward in the
-    block; with ``stop`` the forward is cut short there (:func:`trunk_output` catches it)."""
+    block; with ``stop`` the forward is cut short there (:func:`trunk_output` catches it);
+    with ``with_kwargs`` also ``box["kwargs"]``, the layer's other inputs (causal mask,
+    position embeddings ...), to run later layers on the same inputs."""
     box: dict[str, Any] = {}
 
     def hook(module, args, kwargs):
+        if with_kwargs and len(args) > 1:
+            raise RuntimeError(
+                f"{type(module).__name__} got {len(args)} positional arguments; the shared reference trunk "
+                "expects (hidden_states, **kwargs): build the env with reference_share='off'"
+            )
         box["hidden"] = args[0] if args else kwargs["hidden_states"]
+        if with_kwargs:
+            box["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         if stop:
             raise _Stop
 
