@@ -261,7 +261,7 @@ def build_core(
     if reference is None:
         reference = copy.deepcopy(model)
     spec = dict(spec) if spec else {"model": getattr(getattr(model, "config", None), "_name_or_path", None)}
-    spec.setdefault("dtype", _dtype_name(dtype))
+    spec.setdefault("dtype", dtype_name(dtype))
     spec.update(temperature=float(temperature), top_k=int(top_k), device=str(next(model.parameters()).device))
     core = LMCore(model, reference, tokenizer, temperature, top_k, spec=spec)
     if shared:
@@ -294,7 +294,9 @@ def core_from_spec(spec: dict[str, Any], device: str | torch.device = "cpu") -> 
                       dtype=spec.get("dtype"), shared=True, spec=spec)
 
 
-def _dtype_name(dtype: Any) -> str | None:
+def dtype_name(dtype: Any) -> str | None:
+    """``"bfloat16"`` for ``torch.bfloat16`` or ``"bfloat16"`` (how a model description and a
+    cache key name a dtype); None stays None."""
     if dtype is None:
         return None
     return str(dtype).replace("torch.", "")

@@ -35,6 +35,8 @@ from typing import Any
 
 import gymnasium as gym
 
+from rlhf_env.envs.lm_core import dtype_name
+
 TEXT_ENV_IDS = ("TextRLHF-v0", "TextRLHF-tiny-v0")
 
 # (model name, device, dtype, reference, temperature, top_k) -> (actor, tokenizer, reference or None,
@@ -190,7 +192,7 @@ def resolve_text_env_kwargs(
         # a local folder is recorded by its absolute path: an agent saved here loads from any folder
         name = os.path.abspath(os.path.expanduser(model)) if isinstance(model, (str, os.PathLike)) and os.path.isdir(
             os.path.expanduser(model)) else str(model)
-        lm_spec = {"model": name, "dtype": _dtype_name(dtype), "loader": "rlhf_env.registration:load_spec_model"}
+        lm_spec = {"model": name, "dtype": dtype_name(dtype), "loader": "rlhf_env.registration:load_spec_model"}
         model, tokenizer, reference = _load_models(model, tokenizer, reference, device, dtype, temperature, top_k, shared_model)
     elif reference is not None and not isinstance(reference, torch.nn.Module):
         from rlhf_env.models import load_lm
@@ -199,7 +201,7 @@ def resolve_text_env_kwargs(
     return dict(
         model=model, tokenizer=tokenizer, reference=reference,
         reward_model=None if reward_model is None else resolve_reward(reward_model, device=device),
-        prompts=prompts, dataset=dataset, reward_funcs=reward_funcs, device=device, dtype=_dtype_name(dtype), temperature=temperature, top_k=top_k,
+        prompts=prompts, dataset=dataset, reward_funcs=reward_funcs, device=device, dtype=dtype_name(dtype), temperature=temperature, top_k=top_k,
         shared_model=shared_model, reference_share=reference_share, lm_spec=lm_spec, **env_kwargs,
     )
 
@@ -217,7 +219,7 @@ def _load_models(name: Any, tokenizer: Any, reference: Any, device: Any, dtype: 
         raise TypeError(f"model must be a name, a path or a causal LM module, got {type(name).__name__}")
     ref_by_name = isinstance(reference, (str, os.PathLike))
     ref_key = os.fspath(reference) if ref_by_name else None if reference is None else ("module", id(reference))
-    key = (os.fspath(name), str(device), _dtype_name(dtype), ref_key, float(temperature), int(top_k))
+    key = (os.fspath(name), str(device), dtype_name(dtype), ref_key, float(temperature), int(top_k))
     if shared and key in _LOADED:
         actor_ref, loaded_tokenizer, reference_ref, loaded_changes = _LOADED[key]
         actor, loaded_reference = actor_ref(), reference_ref() if reference_ref is not None else None
@@ -249,9 +251,3 @@ def load_spec_model(spec: dict[str, Any], device: Any = "cpu"):
     model, tokenizer, _ = _load_models(spec["model"], None, None, device, spec.get("dtype"), spec.get("temperature", 1.0),
                                        spec.get("top_k", 0), True, warn_trained=False)
     return model, tokenizer
-
-
-def _dtype_name(dtype: Any) -> str | None:
-    if dtype is None:
-        return None
-    return str(dtype).replace("torch.", "")
