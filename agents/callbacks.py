@@ -154,11 +154,16 @@ class CheckpointCallback(BaseCallback):
     :param save_freq: calls between saves (one call = one vector step)
     :param save_path: directory
     :param name_prefix: file name prefix
+    :param save_only_model: checkpoints without the optimizer state (Hugging Face's
+        ``save_only_model``; see ``save``): a third of a text agent's checkpoint, resumed
+        with a fresh optimizer
     """
 
-    def __init__(self, save_freq: int, save_path: str, name_prefix: str = "rl_model", verbose: int = 0, **kwargs: Any):
+    def __init__(self, save_freq: int, save_path: str, name_prefix: str = "rl_model", verbose: int = 0,
+                 save_only_model: bool = False, **kwargs: Any):
         super().__init__(verbose)
         self.save_freq, self.save_path, self.name_prefix = save_freq, save_path, name_prefix
+        self.save_only_model = bool(save_only_model)
 
     def _init_callback(self) -> None:
         os.makedirs(self.save_path, exist_ok=True)
@@ -169,7 +174,7 @@ class CheckpointCallback(BaseCallback):
     def _on_step(self) -> bool:
         if self.n_calls % self.save_freq == 0 and distributed.is_main_process():  # rank 0 saves
             path = self._checkpoint_path()
-            self.model.save(path)
+            self.model.save(path, save_only_model=self.save_only_model)
             if self.verbose >= 1:
                 print(f"Saving model checkpoint to {path}")
         return True

@@ -236,5 +236,5 @@ def training_guard(model: Any, callback: Any) -> Iterator[Any]:
     if interrupted:
         path = checkpoint_cb._checkpoint_path() if distributed.is_main_process() else None
         if path is not None:
-            model.save(path)
+            model.save(path, save_only_model=getattr(checkpoint_cb, "save_only_model", False))
         raise interrupted_error(state, model.num_timesteps, path)

@@ -89,3 +89,23 @@ def test_plot_gives_a_run_one_colour_in_every_panel(tmp_path, monkeypatch):
             colours.setdefault(line.get_label(), set()).add(line.get_color())
     assert set(colours) == {"GRPO_1", "PPO_2"} and all(len(c) == 1 for c in colours.values())
     assert colours["GRPO_1"] != colours["PPO_2"]
+
+
+def test_save_only_model_applies_to_save_and_checkpoints(tmp_path):
+    """--save-only-model: the final zip and the checkpoints leave the optimizer out, and
+    --resume of one continues (with a fresh optimizer)."""
+    import json
+    import zipfile
+
+    argv = ["train", "--algo", "ppo", "--env", "CartPole-v1", "--timesteps", "512", "--n-envs", "4", "--verbose", "0",
+            "--eval-episodes", "0", "--save-only-model", "--save", str(tmp_path / "m.zip"),
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-freq", "64"]
+    assert main(argv) == 0
+    zips = [tmp_path / "m.zip", *sorted((tmp_path / "ckpt").glob("*.zip"))]
+    assert len(zips) >= 3
+    for path in zips:
+        with zipfile.ZipFile(path) as archive:
+            assert "policy.optimizer.pth" not in archive.namelist(), path
+            assert json.loads(archive.read("header.json"))["optimizer_state"] is False
+    assert main(["train", "--algo", "ppo", "--env", "CartPole-v1", "--timesteps", "256", "--n-envs", "4", "--verbose", "0",
+                 "--eval-episodes", "0", "--resume", str(zips[-1])]) == 0

@@ -421,6 +421,8 @@ def test_trainer_refuses_and_writes_nothing(case, files, tiny_lm_path, tmp_path)
 CLI_CASES = {
     "train: unknown env": (["train", "--algo", "ppo", "--env", "NoSuchEnv-v0", "--timesteps", "10"], "NoSuchEnv-v0"),
     "train: corrupt resume": (["train", "--algo", "ppo", "--env", "CartPole-v1", "--resume", "{d}/garbage.zip", "--save", "{out}/m.zip"], "garbage.zip is not a saved model"),
+    "train: --save-only-model alone": (["train", "--algo", "ppo", "--env", "CartPole-v1", "--save-only-model"],
+                                       "--save-only-model applies to --save and checkpoints: pass --save PATH.zip or --checkpoint-dir DIR too"),
     "train: negative timesteps": (["train", "--algo", "ppo", "--env", "CartPole-v1", "--timesteps", "-5", "--save", "{out}/m.zip"], "total_timesteps must be >= 0"),
     "train-rm: malformed data": (["train-rm", "--train", "{d}/malformed.jsonl", "--eval", "none", "--output", "{out}/rm"], "malformed.jsonl:2: not valid JSON"),
     "sft: missing data": (["sft", "--data", "{d}/nope.jsonl", "--model", "tiny", "--output", "{out}/sft"], "nope.jsonl"),

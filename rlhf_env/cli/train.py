@@ -40,8 +40,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tensorboard-log", "-tb", default=None, help="TensorBoard root; runs go to DIR/ALGO_k (-tb as in rl-zoo3)")
     p.add_argument("--save", default=None, help="write the trained model to this .zip (what --resume needs to continue exactly)")
     p.add_argument("--save-only-model", action="store_true",
-                   help="--save without the optimizer state (Hugging Face's save_only_model): a third of a text agent's "
-                   "zip with Adam; --resume of it continues with a fresh optimizer")
+                   help="--save and checkpoints without the optimizer state (Hugging Face's save_only_model): a third of a "
+                   "text agent's zip with Adam; --resume of one continues with a fresh optimizer")
     p.add_argument("--export", default=None, metavar="DIR",
                    help="export the trained language-model policy as a Hugging Face folder (LoRA merged, tokenizer, "
                    "rlhf_env_training.json) that from_pretrained and gym.make('TextRLHF-v0', model=DIR) load")
@@ -117,8 +117,8 @@ def run(args) -> int:
         if args.task is None:
             raise ValueError("--env is required (or --task, which trains on ReasoningGym-v0)")
         args.env = "ReasoningGym-v0"
-    if args.save_only_model and not args.save:
-        raise ValueError("--save-only-model applies to --save: pass --save PATH.zip too")
+    if args.save_only_model and not (args.save or args.checkpoint_dir or args.checkpoint_freq):
+        raise ValueError("--save-only-model applies to --save and checkpoints: pass --save PATH.zip or --checkpoint-dir DIR too")
     text = is_text_env(args.env)
     env_kwargs = env_kwargs_of(args)
     if env_kwargs and not text and args.vec_env is None and (args.task or args.dataset):
@@ -166,7 +166,8 @@ def run(args) -> int:
         from rlhf_env.agents import CheckpointCallback
 
         freq = args.checkpoint_freq if args.checkpoint_freq else 2**62  # only the final checkpoint on interrupt
-        learn_kwargs["callback"] = CheckpointCallback(freq, args.checkpoint_dir or "checkpoints", name_prefix=args.algo)
+        learn_kwargs["callback"] = CheckpointCallback(freq, args.checkpoint_dir or "checkpoints", name_prefix=args.algo,
+                                                      save_only_model=args.save_only_model)
     start, start_steps = time.perf_counter(), model.num_timesteps if args.resume else 0
     model.learn(total, **learn_kwargs)
     from rlhf_env.agents import distributed
