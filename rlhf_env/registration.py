@@ -184,6 +184,10 @@ def resolve_text_env_kwargs(
         dataset = load_rows(dataset)
     elif prompts is None or isinstance(prompts, (str, os.PathLike)):
         prompts = load_prompts(prompts)
+    if isinstance(reward_model, str) and ":" in reward_model and not os.path.isdir(os.path.expanduser(reward_model)):
+        from rlhf_env.rewards import load_function
+
+        reward_model = load_function(reward_model, "reward_model")  # 'FILE.py:NAME': its signature is checked below
     if reward_funcs is not None and isinstance(reward_model, IdDefault):
         reward_model = None  # the reward functions replace the id's default reward model
     _check_reward(reward_model, reward_funcs, env_kwargs.get("reward_weights"), dataset)

@@ -99,7 +99,8 @@ def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> Callable:
     :param spec: a callable ``(prompts, responses) -> scores`` (returned as is);
         ``"sentiment"`` or ``"vader"`` (:class:`SentimentReward`); ``"tiny"``
         (:class:`TinyReward`); ``"default"`` (``RewardModel.default()``, trained once and
-        cached); or a directory written by ``RewardModel.save`` (``RewardModel.load``).
+        cached); a directory written by ``RewardModel.save`` (``RewardModel.load``); or
+        ``"FILE.py:NAME"`` / ``"MODULE:NAME"``, a ``(prompts, responses)`` function (:func:`load_function`).
     :param device: where a trained reward model is placed.
     :return: the reward callable.
     :raises ValueError: for anything else, naming it and listing the valid names.
@@ -123,7 +124,62 @@ def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> Callable:
 
         check_device(device)
         return RewardModel.load(pathlib.Path(spec).expanduser(), device=device)
+    if isinstance(spec, str) and ":" in spec:  # FILE.py:NAME or MODULE:NAME (--env-kwargs, YAML)
+        return load_function(spec, "reward_model")
     raise ValueError(
         f"unknown reward_model {spec!r}: use one of {', '.join(repr(n) for n in REWARD_NAMES)}, "
-        "a directory written by RewardModel.save, or a callable (prompts, responses) -> scores"
+        "a directory written by RewardModel.save, a callable (prompts, responses) -> scores, "
+        "or where one lives: 'FILE.py:NAME'"
     )
+
+
+def load_function(spec: str, what: str = "reward function") -> Callable:
+    """A function named by where it lives, for the command line and YAML: ``FILE.py:NAME``
+    (a path, relative to the current folder), ``MODULE:NAME`` or ``MODULE.NAME`` (an
+    importable module; the current folder is searched too), the way TRL's scripts take
+    ``--reward_funcs my_lib.rewards.accuracy``.
+
+    :param what: what the function is for, in the error messages
+    :raises ValueError: a spec of neither form, a missing file or module, a missing name
+        (listing the module's functions), an import that fails (its error kept)
+    :raises TypeError: the name is not callable
+    """
+    import importlib
+    import importlib.util
+    import inspect
+    import sys
+
+    text = os.fspath(spec)
+    if ":" in text:
+        where, name = text.rsplit(":", 1)
+    elif "." in text and not text.endswith(".py"):
+        where, name = text.rsplit(".", 1)
+    else:
+        raise ValueError(f"{what} {text!r}: name it as FILE.py:NAME (e.g. my_rewards.py:correct) or MODULE.NAME (an importable module)")
+    if not where or not name.isidentifier():
+        raise ValueError(f"{what} {text!r}: name it as FILE.py:NAME (e.g. my_rewards.py:correct) or MODULE.NAME")
+    try:
+        if where.endswith(".py") or os.sep in where or "/" in where:
+            path = pathlib.Path(where).expanduser()
+            if not path.is_file():
+                raise ValueError(f"{what} {text!r}: no file {os.fspath(path)!r} (from {os.getcwd()})")
+            module_spec = importlib.util.spec_from_file_location(f"_rlhf_env_user_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:  # the console script's path lacks the current folder
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(where)
+    except ValueError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"{what} {text!r}: cannot import module {where!r} ({exc}); a file in this folder is FILE.py:NAME") from exc
+    except Exception as exc:  # the user's module itself fails to import
+        raise ValueError(f"{what} {text!r}: importing {where!r} raised {type(exc).__name__}: {exc}") from exc
+    if not hasattr(module, name):
+        functions = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
+        raise ValueError(f"{what} {text!r}: {where!r} has no {name!r} (its functions: {', '.join(functions) or 'none'})")
+    function = getattr(module, name)
+    if not callable(function):
+        raise TypeError(f"{what} {text!r} is a {type(function).__name__}, not a function")
+    return function

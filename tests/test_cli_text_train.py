@@ -20,7 +20,7 @@ def test_train_on_the_tiny_text_env_trains_the_lm_policy(algo, tmp_path, capsys)
     with zipfile.ZipFile(out) as archive:
         data = archive.read("data.pkl")
     assert b"LMActorCriticPolicy" in data and b"mlp" not in data.lower()
-    assert "mean reward (score minus the KL penalty) of the last" in capsys.readouterr().out
+    assert "mean return (score - KL penalty) of the last" in capsys.readouterr().out
 
 
 def test_eval_loads_an_agent_zip(tmp_path, capsys):
@@ -70,3 +70,68 @@ def test_resume_of_a_text_agent_keeps_env_kwargs_and_its_own_actor(tmp_path, n_e
     with zipfile.ZipFile(second) as archive:
         header = json.loads(archive.read("header.json"))
     assert header["env"]["max_new_tokens"] == 4 and header["num_timesteps"] > 20
+
+
+REWARDS_PY = """
+def correct(prompts, completions, answer, **kwargs):
+    return [1.0 if a == "7" else 0.0 for a in answer]
+
+def length(prompts, completions, completion_ids, **kwargs):
+    return [-float(len(ids)) for ids in completion_ids]
+
+def kindness(prompts, responses):
+    return [3.0 for _ in responses]
+"""
+
+
+def test_train_takes_reward_functions_by_file_and_name_with_dataset_columns(tmp_path, capsys, monkeypatch):
+    """--reward-funcs FILE.py:NAME / MODULE.NAME reach the env as TRL-style functions with the
+    --dataset columns; --reward-weights weighs them (every row's answer is 7, so correct = 1)."""
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(REWARDS_PY)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "3 + 4 =", "answer": "7"}\n{"prompt": "5 + 2 =", "answer": "7"}\n')
+    argv = ["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--dataset", str(rows), "--timesteps", "64",
+            "--reward-funcs", "my_rewards.py:correct", "my_rewards.length", "--reward-weights", "2", "0",
+            "--env-kwargs", '{"max_new_tokens": 4}', "--n-envs", "8", "--log-interval", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"correct/mean\s*\|\s*1\s", out) and re.search(r"correct/std\s*\|\s*0\s", out), out
+    assert re.search(r"length/mean\s*\|\s*-[1-4]", out), out  # 1 to 4 tokens a response
+    assert re.search(r"score_mean\s*\|\s*2\s", out), out  # 2 x correct + 0 x length
+
+
+def test_a_reward_model_function_by_file_and_name(tmp_path, monkeypatch):
+    import gymnasium as gym
+
+    import rlhf_env  # noqa: F401
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(REWARDS_PY)
+    env = gym.make("TextRLHF-tiny-v0", reward_model="my_rewards.py:kindness", max_new_tokens=2, kl_coef=0.0)
+    env.reset(seed=0)
+    done, info = False, {}
+    while not done:
+        _, _, terminated, truncated, info = env.step(env.action_space.sample())
+        done = terminated or truncated
+    assert info["score"] == 3.0
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--reward-funcs", "my_rewards.py:corect"], r"'my_rewards.py' has no 'corect' \(its functions: correct, kindness, length\)"),
+    (["--reward-funcs", "nofile.py:f"], r"--reward-funcs 'nofile.py:f': no file 'nofile.py'"),
+    (["--reward-funcs", "correct"], r"name it as FILE.py:NAME .* or MODULE.NAME"),
+    (["--reward-funcs", "no_such_module.f"], r"cannot import module 'no_such_module'"),
+    (["--reward-weights", "1"], r"--reward-weights weighs --reward-funcs"),
+    (["--reward-funcs", "my_rewards.py:kindness"], r"reward function 'kindness' cannot be called as kindness\(prompts=..., completions=..."),
+])
+def test_reward_function_flag_mistakes_are_one_line(flags, match, tmp_path, capsys, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(REWARDS_PY)
+    assert main(["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--timesteps", "8", *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err

@@ -17,7 +17,8 @@ def add_parser(subparsers) -> None:
         help="train an agent on a Gymnasium env (hyperparameters from YAML, like rl-zoo3)",
         description="Train an agent on a registered Gymnasium environment (CartPole-v1, TextRLHF-v0, ...). "
         "Hyperparameters come from the shipped rl-zoo3-style YAML (agents/hyperparams/ALGO.yml) or --hyperparams; "
-        "flags override them. Prints the mean return of a deterministic evaluation at the end.",
+        "flags override them. Prints the mean return of a deterministic evaluation at the end (a text env: the mean "
+        "return of the last training responses; with --task, held-out accuracy).",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--algo", required=True, type=str.lower, choices=sorted(ALGOS), help="agent to train (any case: ppo or PPO)")
@@ -30,6 +31,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--task-config", default=None, help='task generator settings as JSON, e.g. \'{"max_terms": 3}\'')
     p.add_argument("--dataset", default=None,
                    help="rows for a text env: a JSON Lines file with a \"prompt\" and any other columns (see docs/tasks.md)")
+    p.add_argument("--reward-funcs", nargs="+", default=None, metavar="FUNC",
+                   help="reward functions for a text env, each FILE.py:NAME or MODULE.NAME (TRL's convention: "
+                   "f(prompts, completions, **columns) -> one score per completion; columns from --dataset); they replace "
+                   "the env's default reward model")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None, metavar="W",
+                   help="one weight per --reward-funcs function (default: 1 each)")
     p.add_argument("--env-kwargs", default=None,
                    help='extra env constructor arguments as JSON, e.g. \'{"max_new_tokens": 16, "model": "DIR"}\'')
     p.add_argument("--hyperparams", default=None, help="YAML file with an entry for ENV (default: the shipped one for ALGO)")
@@ -59,7 +66,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--log-interval", type=int, default=None, help="rollouts between log tables (default: the algorithm's)")
     p.add_argument("--eval-episodes", type=int, default=20,
                    help="deterministic evaluation episodes after training (0: none); with --task, held-out rows scored "
-                   "(greedy and 4 samples each)")
+                   "(greedy and 4 samples each); a text env without --task reports its last training responses instead "
+                   "(rlhf-env eval judges held-out prompts)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 for classic-control MLPs, where more threads only add "
                    "synchronisation; torch's choice for text envs; 0: torch's choice)")
@@ -91,7 +99,8 @@ def is_text_env(env_id: str) -> bool:
 
 
 def env_kwargs_of(args) -> dict:
-    """The env's constructor arguments from --env-kwargs, --task, --task-config and --dataset."""
+    """The env's constructor arguments from --env-kwargs, --task, --task-config, --dataset,
+    --reward-funcs and --reward-weights."""
     from rlhf_env.cli._common import json_object
 
     env_kwargs = json_object(args.env_kwargs, "--env-kwargs", '{"max_new_tokens": 16}') if args.env_kwargs else {}
@@ -105,6 +114,16 @@ def env_kwargs_of(args) -> dict:
         if args.task is not None:
             raise ValueError("--dataset and --task both give the rows: pass one of them")
         env_kwargs["dataset"] = args.dataset
+    if args.reward_weights is not None and args.reward_funcs is None:
+        raise ValueError("--reward-weights weighs --reward-funcs: pass the functions too")
+    if args.reward_funcs is not None:
+        if args.task is not None:
+            raise ValueError("--task brings its own reward functions (the task's verifier); --reward-funcs is for --dataset or prompts")
+        from rlhf_env.rewards import load_function
+
+        env_kwargs["reward_funcs"] = [load_function(spec, "--reward-funcs") for spec in args.reward_funcs]
+        if args.reward_weights is not None:
+            env_kwargs["reward_weights"] = list(args.reward_weights)
     return env_kwargs
 
 
@@ -121,8 +140,8 @@ def run(args) -> int:
         raise ValueError("--save-only-model applies to --save and checkpoints: pass --save PATH.zip or --checkpoint-dir DIR too")
     text = is_text_env(args.env)
     env_kwargs = env_kwargs_of(args)
-    if env_kwargs and not text and args.vec_env is None and (args.task or args.dataset):
-        raise ValueError(f"--task and --dataset need a text env (TextRLHF-v0, ReasoningGym-v0), not {args.env}")
+    if env_kwargs and not text and args.vec_env is None and (args.task or args.dataset or args.reward_funcs):
+        raise ValueError(f"--task, --dataset and --reward-funcs need a text env (TextRLHF-v0, ReasoningGym-v0), not {args.env}")
     threads = args.threads
     if threads is None:
         threads = 0 if text else 1
@@ -192,7 +211,11 @@ def run(args) -> int:
     elif args.eval_episodes > 0 and text:
         episodes = list(model.ep_info_buffer)
         if episodes:
-            print(f"mean reward (score minus the KL penalty) of the last {len(episodes)} training responses: {sum(e['r'] for e in episodes) / len(episodes):.3f}")
+            # an episode's return is the response's score minus its KL penalty (what rollout/ep_rew_mean shows)
+            saved = args.export or args.save
+            judge = f"rlhf-env eval {saved}" if saved else "--export DIR, then rlhf-env eval DIR"
+            print(f"mean return (score - KL penalty) of the last {len(episodes)} training responses: "
+                  f"{sum(e['r'] for e in episodes) / len(episodes):.3f}; to judge the policy on held-out prompts: {judge}")
     elif args.eval_episodes > 0:
         mean, std = evaluate_policy(model, args.env, n_eval_episodes=args.eval_episodes, deterministic=True)
         print(f"evaluation over {args.eval_episodes} deterministic episodes: {mean:.2f} +/- {std:.2f}")
