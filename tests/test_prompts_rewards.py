@@ -177,7 +177,10 @@ def test_resolve_reward(tmp_path, monkeypatch):
     # the trained reward models are resolved lazily through RewardModel (stubbed: no training here)
     monkeypatch.setattr(reward_model.RewardModel, "default", classmethod(lambda cls, device="cpu": ("default", device)))
     monkeypatch.setattr(reward_model.RewardModel, "load", classmethod(lambda cls, d, device="cpu": ("load", d.name, device)))
-    assert resolve_reward("default", device="cuda") == ("default", "cuda")
+    # the device reaches the model ("meta" exists on every machine; a GPU this one lacks is refused first)
+    assert resolve_reward("default", device="meta") == ("default", "meta")
+    with pytest.raises(ValueError, match=r"device 'cuda:99'"):
+        resolve_reward("default", device="cuda:99")
     (tmp_path / "my_rm").mkdir()
     assert resolve_reward(tmp_path / "my_rm") == ("load", "my_rm", "cpu")
     assert resolve_reward(str(tmp_path / "my_rm")) == ("load", "my_rm", "cpu")
