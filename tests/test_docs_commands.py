@@ -42,7 +42,9 @@ def test_documented_cli_flags_exist():
     commands = _commands(build_parser())
     stale = []
     for path, text in _texts():
-        for m in re.finditer(r"rlhf-env ([a-z][a-z-]*)([^`\n|;)&]*)", text):
+        # in Python source a command ends with its string literal
+        end = '`\n|;)&"' if path.suffix == ".py" else "`\n|;)&"
+        for m in re.finditer(rf"rlhf-env ([a-z][a-z-]*)([^{end}]*)", text):
             name, rest = m.groups()
             if name not in commands:
                 continue  # prose ("rlhf-env is ...")
