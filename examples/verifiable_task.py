@@ -17,7 +17,7 @@ import os
 import gymnasium as gym
 
 import rlhf_env  # noqa: F401  (registers ReasoningGym-v0)
-from agents import RLOO
+from rlhf_env.agents import RLOO
 from rlhf_env.tasks import accuracy_line, evaluate_task, make_task
 
 MODEL = os.environ.get("MODEL", "tiny")
