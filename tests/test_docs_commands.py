@@ -67,3 +67,26 @@ def test_documented_benchmark_flags_exist():
                 continue
             stale += [f"{path}: benchmarks.{name} {flag}" for flag in FLAG.findall(rest) if flag not in flags[name]]
     assert seen > 20 and not stale, stale
+
+
+def test_rlhf_env_bench_reaches_every_benchmark_script(monkeypatch):
+    """Every benchmarks/*.py with a main() is a name of `rlhf-env bench` (README's table cites
+    rlvr and alignment, which the command used to refuse), and a script whose main() reads
+    sys.argv gets the arguments after the name."""
+    import sys
+
+    from rlhf_env.cli import bench
+
+    scripts = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if re.search(r"^def main\(", p.read_text(), re.M)}
+    assert scripts == {module.split(".")[1] for module, _ in bench.BENCHMARKS.values()}
+
+    seen = {}
+
+    class Script:
+        @staticmethod
+        def main():
+            seen["argv"] = list(sys.argv)
+
+    monkeypatch.setattr(bench.importlib, "import_module", lambda name: Script)
+    args = bench.argparse.Namespace(name="alignment", args=["--threads", "1"])
+    assert bench.run(args) == 0 and seen["argv"] == ["benchmarks.alignment", "--threads", "1"]

@@ -17,6 +17,11 @@ BENCHMARKS = {
     "rlhf": ("benchmarks.rlhf", "our GRPO vs TRL GRPOTrainer; per-phase time of a PPO iteration"),
     "soak": ("benchmarks.soak", "long runs: memory and speed stay flat"),
     "learning_offline": ("benchmarks.learning_offline", "offline learning (reward model, SFT, DPO) quality"),
+    "rlvr": ("benchmarks.rlvr", "our default verifiable-task method vs TRL GRPOTrainer: held-out accuracy and steps per CPU second"),
+    "alignment": ("benchmarks.alignment", "PPO vs GRPO vs RLOO vs DPO on SmolLM2 at the same CPU budget, judged (rlhf-env compare)"),
+    "export": ("benchmarks.export", "size and time of a text agent's checkpoint and of its Hugging Face export"),
+    "reward_probes": ("benchmarks.reward_probes", "the default reward model's held-out and hand-written accuracy, correctness probes"),
+    "lean_kernels": ("benchmarks.lean_kernels", "the lean grad clipping and Adam step vs public torch"),
 }
 
 
@@ -24,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     listing = "; ".join(f"{name}: {desc}" for name, (_, desc) in BENCHMARKS.items())
     parser = subparsers.add_parser(
         "bench",
-        help="run a benchmark script (classic, textenv, pipeline, rlhf, soak)",
+        help=f"run a benchmark script ({', '.join(BENCHMARKS)})",
         description=f"Run a benchmark of benchmarks/ and print its ratios. {listing}.",
     )
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
@@ -59,4 +64,14 @@ def run(args: argparse.Namespace) -> int:
                 "repository root of a source checkout (benchmarks/ is not installed with the package)"
             ) from exc
         raise
-    return int(module.main(list(args.args)) or 0)
+    import inspect
+    import sys
+
+    if inspect.signature(module.main).parameters:
+        return int(module.main(list(args.args)) or 0)
+    saved = sys.argv  # a script whose main() reads sys.argv itself
+    sys.argv = [module_name, *args.args]
+    try:
+        return int(module.main() or 0)
+    finally:
+        sys.argv = saved
