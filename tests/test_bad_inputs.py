@@ -470,6 +470,8 @@ def test_cli_takes_rl_zoo3_spelling_and_hints_at_misspelled_flags(tmp_path, caps
     argv = ["train", "--algo", "ppo", "--env", "CartPole-v1", "--eval-episodes", "0", "--verbose", "0"]
     assert main(argv + ["--n-timesteps", "64", "--save", str(tmp_path / "m.zip")]) == 0  # rl-zoo3's flag
     capsys.readouterr()
+    assert main(argv + ["--n-timesteps", "64", "-P"]) == 0  # rl-zoo3's progress-bar flag
+    assert "steps/s]" in capsys.readouterr().err  # tqdm's bar
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--timesteps", "64", "--svae", str(tmp_path / "m.zip")])
     err = capsys.readouterr().err

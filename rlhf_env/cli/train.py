@@ -61,7 +61,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint-freq", type=int, default=None,
                    help="vector-env steps between checkpoints (default with --checkpoint-dir: only on interrupt)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, auto")
-    p.add_argument("--progress-bar", action="store_true", help="show a progress bar")
+    p.add_argument("--progress-bar", "--progress", "-P", dest="progress_bar", action="store_true",
+                   help="show a progress bar (--progress/-P as in rl-zoo3)")
     p.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 SB3's table every log interval")
     p.add_argument("--log-interval", type=int, default=None, help="rollouts between log tables (default: the algorithm's)")
     p.add_argument("--eval-episodes", type=int, default=20,
