@@ -4,8 +4,8 @@ The folder holds the actor with any LoRA adapters merged into its weights (so
 ``AutoModelForCausalLM.from_pretrained(dir)`` reads it without ``peft``), its tokenizer
 (chat template included) and ``rlhf_env_training.json``, a small record of how it was
 trained (algorithm, base model, steps, hyperparameters, the env and its reward model).
-``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` accept it. The folder is written to a temporary
-sibling and renamed into place.
+``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` accept it. The folder is
+written to a temporary sibling and renamed into place.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def env_description(env: Any) -> dict[str, Any] | None:
-    """What an exported policy was trained on, for ``rlhf_env_training.json``: the env id,
-    its reward model as the user named it (a name, or a folder by its absolute path), or as a
-    reward object names itself (its ``reward_name``: ``RewardModel.load``/``default`` and the
-    VADER rewards set one), else a callable by its name, which nothing can load back; None for
-    reward functions alone,
+    """What an exported policy was trained on, for ``rlhf_env_training.json`` (and an agent
+    zip's header): the env id; its reward model as the user named it (a name, or a folder by
+    its absolute path), or as a reward object names itself (its ``reward_name``:
+    ``RewardModel.load``/``default`` and the VADER rewards set one), else a callable by its
+    name, which nothing can load back, and None for reward functions alone;
     ``max_new_tokens``, ``max_prompt_tokens``, ``system_prompt`` (a string, None, or
     ``"TEMPLATE_DEFAULT"``) and the KL coefficient in force. None when ``env`` holds no text env."""
     from agents.text_rollout import find_text_env

@@ -156,8 +156,8 @@ class SaveLoadMixin:
         """Export the trained language model as a Hugging Face folder: the actor with any
         LoRA adapters merged, its tokenizer, and ``rlhf_env_training.json`` (algorithm, base
         model, steps, hyperparameters, and under ``"env"`` the env id, reward model,
-        ``max_new_tokens`` and system prompt, which ``rlhf-env eval DIR`` judges with). ``AutoModelForCausalLM.from_pretrained(dir)``,
-        ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` load it. (:meth:`save`
+        ``max_new_tokens`` and system prompt, which ``rlhf-env eval DIR`` judges with).
+        ``AutoModelForCausalLM.from_pretrained(dir)``, ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` load it. (:meth:`save`
         writes a checkpoint to resume training instead.)
 
         :raises TypeError: the model's policy is not a language-model policy
