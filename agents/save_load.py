@@ -157,8 +157,9 @@ class SaveLoadMixin:
         LoRA adapters merged, its tokenizer, and ``rlhf_env_training.json`` (algorithm, base
         model, steps, hyperparameters, and under ``"env"`` the env id, reward model,
         ``max_new_tokens`` and system prompt, which ``rlhf-env eval DIR`` judges with).
-        ``AutoModelForCausalLM.from_pretrained(dir)``, ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` load it. (:meth:`save`
-        writes a checkpoint to resume training instead.)
+        ``AutoModelForCausalLM.from_pretrained(dir)``, ``load_lm(dir)`` and
+        ``gym.make("TextRLHF-v0", model=dir)`` load it. (:meth:`save` writes a checkpoint to
+        resume training instead.)
 
         :raises TypeError: the model's policy is not a language-model policy
         """
