@@ -69,6 +69,7 @@ class TextEnvParts:
         reference_share = check_reference_share(reference_share)  # before the (slow) model work
         self.reward_model = check_reward(reward_model)
         self.core: LMCore = build_core(model, tokenizer, reference, temperature, top_k, dtype, shared_model, lm_spec)
+        check_positions(self.core.actor, int(max_prompt_tokens), int(max_new_tokens))
         self.max_new_tokens = int(max_new_tokens)
         self.max_prompt_tokens = int(max_prompt_tokens)
         self.kl_coef = float(kl_coef)
@@ -299,6 +300,20 @@ def context_observation(ids: Sequence[int], space: TextObservationSpace, pad_id:
     input_ids[: len(ids)] = ids
     mask[: len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def check_positions(actor: torch.nn.Module, max_prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a context longer than the positions the model knows (``max_position_embeddings``,
+    GPT-2's ``n_positions``): learned position tables fail with an index error halfway through
+    a rollout, rotary ones quietly write garbage past them."""
+    config = getattr(actor, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(positions, int) and max_prompt_tokens + max_new_tokens > positions:
+        raise ValueError(
+            f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens} + {max_new_tokens} = {max_prompt_tokens + max_new_tokens} "
+            f"is more than the model's {positions} positions (config.max_position_embeddings): lower max_new_tokens "
+            "or max_prompt_tokens"
+        )
 
 
 def check_config(

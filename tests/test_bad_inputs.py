@@ -92,6 +92,9 @@ ENV_CASES = {
     "device unknown": (dict(device="bogus"), ValueError, "device 'bogus' is not a torch device"),
     # not torch's AssertionError from inside the model load (a CPU build) or a missing GPU index
     "device not on this machine": (dict(device="cuda:99"), ValueError, NO_GPU),
+    # the tiny model knows 256 positions
+    "context past the model's positions": (dict(max_new_tokens=250), ValueError,
+                                           r"max_prompt_tokens \+ max_new_tokens = 64 \+ 250 = 314 is more than the model's 256 positions"),
     # offline: one line at once (a probe of the hub), not transformers' retries
     "hub id not cached": (dict(model="no-such-org/no-such-model"), ValueError,
                           "cannot load 'no-such-org/no-such-model': not a local folder, not in the Hugging Face cache"),
