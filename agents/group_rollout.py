@@ -34,6 +34,8 @@ class GroupRolloutAlgorithm(OnPolicyAlgorithm):
     ``max_new_tokens``).
     """
 
+    _log_after_train = True  # rollout/kl_mean is measured in train(), where the reference runs
+
     def __init__(self, policy: Any, env: Any, group_size: int = 4, sample_every: int = 5, seed: int | None = None, **kwargs: Any):
         if group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}")

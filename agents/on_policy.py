@@ -250,6 +250,11 @@ class OnPolicyAlgorithm(BaseAlgorithm):
         """One update from ``self.rollout_buffer`` (the algorithm's loss)."""
         raise NotImplementedError
 
+    # SB3's order: a rollout's table is written before the update on it, so train/ values
+    # appear one row later. True (GRPO, RLOO): after the update, since what they measure of a
+    # rollout (its KL to the reference) is computed there, and belongs in the rollout's row
+    _log_after_train: bool = False
+
     def _dump_logs(self, iteration: int) -> None:
         time_elapsed = max((time.time_ns() - self.start_time) / 1e9, sys.float_info.epsilon)
         fps = int((self.num_timesteps - self._num_timesteps_at_start) / time_elapsed)
@@ -293,8 +298,11 @@ class OnPolicyAlgorithm(BaseAlgorithm):
                     break
                 iteration += 1
                 self._update_current_progress_remaining(self.num_timesteps, total_timesteps)
-                if log_interval is not None and iteration % log_interval == 0:
+                log_now = log_interval is not None and iteration % log_interval == 0
+                if log_now and not self._log_after_train:
                     self._dump_logs(iteration)
                 self.train()
+                if log_now and self._log_after_train:
+                    self._dump_logs(iteration)
             callback.on_training_end()
         return self
