@@ -244,15 +244,17 @@ def test_cli_eval_judges_an_export_with_the_reward_it_was_trained_on(tmp_path, m
     seen = []
     monkeypatch.setattr(rlhf_env.evaluate, "evaluate", lambda policy, reference, reward, **kw: seen.append((reward, kw.get("max_new_tokens"))) or {})
     monkeypatch.setattr(rlhf_env.evaluate, "format_table", lambda report: "")
-    for name, reward in (("named", "sentiment"), ("folder", str(tmp_path)), ("callable", "callable my_reward"), ("old", None)):
+    cases = (("named", "sentiment"), ("folder", str(tmp_path)), ("callable", "callable my_reward"), ("funcs", None), ("old", None))
+    for name, reward in cases:
         (tmp_path / name).mkdir()
-        env = {"env": {"reward_model": reward, "max_new_tokens": 12}} if reward else {}
+        env = {"env": {"reward_model": reward, "max_new_tokens": 12}} if name != "old" else {}
         (tmp_path / name / TRAINING_FILE).write_text(json.dumps({"base_model": "tiny", **env}))
-    for name in ("named", "folder", "callable", "old"):
+    for name, _ in cases:
         assert main(["eval", str(tmp_path / name)]) == 0
     assert main(["eval", str(tmp_path / "named"), "--reward", "tiny", "--max-new-tokens", "5"]) == 0
-    assert seen == [("sentiment", 12), (str(tmp_path), 12), ("default", 12), ("default", None), ("tiny", 5)]
+    assert seen == [("sentiment", 12), (str(tmp_path), 12), ("default", 12), ("default", 12), ("default", None), ("tiny", 5)]
     out = capsys.readouterr().out
+    assert "trained with reward functions, no reward model" in out
     assert f"reward (--reward): sentiment (recorded in {tmp_path / 'named'})" in out
     assert "trained with callable my_reward, which cannot be loaded by name" in out
 

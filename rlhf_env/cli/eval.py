@@ -99,11 +99,14 @@ def default_reward(policy: str) -> tuple[str, str]:
 
     from rlhf_env.rewards import REWARD_NAMES
 
-    recorded = (_training_info(policy).get("env") or {}).get("reward_model")
+    env = _training_info(policy).get("env") or {}
+    recorded = env.get("reward_model")
     if isinstance(recorded, str) and (recorded.lower() in REWARD_NAMES or os.path.isdir(recorded)):
         return recorded, f"recorded in {policy}"
     if recorded:
         return "default", f"the export was trained with {recorded}, which cannot be loaded by name"
+    if env:
+        return "default", "the export was trained with reward functions, no reward model: --task judges a verifiable task"
     return "default", "the shipped default"
 
 
