@@ -3,6 +3,7 @@ its settings, and training it on first use into the cache."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rlhf_env.data import PreferencePair
@@ -49,6 +50,9 @@ def default_reward_model_dir(device="cpu", progress: bool = True) -> Path:
 
     folder = Path(cache_dir()) / "reward_models" / DEFAULT_CACHE_NAME
     if not (folder / _CONFIG_FILE).is_file():
+        if progress:  # a bar labelled "reward model" alone does not say why the first run waits minutes
+            print(f"training the default reward model once, on the shipped preference pairs (about 4 minutes on one CPU "
+                  f"thread); cached in {folder}", file=sys.stderr, flush=True)
         rm = train_reward_model(default_training_pairs(), eval_pairs=default_pairs()[1], config=default_config(),
                                 device=device, progress=progress)
         rm.save(folder)
