@@ -336,6 +336,11 @@ def _refuse_adapters(path: pathlib.Path) -> None:
                 )
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face hub id ``"org/name"`` (not a path)."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(part and " " not in part for part in name.split("/"))
+
+
 def load_lm(
     name_or_path: str | os.PathLike = "smollm2-135m",
     device: str | torch.device = "cpu",
@@ -370,13 +375,7 @@ def load_lm(
                 f"model directory; shipped models: {', '.join(SHIPPED_MODELS)}"
             )
         return _load_dir(path, device, torch_dtype)
-    looks_like_hub_id = (
-        isinstance(name_or_path, str)
-        and name.count("/") == 1
-        and not name.startswith((".", "/", "~"))
-        and all(part and " " not in part for part in name.split("/"))
-    )
-    if looks_like_hub_id:
+    if isinstance(name_or_path, str) and looks_like_hub_id(name):
         return _load_hub(name, device, torch_dtype)
     raise ValueError(
         f"unknown model {name!r}: not a shipped model and no such directory; shipped models: "

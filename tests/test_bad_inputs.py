@@ -442,6 +442,9 @@ CLI_CASES = {
                                r"ppo_cartpole.zip holds a PPO agent whose policy is a ActorCriticPolicy, not a language model: .*evaluate_policy"),
     "train: device not on this machine": (["train", "--algo", "ppo", "--env", "TextRLHF-tiny-v0", "--device", "cuda:99", "--save", "{out}/m.zip"], NO_GPU),
     "demo: device not on this machine": (["demo", "--quick", "--device", "cuda:99", "--out", "{out}"], NO_GPU),
+    "eval: a missing agent zip": (["eval", "{d}/no_agent.zip", "--out", "{out}/report.json"], r"no agent file '.*no_agent.zip' \(from .*\): pass an agent .zip"),
+    "eval: a missing model folder": (["eval", "{d}/no_policy", "--out", "{out}/report.json"],
+                                     r"unknown policy '.*no_policy': no such directory .* not a shipped model \(smollm2-135m, tiny\)"),
     "train-rm: file with a missing key": (["train-rm", "--train", "{d}/missing_key.jsonl", "--eval", "none", "--output", "{out}/rm"],
                                           r"missing_key.jsonl:1: missing key\(s\) \['rejected'\]"),
 }

@@ -48,7 +48,17 @@ def load_policy(path: str, device: str = "cpu"):
     import os
     import zipfile
 
-    if not (path.endswith(".zip") and os.path.isfile(path)):
+    from rlhf_env.models import SHIPPED_MODELS, looks_like_hub_id
+
+    if path.endswith(".zip") and not os.path.isfile(path):
+        raise ValueError(f"no agent file {path!r} (from {os.getcwd()}): pass an agent .zip saved by rlhf-env train --save, "
+                         "a model directory or a model name")
+    if not path.endswith(".zip"):
+        if not (os.path.isdir(os.path.expanduser(path)) or path in SHIPPED_MODELS or looks_like_hub_id(path)):
+            # refused here, before the reference and reward lines and any load
+            raise ValueError(f"unknown policy {path!r}: no such directory (from {os.getcwd()}) and not a shipped model "
+                             f"({', '.join(SHIPPED_MODELS)}); pass a model directory (e.g. DIR/policy of a demo or --export), "
+                             "an agent .zip or a hub id")
         return path
     from rlhf_env.agents import ALGOS
 
