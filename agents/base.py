@@ -283,7 +283,8 @@ class BaseAlgorithm(SaveLoadMixin):
         new = wrap_env(env, n_envs=self.n_envs)
         if new.observation_space != self.observation_space:
             raise ValueError(
-                f"observation space mismatch: the env has {new.observation_space}, the model was built for "
+                _text_space_mismatch(new, self.observation_space)
+                or f"observation space mismatch: the env has {new.observation_space}, the model was built for "
                 f"{self.observation_space}"
             )
         if new.action_space != self.action_space:
@@ -303,3 +304,27 @@ class BaseAlgorithm(SaveLoadMixin):
 
     def _on_n_envs_changed(self) -> None:
         pass
+
+
+def _text_space_mismatch(env: Any, model_space: Any) -> str | None:
+    """For two text envs' spaces, what differs in words: the context length
+    (``max_prompt_tokens + max_new_tokens``) with the ``max_new_tokens`` that would match, or
+    the vocabulary (another model); None for other spaces."""
+    from agents.text_rollout import find_text_env
+
+    env_space = env.observation_space
+    try:
+        (env_len,), (model_len,) = env_space["input_ids"].shape, model_space["input_ids"].shape
+        env_vocab, model_vocab = int(env_space["input_ids"].high[0]) + 1, int(model_space["input_ids"].high[0]) + 1
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError):
+        return None
+    if env_vocab != model_vocab:
+        return (f"observation space mismatch: the env's model has a vocabulary of {env_vocab} tokens, the agent's "
+                f"{model_vocab}: make the env with the model the agent was trained on")
+    text_env = find_text_env(env)
+    prompt = getattr(text_env, "max_prompt_tokens", None)
+    if env_len == model_len or prompt is None:
+        return None
+    hint = f"max_new_tokens={model_len - prompt}" if model_len > prompt else f"a max_prompt_tokens + max_new_tokens of {model_len}"
+    return (f"observation space mismatch: the env's contexts hold {env_len} tokens (max_prompt_tokens {prompt} + "
+            f"max_new_tokens {env_len - prompt}), the agent was trained on {model_len}: make the env with {hint}")

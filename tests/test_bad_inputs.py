@@ -336,6 +336,17 @@ def test_load_refuses_other_algorithm_and_mismatched_env(files):
     _raises(lambda: PPO.load(files / "ppo_cartpole.zip", env=gym.make("Acrobot-v1")), ValueError, "observation space mismatch")
 
 
+def test_a_text_agent_on_an_env_of_other_lengths_is_told_which_max_new_tokens(tmp_path):
+    """A text agent's observation space is max_prompt_tokens + max_new_tokens long: the
+    mismatch says so and gives the max_new_tokens that matches, not two Dict spaces."""
+    env = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=6)
+    PPO("LMPolicy", env, n_steps=7).save(tmp_path / "text.zip")
+    other = gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=4)
+    _raises(lambda: PPO.load(tmp_path / "text.zip", env=other), ValueError,
+            r"^observation space mismatch: the env's contexts hold 68 tokens \(max_prompt_tokens 64 \+ max_new_tokens 4\), "
+            r"the agent was trained on 70: make the env with max_new_tokens=6$")
+
+
 def test_save_into_an_unwritable_place_leaves_nothing(files, tmp_path, cartpole_model):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
