@@ -104,7 +104,20 @@ def dataset_rows(data: object, what: str) -> Iterable:
 def iter_jsonl(path: Union[str, os.PathLike]) -> Iterator[tuple[str, object]]:
     """Yield ``(where, obj)`` for every non-blank line of a JSON Lines file, ``where`` being
     ``"FILE:LINE"`` for error messages; a line that is not JSON is a ``ValueError`` naming
-    the file and the line. Shared by the preference, SFT and prompt readers."""
+    the file and the line. A ``.json`` file that is one JSON array (``[{...}, {...}]``, which
+    Hugging Face's ``load_dataset("json")`` reads too) yields its items, ``where`` being
+    ``"FILE[i]"``. Shared by the preference, SFT, prompt and row readers."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if os.fspath(path).lower().endswith(".json") and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            items = None  # not one array: read it line by line (and report the bad line)
+        if isinstance(items, list):
+            for i, obj in enumerate(items):
+                yield f"{path}[{i}]", obj
+            return
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():

@@ -299,3 +299,25 @@ def test_sft_reads_trl_formats(tmp_path):
     bad = _write(tmp_path / "bad_sft.jsonl", [json.dumps(records[0]), json.dumps({"messages": [_user("only a question")]})])
     with pytest.raises(ValueError, match=r"bad_sft\.jsonl:2: without 'prompt', 'messages' must be a conversation"):
         load_sft_examples(bad)
+
+
+def test_a_json_array_file_reads_like_json_lines(tmp_path):
+    """A .json file holding one array of objects (what load_dataset("json") also reads) gives
+    the same records as JSON Lines, for preferences, prompts and rows; errors name the item."""
+    import json
+
+    from rlhf_env.prompts import load_prompts, load_rows
+
+    pairs = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": "f"}]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs, indent=2))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    assert load_preferences(tmp_path / "pairs.json") == load_preferences(tmp_path / "pairs.jsonl")
+    assert load_prompts(tmp_path / "pairs.json") == ["a", "d"]
+    assert load_rows(tmp_path / "pairs.json") == pairs
+    (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "a"}, {"question": "b"}]))
+    with pytest.raises(ValueError, match=r"bad.json\[1\]: the row has no \"prompt\" key"):
+        load_rows(tmp_path / "bad.json")
+    # a JSON Lines file whose lines are arrays is still read line by line and refused there
+    (tmp_path / "lists.jsonl").write_text('[1, 2]\n[3]\n')
+    with pytest.raises(ValueError, match=r"lists.jsonl:1"):
+        load_rows(tmp_path / "lists.jsonl")
