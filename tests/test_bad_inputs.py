@@ -529,3 +529,13 @@ def test_a_device_this_machine_lacks_is_refused_before_any_load(monkeypatch, tmp
     cfg = quick_config()
     cfg.device, cfg.reward = "cuda:99", "default"
     _raises(lambda: run_demo(tmp_path / "demo", config=cfg, log=lambda line: None), ValueError, NO_GPU)
+
+
+def test_demo_kl_stop_that_is_not_a_number_names_the_flag(capsys):
+    from rlhf_env.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--kl-stop", "abc"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err  # was "invalid _kl_stop value: 'abc'"
+    assert "argument --kl-stop: 'abc' is neither a number of nats nor 'none'" in err and "_kl_stop" not in err

@@ -42,7 +42,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _kl_stop(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+    """--kl-stop's value: a number of nats, or 'none' (argparse names the flag in its error)."""
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of nats nor 'none'") from None
 
 
 def run_task(args: argparse.Namespace) -> int:
