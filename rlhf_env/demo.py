@@ -1,4 +1,4 @@
-"""The end-to-end demo: RLHF of SmolLM2-135M-Instruct with PPO, offline, on a CPU.
+"""The end-to-end demo: RLHF of SmolLM2-135M-Instruct with PPO (or GRPO / RLOO), offline, on a CPU.
 
 ``rlhf-env demo --out DIR`` (or :func:`run_demo`) does, in order:
 
@@ -9,7 +9,10 @@
    prompt) and judges them (:func:`rlhf_env.evaluate.evaluate`): the reward model's score
    and the independent judges (tone, relevance, fluency, distinct-n, repeated 3-grams);
 3. trains ``agents.PPO`` with the language-model policy, the per-token KL penalty and the
-   adaptive KL controller, within a time budget, logging to TensorBoard (``DIR/tb``);
+   adaptive KL controller (``method="ppo"``, the seed's four-model flow), or ``agents.GRPO`` /
+   ``agents.RLOO`` (``method="grpo"`` / ``"rloo"``: groups of responses per prompt, no critic,
+   the KL to the reference in the loss or the reward), within a time budget, logging to
+   TensorBoard (``DIR/tb``);
 4. samples the held-out prompts again with the same seed and prints the judges table,
    starting model against trained policy, with the KL per response and side-by-side
    samples;
@@ -54,6 +57,12 @@ class DemoConfig:
     matters from the first iteration (with normalised scores, 6 nats cost about one score
     standard deviation). Measurements: ``docs/benchmarks.md``.
 
+    :param method: ``"ppo"`` (the seed's four-model flow: policy, value head, frozen
+        reference charging the per-token KL penalty, reward model), ``"grpo"`` or ``"rloo"``
+        (``group_size`` responses per prompt, ``num_envs / group_size`` prompts an iteration,
+        the KL to the reference weighted by ``beta``; ``n_epochs``, ``batch_size``,
+        ``gae_lambda``, ``kl_coef``, ``target_kl``, ``kl_horizon`` and ``score_norm`` are
+        PPO's). The judges and the pass rule are the same for every method.
     :param model: the policy's starting model (a shipped name or a directory).
     :param reward: ``"default"`` (the trained default reward model, VADER if it cannot be
         built), ``"sentiment"``, ``"tiny"``, a reward-model directory.
@@ -67,6 +76,10 @@ class DemoConfig:
     :param gae_lambda: GAE's lambda (``gamma`` is 1: the score comes at the end).
     :param train_layers: train the last ``k`` transformer blocks (None: all weights).
     :param lora: LoRA arguments instead of ``train_layers`` (e.g. ``{"r": 8}``).
+    :param group_size: GRPO / RLOO: responses per prompt (``num_envs`` must be a multiple).
+    :param beta: GRPO / RLOO: weight of the KL to the reference (GRPO's k3 loss term, RLOO's
+        per-response reward penalty).
+    :param method_kwargs: further keyword arguments of the agent (e.g. ``{"n_epochs": 2}``).
     :param kl_coef: initial KL coefficient of the env's reward.
     :param target_kl: target KL per response of the adaptive controller.
     :param kl_horizon: horizon of the controller, in tokens.
@@ -90,6 +103,7 @@ class DemoConfig:
     :param threads: torch CPU threads (None: torch's default, one per core).
     """
 
+    method: str = "ppo"
     model: str = "smollm2-135m"
     reward: str = "default"
     num_envs: int = 16
@@ -102,6 +116,9 @@ class DemoConfig:
     gae_lambda: float = 0.95
     train_layers: int | None = 4
     lora: dict | None = None
+    group_size: int = 8
+    beta: float = 0.04
+    method_kwargs: dict | None = None
     kl_coef: float = 0.2
     target_kl: float | None = 6.0
     kl_horizon: int = 800
@@ -164,11 +181,11 @@ def plot_curve(history: list[dict[str, float]], path: pathlib.Path, title: str) 
     it = [h["iteration"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax1.plot(it, [h["score"] for h in history], marker="o")
-    ax1.set_xlabel("PPO iteration")
+    ax1.set_xlabel("iteration")
     ax1.set_ylabel("mean score of the rollout")
     ax1.grid(alpha=0.3)
     ax2.plot(it, [h["kl"] for h in history], marker="o", color="tab:red", label="KL per response")
-    ax2.set_xlabel("PPO iteration")
+    ax2.set_xlabel("iteration")
     ax2.set_ylabel("KL to the reference (nats)")
     ax2.grid(alpha=0.3)
     ax2b = ax2.twinx()
@@ -181,6 +198,68 @@ def plot_curve(history: list[dict[str, float]], path: pathlib.Path, title: str) 
             fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# the agent
+
+DEMO_METHODS = ("ppo", "grpo", "rloo")
+
+
+def make_demo_agent(cfg: DemoConfig, env: Any, tensorboard_log: str | os.PathLike | None = None) -> Any:
+    """The agent of ``cfg.method`` on the batched text env ``env``, with the demo's settings.
+
+    :raises ValueError: for an unknown method, or ``num_envs`` not a multiple of ``group_size``
+    """
+    from rlhf_env.agents import GRPO, PPO, RLOO
+    from rlhf_env.agents.text_ppo import RLHFConfig
+
+    method = check_demo_method(cfg.method)
+    policy_kwargs: dict[str, Any] = {}
+    if cfg.lora is not None:
+        policy_kwargs["lora"] = dict(cfg.lora)
+    elif cfg.train_layers is not None:
+        policy_kwargs["train_layers"] = cfg.train_layers
+    kw: dict[str, Any] = dict(learning_rate=cfg.learning_rate, seed=cfg.seed, device=cfg.device,
+                              policy_kwargs=policy_kwargs, sample_every=2,
+                              tensorboard_log=None if tensorboard_log is None else str(tensorboard_log))
+    if method == "ppo":
+        kw.pop("sample_every")  # PPO's is RLHFConfig's
+        kw.update(n_steps=cfg.n_steps, batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, gamma=1.0,
+                  gae_lambda=cfg.gae_lambda, clip_range=0.2, vf_coef=0.5, ent_coef=0.0, max_grad_norm=1.0,
+                  rlhf=RLHFConfig(kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, kl_horizon=cfg.kl_horizon,
+                                  score_norm=cfg.score_norm, sample_every=2))
+        return PPO("LMPolicy", env, **{**kw, **(cfg.method_kwargs or {})})
+    kw.update(group_size=cfg.group_size, beta=cfg.beta)
+    return (GRPO if method == "grpo" else RLOO)("LMPolicy", env, **{**kw, **(cfg.method_kwargs or {})})
+
+
+def check_demo_method(method: str) -> str:
+    """``method`` if it is one of :data:`DEMO_METHODS`, else a ``ValueError`` naming them."""
+    if method not in DEMO_METHODS:
+        raise ValueError(f"unknown demo method {method!r}; choose from {', '.join(DEMO_METHODS)}")
+    return method
+
+
+def demo_iteration(agent: Any, cfg: DemoConfig, first: bool) -> dict[str, float] | None:
+    """One rollout and one update of the demo's agent; the rollout's mean score, KL per
+    response (PPO: the env's per-token KL summed; GRPO / RLOO: measured in the update against
+    the reference, k3 summed), KL coefficient and response length (None if no response ended)."""
+    if cfg.method == "ppo":
+        agent.learn(cfg.num_envs * cfg.n_steps, tb_log_name="demo_ppo", reset_num_timesteps=first)
+        stats = agent._last_rollout_stats
+        if not stats.scores:
+            return None
+        return {"score": float(np.mean(stats.scores)), "kl": float(np.mean(stats.kls)),
+                "kl_coef": float(agent._text_state.kl_controller.value), "response_len": float(np.mean(stats.lengths))}
+    # one group rollout and one update per call (a group rollout ends before n_steps steps)
+    agent.learn(1, tb_log_name=f"demo_{cfg.method}", reset_num_timesteps=first)
+    segments = [s for s in agent._segments if len(s) > 0 and s.score is not None]
+    if not segments:
+        return None
+    return {"score": float(np.mean([s.score for s in segments])),
+            "kl": float(np.mean([agent._kl_of_response(s) for s in segments])),
+            "kl_coef": float(agent.beta), "response_len": float(np.mean([len(s) for s in segments]))}
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,15 +294,16 @@ def run_demo(
     import gymnasium as gym
 
     import rlhf_env  # noqa: F401  (registers the envs)
-    from rlhf_env.agents import PPO
-    from rlhf_env.agents.callbacks import BaseCallback
-    from rlhf_env.agents.text_ppo import RLHFConfig
     from rlhf_env.evaluate import Targets, check_targets, evaluate, format_table, write_report
     from rlhf_env.prompts import load_prompts
 
     t0 = time.time()
     cpu0 = time.process_time()
     cfg = config or (quick_config() if quick else DemoConfig())
+    check_demo_method(cfg.method)
+    if cfg.num_envs % cfg.group_size and cfg.method != "ppo":
+        raise ValueError(f"num_envs={cfg.num_envs} is not a multiple of group_size={cfg.group_size}: "
+                         f"use num_envs = prompts per iteration x group_size (e.g. {2 * cfg.group_size})")
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     out = pathlib.Path(out)
@@ -261,41 +341,24 @@ def run_demo(
     for row in before["samples"]:
         log(f"  prompt: {row['prompt']}\n  response: {row['reference']!r}  (score {row['reference_score']:.3f})")
 
-    policy_kwargs: dict[str, Any] = {}
-    if cfg.lora is not None:
-        policy_kwargs["lora"] = dict(cfg.lora)
-    elif cfg.train_layers is not None:
-        policy_kwargs["train_layers"] = cfg.train_layers
-    model = PPO(
-        "LMPolicy", env, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
-        n_epochs=cfg.n_epochs, gamma=1.0, gae_lambda=cfg.gae_lambda, clip_range=0.2, vf_coef=0.5, ent_coef=0.0,
-        max_grad_norm=1.0, seed=cfg.seed, device=cfg.device, tensorboard_log=str(out / "tb"),
-        policy_kwargs=policy_kwargs,
-        rlhf=RLHFConfig(kl_coef=cfg.kl_coef, target_kl=cfg.target_kl, kl_horizon=cfg.kl_horizon,
-                        score_norm=cfg.score_norm, sample_every=2),
-    )
+    model = make_demo_agent(cfg, env, out / "tb")
     history: list[dict[str, float]] = []
     t_train = time.time()
     # leave room for the final evaluation (as long as the first) and the saving
     # (the final evaluation also measures the KL: about 1.5x the first)
     budget = min(cfg.train_seconds, cfg.total_seconds - (t_train - t0) - 1.6 * eval_seconds - 10.0)
-    log(f"[demo] training PPO for up to {max(budget, 0):.0f}s / {cfg.max_iterations} iterations "
-        f"({cfg.num_envs} prompts x {cfg.max_new_tokens} tokens per iteration)")
-    steps_per_iteration = cfg.num_envs * cfg.n_steps
+    per_iteration = (f"{cfg.num_envs} prompts" if cfg.method == "ppo"
+                     else f"{cfg.num_envs // cfg.group_size} prompts x {cfg.group_size} responses")
+    log(f"[demo] training {cfg.method.upper()} for up to {max(budget, 0):.0f}s / {cfg.max_iterations} iterations "
+        f"({per_iteration} x {cfg.max_new_tokens} tokens per iteration)")
     stop_reason = "max_iterations"
     for iteration in range(1, cfg.max_iterations + 1):
-        model.learn(steps_per_iteration, tb_log_name="demo_ppo", reset_num_timesteps=iteration == 1)
-        stats = model._last_rollout_stats
-        kl_coef = model._text_state.kl_controller.value
-        if stats.scores:
-            history.append({
-                "iteration": iteration, "score": float(np.mean(stats.scores)), "kl": float(np.mean(stats.kls)),
-                "kl_coef": float(kl_coef), "response_len": float(np.mean(stats.lengths)),
-                "seconds": time.time() - t_train,
-                "cpu_seconds": time.process_time() - cpu0,
-            })
+        record = demo_iteration(model, cfg, first=iteration == 1)
+        if record is not None:
+            history.append({"iteration": iteration, **record, "seconds": time.time() - t_train,
+                            "cpu_seconds": time.process_time() - cpu0})
             h = history[-1]
-            log(f"[demo] iteration {iteration:3d}  score {h['score']:+.3f}  KL {h['kl']:6.2f}  kl_coef {kl_coef:.4f}  "
+            log(f"[demo] iteration {iteration:3d}  score {h['score']:+.3f}  KL {h['kl']:6.2f}  kl_coef {h['kl_coef']:.4f}  "
                 f"len {h['response_len']:.1f}  {h['seconds']:.0f}s")
         if time.time() - t_train > budget:
             stop_reason = "time budget"
@@ -318,7 +381,7 @@ def run_demo(
 
     model.save_pretrained(out / "policy")  # LoRA merged: a plain Hugging Face folder
     if history:
-        plot_curve(history, out / "curve.png", f"PPO on TextRLHF-v0 ({cfg.model}, {reward_name})")
+        plot_curve(history, out / "curve.png", f"{cfg.method.upper()} on TextRLHF-v0 ({cfg.model}, {reward_name})")
     pol = after["policy"]
     rise = (pol["reward"] - ref["reward"]) / ref["reward_std"] if ref["reward_std"] > 0 else math.inf
     write_report(after, out / "evaluation.json")

@@ -447,6 +447,8 @@ CLI_CASES = {
                                    r"--env-kwargs must be a JSON object, e.g. --env-kwargs '\{\"max_new_tokens\": 16\}' .*got 'max_new_tokens=8'"),
     "train: env-kwargs unknown key": (["train", "--algo", "ppo", "--env", "TextRLHF-tiny-v0", "--env-kwargs", '{{"max_tokens": 8}}', "--save", "{out}/m.zip"],
                                       "unexpected keyword argument 'max_tokens'; did you mean 'max_new_tokens'"),
+    "demo: --algo ppo with --task": (["demo", "--quick", "--task", "chain_sum", "--algo", "ppo", "--out", "{out}"],
+                                     "--algo ppo belongs to the RLHF demo"),
     "train: task-config not JSON": (["train", "--algo", "grpo", "--task", "chain_sum", "--task-config", "{{max_terms: 3}}", "--save", "{out}/m.zip"],
                                     "--task-config must be a JSON object"),
     "eval: a CartPole agent": (["eval", "{d}/ppo_cartpole.zip", "--out", "{out}/report.json"],

@@ -71,3 +71,38 @@ def test_demo_stops_when_rollout_kl_reaches_kl_stop(tmp_path):
     assert kls[-1] >= 0.05 and all(k < 0.05 for k in kls[:-1])
     assert summary["iterations"] == len(kls) < 8
     assert summary["config"]["kl_stop"] == 0.05
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_demo_trains_with_a_group_method_and_judges_it_like_ppo(tmp_path, capsys, method):
+    from rlhf_env.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--algo", method, "--out", str(out), "--iterations", "3", "--seconds", "10000",
+                 "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"training {method.upper()}" in printed and "pass rule:" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["method"] == method
+    hist = summary["history"]
+    assert [h["iteration"] for h in hist] == [1, 2, 3]
+    # the first rollout is the reference's own (KL 0 up to rounding); the updates move the policy
+    assert abs(hist[0]["kl"]) < 1e-4 and hist[-1]["kl"] > 0.01
+    assert all(h["kl_coef"] == summary["config"]["beta"] for h in hist)
+    assert summary["kl"] > 0.0 and set(summary["pass_rule"]["checks"]) == {
+        "tone_gain", "relevance_change", "distinct_2_change", "top_3gram_share", "kl"}
+    assert summary["passed"] == (summary["pass_rule"]["passed"] and summary["score_after"] > summary["score_before"])
+    assert (out / "policy" / "config.json").exists()
+
+
+def test_demo_rejects_an_unknown_method_and_a_group_that_does_not_divide_num_envs(tmp_path):
+    from rlhf_env.demo import quick_config, run_demo
+
+    cfg = quick_config()
+    cfg.method = "sac"
+    with pytest.raises(ValueError, match="unknown demo method 'sac'; choose from ppo, grpo, rloo"):
+        run_demo(tmp_path / "a", config=cfg, log=lambda _: None)
+    cfg.method, cfg.group_size = "grpo", 5
+    with pytest.raises(ValueError, match="num_envs=16 is not a multiple of group_size=5"):
+        run_demo(tmp_path / "b", config=cfg, log=lambda _: None)
+

@@ -10,9 +10,9 @@ _CONFIG = object()  # an option left out: the config's value stays
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="RLHF of SmolLM2-135M-Instruct with PPO, offline, end to end, judged by independent judges (under 10 minutes on 2 CPU cores); "
-        "--task NAME: RLOO on a verifiable task",
-        description="Samples held-out responses, trains PPO with the KL penalty against the default "
+        help="RLHF of SmolLM2-135M-Instruct with PPO (--algo grpo/rloo: GRPO/RLOO), offline, end to end, judged by "
+        "independent judges (under 10 minutes on 2 CPU cores); --task NAME: RLOO on a verifiable task",
+        description="Samples held-out responses, trains PPO (or --algo grpo / rloo) with the KL penalty against the default "
         "reward model, samples again, and writes DIR/summary.json, DIR/curve.png, DIR/policy "
         "(a Hugging Face model directory) and TensorBoard logs under DIR/tb.",
     )
@@ -34,7 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "chain_sum_2digit, letter_counting or any reasoning-gym name) and print held-out accuracy before "
                         "and after; writes DIR/summary.json, DIR/policy and DIR/curve.png")
     parser.add_argument("--task-config", default=None, help='with --task: generator settings as JSON, e.g. \'{"max_terms": 3}\'')
-    parser.add_argument("--algo", default=None, choices=["grpo", "rloo"], help="with --task: the method (default: rloo; see docs/benchmarks.md)")
+    parser.add_argument("--algo", default=None, choices=["ppo", "grpo", "rloo"],
+                        help="the method: ppo (default: the seed's four-model flow), grpo or rloo; with --task: grpo or "
+                        "rloo (default: rloo; see docs/benchmarks.md)")
     parser.add_argument("--kl-stop", type=_kl_stop, default=_CONFIG, metavar="KL",
                         help="stop training after the iteration whose rollout KL per response reaches KL; 'none' "
                         "switches the rule off (default: 6 within the 8 nat KL budget of the pass rule; quick: none)")
@@ -77,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if args.task is not None:
         if args.reward is not None or args.kl_stop is not _CONFIG:
             raise ValueError("--reward and --kl-stop belong to the RLHF demo; the task demo's reward is the task's verifier")
+        if args.algo == "ppo":
+            raise ValueError("--algo ppo belongs to the RLHF demo; a verifiable task trains with --algo grpo or rloo")
         return run_task(args)
-    if args.task_config is not None or args.algo is not None:
-        raise ValueError("--task-config and --algo need --task")
+    if args.task_config is not None:
+        raise ValueError("--task-config needs --task")
 
     cfg = quick_config() if args.quick else DemoConfig()
     if args.seconds is not None:
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.total_seconds = float("inf")
     if args.reward is not None:
         cfg.reward = args.reward
+    if args.algo is not None:
+        cfg.method = args.algo
     cfg.device = args.device
     cfg.seed = args.seed
     cfg.threads = args.threads
