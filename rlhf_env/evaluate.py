@@ -31,7 +31,7 @@ import torch
 from rlhf_env import judges
 from rlhf_env.agents.atomic import write_text
 
-JUDGE_KEYS = ("reward", "tone", "relevance", "fluency_nll", "distinct_1", "distinct_2", "top_3gram_share", "kl")
+JUDGE_KEYS = ("reward", "tone", "negative_share", "relevance", "fluency_nll", "distinct_1", "distinct_2", "top_3gram_share", "kl")
 
 
 def _reference_of(policy: Any, reference: Any, device: Any) -> tuple[Any, Any]:
@@ -54,13 +54,15 @@ def _side(prompts: list[str], texts: list[str], scores: np.ndarray, reference: A
           nll: list[float] | None = None) -> dict[str, Any]:
     """One column of the table: reward and judges of one set of responses."""
     share, gram = judges.top_ngram_share(texts, 3)
+    tones = judges.tone(texts)
     if nll is None:
         nll = judges.fluency(reference[0], reference[1], prompts, ids if ids is not None else texts) if reference is not None else []
     nll = [x for x in nll if x == x]
     return {
         "reward": float(scores.mean()),
         "reward_std": float(scores.std()),
-        "tone": float(np.mean(judges.tone(texts))),
+        "tone": float(np.mean(tones)),
+        "negative_share": float(np.mean([t <= judges.NEGATIVE_TONE for t in tones])),
         "relevance": float(np.mean(judges.relevance(prompts, texts, encoder))),
         "fluency_nll": float(np.mean(nll)) if nll else float("nan"),
         "distinct_1": judges.distinct_n(texts, 1),
@@ -268,6 +270,11 @@ class Targets:
     :param max_distinct_2_change: distinct-2 stays within this of the reference's
     :param max_top_3gram_share: no 3-gram appears in more than this share of responses
     :param max_kl: KL per response at most this (nats)
+    :param max_negative_share_rise: if set, the share of responses VADER reads as negative
+        (:func:`rlhf_env.judges.negative_share`) rises by at most this (None: not checked).
+        ``Targets(min_tone_gain=-0.02, max_negative_share_rise=0.0)`` is the rule "no less
+        friendly than the reference": see docs/alignment.md for why the mean VADER gain alone
+        is a noisy target on 64 responses
     """
 
     min_tone_gain: float = 0.15
@@ -275,6 +282,7 @@ class Targets:
     max_distinct_2_change: float = 0.03
     max_top_3gram_share: float = 0.20
     max_kl: float = 8.0
+    max_negative_share_rise: float | None = None
 
 
 def check_targets(report: dict, targets: Targets | None = None) -> dict[str, Any]:
@@ -293,18 +301,23 @@ def check_targets(report: dict, targets: Targets | None = None) -> dict[str, Any
         "top_3gram_share": (pol["top_3gram_share"], f"<= {t.max_top_3gram_share:g}", pol["top_3gram_share"] <= t.max_top_3gram_share),
         "kl": (pol["kl"], f"<= {t.max_kl:g}", pol["kl"] <= t.max_kl),
     }
+    if t.max_negative_share_rise is not None:
+        rise = pol["negative_share"] - ref["negative_share"]
+        checks["negative_share_change"] = (rise, f"<= {t.max_negative_share_rise:g}", rise <= t.max_negative_share_rise + 1e-12)
     out = {name: {"value": float(v), "target": target, "ok": bool(ok)} for name, (v, target, ok) in checks.items()}
     return {"passed": all(c["ok"] for c in out.values()), "checks": out, "targets": asdict(t)}
 
 
 def format_table(report: dict, verdict: dict | None = None) -> str:
     """The judges as a text table: reference and policy columns (and the pass rule's checks)."""
-    names = {"reward": "reward-model score", "tone": "tone (VADER)", "relevance": "relevance (MiniLM cos)",
+    names = {"reward": "reward-model score", "tone": "tone (VADER)", "negative_share": "VADER-negative share",
+             "relevance": "relevance (MiniLM cos)",
              "fluency_nll": "fluency (ref NLL/token)", "distinct_1": "distinct-1", "distinct_2": "distinct-2",
              "top_3gram_share": "top 3-gram share", "kl": "KL per response (nats)", "length": "length (tokens)"}
     lines = [f"{'judge':26s} {'reference':>10s} {'policy':>10s}"]
     for key, name in names.items():
-        lines.append(f"{name:26s} {report['reference'][key]:10.3f} {report['policy'][key]:10.3f}")
+        if key in report["reference"] and key in report["policy"]:  # (reports written before a judge was added lack it)
+            lines.append(f"{name:26s} {report['reference'][key]:10.3f} {report['policy'][key]:10.3f}")
     lines.append(f"{'win rate vs reference (RM)':26s} {'':>10s} {report['win_rate']:10.3f}")
     lines.append(f"top 3-gram: reference {report['reference']['top_3gram']!r}, policy {report['policy']['top_3gram']!r}")
     if verdict is not None:

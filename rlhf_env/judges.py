@@ -61,6 +61,20 @@ def tone(responses: Sequence[str]) -> list[float]:
     return [_VADER.polarity_scores(t)["compound"] for t in responses]
 
 
+NEGATIVE_TONE = -0.05  # VADER's own cut-off: compound <= -0.05 reads as negative
+
+
+def negative_share(responses: Sequence[str], threshold: float = NEGATIVE_TONE) -> float:
+    """The share of responses whose :func:`tone` is at most ``threshold`` (VADER's
+    conventional cut-off for a negative text), 0 for no responses.
+
+    The mean tone moves with a few words of the topic ("broken", "noise"); this counts how
+    many answers read as negative at all.
+    """
+    scores = tone(responses)
+    return sum(s <= threshold for s in scores) / len(scores) if scores else 0.0
+
+
 # ---------------------------------------------------------------------------------------
 # relevance
 

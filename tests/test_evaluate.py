@@ -112,3 +112,24 @@ def test_evaluate_errors():
         compare(["a"], ["b", "c"], ["d", "e"], "tiny")
     assert judges.top_ngram_share(["a b c"])[0] == 1.0
 
+
+
+def test_negative_share_rule_is_off_by_default_and_holds_the_share_when_set():
+    ref = {"tone": 0.30, "negative_share": 0.20, "relevance": 0.40, "distinct_2": 0.90, "top_3gram_share": 0.10, "kl": 0.0}
+    pol = {"tone": 0.29, "negative_share": 0.20, "relevance": 0.45, "distinct_2": 0.89, "top_3gram_share": 0.10, "kl": 3.0}
+    default = check_targets({"policy": pol, "reference": ref})
+    assert "negative_share_change" not in default["checks"] and not default["checks"]["tone_gain"]["ok"]
+    rule = Targets(min_tone_gain=-0.02, max_negative_share_rise=0.0)
+    verdict = check_targets({"policy": pol, "reference": ref}, rule)
+    assert verdict["passed"] and verdict["checks"]["negative_share_change"]["value"] == pytest.approx(0.0)
+    assert not check_targets({"policy": dict(pol, negative_share=0.22), "reference": ref}, rule)["passed"]
+    assert not check_targets({"policy": dict(pol, tone=0.27), "reference": ref}, rule)["passed"]
+
+
+def test_report_columns_carry_the_negative_share():
+    prompts = ["a", "b", "c", "d"]
+    texts = ["This is terrible.", "good", "fine", "awful and sad"]
+    ref = ["good", "good", "good", "good"]
+    report = compare(prompts, texts, ref, lambda ps, rs: torch.zeros(len(rs)), kls=[0.0] * 4)
+    assert report["policy"]["negative_share"] == pytest.approx(0.5) and report["reference"]["negative_share"] == 0.0
+    assert "VADER-negative share" in format_table(report)

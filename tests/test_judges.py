@@ -94,3 +94,12 @@ def test_judge_reports_every_measure():
     assert out["distinct_2"] == judges.distinct_n(responses, 2)
     assert out["top_3gram_share"] == 0.5
     assert "fluency_nll" not in judges.judge(prompts, responses)
+
+
+def test_negative_share_counts_responses_vader_reads_as_negative():
+    texts = ["This is terrible.", "good", "", "The door is broken and the noise is awful.", "It is a door."]
+    scores = judges.tone(texts)
+    assert scores[0] < -0.05 and scores[3] < -0.05 and scores[1] > 0.05 and scores[2] == scores[4] == 0.0
+    assert judges.negative_share(texts) == pytest.approx(2 / 5)
+    assert judges.negative_share(texts, threshold=0.0) == pytest.approx(4 / 5)  # neutral texts count at 0
+    assert judges.negative_share([]) == 0.0
