@@ -1,0 +1,67 @@
+"""The noise floor of the demo's tone judge: the starting model against itself.
+
+Samples the demo's starting model on the held-out prompts with several sampling seeds, at
+the demo's settings (``DemoConfig``: two responses per prompt, temperature 1,
+``max_new_tokens``), and prints per seed the VADER mean and the share of VADER-negative
+responses, on the demo's first ``DemoConfig.eval_prompts`` prompts and on all of them, with the
+spread over seeds. A policy that learned nothing "gains" as much tone as two seeds differ by:
+a tone target smaller than that spread is decided by the sampling seed.
+
+    python -m benchmarks.tone_noise [--seeds 12345,1,2,3,4,5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+
+def tone_by_seed(model, tokenizer, prompts: list[str], seeds: list[int], first: int, num_samples: int = 2,
+                 max_new_tokens: int = 24, temperature: float = 1.0) -> list[dict]:
+    """One row per seed: VADER mean and negative share on the first ``first`` prompts and on all."""
+    from rlhf_env import judges
+    from rlhf_env.generation import generate
+
+    rows = []
+    for seed in seeds:
+        texts = generate(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
+                         max_new_tokens=max_new_tokens, seed=seed, progress=False).flat()
+        head = texts[: first * num_samples]
+        rows.append({"seed": seed, "tone_first": float(np.mean(judges.tone(head))),
+                     "negative_first": judges.negative_share(head),
+                     "tone_all": float(np.mean(judges.tone(texts))), "negative_all": judges.negative_share(texts)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="12345,1,2,3,4,5", help="comma-separated sampling seeds")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from rlhf_env.demo import DemoConfig
+    from rlhf_env.models import load_lm
+    from rlhf_env.prompts import load_prompts
+
+    cfg = DemoConfig()
+    model, tok = load_lm(args.model)
+    prompts = load_prompts(split="test")
+    first = cfg.eval_prompts or len(prompts)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"{args.model}, {len(prompts)} held-out prompts x {cfg.eval_samples}, temperature {cfg.temperature}, "
+          f"{cfg.max_new_tokens} new tokens, {args.threads} thread(s)")
+    rows = tone_by_seed(model, tok, prompts, seeds, first, cfg.eval_samples, cfg.max_new_tokens, cfg.temperature)
+    for row in rows:
+        print(json.dumps(row))
+    for key in ("tone_first", "negative_first", "tone_all", "negative_all"):
+        x = np.array([r[key] for r in rows])
+        spread = x.std(ddof=1) if len(x) > 1 else float("nan")
+        print(f"{key:15s} mean {x.mean():.3f}  std over seeds {spread:.3f}  range {x.min():.3f} .. {x.max():.3f}")
+
+
+if __name__ == "__main__":
+    main()
