@@ -93,7 +93,9 @@ class DemoConfig:
     :param train_seconds: training stops at the first iteration boundary past this.
     :param total_seconds: the whole demo's budget: training also stops early enough that
         the final evaluation and the saving fit in it (first runs build the cached model
-        and the default reward model, which eats into the training time).
+        and the default reward model, which eats into the training time). 500 s: a fresh
+        machine's ``make demo`` is the install (about 100 s) plus about this, within 10 minutes
+        (measured: 560 s gave 10 min 28 s, docs/benchmarks.md).
     :param max_iterations: hard cap on PPO iterations.
     :param eval_prompts: held-out prompts judged before and after (the first 32 of 60; None: all).
     :param eval_samples: responses sampled per held-out prompt.
@@ -126,7 +128,7 @@ class DemoConfig:
     kl_stop: float | None = 6.0
     score_norm: bool = True
     train_seconds: float = 420.0
-    total_seconds: float = 560.0
+    total_seconds: float = 500.0
     max_iterations: int = 100
     eval_prompts: int | None = 32
     eval_samples: int = 2
