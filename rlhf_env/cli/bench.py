@@ -22,6 +22,7 @@ BENCHMARKS = {
     "export": ("benchmarks.export", "size and time of a text agent's checkpoint and of its Hugging Face export"),
     "reward_probes": ("benchmarks.reward_probes", "the default reward model's held-out and hand-written accuracy, correctness probes"),
     "lean_kernels": ("benchmarks.lean_kernels", "the lean grad clipping and Adam step vs public torch"),
+    "tone_noise": ("benchmarks.tone_noise", "the demo's tone judge on the starting model over sampling seeds: its noise floor"),
 }
 
 
