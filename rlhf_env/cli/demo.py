@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "and after; writes DIR/summary.json, DIR/policy and DIR/curve.png")
     parser.add_argument("--task-config", default=None, help='with --task: generator settings as JSON, e.g. \'{"max_terms": 3}\'')
     parser.add_argument("--algo", default=None, choices=["ppo", "grpo", "rloo"],
-                        help="the method: ppo (default: the seed's four-model flow), grpo or rloo; with --task: grpo or "
+                        help="the method: ppo (the seed's four-model flow, used when left out), grpo or rloo; with --task: grpo or "
                         "rloo (default: rloo; see docs/benchmarks.md)")
     parser.add_argument("--kl-stop", type=_kl_stop, default=_CONFIG, metavar="KL",
                         help="stop training after the iteration whose rollout KL per response reaches KL; 'none' "
