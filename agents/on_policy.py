@@ -25,7 +25,7 @@ from agents.fast_kernels import clip_grad_norm
 from agents.guards import check_finite, check_number, training_guard
 from agents.preprocessing import as_tensor
 from agents.text_rollout import text_episode_stats
-from agents.utils import init_parameters, safe_mean, unexpected_keyword
+from agents.utils import TRL_NAMES, init_parameters, safe_mean, unexpected_keyword
 from agents.vec_env import VecEnvAdapter
 
 
@@ -81,6 +81,7 @@ class OnPolicyAlgorithm(BaseAlgorithm):
                 type(self).__name__, unexpected, init_parameters(type(self)),
                 "; text settings (target_kl, kl_coef, ...) go in rlhf=dict(...), policy ones in policy_kwargs=dict(...)"
                 if "rlhf" in init_parameters(type(self)) else "; policy settings go in policy_kwargs=dict(...)",
+                aliases=TRL_NAMES,
             )
         if use_sde:
             raise ValueError("use_sde=True is not supported by agents; pass use_sde=False")

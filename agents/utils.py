@@ -20,15 +20,33 @@ def get_device(device: torch.device | str = "auto") -> torch.device:
     return distributed.local_device(device)  # under torchrun: cuda -> cuda:LOCAL_RANK
 
 
-def unexpected_keyword(owner: str, unexpected: dict[str, Any], known: Iterable[str], hint: str = "") -> TypeError:
-    """The ``TypeError`` for keyword arguments ``owner`` does not take, naming the closest
-    known one (``learning_rat`` -> ``learning_rate``), else ``hint`` (where such settings go)."""
+# TRL's GRPOTrainer/RLOOTrainer names (GRPOConfig) of settings these agents or the text env spell otherwise
+TRL_NAMES = {
+    "num_generations": "group_size",
+    "epsilon": "clip_range",
+    "num_iterations": "n_epochs",
+    "max_completion_length": "the env's max_new_tokens= (gym.make_vec(..., max_new_tokens=N))",
+    "max_prompt_length": "the env's max_prompt_tokens=",
+    "temperature": "the env's temperature=",
+    "per_device_train_batch_size": "n_envs (completions per rollout: n_envs = rows x group_size)",
+}
+
+
+def unexpected_keyword(owner: str, unexpected: dict[str, Any], known: Iterable[str], hint: str = "",
+                       aliases: dict[str, str] | None = None) -> TypeError:
+    """The ``TypeError`` for keyword arguments ``owner`` does not take, naming what another
+    library's name is called here (``aliases``, e.g. TRL's ``num_generations`` ->
+    ``group_size``), else the closest known one (``learning_rat`` -> ``learning_rate``), else
+    ``hint`` (where such settings go)."""
     import difflib
 
     known = sorted({k for k in known if not k.startswith("_") and k not in ("self", "args", "kwargs", "supported_action_spaces")})
     key = sorted(unexpected)[0]
     close = difflib.get_close_matches(key, known, n=1)
-    advice = f"; did you mean {close[0]!r}?" if close else hint
+    if aliases and key in aliases:
+        advice = f"; TRL's {key} is {aliases[key]} here"
+    else:
+        advice = f"; did you mean {close[0]!r}?" if close else hint
     return TypeError(f"{owner} got an unexpected keyword argument {key!r}{advice} (its arguments: {', '.join(known)})")
 
 

@@ -262,6 +262,9 @@ AGENT_CASES = {
                          r"^PPO got an unexpected keyword argument 'learning_rat'; did you mean 'learning_rate'\?"),
     "misspelt GRPO keyword": (lambda: GRPO("LMPolicy", gym.make_vec("TextRLHF-tiny-v0", num_envs=4, max_new_tokens=4), group_sise=4),
                               TypeError, r"^GRPO got an unexpected keyword argument 'group_sise'; did you mean 'group_size'\?"),
+    "TRL's name for the group size": (lambda: GRPO("LMPolicy", gym.make_vec("TextRLHF-tiny-v0", num_envs=4, max_new_tokens=4),
+                                                   num_generations=4), TypeError,
+                                      r"^GRPO got an unexpected keyword argument 'num_generations'; TRL's num_generations is group_size here"),
     "text setting outside rlhf=": (lambda: PPO("LMPolicy", gym.make_vec("TextRLHF-tiny-v0", num_envs=2, max_new_tokens=4), kl_per_response=3),
                                    TypeError, r"unexpected keyword argument 'kl_per_response'; text settings .* go in rlhf=dict"),
     # a misspelt policy_kwargs key used to be swallowed: train_layer=4 then trained every weight
