@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--model", default=d.model)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
+    parser.add_argument("--dpo-lr", type=float, default=d.dpo_settings["learning_rate"], help="DPO's learning rate")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="alignment_out")
     parser.add_argument("--merge", nargs="+", default=None, metavar="RUN",
@@ -61,7 +62,8 @@ def main() -> None:
         commit = "unknown"
     print(f"commit {commit}, {torch.get_num_threads()} torch thread(s)")
     result = run_comparison(args.out, methods=args.methods, seconds=args.seconds, model=args.model, seed=args.seed,
-                            eval_prompts=args.eval_prompts, threads=args.threads, progress=False)
+                            eval_prompts=args.eval_prompts, threads=args.threads, progress=False,
+                            dpo_settings={**d.dpo_settings, "learning_rate": args.dpo_lr})
     print("\nside-by-side samples (held-out prompts, the final policies):\n")
     print(format_samples(result))
     for name, m in result["methods"].items():

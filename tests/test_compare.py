@@ -90,6 +90,30 @@ def test_dpo_gets_the_pairs_its_budget_can_prepare_and_train_on():
     assert dpo_pairs_for_budget(0.01, epochs=2, available=3802) == 16  # at least a few steps' worth
 
 
+def test_dpo_trains_with_the_comparisons_settings_over_dpoconfigs_defaults(monkeypatch, tmp_path):
+    import rlhf_env.dpo
+    from tqdm.auto import tqdm
+
+    from rlhf_env.compare import DPO_SETTINGS, CompareConfig, _Budget, _train_dpo
+    from rlhf_env.dpo import DPOConfig
+
+    seen = {}
+
+    def fake_train_dpo(pairs, model, tokenizer=None, config=None, **kwargs):
+        seen["config"] = config
+        return model, tokenizer
+
+    monkeypatch.setattr(rlhf_env.dpo, "train_dpo", fake_train_dpo)
+    _, info = _train_dpo(CompareConfig(model="tiny", dpo_pairs=24, seed=3), _Budget(1.0, 1, None), tqdm(disable=True))
+    assert seen["config"] == DPOConfig(**{**DPO_SETTINGS, "seed": 3}) and DPO_SETTINGS["learning_rate"] < DPOConfig.learning_rate
+    assert info["hyperparameters"]["learning_rate"] == DPO_SETTINGS["learning_rate"]
+    _train_dpo(CompareConfig(model="tiny", dpo_pairs=24, dpo_settings={"beta": 0.5}), _Budget(1.0, 1, None), tqdm(disable=True))
+    assert seen["config"] == DPOConfig(beta=0.5)  # the settings given replace the comparison's, nothing else
+    with pytest.raises(ValueError, match=r"unknown DPOConfig field\(s\) \['lr'\]"):
+        run_comparison(tmp_path / "out", methods="dpo", dpo_settings={"lr": 1e-5}, model="no-such-model")
+    assert not (tmp_path / "out").exists()
+
+
 def test_each_method_starts_from_the_starting_model_not_an_earlier_methods_policy():
     """Envs made by name share a live actor by default (shared_model=True): a second method
     built while the first one's trained actor is still referenced must not continue from it."""
