@@ -16,7 +16,12 @@ def _make(**kwargs):
     return gym.make("TextRLHF-tiny-v0", max_new_tokens=4, **kwargs)
 
 
-def test_untrained_actor_is_shared_quietly():
+def test_untrained_actor_is_shared_quietly(monkeypatch):
+    import rlhf_env.registration
+
+    # an empty registry: a trained tiny actor that an earlier test left alive (a reference
+    # cycle not yet collected) would otherwise be "first", and sharing it rightly warns
+    monkeypatch.setattr(rlhf_env.registration, "_LOADED", {})
     first = _make()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
