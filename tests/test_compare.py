@@ -92,6 +92,7 @@ def test_dpo_gets_the_pairs_its_budget_can_prepare_and_train_on():
 
 def test_dpo_trains_with_the_comparisons_settings_over_dpoconfigs_defaults(monkeypatch, tmp_path):
     import rlhf_env.dpo
+    import rlhf_env.training
     from tqdm.auto import tqdm
 
     from rlhf_env.compare import DPO_SETTINGS, CompareConfig, _Budget, _train_dpo
@@ -104,6 +105,7 @@ def test_dpo_trains_with_the_comparisons_settings_over_dpoconfigs_defaults(monke
         return model, tokenizer
 
     monkeypatch.setattr(rlhf_env.dpo, "train_dpo", fake_train_dpo)
+    monkeypatch.setattr(rlhf_env.training, "resolve_lm", lambda *args, **kwargs: (None, None))  # no model needed
     _, info = _train_dpo(CompareConfig(model="tiny", dpo_pairs=24, seed=3), _Budget(1.0, 1, None), tqdm(disable=True))
     assert seen["config"] == DPOConfig(**{**DPO_SETTINGS, "seed": 3}) and DPO_SETTINGS["learning_rate"] < DPOConfig.learning_rate
     assert info["hyperparameters"]["learning_rate"] == DPO_SETTINGS["learning_rate"]
