@@ -8,6 +8,7 @@
 - ``one_thread``: runs the test with ``torch.set_num_threads(1)`` (restored after). Tiny
   models on this busy 2-core machine run several times faster single-threaded (thread
   spin-waits dominate their small ops). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+- ``_fresh_model_registry`` (autouse): no test reuses a model another test loaded by name.
 - ``length_reward``: a cheap deterministic reward callable ``(prompts, responses) -> tensor``
   (fraction of the letter "e" in each response).
 
@@ -97,6 +98,18 @@ def build_tiny_lm_dir(path: pathlib.Path, hidden: int = 32, layers: int = 2, see
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_model_registry(monkeypatch):
+    """Each test starts as a new process does: ``gym.make`` by model name shares the live actor
+    of an earlier env of the process (``rlhf_env.registration._LOADED``, weak references), so
+    without this an earlier test's trained tiny actor, if not yet collected, would be a later
+    test's starting point, and a test's outcome would depend on the order and on the garbage
+    collector. Sharing within one test is unchanged."""
+    from rlhf_env import registration
+
+    monkeypatch.setattr(registration, "_LOADED", {})
 
 
 @pytest.fixture(scope="session")
