@@ -104,18 +104,17 @@ def make_text_vec_env(num_envs: int = 1, **kwargs: Any):
 
 def check_keywords(env_class: type, kwargs: dict[str, Any]) -> None:
     """A ``TypeError`` naming an unknown keyword (and the closest known one) before any model
-    is loaded, instead of the env class's own error after the load."""
-    import difflib
+    is loaded, instead of the env class's own error after the load (the agents' message,
+    :func:`agents.utils.unexpected_keyword`)."""
     import inspect
+
+    from rlhf_env.agents.utils import unexpected_keyword
 
     known = set(inspect.signature(resolve_text_env_kwargs).parameters) | set(inspect.signature(env_class).parameters)
     known -= {"self", "env_kwargs", "lm_spec"}
-    for key in kwargs:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"{env_class.__name__} got an unexpected keyword argument {key!r}{hint} "
-                            f"(its arguments: {', '.join(sorted(known))})")
+    unknown = [key for key in kwargs if key not in known]
+    if unknown:  # the first one, in the order given
+        raise unexpected_keyword(env_class.__name__, {unknown[0]: kwargs[unknown[0]]}, known)
 
 
 def _a_reward_model(prompts: Any, responses: Any) -> None:
