@@ -14,9 +14,8 @@ from agents import distributed
 
 
 def get_device(device: torch.device | str = "auto") -> torch.device:
-    """``"auto"`` -> cuda if available else cpu; anything else as given."""
-    if device == "auto" or device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """``"auto"`` -> cuda if available else cpu; anything else as given, checked
+    (:func:`envs.device.check_device`, through :func:`agents.distributed.local_device`)."""
     return distributed.local_device(device)  # under torchrun: cuda -> cuda:LOCAL_RANK
 
 
