@@ -23,6 +23,19 @@ from agents.on_policy import OnPolicyAlgorithm
 from agents.text_rollout import RolloutStats, collect_text_rollout, find_text_env
 
 
+def check_group_multiple(n_envs: int, group_size: int, name: str = "num_envs") -> None:
+    """Refuse a number of envs that is not a whole number of groups (each env holds one
+    response of a prompt's group), with the nearest count that is.
+
+    :raises ValueError: ``n_envs`` is not a multiple of ``group_size``
+    """
+    if n_envs % group_size:
+        raise ValueError(
+            f"{name}={n_envs} is not a multiple of group_size={group_size}: "
+            f"use {name} = prompts_per_step * group_size (e.g. {group_size * max(1, n_envs // group_size)})"
+        )
+
+
 class GroupRolloutAlgorithm(OnPolicyAlgorithm):
     """Base of the critic-free text algorithms (:class:`agents.GRPO`, :class:`agents.RLOO`):
     the env checks, the group resets and the rollout; subclasses write ``train()``.
@@ -41,9 +54,8 @@ class GroupRolloutAlgorithm(OnPolicyAlgorithm):
             raise ValueError(f"group_size must be >= 2 (advantages are relative to the group), got {group_size}")
         self.group_size = int(group_size)
         n_envs = kwargs.get("n_envs", 1)
-        if isinstance(env, str) and isinstance(n_envs, int) and n_envs % self.group_size:
-            self.n_envs = n_envs  # refused before the env (and its model) is built
-            self._refuse_n_envs("n_envs")
+        if isinstance(env, str) and isinstance(n_envs, int):
+            check_group_multiple(n_envs, self.group_size, "n_envs")  # before the env (and its model) is built
         super().__init__(
             policy, env, n_steps=1, gamma=1.0, gae_lambda=1.0, vf_coef=0.0, seed=seed,
             supported_action_spaces=(spaces.Discrete,), **kwargs,
@@ -66,16 +78,9 @@ class GroupRolloutAlgorithm(OnPolicyAlgorithm):
             )
         return text_env
 
-    def _refuse_n_envs(self, name: str = "num_envs") -> None:
-        raise ValueError(
-            f"{name}={self.n_envs} is not a multiple of group_size={self.group_size}: "
-            f"use {name} = prompts_per_step * group_size (e.g. {self.group_size * max(1, self.n_envs // self.group_size)})"
-        )
-
     def _check_env(self) -> None:
         text_env = self._text_env()
-        if self.n_envs % self.group_size:
-            self._refuse_n_envs()
+        check_group_multiple(self.n_envs, self.group_size)
         # the KL enters through train() (GRPO's loss, RLOO's reward), not through the env's reward
         set_env_kl_coef(self.env, 0.0)
         # ... so the rollout needs no reference forward: train() scores whole responses once

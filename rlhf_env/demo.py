@@ -303,9 +303,10 @@ def run_demo(
     cpu0 = time.process_time()
     cfg = config or (quick_config() if quick else DemoConfig())
     check_demo_method(cfg.method)
-    if cfg.num_envs % cfg.group_size and cfg.method != "ppo":
-        raise ValueError(f"num_envs={cfg.num_envs} is not a multiple of group_size={cfg.group_size}: "
-                         f"use num_envs = prompts per iteration x group_size (e.g. {2 * cfg.group_size})")
+    if cfg.method != "ppo":  # before any model is loaded
+        from rlhf_env.agents.group_rollout import check_group_multiple
+
+        check_group_multiple(cfg.num_envs, cfg.group_size)
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     out = pathlib.Path(out)
