@@ -107,13 +107,15 @@ def iter_jsonl(path: Union[str, os.PathLike]) -> Iterator[tuple[str, object]]:
     the file and the line. A ``.json`` file that is one JSON array (``[{...}, {...}]``, which
     Hugging Face's ``load_dataset("json")`` reads too) yields its items, ``where`` being
     ``"FILE[i]"``. Shared by the preference, SFT, prompt and row readers."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if os.fspath(path).lower().endswith(".json") and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError:
-            items = None  # not one array: read it line by line (and report the bad line)
+    if os.fspath(path).lower().endswith(".json"):  # a .jsonl file is only ever read line by line
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        items = None
+        if text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:
+                pass  # not one array: read it line by line (and report the bad line)
         if isinstance(items, list):
             for i, obj in enumerate(items):
                 yield f"{path}[{i}]", obj
