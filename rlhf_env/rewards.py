@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rlhf_env.envs.device import check_device
+
 REWARD_NAMES = ("sentiment", "vader", "tiny", "default")
 
 
@@ -113,13 +115,11 @@ def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> Callable:
             return SentimentReward()
         if name == "tiny":
             return TinyReward()
-        from rlhf_env.envs.device import check_device
         from rlhf_env.reward_model import RewardModel
 
         check_device(device)  # a missing GPU is one line, not a failure inside the first-use training
         return RewardModel.default(device=device)
     if isinstance(spec, (str, os.PathLike)) and pathlib.Path(spec).expanduser().is_dir():
-        from rlhf_env.envs.device import check_device
         from rlhf_env.reward_model import RewardModel
 
         check_device(device)
