@@ -29,10 +29,10 @@ def tone_by_seed(model, tokenizer, prompts: list[str], seeds: list[int], first: 
     for seed in seeds:
         texts = generate(model, tokenizer, prompts, num_samples=num_samples, temperature=temperature,
                          max_new_tokens=max_new_tokens, seed=seed, progress=False).flat()
-        head = texts[: first * num_samples]
-        rows.append({"seed": seed, "tone_first": float(np.mean(judges.tone(head))),
-                     "negative_first": judges.negative_share(head),
-                     "tone_all": float(np.mean(judges.tone(texts))), "negative_all": judges.negative_share(texts)})
+        tones = judges.tone(texts)  # once per text; the first prompts' responses are its head
+        head = tones[: first * num_samples]
+        rows.append({"seed": seed, "tone_first": float(np.mean(head)), "negative_first": judges.negative_fraction(head),
+                     "tone_all": float(np.mean(tones)), "negative_all": judges.negative_fraction(tones)})
     return rows
 
 

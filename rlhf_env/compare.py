@@ -286,7 +286,7 @@ def _jsonable(v: Any) -> Any:
 # the report
 
 
-SUMMARY_KEYS = ("reward", "reward_std", "tone", "relevance", "fluency_nll", "distinct_1", "distinct_2",
+SUMMARY_KEYS = ("reward", "reward_std", "tone", "negative_share", "relevance", "fluency_nll", "distinct_1", "distinct_2",
                 "top_3gram_share", "top_3gram", "kl", "length")
 
 
@@ -379,7 +379,7 @@ def run_comparison(
             points.append(_point(report, used, updates))
             p = points[-1]
             bar.write(f"[compare] {method} at {used:.0f} CPU s ({updates} updates): reward-model score {p['reward']:+.3f}, "
-                      f"win rate {p['win_rate']:.2f}, KL {p['kl']:.2f}, tone {p['tone']:+.3f}, relevance {p['relevance']:.3f}, "
+                      f"win rate {p['win_rate']:.2f}, KL {p['kl']:.2f}, tone {p['tone']:+.3f} ({p['negative_share']:.0%} negative), relevance {p['relevance']:.3f}, "
                       f"distinct-2 {p['distinct_2']:.3f}")
             return report
 

@@ -13,27 +13,31 @@ from typing import Any, Sequence
 from rlhf_env.agents.atomic import atomic_file, write_text
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    return "nan" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
 
 
 def format_tables(result: dict) -> str:
     """The comparison as Markdown: the judges per method (final checkpoint) against the
-    reference, then the default task's pass rule, bound by bound."""
+    reference, then the default task's pass rule, bound by bound. A judge a result was
+    written without (``negative_share`` before it was kept) shows as "—"."""
     ref = result["reference"]
     lines = [
         "| method | training CPU s | updates | reward-model score | win rate vs ref | KL/response (nats) | tone (VADER) | "
-        "relevance | fluency NLL | distinct-2 | top 3-gram share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "VADER-negative share | relevance | fluency NLL | distinct-2 | top 3-gram share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| reference ({result['settings']['model']}) | - | - | {_fmt(ref['reward'])} | 0.500 | 0.00 | {_fmt(ref['tone'])} | "
-        f"{_fmt(ref['relevance'])} | {_fmt(ref['fluency_nll'], 2)} | {_fmt(ref['distinct_2'])} | {_fmt(ref['top_3gram_share'], 2)} |",
+        f"{_fmt(ref.get('negative_share'), 2)} | {_fmt(ref['relevance'])} | {_fmt(ref['fluency_nll'], 2)} | {_fmt(ref['distinct_2'])} | "
+        f"{_fmt(ref['top_3gram_share'], 2)} |",
     ]
     for name, m in result["methods"].items():
         f = m["final"]
         lines.append(
             f"| {name} | {f['cpu_seconds']:.0f} | {f['updates']} | {_fmt(f['reward'])} | {_fmt(f['win_rate'])} | {_fmt(f['kl'], 2)} | "
-            f"{_fmt(f['tone'])} | {_fmt(f['relevance'])} | {_fmt(f['fluency_nll'], 2)} | {_fmt(f['distinct_2'])} | "
-            f"{_fmt(f['top_3gram_share'], 2)} |")
+            f"{_fmt(f['tone'])} | {_fmt(f.get('negative_share'), 2)} | {_fmt(f['relevance'])} | {_fmt(f['fluency_nll'], 2)} | "
+            f"{_fmt(f['distinct_2'])} | {_fmt(f['top_3gram_share'], 2)} |")
     names = {"tone_gain": "tone gain", "relevance_change": "relevance change", "distinct_2_change": "distinct-2 change",
              "top_3gram_share": "top 3-gram share", "kl": "KL"}
     first = next(iter(result["methods"].values()))["final"]["pass_rule"]["checks"]

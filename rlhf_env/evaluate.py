@@ -62,7 +62,7 @@ def _side(prompts: list[str], texts: list[str], scores: np.ndarray, reference: A
         "reward": float(scores.mean()),
         "reward_std": float(scores.std()),
         "tone": float(np.mean(tones)),
-        "negative_share": float(np.mean([t <= judges.NEGATIVE_TONE for t in tones])),
+        "negative_share": judges.negative_fraction(tones),
         "relevance": float(np.mean(judges.relevance(prompts, texts, encoder))),
         "fluency_nll": float(np.mean(nll)) if nll else float("nan"),
         "distinct_1": judges.distinct_n(texts, 1),

@@ -71,8 +71,12 @@ def negative_share(responses: Sequence[str], threshold: float = NEGATIVE_TONE) -
     The mean tone moves with a few words of the topic ("broken", "noise"); this counts how
     many answers read as negative at all.
     """
-    scores = tone(responses)
-    return sum(s <= threshold for s in scores) / len(scores) if scores else 0.0
+    return negative_fraction(tone(responses), threshold)
+
+
+def negative_fraction(tones: Sequence[float], threshold: float = NEGATIVE_TONE) -> float:
+    """:func:`negative_share` from tone scores already computed (VADER runs once per text)."""
+    return sum(t <= threshold for t in tones) / len(tones) if len(tones) else 0.0
 
 
 # ---------------------------------------------------------------------------------------

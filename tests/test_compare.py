@@ -32,7 +32,7 @@ def test_the_comparison_runs_every_method_and_writes_its_table_and_plot(comparis
     out, result = comparison
     saved = json.loads((out / "compare.json").read_text())
     assert list(saved["methods"]) == list(METHODS)
-    judges = ("reward", "win_rate", "kl", "tone", "relevance", "fluency_nll", "distinct_2", "top_3gram_share")
+    judges = ("reward", "win_rate", "kl", "tone", "negative_share", "relevance", "fluency_nll", "distinct_2", "top_3gram_share")
     for name, m in saved["methods"].items():
         final = m["final"]
         for key in judges:
@@ -53,6 +53,9 @@ def test_the_comparison_runs_every_method_and_writes_its_table_and_plot(comparis
     for name in METHODS:
         report = json.loads((out / name / "evaluation.json").read_text())
         assert report["reference"]["reward"] == ref["reward"]
+        # every judge of the evaluate() report is in the summary, the VADER-negative share included
+        assert saved["methods"][name]["final"]["negative_share"] == report["policy"]["negative_share"]
+        assert ref["negative_share"] == report["reference"]["negative_share"]
         assert report["responses"]["reference"] == json.loads((out / "ppo" / "evaluation.json").read_text())["responses"]["reference"]
 
     table = (out / "compare.md").read_text()
@@ -61,6 +64,13 @@ def test_the_comparison_runs_every_method_and_writes_its_table_and_plot(comparis
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |") and ("PASS" in line or "FAIL" in line))
         assert row.rstrip(" |").endswith("PASS" if rule["passed"] else "FAIL")
         assert row.count("FAIL") == sum(not c["ok"] for c in rule["checks"].values()) + (not rule["passed"])
+    header = table.splitlines()[2].split(" | ")
+    column = header.index("VADER-negative share")
+    ref_row = next(line for line in table.splitlines() if line.startswith("| reference"))
+    assert ref_row.split(" | ")[column] == f"{ref['negative_share']:.2f}"
+    for name in METHODS:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert row.split(" | ")[column] == f"{saved['methods'][name]['final']['negative_share']:.2f}"
     png = (out / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
@@ -165,3 +175,15 @@ def test_runs_with_the_same_settings_merge_and_others_are_refused(comparison, tm
     other["reference"]["reward"] += 1.0
     with pytest.raises(ValueError, match="different reference"):
         merge_results([a, other])
+
+
+def test_a_result_written_before_the_negative_share_was_kept_still_prints(comparison):
+    from rlhf_env.compare import format_tables
+
+    old = json.loads(json.dumps(comparison[1]))
+    del old["reference"]["negative_share"]
+    for m in old["methods"].values():
+        del m["final"]["negative_share"]
+    rows = [line.split(" | ") for line in format_tables(old).splitlines()[:6]]
+    column = rows[0].index("VADER-negative share")
+    assert [r[column] for r in rows[2:]] == ["—"] * 4

@@ -103,3 +103,32 @@ def test_negative_share_counts_responses_vader_reads_as_negative():
     assert judges.negative_share(texts) == pytest.approx(2 / 5)
     assert judges.negative_share(texts, threshold=0.0) == pytest.approx(4 / 5)  # neutral texts count at 0
     assert judges.negative_share([]) == 0.0
+
+
+def test_negative_fraction_of_computed_tones_matches_negative_share():
+    texts = ["This is terrible.", "good", "", "The door is broken and the noise is awful.", "It is a door."]
+    tones = judges.tone(texts)
+    assert judges.negative_fraction(tones) == judges.negative_share(texts) == pytest.approx(2 / 5)
+    assert judges.negative_fraction([-0.05, -0.049, 0.0], threshold=-0.05) == pytest.approx(1 / 3)  # the cut-off counts
+    assert judges.negative_fraction([]) == 0.0
+
+
+def test_tone_noise_scores_each_response_once(monkeypatch):
+    """benchmarks/tone_noise.py: per seed, VADER over the first prompts' responses and over all,
+    from one VADER pass over the texts."""
+    import rlhf_env.generation
+    from benchmarks.tone_noise import tone_by_seed
+    from rlhf_env.generation import Completions
+
+    texts = {0: ["This is terrible.", "good", "fine", "awful noise"], 1: ["great", "ok", "bad", "lovely"]}
+    monkeypatch.setattr(rlhf_env.generation, "generate", lambda *a, seed, **k: Completions(texts=[texts[seed][:2], texts[seed][2:]]))
+    calls = []
+    real_tone = judges.tone
+    monkeypatch.setattr(judges, "tone", lambda xs: calls.append(list(xs)) or real_tone(xs))
+    rows = tone_by_seed(None, None, ["p1", "p2"], [0, 1], first=1, num_samples=2)
+    assert calls == [texts[0], texts[1]]  # one pass per seed, every response once
+    for row, seed in zip(rows, (0, 1)):
+        t = real_tone(texts[seed])
+        assert row["tone_first"] == pytest.approx((t[0] + t[1]) / 2) and row["tone_all"] == pytest.approx(sum(t) / 4)
+        assert row["negative_first"] == judges.negative_share(texts[seed][:2])
+        assert row["negative_all"] == judges.negative_share(texts[seed])
