@@ -253,6 +253,13 @@ def test_cli_eval_judges_an_export_with_the_reward_it_was_trained_on(tmp_path, m
         assert main(["eval", str(tmp_path / name)]) == 0
     assert main(["eval", str(tmp_path / "named"), "--reward", "tiny", "--max-new-tokens", "5"]) == 0
     assert seen == [("sentiment", 12), (str(tmp_path), 12), ("default", 12), ("default", 12), ("default", None), ("tiny", 5)]
+    import agents.export
+
+    reads = []
+    real_read = agents.export.read_training_info
+    monkeypatch.setattr(agents.export, "read_training_info", lambda d: reads.append(d) or real_read(d))
+    assert main(["eval", str(tmp_path / "named")]) == 0
+    assert reads == [str(tmp_path / "named")]  # the record is read once, for the reference, the reward and the length
     out = capsys.readouterr().out
     assert "trained with reward functions, no reward model" in out
     assert f"reward (--reward): sentiment (recorded in {tmp_path / 'named'})" in out

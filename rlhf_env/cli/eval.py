@@ -93,23 +93,23 @@ def _training_info(policy: str) -> dict:
     return {}
 
 
-def default_reference(policy: str) -> str:
+def default_reference(info: dict) -> str:
     """The starting model a policy folder is judged against: the base model recorded in an
-    exported folder's ``rlhf_env_training.json`` (a policy trained from "tiny" against
-    "tiny", not against SmolLM2), else the shipped starting model, smollm2-135m."""
-    info = _training_info(policy)
+    exported folder's ``rlhf_env_training.json`` (``info``, :func:`_training_info`; a policy
+    trained from "tiny" against "tiny", not against SmolLM2), else the shipped starting
+    model, smollm2-135m."""
     return str(info["base_model"]) if info.get("base_model") else "smollm2-135m"
 
 
-def default_reward(policy: str) -> tuple[str, str]:
+def default_reward(policy: str, info: dict) -> tuple[str, str]:
     """``(reward, where it comes from)``: the reward model an exported folder or agent zip
-    was trained with (:func:`_training_info`), when it is one that can be loaded by name or
-    folder, else ``"default"``."""
+    was trained with (``info``, :func:`_training_info` of ``policy``), when it is one that
+    can be loaded by name or folder, else ``"default"``."""
     import os
 
     from rlhf_env.rewards import REWARD_NAMES
 
-    env = _training_info(policy).get("env") or {}
+    env = info.get("env") or {}
     recorded = env.get("reward_model")
     if isinstance(recorded, str) and (recorded.lower() in REWARD_NAMES or os.path.isdir(recorded)):
         return recorded, f"recorded in {policy}"
@@ -150,16 +150,17 @@ def run(args) -> int:
 
         if args.task_config or args.answer_format:
             raise ValueError("--task-config and --answer-format need --task")
+        info = _training_info(args.policy)  # read once: reference, reward and length come from it
         reference = args.reference
         if reference is None and isinstance(policy, str):
-            reference = default_reference(policy)
+            reference = default_reference(info)
             print(f"reference (--reference): {reference}")
         reward = args.reward
         if reward is None:
-            reward, source = default_reward(args.policy)
+            reward, source = default_reward(args.policy, info)
             print(f"reward (--reward): {reward} ({source})")
         kwargs = {}
-        recorded_length = (_training_info(args.policy).get("env") or {}).get("max_new_tokens")
+        recorded_length = (info.get("env") or {}).get("max_new_tokens")
         if args.max_new_tokens is not None or recorded_length:
             kwargs["max_new_tokens"] = args.max_new_tokens or int(recorded_length)
         report = evaluate(policy, reference=reference, reward=reward, seed=args.seed, device=args.device,
