@@ -46,6 +46,18 @@ def _reference_of(policy: Any, reference: Any, device: Any) -> tuple[Any, Any]:
                      "'smollm2-135m', a model directory or a (model, tokenizer) pair)")
 
 
+def _check_same_tokenizer(policy_tokenizer: Any, reference_tokenizer: Any) -> None:
+    """The KL and the fluency score the policy's token ids under the reference: both must
+    read the same vocabulary (a policy trained from the tiny model judged against SmolLM2
+    gave a KL of 136 nats that meant nothing)."""
+    if policy_tokenizer is reference_tokenizer:
+        return
+    if len(policy_tokenizer) != len(reference_tokenizer) or policy_tokenizer.get_vocab() != reference_tokenizer.get_vocab():
+        raise ValueError(f"the policy's tokenizer ({len(policy_tokenizer)} tokens) is not the reference's "
+                         f"({len(reference_tokenizer)} tokens): judge a policy against its own starting model, "
+                         "e.g. reference='tiny' (rlhf-env eval --reference tiny) for a policy trained from the tiny model")
+
+
 def _score(reward: Callable, prompts: list[str], texts: list[str]) -> np.ndarray:
     return np.asarray(torch.as_tensor(reward(prompts, texts)).float().cpu().numpy(), dtype=np.float64)
 
@@ -212,6 +224,7 @@ def evaluate(
         raise ValueError("evaluate needs at least one prompt")
     model, tokenizer = resolve_policy(policy, device)
     ref = _reference_of(policy, reference, device)
+    _check_same_tokenizer(tokenizer, ref[1])
     reward_fn = resolve_reward(reward, device=device or "cpu")
     settings = {"prompts": len(prompts), "num_samples": num_samples, "max_new_tokens": max_new_tokens,
                 "temperature": temperature, "seed": seed}

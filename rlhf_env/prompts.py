@@ -113,7 +113,9 @@ def load_rows(source: Any) -> Any:
         raise ValueError(_not_a_file(source, "dataset file", 'a .jsonl file (one JSON object per line with a "prompt" '
                                      "key and any other columns), a list of dicts or a datasets.Dataset"))
     if path.suffix.lower() not in (".jsonl", ".json"):
-        raise ValueError(f"dataset file {path}: unknown type {path.suffix!r}; use .jsonl (one JSON object per line)")
+        raise ValueError(f"dataset file {path}: unknown type {path.suffix!r}; use .jsonl (one JSON object per line with a "
+                         f"\"prompt\"); a list of prompts, one per line, goes in prompts= instead (rlhf-env train: "
+                         f"--env-kwargs '{{\"prompts\": \"{os.fspath(source)}\"}}')")
     rows = []
     for where, record in iter_jsonl(path):
         check_row(record, f"{where}: the row")

@@ -31,6 +31,7 @@ def files(tmp_path_factory):
     (d / "wrong_type.jsonl").write_text('{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
     (d / "empty.jsonl").write_text("")
     (d / "no_prompt_rows.jsonl").write_text('{"prompt": "a", "answer": "1"}\n{"question": "b", "answer": "2"}\n')
+    (d / "prompts.txt").write_text("Describe your favourite season.\nGive one tip for a job interview.\n")
     (d / "good.jsonl").write_text('{"prompt": "how are you", "chosen": "great thanks", "rejected": "bad"}\n' * 4)
     (d / "garbage.zip").write_bytes(b"this is not a zip archive")
     model = PPO("MlpPolicy", "CartPole-v1", n_steps=8, batch_size=8, seed=0)
@@ -461,6 +462,12 @@ CLI_CASES = {
     "eval: a missing agent zip": (["eval", "{d}/no_agent.zip", "--out", "{out}/report.json"], r"no agent file '.*no_agent.zip' \(from .*\): pass an agent .zip"),
     "eval: a missing model folder": (["eval", "{d}/no_policy", "--out", "{out}/report.json"],
                                      r"unknown policy '.*no_policy': no such directory .* not a shipped model \(smollm2-135m, tiny\)"),
+    "eval: --prompts with --task": (["eval", "tiny", "--task", "chain_sum", "--prompts", "{d}/prompts.txt"],
+                                    "--prompts is for the RLHF judges; with --task the task's held-out split is judged"),
+    "train: a prompt list as --dataset": (["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--dataset", "{d}/prompts.txt",
+                                           "--save", "{out}/m.zip"],
+                                          r"unknown type '.txt'; use .jsonl .*a list of prompts, one per line, goes in prompts= "
+                                          r"instead \(rlhf-env train: --env-kwargs '\{\"prompts\": \".*prompts.txt\"\}'\)"),
     "train-rm: file with a missing key": (["train-rm", "--train", "{d}/missing_key.jsonl", "--eval", "none", "--output", "{out}/rm"],
                                           r"missing_key.jsonl:1: missing key\(s\) \['rejected'\]"),
 }

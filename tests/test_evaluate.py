@@ -110,6 +110,14 @@ def test_evaluate_errors():
         evaluate((model, tok), PROMPTS, reference=(model, tok), reward="tiny", limit=3, progress=False)
     with pytest.raises(ValueError, match="one prompt per response"):
         compare(["a"], ["b", "c"], ["d", "e"], "tiny")
+    # a reference with another vocabulary: its log-probabilities of the policy's token ids mean nothing
+    other = copy.deepcopy(tok)
+    other.add_tokens(["<not-in-the-policy>"])
+    with pytest.raises(ValueError, match=r"the policy's tokenizer \(\d+ tokens\) is not the reference's \(\d+ tokens\): judge a "
+                                         r"policy against its own starting model"):
+        evaluate((model, tok), PROMPTS, reference=(model, other), reward="tiny", progress=False)
+    evaluate((model, tok), PROMPTS[:1], reference=(copy.deepcopy(model), copy.deepcopy(tok)), reward="tiny",
+             max_new_tokens=2, progress=False)  # an equal vocabulary in another object is the same
     assert judges.top_ngram_share(["a b c"])[0] == 1.0
 
 

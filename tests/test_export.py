@@ -282,8 +282,26 @@ def test_cli_eval_of_an_exported_folder_judges_it_against_its_base_model(tmp_pat
     assert main(["eval", str(tmp_path / "policy")]) == 0
     assert main(["eval", str(tmp_path / "policy"), "--reference", "smollm2-135m"]) == 0
     assert main(["eval", str(tmp_path / "plain")]) == 0  # a folder without a record: the shipped starting model
-    assert seen == ["tiny", "smollm2-135m", "smollm2-135m"]
+    assert main(["eval", "tiny"]) == 0  # a shipped model by name: judged against itself, not against SmolLM2
+    assert seen == ["tiny", "smollm2-135m", "smollm2-135m", "tiny"]
     assert "reference (--reference): tiny" in capsys.readouterr().out
+
+
+def test_cli_eval_judges_on_the_users_prompts(tmp_path, monkeypatch, capsys):
+    """`rlhf-env eval DIR --prompts FILE` judges on those prompts (a .txt, one a line, or
+    .jsonl), not on the default task's held-out set; a missing file fails before any load."""
+    import rlhf_env.evaluate
+    from rlhf_env.cli import main
+
+    seen = []
+    monkeypatch.setattr(rlhf_env.evaluate, "evaluate", lambda policy, prompts=None, **kw: seen.append(prompts) or {})
+    monkeypatch.setattr(rlhf_env.evaluate, "format_table", lambda report: "")
+    (tmp_path / "mine.txt").write_text("Describe your favourite season.\n\nGive one tip for a job interview.\n")
+    assert main(["eval", "tiny", "--prompts", str(tmp_path / "mine.txt")]) == 0
+    assert main(["eval", "tiny"]) == 0
+    assert seen == [["Describe your favourite season.", "Give one tip for a job interview."], None]
+    assert main(["eval", "tiny", "--prompts", str(tmp_path / "missing.txt")]) == 1
+    assert "prompt file" in capsys.readouterr().err and len(seen) == 2
 
 
 def test_the_export_records_the_reward_so_that_it_loads_again(tmp_path):

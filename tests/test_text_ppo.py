@@ -287,7 +287,7 @@ def test_shipped_text_settings_finish_responses_in_every_rollout():
 
     from agents import A2C, REINFORCE
 
-    a2c = A2C("LMPolicy", "TextRLHF-tiny-v0", n_envs=2, seed=0)  # the CLI's A2C on a text env: no YAML entry
+    a2c = A2C("LMPolicy", "TextRLHF-tiny-v0", n_envs=2, seed=0)  # A2C's own default with the LM policy (the API, no YAML entry)
     assert a2c.n_steps == env_default + 1
     for i in range(2):  # the per-token loops (A2C, REINFORCE) log the text metrics too
         a2c.learn(a2c.n_steps * a2c.n_envs, reset_num_timesteps=i == 0, log_interval=10**6)

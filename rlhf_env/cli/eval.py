@@ -30,10 +30,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="completion length (default: the task's; without --task the exported folder's training length, else 48)")
-    p.add_argument("--reference", default=None, help="without --task: the policy's starting model (default: the agent's, or the base model recorded in an exported folder, else smollm2-135m)")
+    p.add_argument("--reference", default=None,
+                   help="without --task: the policy's starting model (default: the agent's, or the base model recorded in an "
+                   "exported folder; a shipped model name is judged against itself; else smollm2-135m)")
     p.add_argument("--reward", default=None,
-                   help="without --task: reward model ('default', 'sentiment', 'tiny' or a directory; default: the one an "
-                   "exported folder was trained with, recorded in its rlhf_env_training.json, else 'default')")
+                   help="without --task: reward model ('default', 'sentiment', 'tiny', a directory, or a reward function as "
+                   "FILE.py:NAME; default: the one an exported folder was trained with, recorded in its "
+                   "rlhf_env_training.json, else 'default')")
+    p.add_argument("--prompts", default=None,
+                   help="without --task: the held-out prompts, a .txt (one per line) or .jsonl file (default: the default "
+                   "task's 60 held-out prompts)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per generate call")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="torch device")
@@ -93,12 +99,17 @@ def _training_info(policy: str) -> dict:
     return {}
 
 
-def default_reference(info: dict) -> str:
-    """The starting model a policy folder is judged against: the base model recorded in an
+def default_reference(policy: str, info: dict) -> str:
+    """The starting model a policy is judged against: the base model recorded in an
     exported folder's ``rlhf_env_training.json`` (``info``, :func:`_training_info`; a policy
-    trained from "tiny" against "tiny", not against SmolLM2), else the shipped starting
-    model, smollm2-135m."""
-    return str(info["base_model"]) if info.get("base_model") else "smollm2-135m"
+    trained from "tiny" against "tiny", not against SmolLM2); a shipped model name itself
+    (``rlhf-env eval tiny`` judges the tiny model, KL 0); else the shipped starting model,
+    smollm2-135m."""
+    from rlhf_env.models import SHIPPED_MODELS
+
+    if info.get("base_model"):
+        return str(info["base_model"])
+    return policy if policy in SHIPPED_MODELS else "smollm2-135m"
 
 
 def default_reward(policy: str, info: dict) -> tuple[str, str]:
@@ -116,7 +127,8 @@ def default_reward(policy: str, info: dict) -> tuple[str, str]:
     if recorded:
         return "default", f"the export was trained with {recorded}, which cannot be loaded by name"
     if env:
-        return "default", "the export was trained with reward functions, no reward model: --task judges a verifiable task"
+        return "default", ("the export was trained with reward functions, no reward model: --reward FILE.py:NAME judges with "
+                           "one of them, --task with a verifiable task's verifier")
     return "default", "the shipped default"
 
 
@@ -125,6 +137,13 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    prompts = None
+    if args.prompts is not None:
+        if args.task is not None:
+            raise ValueError("--prompts is for the RLHF judges; with --task the task's held-out split is judged (--limit N for fewer rows)")
+        from rlhf_env.prompts import load_prompts
+
+        prompts = load_prompts(args.prompts)  # a missing or malformed file fails here, before any model loads
     policy = load_policy(args.policy, args.device)
     progress = not args.no_progress
     if args.task is not None:
@@ -153,7 +172,7 @@ def run(args) -> int:
         info = _training_info(args.policy)  # read once: reference, reward and length come from it
         reference = args.reference
         if reference is None and isinstance(policy, str):
-            reference = default_reference(info)
+            reference = default_reference(policy, info)
             print(f"reference (--reference): {reference}")
         reward = args.reward
         if reward is None:
@@ -163,7 +182,7 @@ def run(args) -> int:
         recorded_length = (info.get("env") or {}).get("max_new_tokens")
         if args.max_new_tokens is not None or recorded_length:
             kwargs["max_new_tokens"] = args.max_new_tokens or int(recorded_length)
-        report = evaluate(policy, reference=reference, reward=reward, seed=args.seed, device=args.device,
+        report = evaluate(policy, prompts=prompts, reference=reference, reward=reward, seed=args.seed, device=args.device,
                           progress=progress, out=args.out, **kwargs)
         print(format_table(report))
     if args.out:
