@@ -60,7 +60,13 @@ def make_vec_env(
     try:
         spec = gym.spec(env_id)
     except gym.error.Error as exc:
-        raise ValueError(f"unknown environment id {env_id!r}: {exc}") from exc
+        hint = ""
+        if "did you mean" not in str(exc).lower():  # gymnasium hints only at a known name with another version
+            import difflib
+
+            close = difflib.get_close_matches(str(env_id), list(gym.registry), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown environment id {env_id!r}: {exc}{hint}") from exc
     env_kwargs = dict(env_kwargs or {})
     if vectorization_mode is None:
         # a native vector env works on arrays: it wins from a few envs up, while one env

@@ -244,6 +244,8 @@ def test_vec_env_step_refuses_bad_actions(text_vec_env):
 # --- agents ---------------------------------------------------------------------------
 AGENT_CASES = {
     "unknown env id": (lambda: PPO("MlpPolicy", "NoSuchEnv-v0"), ValueError, "unknown environment id 'NoSuchEnv-v0'"),
+    "env id without its version": (lambda: PPO("LMPolicy", "TextRLHF-tiny"), ValueError,
+                                   r"unknown environment id 'TextRLHF-tiny': .*; did you mean 'TextRLHF-tiny-v0'\?"),
     "unknown policy": (lambda: PPO("NoSuchPolicy", "CartPole-v1"), ValueError, "unknown policy 'NoSuchPolicy'"),
     "env of wrong type": (lambda: PPO("MlpPolicy", 42), ValueError, "env must be an environment id"),
     "env None": (lambda: PPO("MlpPolicy", None), ValueError, "env=None: PPO needs an environment"),
