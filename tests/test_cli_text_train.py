@@ -165,3 +165,12 @@ def test_reward_function_flag_mistakes_are_one_line(flags, match, tmp_path, caps
     assert main(["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--timesteps", "8", *flags]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(match, err[0]), err
+
+
+def test_a_text_env_without_a_shipped_entry_says_the_defaults_are_for_mlps(capsys):
+    from rlhf_env.cli.train import resolve_hyperparams
+
+    assert resolve_hyperparams("a2c", "TextRLHF-v0", None) == {}
+    out = capsys.readouterr().out
+    assert "no shipped a2c hyperparameters for TextRLHF-v0: using the algorithm's defaults (made for small MLPs" in out
+    assert "TextRLHF-tiny-v0 entry of" in out and out.rstrip().endswith("a2c.yml)")

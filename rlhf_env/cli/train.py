@@ -84,7 +84,13 @@ def resolve_hyperparams(algo: str, env_id: str, path: str | None) -> dict:
     except (KeyError, FileNotFoundError):
         if path is not None:
             raise
-        print(f"no shipped {algo} hyperparameters for {env_id}: using the algorithm's defaults")
+        hint = ""
+        if is_text_env(env_id):  # SB3's defaults are for small MLPs: lr 7e-4 / 1e-2 would wreck a language model
+            from rlhf_env.agents.hyperparams import shipped_file
+
+            hint = (f" (made for small MLPs; for a language model give --hyperparams a file with a small learning rate, "
+                    f"e.g. from the TextRLHF-tiny-v0 entry of {shipped_file(algo)})")
+        print(f"no shipped {algo} hyperparameters for {env_id}: using the algorithm's defaults{hint}")
         return {}
 
 
