@@ -21,6 +21,7 @@ import torch
 
 def main() -> None:
     from rlhf_env.compare import METHODS, CompareConfig, format_samples, run_comparison
+    from rlhf_env.dpo import DPOConfig
 
     d = CompareConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default=d.model)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
-    parser.add_argument("--dpo-lr", type=float, default=d.dpo_settings["learning_rate"], help="DPO's learning rate")
+    parser.add_argument("--dpo-lr", type=float, default=DPOConfig.learning_rate, help="DPO's learning rate")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="alignment_out")
     parser.add_argument("--merge", nargs="+", default=None, metavar="RUN",
@@ -63,7 +64,7 @@ def main() -> None:
     print(f"commit {commit}, {torch.get_num_threads()} torch thread(s)")
     result = run_comparison(args.out, methods=args.methods, seconds=args.seconds, model=args.model, seed=args.seed,
                             eval_prompts=args.eval_prompts, threads=args.threads, progress=False,
-                            dpo_settings={**d.dpo_settings, "learning_rate": args.dpo_lr})
+                            dpo_settings={"learning_rate": args.dpo_lr})
     print("\nside-by-side samples (held-out prompts, the final policies):\n")
     print(format_samples(result))
     for name, m in result["methods"].items():

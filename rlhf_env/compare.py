@@ -2,8 +2,7 @@
 
 Every method starts from the same model and gets the same CPU budget of training
 (``time.process_time`` of this process, so a loaded machine does not shorten it; the
-evaluations are not counted). Each is built with the package's shipped settings (DPO's
-learning rate excepted, see :data:`DPO_SETTINGS`):
+evaluations are not counted). Each is built with the package's shipped settings:
 
 * ``ppo``: :class:`agents.PPO` with the language-model policy, the seed's four-model flow
   (the policy, its value head, the frozen reference charging the per-token KL penalty, the
@@ -12,8 +11,8 @@ learning rate excepted, see :data:`DPO_SETTINGS`):
 * ``grpo`` and ``rloo``: :class:`agents.GRPO` and :class:`agents.RLOO` with their shipped
   ``grpo.yml`` / ``rloo.yml`` entries (groups of responses per prompt, no critic; GRPO's KL in
   the loss, RLOO's in the reward);
-* ``dpo``: :func:`rlhf_env.dpo.train_dpo` with :class:`rlhf_env.dpo.DPOConfig`'s defaults but
-  :data:`DPO_SETTINGS` on the default task's training pairs (the pairs the default reward model
+* ``dpo``: :func:`rlhf_env.dpo.train_dpo` with :class:`rlhf_env.dpo.DPOConfig`'s defaults (or
+  ``dpo_settings``) on the default task's training pairs (the pairs the default reward model
   was trained on), see :func:`dpo_pairs_for_budget` for how many.
 
 The RL methods train on ``TextRLHF-v0`` (the default task's train prompts and reward model)
@@ -44,7 +43,7 @@ from rlhf_env.agents.atomic import write_text
 from rlhf_env.compare_report import format_samples, format_tables, merge_results, plot_frontier, write_outputs
 from rlhf_env.demo import DemoConfig
 
-__all__ = ["METHODS", "DPO_SETTINGS", "CompareConfig", "check_methods", "dpo_pairs_for_budget", "run_comparison", "format_tables",
+__all__ = ["METHODS", "CompareConfig", "check_methods", "dpo_pairs_for_budget", "run_comparison", "format_tables",
            "format_samples", "plot_frontier", "write_outputs", "merge_results"]
 
 METHODS = ("ppo", "grpo", "rloo", "dpo")
@@ -57,13 +56,6 @@ RL_METHODS = ("ppo", "grpo", "rloo")
 # benchmarks/alignment.py (791 pairs: first update after 117 CPU s, then 95 updates of one
 # prompt's pairs each in 93 s, 58 updates an epoch; docs/benchmarks.md):
 DPO_SECONDS_PER_PAIR = {"prepare": 0.15, "epoch": 0.075}
-
-# DPOConfig fields the comparison sets (the rest are DPOConfig's defaults). DPOConfig's lr
-# 1e-4 was chosen by held-out implicit-reward accuracy, which rewards fitting the pairs and
-# does not see the policy drift: in 210 CPU s (about 100 updates) its policy reached KL
-# 4.8-8.3 nats per 24-token response, lost tone and relevance, wrote less varied text and
-# drifted toward "I'm here to help" (docs/benchmarks.md, helper "compare", runs 1-2).
-DPO_SETTINGS = {"learning_rate": 5e-5}
 
 
 @dataclass
@@ -86,8 +78,8 @@ class CompareConfig:
     :param checkpoints: evaluations per method, evenly spaced over the budget (the last at its end)
     :param dpo_pairs: DPO's training pairs: ``"budget"`` (:func:`dpo_pairs_for_budget`),
         None (all of ``pairs_train.jsonl``) or a number
-    :param dpo_settings: :class:`rlhf_env.dpo.DPOConfig` fields DPO trains with (the others
-        are its defaults; :data:`DPO_SETTINGS`)
+    :param dpo_settings: :class:`rlhf_env.dpo.DPOConfig` fields that replace its defaults for
+        DPO (empty: its defaults, the learning rate included)
     :param n_show: side-by-side samples kept per method
     :param threads: torch CPU threads (None: torch's choice)
     :param device: torch device
@@ -103,7 +95,7 @@ class CompareConfig:
     max_new_tokens: int = DemoConfig.max_new_tokens
     checkpoints: int = 3
     dpo_pairs: Any = "budget"
-    dpo_settings: dict = field(default_factory=lambda: dict(DPO_SETTINGS))
+    dpo_settings: dict = field(default_factory=dict)
     n_show: int = DemoConfig.n_show
     threads: int | None = None
     device: str = "cpu"

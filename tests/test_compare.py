@@ -100,12 +100,12 @@ def test_dpo_gets_the_pairs_its_budget_can_prepare_and_train_on():
     assert dpo_pairs_for_budget(0.01, epochs=2, available=3802) == 16  # at least a few steps' worth
 
 
-def test_dpo_trains_with_the_comparisons_settings_over_dpoconfigs_defaults(monkeypatch, tmp_path):
+def test_dpo_trains_with_dpoconfigs_defaults_unless_dpo_settings_replace_them(monkeypatch, tmp_path):
     import rlhf_env.dpo
     import rlhf_env.training
     from tqdm.auto import tqdm
 
-    from rlhf_env.compare import DPO_SETTINGS, CompareConfig, _Budget, _train_dpo
+    from rlhf_env.compare import CompareConfig, _Budget, _train_dpo
     from rlhf_env.dpo import DPOConfig
 
     seen = {}
@@ -117,8 +117,8 @@ def test_dpo_trains_with_the_comparisons_settings_over_dpoconfigs_defaults(monke
     monkeypatch.setattr(rlhf_env.dpo, "train_dpo", fake_train_dpo)
     monkeypatch.setattr(rlhf_env.training, "resolve_lm", lambda *args, **kwargs: (None, None))  # no model needed
     _, info = _train_dpo(CompareConfig(model="tiny", dpo_pairs=24, seed=3), _Budget(1.0, 1, None), tqdm(disable=True))
-    assert seen["config"] == DPOConfig(**{**DPO_SETTINGS, "seed": 3}) and DPO_SETTINGS["learning_rate"] < DPOConfig.learning_rate
-    assert info["hyperparameters"]["learning_rate"] == DPO_SETTINGS["learning_rate"]
+    assert seen["config"] == DPOConfig(seed=3)  # DPOConfig's defaults: one learning rate for rlhf-env dpo and the comparison
+    assert info["hyperparameters"]["learning_rate"] == DPOConfig.learning_rate == 5e-5
     _train_dpo(CompareConfig(model="tiny", dpo_pairs=24, dpo_settings={"beta": 0.5}), _Budget(1.0, 1, None), tqdm(disable=True))
     assert seen["config"] == DPOConfig(beta=0.5)  # the settings given replace the comparison's, nothing else
     with pytest.raises(ValueError, match=r"unknown DPOConfig field\(s\) \['lr'\]"):

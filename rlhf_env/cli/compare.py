@@ -10,6 +10,7 @@ from rlhf_env.cli._common import HelpFormatter
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from rlhf_env.compare import METHODS, CompareConfig
+    from rlhf_env.dpo import DPOConfig
 
     d = CompareConfig()
     p = subparsers.add_parser(
@@ -35,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", type=int, default=d.checkpoints, help="evaluations per method, evenly spaced over its budget")
     p.add_argument("--dpo-pairs", default="budget",
                    help="DPO's training pairs: 'budget' (as many as it can prepare and train on within --seconds), 'all', or a number")
-    p.add_argument("--dpo-lr", type=float, default=d.dpo_settings["learning_rate"],
+    p.add_argument("--dpo-lr", type=float, default=DPOConfig.learning_rate,
                    help="DPO's learning rate (its other settings are rlhf_env.dpo.DPOConfig's defaults)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default=d.device, help="torch device")
@@ -44,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rlhf_env.compare import DPO_SETTINGS, check_methods, run_comparison
+    from rlhf_env.compare import check_methods, run_comparison
 
     methods = check_methods(args.methods)  # a clear error before any model loads
     dpo_pairs = args.dpo_pairs.lower()
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, methods=methods, seconds=args.seconds, model=args.model, reward=args.reward, seed=args.seed,
         eval_prompts=args.eval_prompts, eval_samples=args.eval_samples, max_new_tokens=args.max_new_tokens,
         checkpoints=args.checkpoints, dpo_pairs=dpo_pairs,
-        dpo_settings={**DPO_SETTINGS, "learning_rate": args.dpo_lr}, threads=args.threads, device=args.device,
+        dpo_settings={"learning_rate": args.dpo_lr}, threads=args.threads, device=args.device,
         progress=not args.no_progress,
     )
     return 0
