@@ -8,7 +8,7 @@ the other, and both are scored by the same held-out evaluation
 * **ours**: :func:`rlhf_env.tasks.train.make_task_agent` with the demo's settings
   (:class:`rlhf_env.tasks.train.TaskTrainConfig`: ``ReasoningGym-v0``, the default
   method, its group size, rows per step, learning rate, beta, trainable blocks, completion
-  length);
+  length, sampling temperature);
 * **TRL**: ``trl.GRPOTrainer`` on the same rows (a ``datasets.Dataset`` of the task's train
   split, conversational prompts) with the task's own reward function passed unchanged
   (``f(prompts, completions, **columns)`` reading the ``entry`` column), the same model
@@ -17,7 +17,7 @@ the other, and both are scored by the same held-out evaluation
   ``num_generations`` = group size, ``per_device_train_batch_size`` = rows x group (one
   generation and one optimizer step per step, as ours), the same ``max_completion_length``,
   learning rate, ``beta``, ``loss_type``, ``scale_rewards`` and ``mask_truncated_completions``
-  (completions cut by the length limit out of the loss), temperature 1, fused AdamW
+  (completions cut by the length limit out of the loss), sampling ``temperature``, fused AdamW
   (TRL's default) and ``gradient_checkpointing=False`` (TRL 1.16 turns it on by default; on
   a CPU with memory to spare it only recomputes forwards, so it is off to TRL's benefit).
 
@@ -127,7 +127,7 @@ def run_trl(cfg, task, model_dir: str, out_dir: str) -> dict:
         gradient_accumulation_steps=1, steps_per_generation=1, max_completion_length=cfg.max_new_tokens or task.max_new_tokens,
         learning_rate=cfg.learning_rate, beta=cfg.beta, loss_type=cfg.algo_kwargs.get("loss_type", "dapo"),
         scale_rewards=cfg.algo_kwargs.get("scale_rewards", "group"), mask_truncated_completions=cfg.mask_truncated_completions,
-        temperature=1.0, gradient_checkpointing=False,
+        temperature=cfg.temperature, gradient_checkpointing=False,
         max_steps=cfg.max_iterations, logging_strategy="no", report_to="none", save_strategy="no", seed=cfg.seed,
         disable_tqdm=True, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
     )

@@ -87,6 +87,19 @@ def test_train_task_runs_one_rollout_and_one_update_per_iteration():
     assert agent.num_timesteps <= 3 * agent.n_envs * agent.n_steps
 
 
+def test_task_config_temperature_samples_the_rollouts_and_not_the_evaluation():
+    # TaskTrainConfig.temperature is the env's sampling temperature (the distribution the
+    # policy's log-probs are computed in); the held-out evaluation still samples at 1
+    from rlhf_env.tasks.train import _accuracy, make_task_agent, quick_task_config
+
+    cfg = quick_task_config()
+    cfg.temperature, cfg.eval_limit = 0.7, 2
+    agent, task = make_task_agent(cfg)
+    assert agent.env.env.unwrapped.core.temperature == 0.7  # the env samples at 0.7
+    assert agent.policy.temperature == 0.7  # and the policy's log-probs are those of logits / 0.7
+    assert _accuracy(agent, task, cfg, progress=False)["sampled"]["temperature"] == 1.0
+
+
 def test_shipped_rloo_settings_for_tasks_match_the_demo():
     # `rlhf-env train --algo rloo --task ...` reads rloo.yml's ReasoningGym-v0 entry and the
     # task demo reads TaskTrainConfig: the same measured settings (8 rows x 4 completions)

@@ -52,6 +52,9 @@ class TaskTrainConfig:
         of the loss (TRL's option, DAPO's overlong filtering; see :class:`agents.GRPO`).
     :param train_layers: train only the last ``k`` transformer blocks (None: all weights).
     :param max_new_tokens: completion length (None: the task's).
+    :param temperature: sampling temperature of the training rollouts (the env's
+        ``temperature=``; the policy's log-probs are those of ``softmax(logits / temperature)``,
+        TRL's ``GRPOConfig.temperature``). Evaluation always samples at temperature 1.
     :param format_weight: weight of the format reward (0: correctness only).
     :param train_seconds: training stops at the first iteration past this much CPU time of
         this process (CPU seconds, so a shared machine does not shorten the training).
@@ -77,6 +80,7 @@ class TaskTrainConfig:
     mask_truncated_completions: bool = True
     train_layers: int | None = 4
     max_new_tokens: int | None = None
+    temperature: float = 1.0
     format_weight: float = 0.0
     train_seconds: float = 300.0
     max_iterations: int = 1000
@@ -107,7 +111,8 @@ def make_task_agent(cfg: TaskTrainConfig, task: Any = None, tensorboard_log: str
     task = task if task is not None else make_task(cfg.task, cfg.task_config, answer_format=cfg.answer_format,
                                                    format_weight=cfg.format_weight)
     env = gym.make_vec("ReasoningGym-v0", num_envs=cfg.group_size * cfg.prompts_per_step, task=task, model=cfg.model,
-                       max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, device=cfg.device)
+                       max_new_tokens=cfg.max_new_tokens or task.max_new_tokens, temperature=cfg.temperature,
+                       device=cfg.device)
     policy_kwargs = {} if cfg.train_layers is None else {"train_layers": cfg.train_layers}
     agent = ALGOS[cfg.algo]("LMPolicy", env, group_size=cfg.group_size, learning_rate=cfg.learning_rate, beta=cfg.beta,
                             mask_truncated_completions=cfg.mask_truncated_completions, seed=cfg.seed, device=cfg.device,
