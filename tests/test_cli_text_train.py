@@ -78,6 +78,28 @@ def test_train_with_task_trains_on_reasoning_gym_and_reports_held_out_accuracy(t
     assert "trained rloo on ReasoningGym-v0" in out and "(2 test rows of chain_sum)" in out
 
 
+def test_train_takes_env_kwargs_from_the_hyperparams_and_lets_the_command_line_win(tmp_path, monkeypatch):
+    # a YAML entry's env_kwargs (rl-zoo3's dict string) build the env; --env-kwargs overrides them
+    from rlhf_env.agents import ALGOS
+
+    built = []
+
+    class Recorded(ALGOS["rloo"]):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setitem(ALGOS, "rloo", Recorded)
+    hyperparams = tmp_path / "rloo.yml"
+    hyperparams.write_text('ReasoningGym-v0:\n  n_envs: 4\n  group_size: 4\n  env_kwargs: "dict(temperature=0.5, max_new_tokens=2)"\n')
+    argv = ["train", "--algo", "rloo", "--task", "chain_sum", "--env-kwargs", '{"model": "tiny", "max_new_tokens": 3}',
+            "--hyperparams", str(hyperparams), "--timesteps", "4", "--eval-episodes", "0", "--verbose", "0"]
+    assert main(argv) == 0
+    (agent,) = built
+    assert agent.policy.temperature == 0.5  # from the YAML
+    assert agent.env.env.unwrapped.max_new_tokens == 3  # --env-kwargs wins over the YAML's 2
+
+
 @pytest.mark.parametrize("n_envs", ["1", "2"])
 def test_resume_of_a_text_agent_keeps_env_kwargs_and_its_own_actor(tmp_path, n_envs):
     """--resume builds the env (with --env-kwargs, for any --n-envs) before loading, so the

@@ -2,7 +2,9 @@
 
 ``load_hyperparams("ppo", "CartPole-v1")`` returns the constructor keyword arguments plus
 ``n_envs``, ``n_timesteps`` and ``policy``; ``policy_kwargs`` strings such as
-``"dict(net_arch=[64, 64], activation_fn=nn.ReLU)"`` become dicts.
+``"dict(net_arch=[64, 64], activation_fn=nn.ReLU)"`` become dicts, and so do ``env_kwargs``
+strings (the env's constructor arguments, e.g. ``"dict(temperature=0.7)"``; a caller's own
+env arguments override them).
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ def shipped_file(algo: str) -> str:
     return os.path.join(HERE, f"{algo}.yml")
 
 
-def _eval_kwargs(text: str, where: str) -> dict[str, Any]:
+def _eval_kwargs(text: str, where: str, key: str = "policy_kwargs") -> dict[str, Any]:
     from torch import nn
 
     try:
         value = eval(text, {"__builtins__": {}}, {"dict": dict, "nn": nn, "list": list})  # noqa: S307 (rl-zoo3 format)
     except Exception as exc:
-        raise ValueError(f"{where}: cannot read policy_kwargs {text!r}: {exc}") from exc
+        raise ValueError(f"{where}: cannot read {key} {text!r}: {exc}") from exc
     if not isinstance(value, dict):
-        raise ValueError(f"{where}: policy_kwargs must be a dict, got {text!r}")
+        raise ValueError(f"{where}: {key} must be a dict, got {text!r}")
     return value
 
 
@@ -49,8 +51,9 @@ def load_hyperparams(algo: str, env_id: str, path: str | None = None) -> dict[st
     if env_id not in table:
         raise KeyError(f"{path} has no entry for {env_id!r}; it has {sorted(table)}")
     params = dict(table[env_id] or {})
-    if isinstance(params.get("policy_kwargs"), str):
-        params["policy_kwargs"] = _eval_kwargs(params["policy_kwargs"], f"{path} [{env_id}]")
+    for key in ("policy_kwargs", "env_kwargs"):
+        if isinstance(params.get(key), str):
+            params[key] = _eval_kwargs(params[key], f"{path} [{env_id}]", key)
     unsupported = {"normalize", "frame_stack", "env_wrapper", "use_sde", "sde_sample_freq"} & set(params)
     if unsupported:
         raise ValueError(f"{path} [{env_id}]: {sorted(unsupported)} are not supported by agents; remove them")

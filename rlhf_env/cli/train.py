@@ -156,6 +156,7 @@ def run(args) -> int:
         torch.set_num_threads(threads)
     algo_class = ALGOS[args.algo]
     params = resolve_hyperparams(args.algo, args.env, args.hyperparams)
+    env_kwargs = {**params.pop("env_kwargs", {}), **env_kwargs}  # the YAML's env arguments, --env-kwargs and --task win
     n_timesteps = int(params.pop("n_timesteps", 100_000))
     n_envs = int(params.pop("n_envs", 1))
     # a text env is trained with the language-model policy, never an MLP over token ids
