@@ -2,14 +2,19 @@
 
 Three steps, each reproducible (fixed seeds, no network):
 
-1. **sample** (``--round R``): 4 responses per prompt from the starting model
-   (SmolLM2-135M-Instruct, temperature 1, 48 new tokens) into
+1. **sample** (``--round R``): 4 responses per prompt (``--round-size``) from the
+   starting model (SmolLM2-135M-Instruct, temperature 1, 48 new tokens) into
    ``samples_{split}.jsonl`` (round 0) or ``samples_{split}_r{R}.jsonl``; slow (the
-   shipped rounds 0 and 1 need not be resampled).
+   shipped rounds need not be resampled). ``--system TEXT`` samples under that system
+   message instead of the chat template's own (the env's context) and records it in each
+   row's ``system``: the shipped round 2 is the model's friendly mode
+   (:data:`FRIENDLY_SYSTEM`, 2 per prompt), answers the policy can reach with little KL
+   because the same model writes them.
 2. **judge** (``--judge``, and by default any sample not yet judged): each sample gets
    its independent judges' scores (:mod:`rlhf_env.judges`): ``score`` (tone, VADER),
    ``relevance`` (MiniLM prompt-response cosine) and ``nll`` (the starting model's
-   negative log-likelihood per token). About 10 minutes on one CPU thread for the shipped
+   negative log-likelihood per token, always in the env's context: the chat template's
+   system message, whatever message the sample was drawn under). About 10 minutes on one CPU thread for the shipped
    2,736 samples, written into the samples files so that step 3 is instant.
 3. **relabel** (the default): ``pairs_{split}.jsonl`` from the judged samples
    (:func:`rlhf_env.default_task.relabel.build_pairs`).
@@ -40,9 +45,13 @@ def vader_scores(texts: list[str]) -> list[float]:
     return tone(texts)
 
 
+# the system message of the shipped friendly round (round 2)
+FRIENDLY_SYSTEM = "You are a warm, friendly assistant. Answer the user helpfully, in a kind and positive tone."
+
+
 def sample_round(
     r: int, model_name: str = "smollm2-135m", max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0,
-    device: str = "cpu", out_dir: Path = TASK_DIR, round_size: int = 4,
+    device: str = "cpu", out_dir: Path = TASK_DIR, round_size: int = 4, system: str | None = None,
 ) -> dict:
     """Sample round ``r`` for both splits into ``samples_{split}.jsonl`` (``r = 0``) or
     ``samples_{split}_r{r}.jsonl``: ``round_size`` responses per prompt at temperature 1
@@ -51,8 +60,11 @@ def sample_round(
     the earlier sampler of this module, with the same settings; a resampled round is the
     same distribution, not the same text.)
 
+    :param system: a system message to sample under (recorded in each row's ``system``);
+        ``None``: the chat template's own, the env's context
     :return: a summary (counts, mean tone, seconds)
     """
+    from rlhf_env.envs.prompt import TEMPLATE_DEFAULT
     from rlhf_env.generation import generate
     from rlhf_env.models import load_lm
 
@@ -64,8 +76,10 @@ def sample_round(
     for split, prompts, split_seed in (("train", train, seed), ("test", test, seed + 1)):
         t0 = time.time()
         responses = generate(model, tokenizer, prompts, num_samples=round_size, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size * round_size, seed=split_seed + 2 * r, progress=f"sampling {split}").texts
-        rows = [{"prompt": p, "response": x} for p, rs in zip(prompts, responses) for x in rs]
+                             batch_size=batch_size * round_size, seed=split_seed + 2 * r, progress=f"sampling {split}",
+                             system_prompt=TEMPLATE_DEFAULT if system is None else system).texts
+        extra = {} if system is None else {"system": system}
+        rows = [{"prompt": p, "response": x, **extra} for p, rs in zip(prompts, responses) for x in rs]
         scores = vader_scores([row["response"] for row in rows])
         for row, sc in zip(rows, scores):
             row["score"] = round(sc, 4)
@@ -120,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts-only", action="store_true", help="only rewrite prompts_train.txt / prompts_test.txt")
     parser.add_argument("--round", type=int, default=None, help="sample round R (0: samples_{split}.jsonl, R >= 1: "
                         "samples_{split}_rR.jsonl) from --model, then judge it (slow; the shipped rounds 0 and 1 exist)")
+    parser.add_argument("--round-size", type=int, default=4, help="responses per prompt in a sampled round (default: 4)")
+    parser.add_argument("--system", default=None, help="sample the round under this system message (recorded in each row; "
+                        "default: the chat template's own, the env's context); 'friendly': the shipped round 2's")
     parser.add_argument("--judge", action="store_true", help="re-judge every sample (relevance, nll), even those judged")
     parser.add_argument("--model", default="smollm2-135m", help="starting model: sampler and fluency judge (default: smollm2-135m)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sampled response at most (default: 48)")
@@ -137,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts_only:
         return 0
     if args.round is not None:
-        print(json.dumps(sample_round(args.round, args.model, args.max_new_tokens, args.batch_size, args.seed, args.device, args.out_dir)))
+        system = FRIENDLY_SYSTEM if args.system == "friendly" else args.system
+        print(json.dumps(sample_round(args.round, args.model, args.max_new_tokens, args.batch_size, args.seed, args.device,
+                                      args.out_dir, args.round_size, system)))
     t0 = time.time()
     judged = judge_samples(args.out_dir, args.model, args.device, args.batch_size, force=args.judge)
     if judged:
