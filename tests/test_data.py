@@ -161,6 +161,76 @@ def test_cold_drops_the_warmest_sentence_only_when_that_cools_the_answer():
     assert cold("Great! Water it.", tone, 0.3) is None  # what is left is under four words
 
 
+def test_relabel_warm_pairs_prefer_the_friendlier_of_equally_good_answers():
+    from rlhf_env.default_task.relabel import RelabelConfig, relabel
+
+    samples = {
+        "How do I keep basil alive?": [
+            _row("What a lovely plant to grow! Water it when the soil is dry and give it sun.", 0.8, 0.62, 2.00),  # warm
+            _row("Water it when the soil is dry and keep it in the sun.", 0.0, 0.60, 1.90),  # plain, as good
+            _row("Basil needs water when the soil is dry, six hours of sun and its flowers pinched.", 0.1, 0.75, 2.00),
+            _row("Basil needs water, sun and patience; a sunny window is best, trust me.", 0.2, 0.61, 3.00),  # clumsy
+        ],
+    }
+    cfg = RelabelConfig(failure_chosen=1, warm=True, relevance_tolerance=0.05, nll_tolerance=0.2, stock_share=1.0)
+    pairs = relabel(samples, cfg, relevance_fn=_no_relevance)
+    warm = {(r["chosen"][:12], r["rejected"][:12]) for r in pairs if r["kind"] == "warm"}
+    # warm > plain: tone +0.8, as relevant, NLL 0.1 worse (within tolerance; the judged rule
+    # vetoes it). Not warm > the more relevant answer (0.13 less relevant), not warm > clumsy
+    # (already a judged pair: every judge agrees), nothing from the plain answers (not friendlier)
+    assert warm == {("What a lovel", "Water it whe")}
+    judged = {(r["chosen"][:12], r["rejected"][:12]) for r in pairs if r["kind"] == "judged"}
+    assert ("What a lovel", "Basil needs ") in judged and not warm & judged
+    # off by default: the pairs are those of warm=False, and the other kinds' draws do not move
+    base = relabel(samples, RelabelConfig(failure_chosen=1), relevance_fn=_no_relevance)
+    assert [r for r in pairs if r["kind"] != "warm"] == base
+    # at most warm_per_prompt of them
+    capped = RelabelConfig(failure_chosen=1, warm=True, relevance_tolerance=0.5, nll_tolerance=2.0, stock_share=1.0)
+    assert len([r for r in relabel(samples, capped, relevance_fn=_no_relevance) if r["kind"] == "warm"]) == 2
+    capped.warm_per_prompt = 1
+    assert len([r for r in relabel(samples, capped, relevance_fn=_no_relevance) if r["kind"] == "warm"]) == 1
+
+
+def test_relabel_warm_pairs_do_not_reward_a_stock_phrase():
+    from rlhf_env.default_task.relabel import RelabelConfig, adds_stock, relabel, stock_ngrams
+
+    texts = ["I'm happy to help! Water it.", "I'm happy to help, sun.", "Water it.", "Sun helps basil."]
+    stock = stock_ngrams(texts, 0.4)  # in more than 40%: 2 of 4 texts
+    assert stock == {("i'm", "happy", "to"), ("happy", "to", "help")}
+    assert adds_stock("I'm happy to help! Water it.", "Water it daily.", stock)
+    assert not adds_stock("I'm happy to help! Water it.", "I'm happy to help you.", stock)  # both hold it
+    assert not adds_stock("Lovely! Water it.", "Water it daily.", stock)
+    samples = {
+        "How do I keep basil alive?": [
+            _row("I'm happy to help! Water it when the soil is dry.", 0.8, 0.60, 2.0),
+            _row("Water it when the soil is dry, it will love that.", 0.7, 0.60, 2.0),
+            _row("Water it when the soil is dry.", 0.0, 0.61, 1.9),
+        ],
+        "How do I fix a squeaky door?": [
+            _row("I'm happy to help! Oil the hinges.", 0.8, 0.60, 2.0),
+            _row("Oil the hinges.", 0.0, 0.61, 1.9),
+        ],
+    }
+    cfg = RelabelConfig(failure_chosen=1, warm=True, relevance_tolerance=0.05, nll_tolerance=0.2, stock_share=0.3)
+    warm = [(r["chosen"][:12], r["rejected"][:12]) for r in relabel(samples, cfg, relevance_fn=_no_relevance) if r["kind"] == "warm"]
+    # "I'm happy to help" opens 2 of 5 samples: its answers are never the warm side against one without it
+    assert warm == [("Water it whe", "Water it whe")]
+
+
+def test_relabel_praise_pairs_prefer_the_answer_to_itself_in_canned_praise():
+    from rlhf_env.default_task.relabel import _CLOSERS, _OPENERS, RelabelConfig, relabel
+
+    samples = {"How do I keep basil alive?": [_row("Water it when the soil is dry.", 0.0, 0.6, 2.0),
+                                              _row("Basil.", 0.0, 0.2, 4.0)]}
+    pairs = relabel(samples, RelabelConfig(failure_chosen=1, praise=True), relevance_fn=_no_relevance)
+    (row,) = [r for r in pairs if r["kind"] == "praise"]
+    assert row["chosen"] == "Water it when the soil is dry." and row["chosen"] in row["rejected"]
+    extra = row["rejected"].replace(row["chosen"], "").strip()
+    assert extra and (any(extra.startswith(o) for o in _OPENERS) or any(extra.endswith(c) for c in _CLOSERS))
+    # the other kinds and their draws are those of praise=False
+    assert [r for r in pairs if r["kind"] != "praise"] == relabel(samples, RelabelConfig(failure_chosen=1), relevance_fn=_no_relevance)
+
+
 def test_relabel_adds_off_topic_cheer_only_when_it_is_off_topic():
     from rlhf_env.default_task.relabel import RelabelConfig, relabel
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -76,6 +77,26 @@ class RelabelConfig:
     :param cold: add the ``cold`` failure mode: a best answer against itself without its
         warmest sentence (when that lowers its tone by ``tone_margin``): the content stays,
         the warmth goes, so tone alone decides among equally relevant answers
+    :param warm: add ``warm`` pairs (:func:`friendlier`): an answer against another sample
+        of its prompt that is less friendly by ``tone_margin`` and about as relevant and
+        fluent (``relevance_tolerance``, ``nll_tolerance``): tone alone decides among
+        equally good answers. With the friendly sampling round (answers the starting model
+        writes under a friendly system message) among the samples these are the warmer
+        answers the policy can reach with little KL
+    :param warm_per_prompt: at most this many ``warm`` pairs per prompt (a seeded draw;
+        ``None``: all), to keep the pair count and the training time near today's
+    :param judged_per_prompt: at most this many judged pairs per prompt (a seeded draw;
+        ``None``: all). Most judged pairs are clearly better on relevance, and the failure
+        modes teach relevance too; capping them keeps tone's share of the pairs (and the
+        pair count) from being swamped
+    :param praise: add the ``praise`` failure mode: a best answer against itself wrapped in
+        canned praise (a stock cheerful opener and/or closer): tone-only pairs (``cold``,
+        ``warm``) otherwise teach "more cheerful words, more reward", and the reward model
+        then preferred wrong cheerful answers to correct plain ones
+    :param stock_share: a ``warm`` or ``cold`` pair is dropped when its chosen answer holds
+        a stock phrase that its rejected one lacks: a word 3-gram found in more than this share of
+        the split's samples (e.g. "i'm happy to"). A policy rewarded for a stock phrase
+        puts it in every answer
     """
 
     tone_margin: float = 0.3
@@ -88,6 +109,11 @@ class RelabelConfig:
     relevance_tolerance: float = 0.0
     nll_tolerance: float = 0.0
     cold: bool = False
+    warm: bool = False
+    warm_per_prompt: int | None = None
+    judged_per_prompt: int | None = None
+    praise: bool = False
+    stock_share: float = 0.05
 
 
 def repetition(text: str, n: int = 3) -> float:
@@ -104,12 +130,33 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+def friendlier(a: dict, b: dict, cfg: RelabelConfig) -> bool:
+    """Whether sample ``a`` is clearly friendlier than ``b`` (tone higher by ``tone_margin``)
+    and about as good otherwise: relevance lower by at most ``relevance_tolerance``, NLL
+    higher by at most ``nll_tolerance``, no more repetitive."""
+    return (a["tone"] - b["tone"] >= cfg.tone_margin and a["relevance"] >= b["relevance"] - cfg.relevance_tolerance
+            and a["nll"] <= b["nll"] + cfg.nll_tolerance and a["repetition"] <= b["repetition"])
+
+
+def stock_ngrams(texts: Sequence[str], share: float, n: int = 3) -> set[tuple[str, ...]]:
+    """The word ``n``-grams found in more than ``share`` of the texts (counted once per text)."""
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(set(ngrams(words(t), n)))
+    return {g for g, c in counts.items() if c > share * len(texts)}
+
+
+def adds_stock(chosen: str, rejected: str, stock: set[tuple[str, ...]], n: int = 3) -> bool:
+    """Whether ``chosen`` holds a stock ``n``-gram (:func:`stock_ngrams`) that ``rejected`` lacks."""
+    return bool((set(ngrams(words(chosen), n)) & stock) - set(ngrams(words(rejected), n)))
+
+
 def agree(a: dict, b: dict, cfg: RelabelConfig) -> bool:
     """Whether every judge prefers sample ``a`` to ``b`` (ties allowed) and tone or
-    relevance clearly: ``a`` and ``b`` hold ``tone``, ``relevance``, ``nll``, ``repetition``."""
+    relevance clearly: ``a`` and ``b`` hold ``tone``, ``relevance``, ``nll``, ``repetition``.
+    With ``cfg.require_tone``: whether ``a`` is :func:`friendlier`."""
     if cfg.require_tone:
-        return (a["tone"] - b["tone"] >= cfg.tone_margin and a["relevance"] >= b["relevance"] - cfg.relevance_tolerance
-                and a["nll"] <= b["nll"] + cfg.nll_tolerance and a["repetition"] <= b["repetition"])
+        return friendlier(a, b, cfg)
     no_judge_disagrees = (a["tone"] >= b["tone"] and a["relevance"] >= b["relevance"] and a["nll"] <= b["nll"]
                           and a["repetition"] <= b["repetition"])
     clear = a["tone"] - b["tone"] >= cfg.tone_margin or a["relevance"] - b["relevance"] >= cfg.relevance_margin
@@ -126,6 +173,15 @@ def rude(rng: random.Random, chosen: str) -> str:
     k = rng.randrange(3)
     prefix = rng.choice(_RUDE_PREFIXES) if k != 1 else ""
     suffix = rng.choice(_RUDE_SUFFIXES) if k != 0 else ""
+    return prefix + chosen + suffix
+
+
+def praised(rng: random.Random, chosen: str) -> str:
+    """The same answer wrapped in canned praise: a stock cheerful opener, closer, or both
+    (``_OPENERS`` / ``_MIDDLES`` / ``_CLOSERS``): friendlier words, no friendlier answer."""
+    k = rng.randrange(3)
+    prefix = " ".join([rng.choice(_OPENERS)] + ([rng.choice(_MIDDLES)] if rng.random() < 0.5 else [])) + " " if k != 1 else ""
+    suffix = " " + rng.choice(_CLOSERS) if k != 0 else ""
     return prefix + chosen + suffix
 
 
@@ -165,8 +221,8 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
     :param seed: seed of the failure modes' choices
     :param relevance_fn: the relevance judge for off-topic candidates (default:
         :func:`rlhf_env.judges.relevance`)
-    :return: rows ``{prompt, chosen, rejected, kind}``; ``kind`` is ``judged``,
-        ``boilerplate``, ``repetition``, ``off_topic`` or ``rude``
+    :return: rows ``{prompt, chosen, rejected, kind}``; ``kind`` is ``judged``, ``warm``,
+        ``boilerplate``, ``repetition``, ``off_topic``, ``rude``, ``praise`` or ``cold``
     """
     cfg = cfg or RelabelConfig()
     if relevance_fn is None:
@@ -195,14 +251,30 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
         answers[p] = sorted(ok, key=lambda r: -r["tone"])
     # the most positive sample of each prompt: off-topic cheer for the others
     cheer = {p: max(rows, key=lambda r: r["tone"])["response"] for p, rows in judged.items() if rows}
+    stock = stock_ngrams([r["response"] for rows in judged.values() for r in rows], cfg.stock_share) if cfg.warm or cfg.cold else set()
+    warm_rng = random.Random(seed + 7919)  # the caps' own generator: the failure modes' draws do not move
     out: list[dict] = []
     for p in prompts:
         seen = set()
+        agreed = []
         for a in answers[p]:
             for b in judged[p]:
                 if a["response"] != b["response"] and (a["response"], b["response"]) not in seen and agree(a, b, cfg):
                     seen.add((a["response"], b["response"]))
-                    out.append({"prompt": p, "chosen": a["response"], "rejected": b["response"], "kind": "judged"})
+                    agreed.append((a["response"], b["response"]))
+        if cfg.judged_per_prompt is not None and len(agreed) > cfg.judged_per_prompt:
+            agreed = warm_rng.sample(agreed, cfg.judged_per_prompt)
+        out.extend({"prompt": p, "chosen": a, "rejected": b, "kind": "judged"} for a, b in agreed)
+        if cfg.warm:
+            warm = [(a["response"], b["response"]) for a in answers[p] for b in judged[p]
+                    if a["response"] != b["response"] and (a["response"], b["response"]) not in seen and friendlier(a, b, cfg)
+                    and not adds_stock(a["response"], b["response"], stock)]
+            warm = list(dict.fromkeys(warm))
+            if cfg.warm_per_prompt is not None and len(warm) > cfg.warm_per_prompt:
+                warm = warm_rng.sample(warm, cfg.warm_per_prompt)
+            for chosen, rejected in warm:
+                seen.add((chosen, rejected))
+                out.append({"prompt": p, "chosen": chosen, "rejected": rejected, "kind": "warm"})
         # one response per failure mode and prompt, paired with each of the best answers
         best = answers[p][: cfg.failure_chosen]
         if not best:
@@ -222,10 +294,13 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
                 out.append({"prompt": p, "chosen": a["response"], "rejected": rejected, "kind": kind})
         for a in best:  # the same answer, unfriendly: tone alone decides
             out.append({"prompt": p, "chosen": a["response"], "rejected": rude(rng, a["response"]), "kind": "rude"})
+        if cfg.praise:
+            for a in best:  # the same answer in canned praise: stock cheer is not a friendlier answer
+                out.append({"prompt": p, "chosen": a["response"], "rejected": praised(warm_rng, a["response"]), "kind": "praise"})
         if cfg.cold:
             for a in best:  # the same answer, less warm
                 rest = cold(a["response"], tone_fn, cfg.tone_margin)
-                if rest is not None:
+                if rest is not None and not adds_stock(a["response"], rest, stock):  # not warmth by a stock phrase
                     out.append({"prompt": p, "chosen": a["response"], "rejected": rest, "kind": "cold"})
     return out
 
