@@ -8,13 +8,16 @@ from pathlib import Path
 
 from rlhf_env.data import PreferencePair
 
-DEFAULT_CACHE_NAME = "default-v5"  # v5: v4's pairs (judges agree, plus the failure modes), trained under bf16 autocast where native
+# v6: v5's settings on pairs that also value tone among equally good answers (a friendly sampling
+# round; warm / cold / praise pairs; judged pairs capped per prompt). v5: v4's pairs under bf16 autocast
+DEFAULT_CACHE_NAME = "default-v6"
 
 
 def default_training_pairs() -> list[PreferencePair]:
     """The default reward model's training pairs: the default task's ``pairs_train.jsonl``
-    (pairs of the starting model's samples that tone, relevance and fluency agree on, plus
-    boilerplate, repetition and off-topic cheer as rejected responses:
+    (pairs of the starting model's samples that tone, relevance and fluency agree on; pairs
+    that tone alone decides among equally good answers; boilerplate, repetition, off-topic
+    cheer, rudeness and canned praise as rejected responses:
     :mod:`rlhf_env.default_task.relabel`)."""
     return default_pairs()[0]
 
@@ -41,7 +44,7 @@ def default_reward_model_dir(device="cpu", progress: bool = True) -> Path:
 
     Trained on :func:`default_training_pairs` with :func:`default_config`, evaluated on
     ``pairs_test.jsonl``, with a progress bar and a fixed seed, then saved under
-    ``cache_dir()/reward_models/default-v5``. What it measures and how well:
+    ``cache_dir()/reward_models/default-v6``. What it measures and how well:
     docs/alignment.md.
     """
     from rlhf_env.models import cache_dir

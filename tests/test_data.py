@@ -82,6 +82,10 @@ def _row(response, tone, relevance, nll):
     return {"response": response, "score": tone, "relevance": relevance, "nll": nll}
 
 
+# the kinds added for default-v6 off, and no cap on judged pairs
+_JUDGED_ONLY = {"warm": False, "cold": False, "praise": False, "judged_per_prompt": None}
+
+
 def _no_relevance(prompts, responses):
     return [0.0] * len(responses)
 
@@ -98,7 +102,8 @@ def test_relabel_keeps_the_pairs_the_judges_agree_on():
             _row("", 0.0, 0.0, 0.0),  # empty: never used
         ],
     }
-    cfg = RelabelConfig(relevance_quantile=0.5, nll_quantile=0.5, failure_chosen=1)
+    # the rule of default-v4/v5: judged pairs and the failure modes, none of the tone-only kinds
+    cfg = RelabelConfig(relevance_quantile=0.5, nll_quantile=0.5, failure_chosen=1, **_JUDGED_ONLY)
     pairs = relabel(samples, cfg, relevance_fn=_no_relevance)
     judged = {(r["chosen"][:12], r["rejected"][:12]) for r in pairs if r["kind"] == "judged"}
     # good > plain (tone +0.8, relevance tie, more fluent) and good > garbled (all judges agree);
@@ -108,8 +113,8 @@ def test_relabel_keeps_the_pairs_the_judges_agree_on():
     kinds = [r["kind"] for r in pairs if r["kind"] != "judged"]
     assert kinds == ["boilerplate", "repetition", "rude"]  # one prompt: no other prompt to take off-topic cheer from
     # with cold=True the best answer (one sentence here) has no warmest sentence to drop: no cold pair
-    assert [r["kind"] for r in relabel(samples, RelabelConfig(failure_chosen=1, cold=True), relevance_fn=_no_relevance)
-            if r["kind"] != "judged"] == kinds
+    assert [r["kind"] for r in relabel(samples, RelabelConfig(failure_chosen=1, **{**_JUDGED_ONLY, "cold": True}),
+                                       relevance_fn=_no_relevance) if r["kind"] != "judged"] == kinds
     failure = [r for r in pairs if r["kind"] != "judged"]
     assert all(r["chosen"].startswith("Water it") for r in failure)
     boiler, repeated, unfriendly = (r["rejected"] for r in failure)
@@ -140,7 +145,7 @@ def test_relabel_require_tone_keeps_friendlier_answers_that_are_as_relevant():
     # (relevance better by 0.4 but tone only +0.1: the relevance-only pair is dropped), not good >
     # "Plants" (tone tie), not good > clumsy (tone +0.6 but NLL 1.0 worse: beyond tolerance)
     assert judged == {("Water it whe", "Basil needs ")}
-    strict = RelabelConfig(failure_chosen=1, require_tone=True)
+    strict = RelabelConfig(failure_chosen=1, require_tone=True, relevance_tolerance=0.0, nll_tolerance=0.0)
     # without tolerance the plainer answer's slightly higher relevance vetoes the pair
     assert not [r for r in relabel(samples, strict, relevance_fn=_no_relevance) if r["kind"] == "judged"]
     # the default rule keeps the relevance-only pairs ("Basil dies", "Plants") instead
@@ -182,7 +187,8 @@ def test_relabel_warm_pairs_prefer_the_friendlier_of_equally_good_answers():
     judged = {(r["chosen"][:12], r["rejected"][:12]) for r in pairs if r["kind"] == "judged"}
     assert ("What a lovel", "Basil needs ") in judged and not warm & judged
     # off by default: the pairs are those of warm=False, and the other kinds' draws do not move
-    base = relabel(samples, RelabelConfig(failure_chosen=1), relevance_fn=_no_relevance)
+    base = relabel(samples, RelabelConfig(failure_chosen=1, warm=False, relevance_tolerance=0.05, nll_tolerance=0.2,
+                                          stock_share=1.0), relevance_fn=_no_relevance)
     assert [r for r in pairs if r["kind"] != "warm"] == base
     # at most warm_per_prompt of them
     capped = RelabelConfig(failure_chosen=1, warm=True, relevance_tolerance=0.5, nll_tolerance=2.0, stock_share=1.0)
@@ -228,7 +234,8 @@ def test_relabel_praise_pairs_prefer_the_answer_to_itself_in_canned_praise():
     extra = row["rejected"].replace(row["chosen"], "").strip()
     assert extra and (any(extra.startswith(o) for o in _OPENERS) or any(extra.endswith(c) for c in _CLOSERS))
     # the other kinds and their draws are those of praise=False
-    assert [r for r in pairs if r["kind"] != "praise"] == relabel(samples, RelabelConfig(failure_chosen=1), relevance_fn=_no_relevance)
+    no_praise = RelabelConfig(failure_chosen=1, praise=False)
+    assert [r for r in pairs if r["kind"] != "praise"] == relabel(samples, no_praise, relevance_fn=_no_relevance)
 
 
 def test_relabel_adds_off_topic_cheer_only_when_it_is_off_topic():
@@ -257,21 +264,33 @@ def test_repetition_by_hand():
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_shipped_pairs_follow_the_judges(split):
-    from rlhf_env.default_task.relabel import RelabelConfig, agree, repetition
+    from rlhf_env.default_task.relabel import RelabelConfig, adds_stock, agree, friendlier, repetition, stock_ngrams
 
     rows = [json.loads(line) for line in (TASK_DIR / f"pairs_{split}.jsonl").read_text(encoding="utf-8").split("\n") if line]
     prompts = set((ASSETS / f"prompts_{split}.txt").read_text(encoding="utf-8").splitlines())
     samples = shipped_samples(split)
-    assert all(len(v) == 8 for v in samples.values()) and set(samples) == prompts
+    # 8 samples per prompt in the env's context, 2 in the friendly round (its system message recorded)
+    assert all(len(v) == 10 and sum(bool(r.get("system")) for r in v) == 2 for v in samples.values()) and set(samples) == prompts
     judged = {(p, r["response"]): {"tone": r["score"], "relevance": r["relevance"], "nll": r["nll"],
                                    "repetition": repetition(r["response"])} for p, rs in samples.items() for r in rs}
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"judged", "boilerplate", "repetition", "off_topic", "rude"}
+    assert kinds == {"judged", "warm", "boilerplate", "repetition", "off_topic", "rude", "praise", "cold"}
     assert len(rows) >= (1000 if split == "train" else 200) and all(r["prompt"] in prompts for r in rows)
+    cfg = RelabelConfig()
+    stock = stock_ngrams([r["response"] for rs in samples.values() for r in rs], cfg.stock_share)
+    per_prompt = {}
     for r in rows:
         assert (r["prompt"], r["chosen"]) in judged  # the chosen side is always a real answer
         if r["kind"] == "judged":
-            assert agree(judged[(r["prompt"], r["chosen"])], judged[(r["prompt"], r["rejected"])], RelabelConfig())
+            assert agree(judged[(r["prompt"], r["chosen"])], judged[(r["prompt"], r["rejected"])], cfg)
+            per_prompt[r["prompt"]] = per_prompt.get(r["prompt"], 0) + 1
+        elif r["kind"] == "warm":
+            assert friendlier(judged[(r["prompt"], r["chosen"])], judged[(r["prompt"], r["rejected"])], cfg)
+        if r["kind"] in ("warm", "cold"):
+            assert not adds_stock(r["chosen"], r["rejected"], stock)
+        if r["kind"] in ("rude", "praise"):
+            assert r["chosen"] in r["rejected"]  # the same answer, only its wrapping differs
+    assert max(per_prompt.values()) <= cfg.judged_per_prompt
 
 
 def test_shipped_pairs_are_rebuilt_from_shipped_samples():

@@ -294,7 +294,7 @@ def test_train_layers_needs_an_encoder(tmp_path):
         train_reward_model(TINY_PAIRS, backbone=rm, config=RewardModelConfig(train_layers=1), progress=False)
 
 
-def test_default_training_pairs_are_the_judged_pairs_of_both_sampling_rounds():
+def test_default_training_pairs_are_the_judged_pairs_of_all_sampling_rounds():
     from rlhf_env.default_task import shipped_samples
     from rlhf_env.default_reward_model import default_pairs, default_training_pairs
 
@@ -302,7 +302,7 @@ def test_default_training_pairs_are_the_judged_pairs_of_both_sampling_rounds():
     train, test = default_pairs()
     assert pairs == train and len(pairs) >= 1000
     samples = shipped_samples("train")
-    assert len(samples) == 282 and all(len(v) == 8 for v in samples.values())
+    assert len(samples) == 282 and all(len(v) == 10 for v in samples.values())
     assert {p.prompt for p in pairs} <= set(samples) and not {p.prompt for p in pairs} & {p.prompt for p in test}
     # every sample carries its judges' scores
     assert all({"score", "relevance", "nll"} <= set(r) for rs in samples.values() for r in rs)

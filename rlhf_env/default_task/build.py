@@ -14,8 +14,8 @@ Three steps, each reproducible (fixed seeds, no network):
    its independent judges' scores (:mod:`rlhf_env.judges`): ``score`` (tone, VADER),
    ``relevance`` (MiniLM prompt-response cosine) and ``nll`` (the starting model's
    negative log-likelihood per token, always in the env's context: the chat template's
-   system message, whatever message the sample was drawn under). About 10 minutes on one CPU thread for the shipped
-   2,736 samples, written into the samples files so that step 3 is instant.
+   system message, whatever message the sample was drawn under). About 13 minutes on one
+   CPU thread for the shipped 3,420 samples, written into the samples files so that step 3 is instant.
 3. **relabel** (the default): ``pairs_{split}.jsonl`` from the judged samples
    (:func:`rlhf_env.default_task.relabel.build_pairs`).
 

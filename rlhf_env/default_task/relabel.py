@@ -17,6 +17,18 @@ three independent judges (:mod:`rlhf_env.judges`) must agree:
   chosen answer itself made rude (a dismissive opener or closer: only the tone differs).
   Without the last kind the reward model learned "cheerful words are boilerplate" and
   preferred curt, rude answers to friendly ones on hand-written pairs.
+* **tone among equally good answers** (``default-v6``): the judged pairs above are nearly
+  all explained by relevance (tone and relevance go together in them, and the failure
+  modes teach relevance again), so a reward model trained on them alone ranked answers to
+  a prompt by relevance and fluency and hardly by tone (within-prompt correlation 0.78 and
+  0.13), and RL spent its KL on relevance. Three kinds add pairs that tone alone decides:
+  ``warm`` (a clearly friendlier answer against one about as relevant and fluent, from
+  all sampling rounds, one of them the starting model's friendly mode), ``cold`` (a best
+  answer against itself without its warmest sentence) and, so that "more cheerful words"
+  is not what they teach, ``praise`` (a best answer against itself in canned praise,
+  rejected). Judged pairs are capped per prompt, and a phrase found in many samples
+  (``stock_share``) is never what makes the warm side of a pair warm: a policy rewarded
+  for a stock phrase writes it everywhere.
 
 :func:`relabel` is the rule on samples in memory; :func:`build_pairs` applies it to a
 split's shipped samples.
@@ -106,14 +118,14 @@ class RelabelConfig:
     max_repetition: float = 0.1
     failure_chosen: int = 2
     require_tone: bool = False
-    relevance_tolerance: float = 0.0
-    nll_tolerance: float = 0.0
-    cold: bool = False
-    warm: bool = False
+    relevance_tolerance: float = 0.1
+    nll_tolerance: float = 0.3
+    cold: bool = True
+    warm: bool = True
     warm_per_prompt: int | None = None
-    judged_per_prompt: int | None = None
-    praise: bool = False
-    stock_share: float = 0.05
+    judged_per_prompt: int | None = 4
+    praise: bool = True
+    stock_share: float = 0.02
 
 
 def repetition(text: str, n: int = 3) -> float:
