@@ -63,7 +63,8 @@ class DPOConfig:
     not by implicit-reward accuracy, which rewards separating the pairs and does not see the
     policy drift: at 1e-4 the policy reached a KL of 4.8-8.3 nats per response within 100
     updates and lost relevance and tone; at 5e-5 a full run (2 epochs, 564 updates) ends at
-    6.8 nats with relevance up and distinct-2 down 0.04 (0.01 after the first epoch).
+    6.8 nats with relevance up and distinct-2 down 0.04 (0.01 after the first epoch), on the
+    ``default-v5`` pairs.
     docs/benchmarks.md ("DPO on the default task", "DPO's default learning rate") has the
     settings tried.
 
