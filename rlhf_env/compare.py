@@ -72,7 +72,8 @@ class CompareConfig:
         the tiny reward for the tiny model)
     :param seed: seed of every method (and, plus 12345, of the evaluation's sampling)
     :param eval_prompts: held-out prompts judged (the first N of the default task's test
-        prompts; None: all 60; the demo's)
+        prompts; None: all 60). 32, not the demo's 60: the comparison judges every method at
+        every checkpoint, and its published table was measured on 32
     :param eval_samples: responses per held-out prompt (the demo's)
     :param max_new_tokens: response length, in training and evaluation (the demo's)
     :param checkpoints: evaluations per method, evenly spaced over the budget (the last at its end)
@@ -90,7 +91,7 @@ class CompareConfig:
     model: str = "smollm2-135m"
     reward: Any = None
     seed: int = 0
-    eval_prompts: int | None = DemoConfig.eval_prompts
+    eval_prompts: int | None = 32
     eval_samples: int = DemoConfig.eval_samples
     max_new_tokens: int = DemoConfig.max_new_tokens
     checkpoints: int = 3

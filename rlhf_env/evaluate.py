@@ -63,12 +63,14 @@ def _score(reward: Callable, prompts: list[str], texts: list[str]) -> np.ndarray
 
 
 def _side(prompts: list[str], texts: list[str], scores: np.ndarray, reference: Any, ids: list | None, encoder,
-          nll: list[float] | None = None) -> dict[str, Any]:
-    """One column of the table: reward and judges of one set of responses."""
+          nll: list[float] | None = None) -> tuple[dict[str, Any], list[float]]:
+    """One column of the table (reward and judges of one set of responses) and the reference's
+    NLL per token of each response (empty without a reference)."""
     share, gram = judges.top_ngram_share(texts, 3)
     tones = judges.tone(texts)
     if nll is None:
         nll = judges.fluency(reference[0], reference[1], prompts, ids if ids is not None else texts) if reference is not None else []
+    per_response = [float(x) for x in nll]
     nll = [x for x in nll if x == x]
     return {
         "reward": float(scores.mean()),
@@ -82,7 +84,7 @@ def _side(prompts: list[str], texts: list[str], scores: np.ndarray, reference: A
         "top_3gram_share": share,
         "top_3gram": gram,
         "length": float(np.mean([len(x) for x in ids])) if ids else float("nan"),
-    }
+    }, per_response
 
 
 def _side_by_side(prompts, ref_texts, texts, ref_scores, scores, n_show: int) -> list[dict]:
@@ -134,15 +136,16 @@ def compare(
             raise ValueError(f"baseline= was made with {baseline.get('settings')}, not {settings}: evaluate both the same way")
         ref_col, ref_texts = baseline["reference"], baseline["responses"]["reference"]
         ref_scores = np.asarray(baseline["reference_scores"], dtype=np.float64)
+        ref_nll = baseline.get("reference_nll")
     else:
         ref_texts = list(reference_responses)
         if len(ref_texts) != len(texts):
             raise ValueError(f"got {len(texts)} responses but {len(ref_texts)} reference responses")
         ref_scores = _score(reward_fn, prompts, ref_texts)
-        ref_col = _side(prompts, ref_texts, ref_scores, reference, reference_ids, encoder)
+        ref_col, ref_nll = _side(prompts, ref_texts, ref_scores, reference, reference_ids, encoder)
         ref_col["kl"] = 0.0
     scores = _score(reward_fn, prompts, texts)
-    col = _side(prompts, texts, scores, reference, response_ids, encoder, None if response_nll is None else list(response_nll))
+    col, nll = _side(prompts, texts, scores, reference, response_ids, encoder, None if response_nll is None else list(response_nll))
     col["kl"] = float(np.mean(kls)) if kls is not None and len(kls) else float("nan")
     win = float(np.mean((scores > ref_scores) + 0.5 * (scores == ref_scores)))
     return {
@@ -154,6 +157,8 @@ def compare(
         "responses": {"policy": texts, "reference": ref_texts},
         "policy_scores": scores.tolist(),
         "reference_scores": ref_scores.tolist(),
+        "policy_nll": nll,
+        "reference_nll": ref_nll,
         "kls": [float(k) for k in kls] if kls is not None else None,
     }
 
@@ -203,7 +208,8 @@ def evaluate(
     :param out: write the report there as JSON too
     :return: the report (:func:`compare`): ``policy`` and ``reference`` columns
         (:data:`JUDGE_KEYS`, plus ``reward_std``, ``top_3gram``, ``length`` in tokens),
-        ``win_rate``, ``samples``, ``responses``, ``kls`` and ``settings``
+        ``win_rate``, ``samples``, ``responses``, ``kls``, the reference's NLL per token of
+        each response (``policy_nll``, ``reference_nll``) and ``settings``
     """
     if task is not None:
         from rlhf_env.tasks import evaluate_task
