@@ -54,10 +54,14 @@ def test_kl_is_the_summed_log_ratio_of_the_sampled_tokens():
     assert report["policy"]["kl"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
     nll = judges.fluency(ref, tok, PROMPTS, ids)  # fluency reuses the KL's reference pass: the same numbers
     assert report["policy"]["fluency_nll"] == pytest.approx(sum(nll) / len(nll), abs=1e-5)
+    assert report["policy_nll"] == pytest.approx(nll, abs=1e-5)  # each response's, kept in the report
+    ref_ids = [x for g in generate(ref, tok, PROMPTS, max_new_tokens=8, seed=3, progress=False).token_ids for x in g]
+    assert report["reference_nll"] == pytest.approx(judges.fluency(ref, tok, PROMPTS, ref_ids), abs=1e-5)
     # the reference column can be reused
     again = evaluate((policy, tok), PROMPTS, reference=(ref, tok), reward="tiny", max_new_tokens=8, seed=3, progress=False,
                      baseline=report)
     assert again["reference"] == report["reference"] and again["kls"] == pytest.approx(report["kls"])
+    assert again["reference_nll"] == report["reference_nll"]
     with pytest.raises(ValueError, match="evaluate both the same way"):
         evaluate((policy, tok), PROMPTS, reference=(ref, tok), reward="tiny", max_new_tokens=9, seed=3, progress=False,
                  baseline=report)
