@@ -31,7 +31,8 @@ import torch
 from rlhf_env import judges
 from rlhf_env.agents.atomic import write_text
 
-JUDGE_KEYS = ("reward", "tone", "negative_share", "relevance", "fluency_nll", "distinct_1", "distinct_2", "top_3gram_share", "kl")
+JUDGE_KEYS = ("reward", "tone", "negative_share", "relevance", "fluency_nll", "distinct_1", "distinct_2", "distinct_2_fluent",
+              "top_3gram_share", "kl")
 
 
 def _reference_of(policy: Any, reference: Any, device: Any) -> tuple[Any, Any]:
@@ -87,6 +88,21 @@ def _side(prompts: list[str], texts: list[str], scores: np.ndarray, reference: A
     }, per_response
 
 
+def _fluent_diversity(ref_col: dict, col: dict, ref_texts: list[str], texts: list[str], ref_nll: list | None,
+                      nll: list | None) -> None:
+    """Both columns' distinct-2 over the responses the reference reads as fluent, at the
+    smaller side's count of them (:func:`rlhf_env.judges.fluent_distinct_n`); ``nan`` without
+    each response's NLL (e.g. no reference, or a baseline written before reports kept it)."""
+    if not ref_nll or not nll or len(ref_nll) != len(ref_texts) or len(nll) != len(texts):
+        ref_col["distinct_2_fluent"] = col["distinct_2_fluent"] = float("nan")
+        return
+    k = min(sum(x <= judges.FLUENT_NLL for x in ref_nll), sum(x <= judges.FLUENT_NLL for x in nll))
+    ref_col["distinct_2_fluent"] = judges.fluent_distinct_n(ref_texts, ref_nll, 2, k) if k >= 2 else float("nan")
+    col["distinct_2_fluent"] = judges.fluent_distinct_n(texts, nll, 2, k) if k >= 2 else float("nan")
+    ref_col["fluent_share"] = float(np.mean([x <= judges.FLUENT_NLL for x in ref_nll]))
+    col["fluent_share"] = float(np.mean([x <= judges.FLUENT_NLL for x in nll]))
+
+
 def _side_by_side(prompts, ref_texts, texts, ref_scores, scores, n_show: int) -> list[dict]:
     """The first response of each of the first ``n_show`` distinct prompts, both sides."""
     rows, seen = [], set()
@@ -108,6 +124,7 @@ def compare(
     reference_ids: Sequence[Sequence[int]] | None = None,
     kls: Sequence[float] | None = None,
     response_nll: Sequence[float] | None = None,
+    reference_nll: Sequence[float] | None = None,
     n_show: int = 3,
     baseline: dict | None = None,
     settings: dict | None = None,
@@ -121,6 +138,7 @@ def compare(
     :param reference_ids: the same for the reference's responses
     :param kls: KL of each response to the reference (None: unknown, ``nan``)
     :param response_nll: the reference's NLL per token of each response, if already known
+    :param reference_nll: the same for the reference's responses
     :param baseline: a report whose reference column and scores are reused
     :param settings: stored in the report (and compared with the baseline's)
     """
@@ -142,11 +160,14 @@ def compare(
         if len(ref_texts) != len(texts):
             raise ValueError(f"got {len(texts)} responses but {len(ref_texts)} reference responses")
         ref_scores = _score(reward_fn, prompts, ref_texts)
-        ref_col, ref_nll = _side(prompts, ref_texts, ref_scores, reference, reference_ids, encoder)
+        ref_col, ref_nll = _side(prompts, ref_texts, ref_scores, reference, reference_ids, encoder,
+                                 None if reference_nll is None else list(reference_nll))
         ref_col["kl"] = 0.0
     scores = _score(reward_fn, prompts, texts)
     col, nll = _side(prompts, texts, scores, reference, response_ids, encoder, None if response_nll is None else list(response_nll))
     col["kl"] = float(np.mean(kls)) if kls is not None and len(kls) else float("nan")
+    ref_col = dict(ref_col)  # (a baseline's column is not changed)
+    _fluent_diversity(ref_col, col, ref_texts, texts, ref_nll, nll)
     win = float(np.mean((scores > ref_scores) + 0.5 * (scores == ref_scores)))
     return {
         "settings": settings or {},
@@ -294,6 +315,11 @@ class Targets:
         ``Targets(min_tone_gain=-0.02, max_negative_share_rise=0.0)`` is the rule "no less
         friendly than the reference": see docs/alignment.md for why the mean VADER gain alone
         is a noisy target on 64 responses
+    :param max_fluent_distinct_2_change: if set, distinct-2 of the fluent responses (the
+        ``distinct_2_fluent`` column: :func:`rlhf_env.judges.fluent_distinct_n`) stays within
+        this of the reference's (None: not checked). Plain distinct-2 also falls when a policy
+        stops writing the garbled text of the reference's temperature-1 samples; see
+        docs/alignment.md
     """
 
     min_tone_gain: float = 0.15
@@ -302,6 +328,7 @@ class Targets:
     max_top_3gram_share: float = 0.20
     max_kl: float = 8.0
     max_negative_share_rise: float | None = None
+    max_fluent_distinct_2_change: float | None = None
 
 
 def check_targets(report: dict, targets: Targets | None = None) -> dict[str, Any]:
@@ -323,6 +350,10 @@ def check_targets(report: dict, targets: Targets | None = None) -> dict[str, Any
     if t.max_negative_share_rise is not None:
         rise = pol["negative_share"] - ref["negative_share"]
         checks["negative_share_change"] = (rise, f"<= {t.max_negative_share_rise:g}", rise <= t.max_negative_share_rise + 1e-12)
+    if t.max_fluent_distinct_2_change is not None:
+        change = pol.get("distinct_2_fluent", float("nan")) - ref.get("distinct_2_fluent", float("nan"))
+        checks["distinct_2_fluent_change"] = (change, f"within +-{t.max_fluent_distinct_2_change:g}",
+                                              abs(change) <= t.max_fluent_distinct_2_change)  # nan fails
     out = {name: {"value": float(v), "target": target, "ok": bool(ok)} for name, (v, target, ok) in checks.items()}
     return {"passed": all(c["ok"] for c in out.values()), "checks": out, "targets": asdict(t)}
 
@@ -332,6 +363,7 @@ def format_table(report: dict, verdict: dict | None = None) -> str:
     names = {"reward": "reward-model score", "tone": "tone (VADER)", "negative_share": "VADER-negative share",
              "relevance": "relevance (MiniLM cos)",
              "fluency_nll": "fluency (ref NLL/token)", "distinct_1": "distinct-1", "distinct_2": "distinct-2",
+             "distinct_2_fluent": "distinct-2, fluent only", "fluent_share": "fluent share (NLL <= 3)",
              "top_3gram_share": "top 3-gram share", "kl": "KL per response (nats)", "length": "length (tokens)"}
     lines = [f"{'judge':26s} {'reference':>10s} {'policy':>10s}"]
     for key, name in names.items():

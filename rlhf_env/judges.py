@@ -14,6 +14,8 @@ angles, so a run is judged by what the model writes, not by the score it chased:
   al., 2016), words lower-cased: low when responses repeat themselves or each other.
 * :func:`top_ngram_share`: the share of responses containing the set's most common
   word 3-gram: high when one phrase ("I'm happy to help") takes over.
+* :func:`fluent_distinct_n`: distinct-n of the responses the reference reads as fluent,
+  at a given count: diversity without the garbled tail of temperature-1 samples.
 
 :func:`judge` runs them all on one set of responses and returns the means.
 """
@@ -223,6 +225,46 @@ def distinct_n(responses: Sequence[str], n: int) -> float:
     """
     grams = [g for r in responses for g in ngrams(words(r), n)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+FLUENT_NLL = 3.0  # nats per token under the reference: below it, the starting model's text reads as English
+
+
+def fluent_distinct_n(responses: Sequence[str], nll: Sequence[float], n: int, count: int | None = None,
+                      max_nll: float = FLUENT_NLL) -> float:
+    """:func:`distinct_n` of ``count`` responses drawn at random from those the reference
+    reads as fluent (:func:`fluency` at most ``max_nll``), in expectation over the draw.
+
+    Why: the starting model's samples at temperature 1 hold a tail of garbled text
+    ("La mugahieriika might seem cruel") whose bigrams are all new, so plain distinct-2 falls
+    when a policy merely stops writing it (docs/benchmarks.md: the starting model's own two
+    most fluent samples of four lose 0.03-0.06 of distinct-2). Counting only fluent responses,
+    and as many on both sides (distinct-n falls with the number of responses), compares the
+    diversity of the answers themselves. The expectation is exact for the counts, a ratio of
+    expectations for the quotient: ``E[distinct] = sum_g 1 - C(N - m_g, k) / C(N, k)`` over the
+    n-grams ``g`` held by ``m_g`` of the ``N`` fluent responses, ``E[total] = k / N * total``.
+
+    :param nll: the reference's NLL per token of each response (``nan``: not fluent)
+    :param count: responses drawn (None: every fluent one); at most the fluent count
+    :return: in (0, 1]; ``nan`` when fewer than ``count`` (or no) responses are fluent
+    """
+    if len(nll) != len(responses):
+        raise ValueError(f"got {len(responses)} responses but {len(nll)} NLL values; pass one per response")
+    fluent = [ngrams(words(r), n) for r, x in zip(responses, nll) if x <= max_nll]
+    N = len(fluent)
+    k = N if count is None else int(count)
+    if N == 0 or k < 1 or k > N:
+        return float("nan")
+    holders: Counter = Counter()
+    for grams in fluent:
+        holders.update(set(grams))
+    total = k / N * sum(len(g) for g in fluent)
+    if total == 0:
+        return 0.0
+    from math import comb
+
+    missing = {m: comb(N - m, k) / comb(N, k) for m in set(holders.values())}
+    return sum(1.0 - missing[m] for m in holders.values()) / total
 
 
 def top_ngram_share(responses: Sequence[str], n: int = 3) -> tuple[float, str]:

@@ -60,7 +60,8 @@ def test_kl_is_the_summed_log_ratio_of_the_sampled_tokens():
     # the reference column can be reused
     again = evaluate((policy, tok), PROMPTS, reference=(ref, tok), reward="tiny", max_new_tokens=8, seed=3, progress=False,
                      baseline=report)
-    assert again["reference"] == report["reference"] and again["kls"] == pytest.approx(report["kls"])
+    same = json.dumps(again["reference"], sort_keys=True) == json.dumps(report["reference"], sort_keys=True)  # (nan == nan)
+    assert same and again["kls"] == pytest.approx(report["kls"])
     assert again["reference_nll"] == report["reference_nll"]
     with pytest.raises(ValueError, match="evaluate both the same way"):
         evaluate((policy, tok), PROMPTS, reference=(ref, tok), reward="tiny", max_new_tokens=9, seed=3, progress=False,
@@ -91,6 +92,13 @@ def test_pass_rule_fails_a_degenerate_responder_the_reward_model_loves():
     assert not verdict["checks"]["distinct_2_change"]["ok"]
     assert not verdict["checks"]["relevance_change"]["ok"]
     assert verdict["checks"]["tone_gain"]["ok"] and verdict["checks"]["kl"]["ok"]  # what the reward did see is fine
+    # the fluent-only distinct-2 bound (off by default) fails it too, on the same responses judged fluent
+    report = compare(prompts, degenerate, reference, cheerful_reward, kls=[1.0] * len(prompts),
+                     response_nll=[1.0] * len(prompts), reference_nll=[2.0] * len(prompts))
+    assert report["policy"]["distinct_2_fluent"] == pytest.approx(judges.distinct_n(degenerate, 2))
+    assert report["reference"]["distinct_2_fluent"] == pytest.approx(judges.distinct_n(reference, 2))
+    verdict = check_targets(report, Targets(max_fluent_distinct_2_change=0.03))
+    assert not verdict["checks"]["distinct_2_fluent_change"]["ok"] and not verdict["passed"]
     # unknown KL fails too
     assert not check_targets(compare(prompts, reference, reference, cheerful_reward))["checks"]["kl"]["ok"]
 

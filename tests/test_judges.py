@@ -27,6 +27,24 @@ def test_distinct_n_by_hand():
     assert judges.distinct_n(["a"], 2) == 0.0
 
 
+def test_fluent_distinct_n_by_hand():
+    texts = ["the cat sat", "the cat ran", "zq xv wk qq"]
+    nll = [1.0, 2.0, 6.0]  # the third is garbled: left out
+    # fluent: (the cat) in both, (cat sat), (cat ran): all of them -> 3 distinct of 4
+    assert judges.fluent_distinct_n(texts, nll, 2) == pytest.approx(3 / 4)
+    # one response drawn of the two: always 2 distinct of 2 bigrams
+    assert judges.fluent_distinct_n(texts, nll, 2, count=1) == pytest.approx(1.0)
+    # three fluent responses, two drawn: E[distinct] = (the cat: held by 2 -> 1 - C(1,2)/C(3,2) = 1) + 3 x (held by 1
+    # -> 1 - C(2,2)/C(3,2) = 2/3) = 3, E[total] = 2/3 x 6 = 4 -> 0.75; by enumeration: (3 + 3 + 3) / (4 + 4 + 4)
+    three = ["the cat sat", "the cat ran", "the cat hid"]
+    assert judges.fluent_distinct_n(three, [1.0] * 3, 2, count=2) == pytest.approx(0.75)
+    assert judges.fluent_distinct_n(three, [1.0] * 3, 2, count=3) == pytest.approx(judges.distinct_n(three, 2))
+    assert math.isnan(judges.fluent_distinct_n(texts, nll, 2, count=3))  # only two are fluent
+    assert math.isnan(judges.fluent_distinct_n(texts, [float("nan")] * 3, 2))
+    with pytest.raises(ValueError, match="one per response"):
+        judges.fluent_distinct_n(texts, nll[:2], 2)
+
+
 def test_top_ngram_share_by_hand():
     texts = ["I am happy to help you", "I am happy to help", "no thanks here", "happy to help happy to help"]
     # "happy to help" is in responses 0, 1 and 3 (twice in 3, counted once): 3 of 4
