@@ -406,7 +406,7 @@ def run_demo(
         "kl_budget": cfg.kl_budget,
         "response_len_before": ref["length"],
         "response_len_after": pol["length"],
-        "judges": {"before": ref, "after": pol},
+        "judges": {"before": after["reference"], "after": pol},  # (its fluent-only distinct-2 at the policy's count)
         "pass_rule": verdict,
         # the independent judges decide; the reward model's score must rise too
         "passed": bool(verdict["passed"] and pol["reward"] > ref["reward"]),
