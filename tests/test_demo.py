@@ -106,3 +106,16 @@ def test_demo_rejects_an_unknown_method_and_a_group_that_does_not_divide_num_env
     with pytest.raises(ValueError, match="num_envs=16 is not a multiple of group_size=5"):
         run_demo(tmp_path / "b", config=cfg, log=lambda _: None)
 
+
+
+@pytest.mark.parametrize("method", ["ppo", "rloo"])
+def test_demo_learning_rate_left_out_is_the_methods(method):
+    from rlhf_env.demo import DEMO_LEARNING_RATES, DemoConfig, make_demo_agent
+
+    assert DemoConfig().learning_rate is None and DEMO_LEARNING_RATES["rloo"] < DEMO_LEARNING_RATES["ppo"]
+    env = gym.make_vec("TextRLHF-tiny-v0", num_envs=8, max_new_tokens=4)
+    cfg = DemoConfig(method=method, model="tiny", num_envs=8, group_size=4, n_steps=5, batch_size=8, train_layers=None)
+    assert make_demo_agent(cfg, env).learning_rate == DEMO_LEARNING_RATES[method]
+    cfg.learning_rate = 3e-4
+    assert make_demo_agent(cfg, env).learning_rate == 3e-4
+    env.close()
