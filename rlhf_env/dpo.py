@@ -25,7 +25,7 @@ log-probabilities as full forwards up to float rounding. Memory: about
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -40,6 +40,7 @@ from rlhf_env.loop import TrainLoop, check_config, setup_distributed
 from rlhf_env.sft import encode_example
 from rlhf_env.training import (
     adamw,
+    base_model_name,
     length_batches,
     pad_right,
     prompt_groups,
@@ -280,6 +281,7 @@ def train_dpo(
     eval_pairs = as_pairs(eval_pairs) if eval_pairs is not None else None
     gen = seed_everything(cfg.seed)
     device = setup_distributed(device)
+    base_model = base_model_name(model)
     model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
     data = _EncodedPairs(pairs, tokenizer, cfg.max_length)
     eval_data = _EncodedPairs(eval_pairs, tokenizer, cfg.max_length) if eval_pairs else None
@@ -372,7 +374,9 @@ def train_dpo(
     model.eval()
     model.dpo_metrics = metrics
     if output_dir is not None and main:
-        save_lm(model, tokenizer, output_dir)
+        save_lm(model, tokenizer, output_dir, {"algorithm": "DPO", "base_model": base_model,
+                                               "reference": base_model_name(reference) if reference is not None else base_model,
+                                               "hyperparameters": {**asdict(cfg), "beta": beta}})
     return model, tokenizer
 
 

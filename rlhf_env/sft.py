@@ -8,7 +8,7 @@ tokens (EOS included); prompt tokens condition the model but are not trained on.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -17,7 +17,7 @@ import torch
 from rlhf_env.agents import distributed
 from rlhf_env.data import Prompt, as_completion, as_prompt, dataset_rows, is_dataset, iter_jsonl, split_conversation
 from rlhf_env.loop import TrainLoop, check_config, setup_distributed
-from rlhf_env.training import adamw, pad_right, resolve_lm, save_lm, seed_everything, summary_writer
+from rlhf_env.training import adamw, base_model_name, pad_right, resolve_lm, save_lm, seed_everything, summary_writer
 
 
 @dataclass
@@ -165,6 +165,7 @@ def train_sft(
     examples = _as_examples(examples)
     gen = seed_everything(cfg.seed)
     device = setup_distributed(device)
+    base_model = base_model_name(model)
     model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
     encoded = [encode_example(tokenizer, p, r, cfg.max_length, cfg.add_eos) for p, r in examples]
     optimizer = adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
@@ -207,5 +208,5 @@ def train_sft(
     model.eval()
     model.sft_metrics = {"train/loss": sum(epoch_losses) / len(epoch_losses)} if epoch_losses else {}
     if output_dir is not None and main:
-        save_lm(model, tokenizer, output_dir)
+        save_lm(model, tokenizer, output_dir, {"algorithm": "SFT", "base_model": base_model, "hyperparameters": asdict(cfg)})
     return model, tokenizer

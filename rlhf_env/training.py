@@ -140,12 +140,23 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return torch.zeros(input_ids.shape[0], device=input_ids.device, dtype=torch.float32).index_add(0, row, token_logp)
 
 
-def save_lm(model, tokenizer, output_dir: os.PathLike | str) -> Path:
-    """Save a causal LM (LoRA merged) and its tokenizer as a Hugging Face folder, atomically.
+def save_lm(model, tokenizer, output_dir: os.PathLike | str, training: dict | None = None) -> Path:
+    """Save a causal LM (LoRA merged) and its tokenizer as a Hugging Face folder, atomically,
+    with ``training`` as its ``rlhf_env_training.json`` (as an agent's export records it).
 
     :return: the folder, which ``load_lm(dir)`` and ``gym.make("TextRLHF-v0", model=dir)`` accept
     """
-    return save_pretrained(model, tokenizer, output_dir)
+    return save_pretrained(model, tokenizer, output_dir, training)
+
+
+def base_model_name(model) -> str | None:
+    """How a trainer's ``model=`` argument names its starting model in the training record: a
+    shipped name or hub id as given, a folder by its absolute path, None for a loaded model
+    (``rlhf-env eval`` of the output then judges it against that starting model)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return None
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(model)
 
 
 def resolve_lm(model, tokenizer=None, device="cpu", dtype=None):

@@ -436,3 +436,26 @@ def test_dpo_callback_sees_every_step_and_stops_training(tiny_lm, tmp_path):
     assert [s for s, _ in seen] == [1, 2, 3]  # 5 epochs of len(PAIRS) steps were asked for
     assert model.dpo_metrics["train/loss"] == seen[-1][1]
     assert (tmp_path / "ckpt" / "checkpoint_3.pt").is_file()  # stopping writes the end-of-training checkpoint
+
+
+def test_sft_and_dpo_outputs_record_their_starting_model_for_eval(tiny_lm, tmp_path, monkeypatch, capsys):
+    """An SFT or DPO folder records how it was trained (as an agent's export does), so
+    `rlhf-env eval DIR` judges it against its starting model: without the record a policy
+    trained from the tiny model was judged against SmolLM2 (and now refused: other tokenizer)."""
+    import rlhf_env.evaluate
+    from agents.export import read_training_info
+    from rlhf_env.cli import main
+
+    train_dpo(PAIRS, str(tiny_lm), config=DPOConfig(learning_rate=1e-3, batch_size=4, epochs=1), output_dir=tmp_path / "dpo",
+              progress=False)
+    info = read_training_info(tmp_path / "dpo")
+    assert info["algorithm"] == "DPO" and info["base_model"] == info["reference"] == str(tiny_lm.resolve())
+    assert info["hyperparameters"]["learning_rate"] == 1e-3 and info["hyperparameters"]["beta"] == DPOConfig.beta
+    train_sft([(p.prompt, p.chosen) for p in PAIRS], "tiny", config=SFTConfig(epochs=1), output_dir=tmp_path / "sft", progress=False)
+    assert read_training_info(tmp_path / "sft")["base_model"] == "tiny"
+
+    seen = []
+    monkeypatch.setattr(rlhf_env.evaluate, "evaluate", lambda policy, reference=None, **kw: seen.append(reference) or {})
+    monkeypatch.setattr(rlhf_env.evaluate, "format_table", lambda report: "")
+    assert main(["eval", str(tmp_path / "dpo")]) == 0 and main(["eval", str(tmp_path / "sft")]) == 0
+    assert seen == [str(tiny_lm.resolve()), "tiny"]
