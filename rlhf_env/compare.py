@@ -279,15 +279,14 @@ def _jsonable(v: Any) -> Any:
 # the report
 
 
-SUMMARY_KEYS = ("reward", "reward_std", "tone", "negative_share", "relevance", "fluency_nll", "distinct_1", "distinct_2",
-                "top_3gram_share", "top_3gram", "kl", "length")
 
 
 def _point(report: dict, cpu_seconds: float, updates: int) -> dict[str, Any]:
     from rlhf_env.evaluate import check_targets
 
     pol = report["policy"]
-    return {"cpu_seconds": float(cpu_seconds), "updates": int(updates), **{k: pol[k] for k in SUMMARY_KEYS},
+    # every column evaluate() writes (a judge added there is kept here without a second list)
+    return {"cpu_seconds": float(cpu_seconds), "updates": int(updates), **pol,
             "win_rate": report["win_rate"], "pass_rule": check_targets(report)}
 
 
@@ -358,7 +357,7 @@ def run_comparison(
     settings = {k: v for k, v in asdict(cfg).items()}
     settings.update(methods=list(cfg.methods), eval_prompts=len(prompts), reward=reward_name, env=env_id,
                     threads=torch.get_num_threads())
-    result: dict[str, Any] = {"settings": settings, "reference": {k: ref_col[k] for k in SUMMARY_KEYS},
+    result: dict[str, Any] = {"settings": settings, "reference": dict(ref_col),
                               "targets": asdict(Targets()), "methods": {}}
     result["reference"]["kl"] = 0.0
 
