@@ -115,7 +115,7 @@ def load_rows(source: Any) -> Any:
     if path.suffix.lower() not in (".jsonl", ".json"):
         raise ValueError(f"dataset file {path}: unknown type {path.suffix!r}; use .jsonl (one JSON object per line with a "
                          f"\"prompt\"); a list of prompts, one per line, goes in prompts= instead (rlhf-env train: "
-                         f"--env-kwargs '{{\"prompts\": \"{os.fspath(source)}\"}}')")
+                         f"--prompts {os.fspath(source)})")
     rows = []
     for where, record in iter_jsonl(path):
         check_row(record, f"{where}: the row")

@@ -469,7 +469,10 @@ CLI_CASES = {
     "train: a prompt list as --dataset": (["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--dataset", "{d}/prompts.txt",
                                            "--save", "{out}/m.zip"],
                                           r"unknown type '.txt'; use .jsonl .*a list of prompts, one per line, goes in prompts= "
-                                          r"instead \(rlhf-env train: --env-kwargs '\{\"prompts\": \".*prompts.txt\"\}'\)"),
+                                          r"instead \(rlhf-env train: --prompts .*prompts.txt\)"),
+    "train: --prompts with --dataset": (["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--dataset", "{d}/good.jsonl",
+                                         "--prompts", "{d}/prompts.txt", "--save", "{out}/m.zip"],
+                                        "--prompts and --dataset both give the prompts: pass one of them"),
     "train-rm: file with a missing key": (["train-rm", "--train", "{d}/missing_key.jsonl", "--eval", "none", "--output", "{out}/rm"],
                                           r"missing_key.jsonl:1: missing key\(s\) \['rejected'\]"),
 }

@@ -155,6 +155,20 @@ def test_train_takes_reward_functions_by_file_and_name_with_dataset_columns(tmp_
     assert re.search(r"score_mean\s*\|\s*2\s", out), out  # 2 x correct + 0 x length
 
 
+def test_own_prompts_file_with_a_trl_style_reward_function(tmp_path, monkeypatch, capsys):
+    """--prompts FILE.txt (one a line) and --reward-funcs FILE.py:NAME: the function sees only
+    the user's prompts."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seen.py").write_text("def seen(prompts, completions, **kwargs):\n"
+                                      "    open('seen.txt', 'a').write('\\n'.join(prompts) + '\\n')\n"
+                                      "    return [float(len(c)) for c in completions]\n")
+    (tmp_path / "mine.txt").write_text("Describe your favourite season.\n\nGive one tip for a job interview.\n")
+    assert main(["train", "--algo", "grpo", "--env", "TextRLHF-tiny-v0", "--prompts", "mine.txt", "--reward-funcs", "seen.py:seen",
+                 "--timesteps", "64", "--n-envs", "4", "--verbose", "0", "--env-kwargs", '{"max_new_tokens": 4}']) == 0
+    seen = set((tmp_path / "seen.txt").read_text().split("\n")) - {""}
+    assert seen == {"Describe your favourite season.", "Give one tip for a job interview."}
+
+
 def test_a_reward_model_function_by_file_and_name(tmp_path, monkeypatch):
     import gymnasium as gym
 

@@ -31,6 +31,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--task-config", default=None, help='task generator settings as JSON, e.g. \'{"max_terms": 3}\'')
     p.add_argument("--dataset", default=None,
                    help="rows for a text env: a JSON Lines file with a \"prompt\" and any other columns (see docs/tasks.md)")
+    p.add_argument("--prompts", default=None,
+                   help="prompts for a text env: a .txt file (one a line) or a .jsonl file with a \"prompt\" key (default: "
+                   "the env's; --dataset for rows with more columns)")
     p.add_argument("--reward-funcs", nargs="+", default=None, metavar="FUNC",
                    help="reward functions for a text env, each FILE.py:NAME or MODULE.NAME (TRL's convention: "
                    "f(prompts, completions, **columns) -> one score per completion; columns from --dataset); they replace "
@@ -107,7 +110,7 @@ def is_text_env(env_id: str) -> bool:
 
 def env_kwargs_of(args) -> dict:
     """The env's constructor arguments from --env-kwargs, --task, --task-config, --dataset,
-    --reward-funcs and --reward-weights."""
+    --prompts, --reward-funcs and --reward-weights."""
     from rlhf_env.cli._common import json_object
 
     env_kwargs = json_object(args.env_kwargs, "--env-kwargs", '{"max_new_tokens": 16}') if args.env_kwargs else {}
@@ -121,6 +124,10 @@ def env_kwargs_of(args) -> dict:
         if args.task is not None:
             raise ValueError("--dataset and --task both give the rows: pass one of them")
         env_kwargs["dataset"] = args.dataset
+    if args.prompts is not None:
+        if args.task is not None or args.dataset is not None:
+            raise ValueError(f"--prompts and {'--task' if args.task is not None else '--dataset'} both give the prompts: pass one of them")
+        env_kwargs["prompts"] = args.prompts
     if args.reward_weights is not None and args.reward_funcs is None:
         raise ValueError("--reward-weights weighs --reward-funcs: pass the functions too")
     if args.reward_funcs is not None:
@@ -147,8 +154,8 @@ def run(args) -> int:
         raise ValueError("--save-only-model applies to --save and checkpoints: pass --save PATH.zip or --checkpoint-dir DIR too")
     text = is_text_env(args.env)
     env_kwargs = env_kwargs_of(args)
-    if env_kwargs and not text and args.vec_env is None and (args.task or args.dataset or args.reward_funcs):
-        raise ValueError(f"--task, --dataset and --reward-funcs need a text env (TextRLHF-v0, ReasoningGym-v0), not {args.env}")
+    if env_kwargs and not text and args.vec_env is None and (args.task or args.dataset or args.prompts or args.reward_funcs):
+        raise ValueError(f"--task, --dataset, --prompts and --reward-funcs need a text env (TextRLHF-v0, ReasoningGym-v0), not {args.env}")
     threads = args.threads
     if threads is None:
         threads = 0 if text else 1
