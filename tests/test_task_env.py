@@ -111,3 +111,4 @@ def test_shipped_rloo_settings_for_tasks_match_the_demo():
     assert shipped["n_envs"] == cfg.group_size * cfg.prompts_per_step and shipped["group_size"] == cfg.group_size
     assert (shipped["learning_rate"], shipped["beta"]) == (cfg.learning_rate, cfg.beta)
     assert shipped["policy_kwargs"] == {"train_layers": cfg.train_layers}
+    assert shipped["env_kwargs"] == {"temperature": cfg.temperature}  # the rollouts' sampling temperature

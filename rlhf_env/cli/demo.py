@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="the tiny model instead of SmolLM2 (under a minute)")
     parser.add_argument("--seconds", type=float, default=None,
                         help="training time budget in seconds (default: 420 within a 500 s total budget; quick: 40 "
-                        "within 55; with --task: 300 CPU seconds of training, quick 20); given explicitly, the total "
+                        "within 55; with --task: 400 CPU seconds of training, quick 20); given explicitly, the total "
                         "budget no longer applies")
     parser.add_argument("--reward", default=None,
                         help="reward: 'default' (trained default reward model, VADER if unavailable), 'sentiment', "
