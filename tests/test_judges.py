@@ -150,3 +150,18 @@ def test_tone_noise_scores_each_response_once(monkeypatch):
         assert row["tone_first"] == pytest.approx((t[0] + t[1]) / 2) and row["tone_all"] == pytest.approx(sum(t) / 4)
         assert row["negative_first"] == judges.negative_share(texts[seed][:2])
         assert row["negative_all"] == judges.negative_share(texts[seed])
+
+
+def test_diversity_noise_picks_each_prompts_most_fluent_responses():
+    """benchmarks/diversity_noise.py: the 'no policy' column keeps, per prompt, the most fluent
+    of the two columns' responses, and its changes are the judges' differences."""
+    from benchmarks.diversity_noise import change, most_fluent
+
+    a = (["a b c", "zq xv wk", "d e f", "g h i"], [1.0, 6.0, 2.0, 2.5])
+    b = (["a b x", "a b y", "qq ww ee", "j k l"], [1.5, 0.5, 7.0, 1.0])
+    texts, nll = most_fluent(a, b, per_prompt=2)
+    assert texts == ["a b y", "a b c", "j k l", "d e f"] and nll == [0.5, 1.0, 1.0, 2.0]
+    c = change(a, (texts, nll))
+    assert c["distinct_2"] == pytest.approx(judges.distinct_n(texts, 2) - judges.distinct_n(a[0], 2))
+    k = 3  # a has 3 fluent responses, the selection 4
+    assert c["fluent_distinct_2"] == pytest.approx(judges.fluent_distinct_n(texts, nll, 2, k) - judges.fluent_distinct_n(a[0], a[1], 2, k))

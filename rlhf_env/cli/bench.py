@@ -23,6 +23,8 @@ BENCHMARKS = {
     "reward_probes": ("benchmarks.reward_probes", "the default reward model's held-out and hand-written accuracy, correctness probes"),
     "lean_kernels": ("benchmarks.lean_kernels", "the lean grad clipping and Adam step vs public torch"),
     "tone_noise": ("benchmarks.tone_noise", "the demo's tone judge on the starting model over sampling seeds: its noise floor"),
+    "diversity_noise": ("benchmarks.diversity_noise", "the demo's distinct-2 judge on the starting model: seeds, temperatures, "
+                        "its own most fluent responses (plain vs fluent-only distinct-2)"),
 }
 
 
