@@ -10,9 +10,9 @@ _CONFIG = object()  # an option left out: the config's value stays
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="RLHF of SmolLM2-135M-Instruct with PPO (--algo grpo/rloo: GRPO/RLOO), offline, end to end, judged by "
+        help="RLHF of SmolLM2-135M-Instruct with RLOO (--algo ppo/grpo: PPO/GRPO), offline, end to end, judged by "
         "independent judges (under 10 minutes on 2 CPU cores); --task NAME: RLOO on a verifiable task",
-        description="Samples held-out responses, trains PPO (or --algo grpo / rloo) with the KL penalty against the default "
+        description="Samples held-out responses, trains RLOO (or --algo ppo / grpo) with the KL penalty against the default "
         "reward model, samples again, and writes DIR/summary.json, DIR/curve.png, DIR/policy "
         "(a Hugging Face model directory) and TensorBoard logs under DIR/tb.",
     )
@@ -28,14 +28,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
-    parser.add_argument("--iterations", type=int, default=None, help="stop after this many PPO iterations")
+    parser.add_argument("--iterations", type=int, default=None, help="stop after this many training iterations")
     parser.add_argument("--task", default=None,
                         help="the verifiable-reward demo instead: train the default method (RLOO) on this task (chain_sum, "
                         "chain_sum_2digit, letter_counting or any reasoning-gym name) and print held-out accuracy before "
                         "and after; writes DIR/summary.json, DIR/policy and DIR/curve.png")
     parser.add_argument("--task-config", default=None, help='with --task: generator settings as JSON, e.g. \'{"max_terms": 3}\'')
     parser.add_argument("--algo", default=None, choices=["ppo", "grpo", "rloo"],
-                        help="the method: ppo (the seed's four-model flow, used when left out), grpo or rloo; with --task: grpo or "
+                        help="the method: rloo (used when left out), ppo (the seed's four-model flow) or grpo; with --task: grpo or "
                         "rloo (default: rloo; see docs/benchmarks.md)")
     parser.add_argument("--kl-stop", type=_kl_stop, default=_CONFIG, metavar="KL",
                         help="stop training after the iteration whose rollout KL per response reaches KL; 'none' "
