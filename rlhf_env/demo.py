@@ -370,6 +370,10 @@ def run_demo(
                      else f"{cfg.num_envs // cfg.group_size} prompts x {cfg.group_size} responses")
     log(f"[demo] training {cfg.method.upper()} for up to {max(budget, 0):.0f}s / {cfg.max_iterations} iterations "
         f"({per_iteration} x {cfg.max_new_tokens} tokens per iteration)")
+    if budget < cfg.train_seconds:  # a first run builds the reward model and the model cache inside the budget
+        log(f"[demo] note: the {cfg.total_seconds:.0f}s total budget leaves {max(budget, 0):.0f}s of the {cfg.train_seconds:.0f}s "
+            f"of training ({t_train - t0:.0f}s went to loading or building the models and judging the start); a second run "
+            f"finds the cache ready, and --seconds {cfg.train_seconds:.0f} trains the full {cfg.train_seconds:.0f}s")
     stop_reason = "max_iterations"
     for iteration in range(1, cfg.max_iterations + 1):
         record = demo_iteration(model, cfg, first=iteration == 1)

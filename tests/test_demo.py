@@ -73,6 +73,17 @@ def test_demo_stops_when_rollout_kl_reaches_kl_stop(tmp_path):
     assert summary["config"]["kl_stop"] == 0.05
 
 
+def test_demo_says_when_the_total_budget_cuts_the_training(tmp_path):
+    from rlhf_env.demo import quick_config, run_demo
+
+    cfg = quick_config()
+    cfg.train_seconds, cfg.total_seconds, cfg.max_iterations = 1000.0, 60.0, 1
+    lines: list[str] = []
+    run_demo(tmp_path / "demo", config=cfg, log=lines.append)
+    note = [line for line in lines if line.startswith("[demo] note:")]
+    assert len(note) == 1 and "--seconds 1000" in note[0], lines
+
+
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_demo_trains_with_a_group_method_and_judges_it_like_ppo(tmp_path, capsys, method):
     from rlhf_env.cli import main
