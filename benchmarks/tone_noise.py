@@ -3,9 +3,10 @@
 Samples the demo's starting model on the held-out prompts with several sampling seeds, at
 the demo's settings (``DemoConfig``: two responses per prompt, temperature 1,
 ``max_new_tokens``), and prints per seed the VADER mean and the share of VADER-negative
-responses, on the demo's first ``DemoConfig.eval_prompts`` prompts and on all of them, with the
-spread over seeds. A policy that learned nothing "gains" as much tone as two seeds differ by:
-a tone target smaller than that spread is decided by the sampling seed.
+responses, on the comparison's first ``CompareConfig.eval_prompts`` prompts (32) and on all of
+them (what the demo judges), with the spread over seeds. A policy that learned nothing "gains"
+as much tone as two seeds differ by: a tone target smaller than that spread is decided by the
+sampling seed.
 
     python -m benchmarks.tone_noise [--seeds 12345,1,2,3,4,5] [--threads 1]
 """
@@ -50,7 +51,10 @@ def main() -> None:
     cfg = DemoConfig()
     model, tok = load_lm(args.model)
     prompts = load_prompts(split="test")
-    first = cfg.eval_prompts or len(prompts)
+    from rlhf_env.compare import CompareConfig
+
+    # the comparison's subset (the demo judges them all since eval_prompts became None)
+    first = CompareConfig.eval_prompts or len(prompts)
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"{args.model}, {len(prompts)} held-out prompts x {cfg.eval_samples}, temperature {cfg.temperature}, "
           f"{cfg.max_new_tokens} new tokens, {args.threads} thread(s)")
