@@ -21,7 +21,6 @@ import itertools
 import json
 
 import numpy as np
-import torch
 
 
 def column(texts: list[str], nll: list[float]) -> dict:
@@ -54,22 +53,18 @@ def most_fluent(a: tuple[list[str], list[float]], b: tuple[list[str], list[float
 
 
 def main() -> None:
+    from benchmarks.tone_noise import starting_model_and_prompts
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="12345,12346,12347,1,2", help="temperature-1 sampling seeds (the first is the reference column)")
     parser.add_argument("--low", default="0.8:12345,0.8:12346,0.7:12345", help="TEMPERATURE:SEED columns below temperature 1")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     from rlhf_env import judges
-    from rlhf_env.demo import DemoConfig
     from rlhf_env.generation import generate
-    from rlhf_env.models import load_lm
-    from rlhf_env.prompts import load_prompts
 
-    cfg = DemoConfig()
-    model, tok = load_lm(args.model)
-    prompts = load_prompts(split="test")
+    cfg, model, tok, prompts = starting_model_and_prompts(args)
     flat = [p for p in prompts for _ in range(cfg.eval_samples)]
     runs = [(1.0, int(s)) for s in args.seeds.split(",")]
     runs += [(float(x.split(":")[0]), int(x.split(":")[1])) for x in args.low.split(",") if x]

@@ -37,22 +37,26 @@ def tone_by_seed(model, tokenizer, prompts: list[str], seeds: list[int], first: 
     return rows
 
 
+def starting_model_and_prompts(args: argparse.Namespace):
+    """``(DemoConfig(), model, tokenizer, held-out prompts)`` on ``args.threads`` threads."""
+    from rlhf_env.demo import DemoConfig
+    from rlhf_env.models import load_lm
+    from rlhf_env.prompts import load_prompts
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_lm(args.model)
+    return DemoConfig(), model, tok, load_prompts(split="test")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="12345,1,2,3,4,5", help="comma-separated sampling seeds")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    from rlhf_env.demo import DemoConfig
-    from rlhf_env.models import load_lm
-    from rlhf_env.prompts import load_prompts
-
-    cfg = DemoConfig()
-    model, tok = load_lm(args.model)
-    prompts = load_prompts(split="test")
     from rlhf_env.compare import CompareConfig
 
+    cfg, model, tok, prompts = starting_model_and_prompts(args)
     # the comparison's subset (the demo judges them all since eval_prompts became None)
     first = CompareConfig.eval_prompts or len(prompts)
     seeds = [int(s) for s in args.seeds.split(",")]
