@@ -279,8 +279,6 @@ def _jsonable(v: Any) -> Any:
 # the report
 
 
-
-
 def _point(report: dict, cpu_seconds: float, updates: int) -> dict[str, Any]:
     from rlhf_env.evaluate import check_targets
 
