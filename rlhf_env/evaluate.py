@@ -103,6 +103,13 @@ def _fluent_diversity(ref_col: dict, col: dict, ref_texts: list[str], texts: lis
     col["fluent_share"] = float(np.mean([x <= judges.FLUENT_NLL for x in nll]))
 
 
+def _same_ids(a: Sequence | None, b: Sequence | None) -> bool:
+    """Whether two lists of token-id lists hold the same ids (both None counts as the same)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(list(x) == list(y) for x, y in zip(a, b))
+
+
 def _side_by_side(prompts, ref_texts, texts, ref_scores, scores, n_show: int) -> list[dict]:
     """The first response of each of the first ``n_show`` distinct prompts, both sides."""
     rows, seen = [], set()
@@ -163,8 +170,14 @@ def compare(
         ref_col, ref_nll = _side(prompts, ref_texts, ref_scores, reference, reference_ids, encoder,
                                  None if reference_nll is None else list(reference_nll))
         ref_col["kl"] = 0.0
-    scores = _score(reward_fn, prompts, texts)
-    col, nll = _side(prompts, texts, scores, reference, response_ids, encoder, None if response_nll is None else list(response_nll))
+    if baseline is None and texts == ref_texts and _same_ids(response_ids, reference_ids) \
+            and (response_nll is None or reference_nll is None or list(response_nll) == list(reference_nll)):
+        # the same responses (the reference judged against itself): the same scores and judges, computed once
+        scores, col, nll = ref_scores, dict(ref_col), ref_nll
+    else:
+        scores = _score(reward_fn, prompts, texts)
+        col, nll = _side(prompts, texts, scores, reference, response_ids, encoder,
+                         None if response_nll is None else list(response_nll))
     col["kl"] = float(np.mean(kls)) if kls is not None and len(kls) else float("nan")
     ref_col = dict(ref_col)  # (a baseline's column is not changed)
     _fluent_diversity(ref_col, col, ref_texts, texts, ref_nll, nll)
@@ -261,33 +274,37 @@ def evaluate(
     def sample(m, tok, name):
         steps.set_postfix_str(f"sampling {name}")
         c = generate(m, tok, prompts, num_samples=num_samples, temperature=temperature, max_new_tokens=max_new_tokens,
-                     seed=seed, batch_size=batch_size, progress=False)
+                     seed=seed, batch_size=batch_size, progress=False, logprobs=True)
         steps.update(1)
-        return c.flat(), [x for group in c.token_ids for x in group]
+        # each response's own log-probs, from the sampling pass (no second forward of the sampler)
+        lps = [torch.tensor(x) if x else None for group in c.logprobs for x in group]
+        return c.flat(), [x for group in c.token_ids for x in group], lps
 
-    texts, ids = sample(model, tokenizer, "policy")
+    def nll_of(lps):  # fluency is the reference's NLL at temperature 1
+        return [float(-lp.mean()) if lp is not None else float("nan") for lp in lps] if temperature == 1.0 else None
+
+    texts, ids, pol_lp = sample(model, tokenizer, "policy")
     same = model is ref[0]  # the reference judged against itself (e.g. before training): sample once, KL 0
+    ref_texts, ref_ids, ref_nll = None, None, None
     if baseline is not None:
-        ref_texts, ref_ids = None, None
+        pass
     elif same:
-        ref_texts, ref_ids = texts, ids
+        ref_texts, ref_ids, ref_nll = texts, ids, nll_of(pol_lp)
         steps.update(1)
     else:
-        ref_texts, ref_ids = sample(*ref, "reference")
+        ref_texts, ref_ids, ref_own_lp = sample(*ref, "reference")
+        ref_nll = nll_of(ref_own_lp)
     steps.set_postfix_str("KL")
-    nll = None
     if same:
-        kls = [0.0] * len(ids)
+        kls, nll = [0.0] * len(ids), ref_nll
     else:
-        pol_lp = judges.response_logprobs(model, tokenizer, flat_prompts, ids, temperature=temperature)
         ref_lp = judges.response_logprobs(ref[0], ref[1], flat_prompts, ids, temperature=temperature)
         kls = [float((a - b).sum()) if a is not None else 0.0 for a, b in zip(pol_lp, ref_lp)]
-        if temperature == 1.0:  # fluency is the reference's NLL at temperature 1: already computed
-            nll = [float(-lp.mean()) if lp is not None else float("nan") for lp in ref_lp]
+        nll = nll_of(ref_lp)
     steps.update(1)
     steps.set_postfix_str("judging")
     report = compare(flat_prompts, texts, ref_texts, reward_fn, reference=ref, response_ids=ids, reference_ids=ref_ids,
-                     kls=kls, response_nll=nll, n_show=n_show, baseline=baseline, settings=settings)
+                     kls=kls, response_nll=nll, reference_nll=ref_nll, n_show=n_show, baseline=baseline, settings=settings)
     steps.update(1)
     steps.close()
     if out is not None:

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhf_env.envs.prompt import TEMPLATE_DEFAULT
+from rlhf_env.envs.sampling import sampling_log_probs
 
 Prompt = str | Sequence[dict]
 
@@ -40,12 +41,17 @@ class Completions:
     :ivar finished: ``finished[i][j]``: whether it ended with EOS (False: cut at ``max_new_tokens``).
     :ivar token_ids: ``token_ids[i][j]``: its token ids as sampled (EOS included when
         emitted), for scoring the very tokens drawn (a KL estimate, a reference NLL).
+    :ivar logprobs: with ``generate(..., logprobs=True)``, ``logprobs[i][j]``: each sampled
+        token's log-probability under the model's ``softmax(logits / temperature)`` (top-k
+        applied when set; temperature 1 when greedy), read from the logits of the decoding
+        pass itself; None otherwise.
     """
 
     texts: list[list[str]] = field(default_factory=list)
     num_tokens: list[list[int]] = field(default_factory=list)
     finished: list[list[bool]] = field(default_factory=list)
     token_ids: list[list[list[int]]] = field(default_factory=list)
+    logprobs: list[list[list[float]]] | None = None
 
     def flat(self) -> list[str]:
         """All completions in one list, prompt-major (TRL's layout for ``num_generations``)."""
@@ -119,6 +125,7 @@ def generate(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     progress: bool | str = True,
+    logprobs: bool = False,
 ) -> Completions:
     """Completions of ``model`` for every prompt, batched, with a KV cache.
 
@@ -140,6 +147,13 @@ def generate(
         as ``num_samples`` sequences).
     :param device: where inputs go (default: the model's device).
     :param progress: show a tqdm bar (a string: the bar's label).
+    :param logprobs: also return each sampled token's log-probability
+        (:attr:`Completions.logprobs`), computed from the logits ``generate`` already
+        produced (Hugging Face's ``output_logits``): the same numbers as a teacher-forced
+        forward over the sampled tokens (:func:`rlhf_env.judges.response_logprobs`) up to
+        float rounding (the KV-cached, left-padded decoding pass against one full forward),
+        without that forward. Keeps ``batch_size x max_new_tokens`` vocabulary-sized logit
+        rows per batch while it runs.
     :return: :class:`Completions`, one list of ``num_samples`` entries per prompt.
     """
     from tqdm.auto import tqdm
@@ -174,6 +188,7 @@ def generate(
     out_lens: list[list[int]] = [[] for _ in prompts]
     out_done: list[list[bool]] = [[] for _ in prompts]
     out_ids: list[list[list[int]]] = [[] for _ in prompts]
+    out_lp: list[list[list[float]]] | None = [[] for _ in prompts] if logprobs else None
     options: dict[str, Any] = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=float(temperature), top_k=int(top_k), top_p=1.0)
     was_training = model.training
     model.eval()
@@ -194,7 +209,17 @@ def generate(
                     pad_token_id=pad_id,
                     eos_token_id=sorted(eos_ids),
                     **options,
+                    **(dict(output_logits=True, return_dict_in_generate=True) if logprobs else {}),
                 )
+            token_lp = None
+            if logprobs:
+                gen, steps = gen.sequences, gen.logits
+                new_ids = gen[:, width:]
+                # log pi(a_t) of each sampled token, step by step (never a (batch, steps, vocab) tensor)
+                token_lp = torch.stack([
+                    sampling_log_probs(step.float(), 1.0 if greedy else float(temperature), 0 if greedy else int(top_k))
+                    .gather(-1, new_ids[:, t : t + 1]).squeeze(-1)
+                    for t, step in enumerate(steps)], dim=1).cpu().tolist()
             new = gen[:, width:].cpu()
             for r, seq in enumerate(new.tolist()):
                 i = rows[r // num_samples]
@@ -207,9 +232,11 @@ def generate(
                 out_lens[i].append(n)
                 out_done[i].append(done)
                 out_ids[i].append(seq[:n])
+                if out_lp is not None:
+                    out_lp[i].append(token_lp[r][:n])
             bar.update(len(rows))
     finally:
         bar.close()
         if was_training:
             model.train()
-    return Completions(out_texts, out_lens, out_done, out_ids)
+    return Completions(out_texts, out_lens, out_done, out_ids, out_lp)

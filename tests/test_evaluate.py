@@ -31,6 +31,26 @@ def test_policy_equal_to_reference_has_zero_kl_and_even_odds(tmp_path):
     assert [row["prompt"] for row in report["samples"]] == PROMPTS  # one per prompt, side by side
     assert json.loads((tmp_path / "r.json").read_text())["win_rate"] == 0.5
     assert "fluency (ref NLL/token)" in format_table(report, check_targets(report))
+    # fluency from the sampling pass's own log-probs: a teacher-forced forward's numbers
+    flat = [p for p in PROMPTS for _ in range(2)]
+    ids = [x for g in generate(model, tok, PROMPTS, num_samples=2, max_new_tokens=8, progress=False).token_ids for x in g]
+    nll = judges.fluency(model, tok, flat, ids)
+    assert report["reference_nll"] == pytest.approx(nll, abs=1e-5) and report["policy_nll"] == report["reference_nll"]
+
+
+def test_the_reference_judged_against_itself_is_scored_once():
+    model, tok = load_lm("tiny")
+    calls = []
+
+    def reward(prompts, responses):
+        calls.append(len(responses))
+        return torch.tensor([float(len(r)) for r in responses])
+
+    report = evaluate((model, tok), PROMPTS, reference=(model, tok), reward=reward, max_new_tokens=8, num_samples=2,
+                      progress=False)
+    assert calls == [6]  # one call for both columns: the same responses
+    assert report["policy_scores"] == report["reference_scores"] == [float(len(r)) for r in report["responses"]["reference"]]
+    assert report["policy"] == dict(report["reference"], kl=0.0)
 
 
 def test_kl_is_the_summed_log_ratio_of_the_sampled_tokens():

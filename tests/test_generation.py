@@ -53,6 +53,26 @@ def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(lm, tiny_prompts):
     assert all(1 <= n <= 6 for row in a.num_tokens for n in row)
 
 
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 5)])
+def test_logprobs_are_the_teacher_forced_log_probs_of_the_sampled_tokens(lm, tiny_prompts, temperature, top_k):
+    model, tokenizer = lm
+    kw = dict(num_samples=2, max_new_tokens=6, seed=5, temperature=temperature, top_k=top_k, batch_size=3, progress=False)
+    plain = generate(model, tokenizer, tiny_prompts, **kw)
+    got = generate(model, tokenizer, tiny_prompts, logprobs=True, **kw)
+    assert plain.logprobs is None
+    assert got.token_ids == plain.token_ids and got.texts == plain.texts  # recording them changes no sample
+    with torch.no_grad():
+        for i, prompt in enumerate(tiny_prompts):
+            ctx = encode_prompt(tokenizer, prompt)
+            for ids, lps in zip(got.token_ids[i], got.logprobs[i]):
+                logits = model(input_ids=torch.tensor([ctx + ids])).logits[0, len(ctx) - 1 : len(ctx) - 1 + len(ids)] / temperature
+                if top_k:
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                want = torch.log_softmax(logits, -1)[torch.arange(len(ids)), torch.tensor(ids)]
+                assert len(lps) == len(ids) and lps == pytest.approx(want.tolist(), abs=1e-5)
+
+
 def test_chat_messages_and_system_prompt(lm):
     model, tokenizer = lm  # no chat template: contents joined by newlines after BOS
     assert prompt_ids(tokenizer, "hello") == encode_prompt(tokenizer, "hello")
