@@ -57,6 +57,9 @@ class RewardModelConfig:
         worse; the default task's reward model (``default_config()``) trains under
         ``"auto"``: on its current pairs bf16 ranked as many hand-written pairs right as
         float32 in less CPU time (docs/benchmarks.md, "Precision on the current pairs").
+    :param eval_each_epoch: evaluate ``eval_pairs`` after every epoch (``eval/accuracy`` per
+        epoch in TensorBoard); ``False``: after the last epoch only (the final number is the
+        same; the default reward model's first use skips the earlier passes)
     """
 
     learning_rate: float = 5e-5
@@ -72,6 +75,7 @@ class RewardModelConfig:
     group_by_prompt: bool = True
     train_layers: Optional[int] = None
     autocast: Optional[str] = "off"
+    eval_each_epoch: bool = True
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
@@ -299,7 +303,7 @@ def train_reward_model(
                 metrics.update({"train/loss": loss.item(), "train/accuracy": acc})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-            if eval_inputs is not None:
+            if eval_inputs is not None and (cfg.eval_each_epoch or epoch == cfg.epochs - 1):
                 eval_acc = eval_inputs.accuracy(cfg.eval_batch_size)
                 metrics["eval/accuracy"] = eval_acc
                 if writer is not None:

@@ -189,6 +189,47 @@ def test_cli_train_rm(tmp_path, capsys):
     assert code == 1 and "missing_backbone" in capsys.readouterr().err
 
 
+def test_eval_each_epoch_off_evaluates_after_the_last_epoch_only(monkeypatch):
+    """The same training either way (evaluation draws no random numbers): the same final
+    held-out accuracy and weights, one evaluation pass instead of one per epoch."""
+    from rlhf_env.reward_trainer import PairInputs
+
+    calls = []
+    real = PairInputs.accuracy
+    monkeypatch.setattr(PairInputs, "accuracy", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    models = {}
+    for each in (True, False):
+        calls.clear()
+        cfg = RewardModelConfig(batch_size=4, epochs=2, eval_each_epoch=each)
+        models[each] = train_reward_model(SEPARABLE[:4], eval_pairs=SEPARABLE[4:], config=cfg, progress=False)
+        assert len(calls) == (2 if each else 1)
+    assert models[True].metrics == models[False].metrics
+    assert torch.equal(models[True].head.weight, models[False].head.weight)
+
+
+def test_default_reward_model_is_evaluated_once_on_first_use(tmp_path, monkeypatch):
+    import rlhf_env.reward_trainer as trainer
+    from rlhf_env.default_reward_model import default_config, default_reward_model_dir
+
+    seen = {}
+
+    def fake_train(pairs, eval_pairs, config, **kwargs):
+        seen["config"] = config
+
+        class Trained:
+            def save(self, folder):
+                seen["saved"] = folder
+
+        return Trained()
+
+    monkeypatch.setenv("RLHF_ENV_CACHE", str(tmp_path))
+    monkeypatch.setattr(trainer, "train_reward_model", fake_train)
+    default_reward_model_dir(progress=False)
+    from dataclasses import replace
+
+    assert seen["config"] == replace(default_config(), eval_each_epoch=False) and str(tmp_path) in str(seen["saved"])
+
+
 def test_cli_train_rm_defaults_are_the_default_reward_model(tmp_path, monkeypatch):
     """With no flags but -o, `rlhf-env train-rm` trains what RewardModel.default() trains:
     the same pairs, the same settings, the same held-out file."""
