@@ -25,6 +25,8 @@ BENCHMARKS = {
     "tone_noise": ("benchmarks.tone_noise", "the demo's tone judge on the starting model over sampling seeds: its noise floor"),
     "diversity_noise": ("benchmarks.diversity_noise", "the demo's distinct-2 judge on the starting model: seeds, temperatures, "
                         "its own most fluent responses (plain vs fluent-only distinct-2)"),
+    "friendly_mode": ("benchmarks.friendly_mode", "the starting model under a friendly system message, judged against "
+                      "itself as the demo judges: tone without RL"),
 }
 
 
