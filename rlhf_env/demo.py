@@ -99,8 +99,8 @@ class DemoConfig:
     :param total_seconds: the whole demo's budget: training also stops early enough that
         the final evaluation and the saving fit in it (first runs build the cached model
         and the default reward model, which eats into the training time). 500 s: a fresh
-        machine's ``make demo`` is the install (about 100 s) plus about this, within 10 minutes
-        (measured: 560 s gave 10 min 28 s, docs/benchmarks.md).
+        machine's ``make demo`` is the install (65-100 s) plus about this, within 10 minutes
+        (measured: 560 s gave 10 min 28 s; 500 s gave 8 min 35 s and 9 min 29 s, docs/benchmarks.md).
     :param max_iterations: hard cap on training iterations (rollout + update).
     :param eval_prompts: held-out prompts judged before and after (None: all 60; N: the first
         N). All 60: the untrained model's tone varies over sampling seeds by a standard
