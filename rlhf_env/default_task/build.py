@@ -49,9 +49,25 @@ def vader_scores(texts: list[str]) -> list[float]:
 FRIENDLY_SYSTEM = "You are a warm, friendly assistant. Answer the user helpfully, in a kind and positive tone."
 
 
+def policy_provenance(path: str | Path) -> str:
+    """How a trained policy directory was made, in one line, from the ``rlhf_env_training.json``
+    that a text agent's ``save()`` writes beside the weights (algorithm, learning rate, seed,
+    updates, starting model, env and its reward model); the folder name when there is none."""
+    info_file = Path(path) / "rlhf_env_training.json"
+    if not info_file.is_file():
+        return Path(path).name
+    info = json.loads(info_file.read_text(encoding="utf-8"))
+    hp = info.get("hyperparameters", {})
+    env = info.get("env", {})
+    return (f"{info.get('algorithm', '?')} lr {hp.get('learning_rate', '?')} seed {hp.get('seed', '?')}, "
+            f"{info.get('n_updates', '?')} updates of {info.get('base_model', '?')} (train_layers {info.get('train_layers', '?')}) "
+            f"on {env.get('id', '?')} (reward model: {env.get('reward_model', '?')}, {env.get('max_new_tokens', '?')} new tokens)")
+
+
 def sample_round(
     r: int, model_name: str = "smollm2-135m", max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0,
     device: str = "cpu", out_dir: Path = TASK_DIR, round_size: int = 4, system: str | None = None,
+    policies: list[str] | None = None, policy_note: str | None = None,
 ) -> dict:
     """Sample round ``r`` for both splits into ``samples_{split}.jsonl`` (``r = 0``) or
     ``samples_{split}_r{r}.jsonl``: ``round_size`` responses per prompt at temperature 1
@@ -62,6 +78,13 @@ def sample_round(
 
     :param system: a system message to sample under (recorded in each row's ``system``);
         ``None``: the chat template's own, the env's context
+    :param policies: trained policies (Hugging Face directories) to sample from instead of
+        ``model_name``: ``round_size`` responses per prompt from each, in turn (policy ``i``
+        seeded ``+ 100 i``), each row recording its policy's provenance in ``policy``
+        (:func:`policy_provenance`, then ``policy_note``): an online round, answers the
+        policy writes once it is trained against a reward model
+    :param policy_note: appended to each row's ``policy`` (e.g. the reward model's version
+        and the command that trained the policy)
     :return: a summary (counts, mean tone, seconds)
     """
     from rlhf_env.envs.prompt import TEMPLATE_DEFAULT
@@ -71,15 +94,22 @@ def sample_round(
     if r < 0:
         raise ValueError(f"round must be >= 0, got {r}")
     train, test = split_prompts(make_prompts())
-    model, tokenizer = load_lm(model_name, device=device)
+    samplers = [(model_name, None)] if not policies else [
+        (path, policy_provenance(path) + (f"; {policy_note}" if policy_note else "")) for path in policies]
+    models = [(load_lm(name, device=device), provenance) for name, provenance in samplers]
     summary: dict = {"round": r}
     for split, prompts, split_seed in (("train", train, seed), ("test", test, seed + 1)):
         t0 = time.time()
-        responses = generate(model, tokenizer, prompts, num_samples=round_size, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size * round_size, seed=split_seed + 2 * r, progress=f"sampling {split}",
-                             system_prompt=TEMPLATE_DEFAULT if system is None else system).texts
-        extra = {} if system is None else {"system": system}
-        rows = [{"prompt": p, "response": x, **extra} for p, rs in zip(prompts, responses) for x in rs]
+        rows = []
+        for i, ((model, tokenizer), provenance) in enumerate(models):
+            responses = generate(model, tokenizer, prompts, num_samples=round_size, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size * round_size, seed=split_seed + 2 * r + 100 * i,
+                                 progress=f"sampling {split}" + (f" from policy {i}" if provenance else ""),
+                                 system_prompt=TEMPLATE_DEFAULT if system is None else system).texts
+            extra = {} if system is None else {"system": system}
+            if provenance:
+                extra["policy"] = provenance
+            rows += [{"prompt": p, "response": x, **extra} for p, rs in zip(prompts, responses) for x in rs]
         scores = vader_scores([row["response"] for row in rows])
         for row, sc in zip(rows, scores):
             row["score"] = round(sc, 4)
@@ -137,8 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-size", type=int, default=4, help="responses per prompt in a sampled round (default: 4)")
     parser.add_argument("--system", default=None, help="sample the round under this system message (recorded in each row; "
                         "default: the chat template's own, the env's context); 'friendly': the shipped round 2's")
+    parser.add_argument("--policy", action="append", default=None, metavar="DIR",
+                        help="sample the round from this trained policy (a Hugging Face directory, e.g. a text agent's "
+                             "save_pretrained or the demo's policy/) instead of --model; repeat for several, --round-size "
+                             "answers from each; each row records the policy's provenance (rlhf_env_training.json) in 'policy'. "
+                             "The judges stay those of --model, the starting model")
+    parser.add_argument("--policy-note", default=None, help="appended to each row's 'policy' (e.g. how the policy was trained)")
     parser.add_argument("--judge", action="store_true", help="re-judge every sample (relevance, nll), even those judged")
-    parser.add_argument("--model", default="smollm2-135m", help="starting model: sampler and fluency judge (default: smollm2-135m)")
+    parser.add_argument("--model", default="smollm2-135m", help="starting model: sampler (unless --policy) and fluency judge "
+                        "(default: smollm2-135m)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sampled response at most (default: 48)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate / judge call (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and relabelling seed (default: 0)")
@@ -156,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.round is not None:
         system = FRIENDLY_SYSTEM if args.system == "friendly" else args.system
         print(json.dumps(sample_round(args.round, args.model, args.max_new_tokens, args.batch_size, args.seed, args.device,
-                                      args.out_dir, args.round_size, system)))
+                                      args.out_dir, args.round_size, system, args.policy, args.policy_note)))
     t0 = time.time()
     judged = judge_samples(args.out_dir, args.model, args.device, args.batch_size, force=args.judge)
     if judged:
