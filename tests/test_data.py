@@ -255,6 +255,77 @@ def test_relabel_adds_off_topic_cheer_only_when_it_is_off_topic():
     assert relabel(samples, cfg, seed=3, relevance_fn=_no_relevance) == relabel(samples, cfg, seed=3, relevance_fn=_no_relevance)
 
 
+def test_overused_ngrams_are_the_policys_own_phrases_across_prompts():
+    from rlhf_env.default_task.relabel import holds_overused, overused_ngrams
+
+    policy = {"How do I fix a squeaky door?": ["Glad you asked! Oil a squeaky door hinge."],
+              "Is a squeaky door dangerous?": ["Glad you asked! A squeaky door is harmless."],
+              "What should I cook?": ["Glad you asked! Try pasta, the soil is fine.", "Glad you asked again."]}
+    others = ["Oil the hinge.", "Try pasta tonight.", "Glad you asked! Try rice.", "the soil is dry", "the soil is wet",
+              "A squeaky door is loud.", "Soup.", "Rice."]
+    # "glad you asked" is in the answers to 3 of 3 prompts (once per prompt, though twice for the last)
+    # and in 1 of 8 other samples: 1.0 >= 3 x 0.125. "a squeaky door" is in two prompts' answers but both
+    # prompts hold it; "the soil is" answers one prompt only
+    assert overused_ngrams(policy, others, 0.5, 3.0) == {("glad", "you", "asked")}
+    assert overused_ngrams(policy, others, 0.5, 9.0) == set()  # the starting model writes it too often for that ratio
+    # "the soil is": 1 of 3 prompts, but 2 of 8 other samples (ratio 1.3): both write it, not over-used
+    assert ("the", "soil", "is") not in overused_ngrams(policy, others, 0.2, 3.0)
+    assert ("the", "soil", "is") in overused_ngrams(policy, others, 0.2, 1.0)
+    assert ("a", "squeaky", "door") not in overused_ngrams(policy, others, 0.2, 1.0)
+    stock = {("glad", "you", "asked"), ("a", "squeaky", "door")}
+    assert holds_overused("What should I cook?", "Glad you asked! Pasta.", stock)
+    assert not holds_overused("Is a squeaky door dangerous?", "A squeaky door is harmless.", stock)  # the prompt's words
+    assert not holds_overused("What should I cook?", "Pasta.", stock)
+
+
+def _policy_row(response, tone, relevance, nll):
+    return {**_row(response, tone, relevance, nll), "policy": "RLOO lr 0.0001 seed 0 (hand-made)"}
+
+
+def test_relabel_overused_pairs_reject_the_policys_stock_opener():
+    from rlhf_env.default_task.relabel import RelabelConfig, relabel
+
+    glad = "I'm glad to hear that"
+    samples = {
+        "How do I keep basil alive?": [
+            _policy_row(f"{glad} you love basil! Water it when the soil is dry.", 0.8, 0.60, 2.0),  # stock opener
+            _row("Basil loves sun; water it when the soil is dry and it will thrive.", 0.6, 0.62, 2.2),  # as good
+            _row("Water it when the soil is dry.", 0.0, 0.60, 2.0),  # plain: far less friendly
+            _row("Lovely stars are out tonight, what a joy!", 0.9, 0.10, 2.1),  # cheerful, off-topic
+            _row("Basil basil wonderful water sun sun happy plant.", 0.7, 0.60, 4.0),  # garbled: far less fluent
+        ],
+        "How do I fix a squeaky door?": [
+            _policy_row(f"{glad} your door matters! Oil the hinges.", 0.7, 0.60, 2.0),
+            _row("Oil the hinges and the squeak will be gone, happily.", 0.6, 0.60, 2.1),
+        ],
+        "What should I cook tonight?": [
+            _policy_row(f"{glad} you want to cook! Try pasta.", 0.7, 0.60, 2.0),
+            _policy_row("A warm soup is a lovely pick for a cold night.", 0.7, 0.60, 2.0),  # the policy, no stock phrase
+            _row("Pasta is quick.", 0.0, 0.50, 2.5),
+        ],
+    }
+    # every sample answers its prompt (no quantile floor): the judges alone decide
+    cfg = RelabelConfig(relevance_quantile=0.0, nll_quantile=1.0, overused_share=0.5, overused_ratio=3.0, stock_share=1.0)
+    pairs = relabel(samples, cfg, relevance_fn=_no_relevance)
+    overused = {(r["chosen"][:12], r["rejected"][:12]) for r in pairs if r["kind"] == "overused"}
+    # "i'm glad to" / "glad to hear" / "to hear that" open the policy's answers to 3 of 3 prompts and
+    # no starting-model sample: each such answer is rejected for an as-good answer without it; not for
+    # the plain one (0.8 less friendly), the off-topic one (0.5 less relevant), the garbled one (NLL +2)
+    assert overused == {("Basil loves ", "I'm glad to "), ("Oil the hing", "I'm glad to "), ("A warm soup ", "I'm glad to ")}
+    # an answer built on the opener is never a chosen side, of any kind
+    assert pairs and not [r for r in pairs if r["chosen"].startswith(glad)]
+    # at most overused_per_prompt per prompt
+    lenient = RelabelConfig(relevance_quantile=0.0, nll_quantile=1.0, overused_share=0.5, stock_share=1.0,
+                            overused_tone_tolerance=1.0, relevance_tolerance=1.0, nll_tolerance=5.0, overused_per_prompt=1)
+    per_prompt = [r["prompt"] for r in relabel(samples, lenient, relevance_fn=_no_relevance) if r["kind"] == "overused"]
+    assert sorted(per_prompt) == sorted(samples)
+    # without policy samples (no row records a policy) nothing is over-used: the pairs of overused=False
+    plain = {p: [{k: v for k, v in r.items() if k != "policy"} for r in rows] for p, rows in samples.items()}
+    assert relabel(plain, cfg, relevance_fn=_no_relevance) == relabel(
+        plain, RelabelConfig(**{**cfg.__dict__, "overused": False}), relevance_fn=_no_relevance)
+    assert not [r for r in relabel(plain, cfg, relevance_fn=_no_relevance) if r["kind"] == "overused"]
+
+
 def test_repetition_by_hand():
     from rlhf_env.default_task.relabel import repetition
 

@@ -29,6 +29,16 @@ three independent judges (:mod:`rlhf_env.judges`) must agree:
   rejected). Judged pairs are capped per prompt, and a phrase found in many samples
   (``stock_share``) is never what makes the warm side of a pair warm: a policy rewarded
   for a stock phrase writes it everywhere.
+* **over-used phrases** (``default-v7``, an online round): RLOO on ``default-v6`` found
+  stock openers that v6 pays for ("I'm glad to hear that...", "Here's a simple way to..."),
+  wrote them across prompts and lost distinct-2; the stock filter above could not see them
+  because the starting model rarely writes them. Samples of the trained policy (a round
+  whose rows record their ``policy``) show them: a word 3-gram the policy writes for many
+  prompts (not copied from the prompt) far more often than the starting model does
+  (:func:`overused_ngrams`) makes an answer that holds it never a chosen side, and
+  ``overused`` pairs reject such a policy answer for a same-prompt answer without one
+  that is about as warm, relevant and fluent (Bai et al. 2022's iterated online RLHF, on
+  the policy's own samples).
 
 :func:`relabel` is the rule on samples in memory; :func:`build_pairs` applies it to a
 split's shipped samples.
@@ -109,6 +119,19 @@ class RelabelConfig:
         a stock phrase that its rejected one lacks: a word 3-gram found in more than this share of
         the split's samples (e.g. "i'm happy to"). A policy rewarded for a stock phrase
         puts it in every answer
+    :param overused: with policy samples among the samples (rows with a ``policy``), find
+        the phrases the policy over-uses (:func:`overused_ngrams`: ``overused_share``,
+        ``overused_ratio``), keep every answer that holds one off the chosen side of all
+        pairs, and add ``overused`` pairs: a policy answer holding one, rejected, against a
+        same-prompt answer without one, at most ``overused_tone_tolerance`` less friendly,
+        ``relevance_tolerance`` less relevant and ``nll_tolerance`` less fluent
+    :param overused_share: a 3-gram is over-used when policy answers to more than this share
+        of the prompts hold it (outside the prompt's own words) ...
+    :param overused_ratio: ... and that share is at least this many times its share of the
+        other samples (the starting model's): phrases the policy learned, not ones both write
+    :param overused_tone_tolerance: see ``overused``
+    :param overused_per_prompt: at most this many ``overused`` pairs per prompt (a seeded draw;
+        ``None``: all)
     """
 
     tone_margin: float = 0.3
@@ -126,6 +149,11 @@ class RelabelConfig:
     judged_per_prompt: int | None = 4
     praise: bool = True
     stock_share: float = 0.02
+    overused: bool = True
+    overused_share: float = 0.03
+    overused_ratio: float = 3.0
+    overused_tone_tolerance: float = 0.3
+    overused_per_prompt: int | None = 2
 
 
 def repetition(text: str, n: int = 3) -> float:
@@ -156,6 +184,31 @@ def stock_ngrams(texts: Sequence[str], share: float, n: int = 3) -> set[tuple[st
     for t in texts:
         counts.update(set(ngrams(words(t), n)))
     return {g for g, c in counts.items() if c > share * len(texts)}
+
+
+def overused_ngrams(policy: dict[str, Sequence[str]], others: Sequence[str], share: float, ratio: float,
+                    n: int = 3) -> set[tuple[str, ...]]:
+    """The word ``n``-grams a policy over-uses: found in its answers to more than ``share``
+    of its prompts (counted once per prompt, never when the prompt holds it: "a squeaky
+    door" answers a prompt about one) and at least ``ratio`` times as often as in
+    ``others`` (counted once per text; the starting model's samples).
+
+    :param policy: ``{prompt: [policy answer, ...]}``
+    """
+    counts: Counter = Counter()
+    for prompt, texts in policy.items():
+        own = set(ngrams(words(prompt), n))
+        counts.update(set().union(*(set(ngrams(words(t), n)) for t in texts)) - own if texts else set())
+    base: Counter = Counter()
+    for t in others:
+        base.update(set(ngrams(words(t), n)))
+    return {g for g, c in counts.items() if c > share * len(policy)
+            and c / len(policy) >= ratio * base[g] / max(1, len(others))}
+
+
+def holds_overused(prompt: str, text: str, overused: set[tuple[str, ...]], n: int = 3) -> bool:
+    """Whether ``text`` holds an over-used ``n``-gram (:func:`overused_ngrams`) that ``prompt`` does not."""
+    return bool((set(ngrams(words(text), n)) & overused) - set(ngrams(words(prompt), n)))
 
 
 def adds_stock(chosen: str, rejected: str, stock: set[tuple[str, ...]], n: int = 3) -> bool:
@@ -234,7 +287,7 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
     :param relevance_fn: the relevance judge for off-topic candidates (default:
         :func:`rlhf_env.judges.relevance`)
     :return: rows ``{prompt, chosen, rejected, kind}``; ``kind`` is ``judged``, ``warm``,
-        ``boilerplate``, ``repetition``, ``off_topic``, ``rude``, ``praise`` or ``cold``
+        ``overused``, ``boilerplate``, ``repetition``, ``off_topic``, ``rude``, ``praise`` or ``cold``
     """
     cfg = cfg or RelabelConfig()
     if relevance_fn is None:
@@ -249,8 +302,19 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
             if not row["response"].strip() or row.get("nll") is None:
                 continue
             rows.append({"response": row["response"], "tone": row["score"], "relevance": row["relevance"],
-                         "nll": row["nll"], "repetition": repetition(row["response"])})
+                         "nll": row["nll"], "repetition": repetition(row["response"]), "policy": bool(row.get("policy"))})
         judged[p] = rows
+    # the phrases a trained policy over-uses (none without policy samples): never on a chosen side
+    overused: set = set()
+    if cfg.overused:
+        policy = {p: [r["response"] for r in rows if r["policy"]] for p, rows in judged.items()}
+        policy = {p: texts for p, texts in policy.items() if texts}
+        if policy:
+            others = [r["response"] for rows in judged.values() for r in rows if not r["policy"]]
+            overused = overused_ngrams(policy, others, cfg.overused_share, cfg.overused_ratio)
+    for p, rows in judged.items():
+        for r in rows:
+            r["overused"] = bool(overused) and holds_overused(p, r["response"], overused)
     # the samples that answer their prompt: relevant and fluent within the prompt's better half
     answers: dict[str, list[dict]] = {}
     for p, rows in judged.items():
@@ -259,12 +323,14 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
             continue
         rel_floor = _quantile([r["relevance"] for r in rows], cfg.relevance_quantile)
         nll_ceiling = _quantile([r["nll"] for r in rows], cfg.nll_quantile)
-        ok = [r for r in rows if r["relevance"] >= rel_floor and r["nll"] <= nll_ceiling and r["repetition"] <= cfg.max_repetition]
+        ok = [r for r in rows if r["relevance"] >= rel_floor and r["nll"] <= nll_ceiling and r["repetition"] <= cfg.max_repetition
+              and not r["overused"]]
         answers[p] = sorted(ok, key=lambda r: -r["tone"])
     # the most positive sample of each prompt: off-topic cheer for the others
     cheer = {p: max(rows, key=lambda r: r["tone"])["response"] for p, rows in judged.items() if rows}
     stock = stock_ngrams([r["response"] for rows in judged.values() for r in rows], cfg.stock_share) if cfg.warm or cfg.cold else set()
     warm_rng = random.Random(seed + 7919)  # the caps' own generator: the failure modes' draws do not move
+    overused_rng = random.Random(seed + 104729)  # the overused kind's own: the other kinds' draws do not move
     out: list[dict] = []
     for p in prompts:
         seen = set()
@@ -287,6 +353,18 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
             for chosen, rejected in warm:
                 seen.add((chosen, rejected))
                 out.append({"prompt": p, "chosen": chosen, "rejected": rejected, "kind": "warm"})
+        if overused:
+            # a policy answer built on an over-used phrase against one as good without it
+            stale = [(a["response"], b["response"]) for b in judged[p] if b["policy"] and b["overused"] for a in answers[p]
+                     if (a["response"], b["response"]) not in seen and a["tone"] >= b["tone"] - cfg.overused_tone_tolerance
+                     and a["relevance"] >= b["relevance"] - cfg.relevance_tolerance and a["nll"] <= b["nll"] + cfg.nll_tolerance
+                     and a["repetition"] <= max(b["repetition"], cfg.max_repetition)]
+            stale = list(dict.fromkeys(stale))
+            if cfg.overused_per_prompt is not None and len(stale) > cfg.overused_per_prompt:
+                stale = overused_rng.sample(stale, cfg.overused_per_prompt)
+            for chosen, rejected in stale:
+                seen.add((chosen, rejected))
+                out.append({"prompt": p, "chosen": chosen, "rejected": rejected, "kind": "overused"})
         # one response per failure mode and prompt, paired with each of the best answers
         best = answers[p][: cfg.failure_chosen]
         if not best:
