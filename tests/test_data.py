@@ -335,23 +335,34 @@ def test_repetition_by_hand():
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_shipped_pairs_follow_the_judges(split):
-    from rlhf_env.default_task.relabel import RelabelConfig, adds_stock, agree, friendlier, repetition, stock_ngrams
+    from rlhf_env.default_task.relabel import (RelabelConfig, adds_stock, agree, friendlier, holds_overused, policy_overused,
+                                               repetition, stock_ngrams)
 
     rows = [json.loads(line) for line in (TASK_DIR / f"pairs_{split}.jsonl").read_text(encoding="utf-8").split("\n") if line]
     prompts = set((ASSETS / f"prompts_{split}.txt").read_text(encoding="utf-8").splitlines())
     samples = shipped_samples(split)
-    # 8 samples per prompt in the env's context, 2 in the friendly round (its system message recorded)
-    assert all(len(v) == 10 and sum(bool(r.get("system")) for r in v) == 2 for v in samples.values()) and set(samples) == prompts
+    # 8 samples per prompt in the env's context, 2 in the friendly round (its system message recorded),
+    # 2 from trained policies (the online round r3, each recording its policy)
+    assert all(len(v) == 12 and sum(bool(r.get("system")) for r in v) == 2 and sum(bool(r.get("policy")) for r in v) == 2
+               for v in samples.values()) and set(samples) == prompts
     judged = {(p, r["response"]): {"tone": r["score"], "relevance": r["relevance"], "nll": r["nll"],
                                    "repetition": repetition(r["response"])} for p, rs in samples.items() for r in rs}
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"judged", "warm", "boilerplate", "repetition", "off_topic", "rude", "praise", "cold"}
+    assert kinds == {"judged", "warm", "boilerplate", "repetition", "off_topic", "rude", "praise", "cold", "overused", "stock_opener"}
     assert len(rows) >= (1000 if split == "train" else 200) and all(r["prompt"] in prompts for r in rows)
     cfg = RelabelConfig()
     stock = stock_ngrams([r["response"] for rs in samples.values() for r in rs], cfg.stock_share)
+    overused = policy_overused({**shipped_samples("train"), **shipped_samples("test")}, cfg)
+    assert {("i'm", "glad", "to"), ("here's", "a", "simple")} <= overused
+    policy = {(p, r["response"]) for p, rs in samples.items() for r in rs if r.get("policy")}
     per_prompt = {}
     for r in rows:
         assert (r["prompt"], r["chosen"]) in judged  # the chosen side is always a real answer
+        assert not holds_overused(r["prompt"], r["chosen"], overused)  # ... without a phrase the policy over-uses
+        if r["kind"] == "overused":
+            assert (r["prompt"], r["rejected"]) in policy and holds_overused(r["prompt"], r["rejected"], overused)
+        if r["kind"] == "stock_opener":
+            assert r["rejected"].endswith(" " + r["chosen"]) and holds_overused(r["prompt"], r["rejected"], overused)
         if r["kind"] == "judged":
             assert agree(judged[(r["prompt"], r["chosen"])], judged[(r["prompt"], r["rejected"])], cfg)
             per_prompt[r["prompt"]] = per_prompt.get(r["prompt"], 0) + 1

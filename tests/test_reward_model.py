@@ -343,7 +343,7 @@ def test_default_training_pairs_are_the_judged_pairs_of_all_sampling_rounds():
     train, test = default_pairs()
     assert pairs == train and len(pairs) >= 1000
     samples = shipped_samples("train")
-    assert len(samples) == 282 and all(len(v) == 10 for v in samples.values())
+    assert len(samples) == 282 and all(len(v) == 12 for v in samples.values())  # rounds 0-2 (10) and the policy round r3 (2)
     assert {p.prompt for p in pairs} <= set(samples) and not {p.prompt for p in pairs} & {p.prompt for p in test}
     # every sample carries its judges' scores
     assert all({"score", "relevance", "nll"} <= set(r) for rs in samples.values() for r in rs)

@@ -5,16 +5,18 @@ friendly tone". This module reads the shipped files; ``python -m rlhf_env.defaul
 Files under ``rlhf_env/assets``:
 
 * ``prompts_train.txt`` / ``prompts_test.txt``: the prompts (:mod:`.prompts`).
-* ``task/samples_{split}.jsonl``, ``task/samples_{split}_r1.jsonl``, ``_r2``: responses
-  sampled from the starting model (SmolLM2-135M-Instruct, 4 per prompt in rounds 0 and 1
-  in the env's context; 2 per prompt in round 2 under a friendly system message, recorded
-  in each row's ``system``), each with its independent judges' scores: ``score`` (tone,
+* ``task/samples_{split}.jsonl``, ``task/samples_{split}_r1.jsonl``, ``_r2``, ``_r3``:
+  responses sampled from the starting model (SmolLM2-135M-Instruct, 4 per prompt in rounds
+  0 and 1 in the env's context; 2 per prompt in round 2 under a friendly system message,
+  recorded in each row's ``system``) and, in round 3, from two policies that RLOO trained
+  against ``default-v6`` (1 per prompt each, in the env's context, each row recording its
+  ``policy``: an online round), each with its independent judges' scores: ``score`` (tone,
   VADER), ``relevance`` (MiniLM prompt-response cosine) and ``nll`` (the starting model's
   NLL per token, in the env's context).
 * ``task/pairs_{split}.jsonl``: the preference pairs (:mod:`.relabel`): pairs of samples
   that the judges agree on, pairs that tone alone decides among equally good answers, and
   the failure modes (boilerplate, repeated phrases, off-topic cheer, rudeness, canned
-  praise) as rejected responses. The default reward model trains on
+  praise, phrases the trained policy over-uses) as rejected responses. The default reward model trains on
   ``pairs_train.jsonl`` and is evaluated on ``pairs_test.jsonl``.
 * ``task/handwritten.jsonl``: hand-written pairs on new prompts, each tagged with what it
   tests (``tone``, ``relevance``, ``correctness``): a check no builder rule produced.

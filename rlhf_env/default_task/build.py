@@ -9,7 +9,15 @@ Three steps, each reproducible (fixed seeds, no network):
    message instead of the chat template's own (the env's context) and records it in each
    row's ``system``: the shipped round 2 is the model's friendly mode
    (:data:`FRIENDLY_SYSTEM`, 2 per prompt), answers the policy can reach with little KL
-   because the same model writes them.
+   because the same model writes them. ``--policy DIR`` (repeatable) samples the round from
+   trained policies instead, recording each one's provenance in the row's ``policy``: the
+   shipped round 3 is an online round, 1 answer per prompt from each of two RLOO policies
+   trained against ``default-v6`` (``rlhf_env.demo.run_demo(DemoConfig(method="rloo",
+   learning_rate=1e-4, seed=S, threads=1))``, S = 0, 1), whose stock openers the
+   ``overused`` pairs of :mod:`.relabel` reject::
+
+       python -m rlhf_env.default_task --round 3 --round-size 1 --policy RUN0/policy \
+           --policy RUN1/policy --policy-note "..." --batch-size 32 --threads 1
 2. **judge** (``--judge``, and by default any sample not yet judged): each sample gets
    its independent judges' scores (:mod:`rlhf_env.judges`): ``score`` (tone, VADER),
    ``relevance`` (MiniLM prompt-response cosine) and ``nll`` (the starting model's

@@ -132,6 +132,19 @@ class RelabelConfig:
     :param overused_tone_tolerance: see ``overused``
     :param overused_per_prompt: at most this many ``overused`` pairs per prompt (a seeded draw;
         ``None``: all)
+    :param stock_swap: with over-used phrases found, add a ``stock_swap`` pair per prompt: the
+        first of its best answers (``failure_chosen``) that has one, against itself with its warmest sentence
+        swapped for a sentence the policy wrote around an over-used phrase
+        (:func:`stock_sentences`, a seeded draw among those that leave the swapped answer no
+        friendlier by VADER and about as relevant: :func:`stock_swap`): the content, the tone
+        and the relevance stay, the stock phrase is what differs. Natural answers as good as the policy's are few (its answers are warmer
+        and, to the starting model, more likely), so ``overused`` pairs alone are a small
+        share of the pairs
+    :param overused_policy_only: keep only the policy's answers that hold an over-used phrase
+        off the chosen side (the starting model's then follow ``stock_share`` alone)
+    :param stock_opener: add ``stock_opener`` pairs instead: the best answer against itself
+        opened with such a sentence. The rejected side is then always the warmer one, and
+        the reward model learned "a warm sentence costs" (docs/benchmarks.md, ``default-v7``)
     """
 
     tone_margin: float = 0.3
@@ -151,9 +164,12 @@ class RelabelConfig:
     stock_share: float = 0.02
     overused: bool = True
     overused_share: float = 0.03
-    overused_ratio: float = 3.0
-    overused_tone_tolerance: float = 0.3
+    overused_ratio: float = 5.0
+    overused_tone_tolerance: float = 0.1
     overused_per_prompt: int | None = 2
+    stock_swap: bool = True
+    overused_policy_only: bool = False
+    stock_opener: bool = False
 
 
 def repetition(text: str, n: int = 3) -> float:
@@ -209,6 +225,24 @@ def overused_ngrams(policy: dict[str, Sequence[str]], others: Sequence[str], sha
 def holds_overused(prompt: str, text: str, overused: set[tuple[str, ...]], n: int = 3) -> bool:
     """Whether ``text`` holds an over-used ``n``-gram (:func:`overused_ngrams`) that ``prompt`` does not."""
     return bool((set(ngrams(words(text), n)) & overused) - set(ngrams(words(prompt), n)))
+
+
+def stock_sentences(samples: dict[str, list[dict]], overused: set[tuple[str, ...]], n: int = 3) -> list[str]:
+    """The complete sentences (4 to 30 words, ending in ``.``, ``!`` or ``?``) of the policy
+    samples (rows with a ``policy``) that hold an over-used ``n``-gram not in their prompt,
+    each once, in the samples' order ("I'm glad to hear that you're looking to help out.")."""
+    out: dict[str, None] = {}
+    for p, rows in samples.items():
+        own = set(ngrams(words(p), n))
+        for row in rows:
+            if not row.get("policy"):
+                continue
+            for sentence in _SENTENCE_END.split(row["response"].strip()):
+                sentence = sentence.strip()
+                if (4 <= len(sentence.split()) <= 30 and sentence[-1:] in ".!?"
+                        and (set(ngrams(words(sentence), n)) & overused) - own):
+                    out[sentence] = None
+    return list(out)
 
 
 def adds_stock(chosen: str, rejected: str, stock: set[tuple[str, ...]], n: int = 3) -> bool:
@@ -276,8 +310,42 @@ def cold(chosen: str, tone_fn: Callable[[list[str]], list[float]], margin: float
     return rest if before - after >= margin else None
 
 
+def policy_overused(samples: dict[str, list[dict]], cfg: RelabelConfig) -> set[tuple[str, ...]]:
+    """:func:`overused_ngrams` of the policy samples (rows with a ``policy``) against the
+    others (the starting model's), with ``cfg``'s thresholds; empty without policy samples."""
+    policy = {p: [r["response"] for r in rows if r.get("policy") and r["response"].strip()] for p, rows in samples.items()}
+    policy = {p: texts for p, texts in policy.items() if texts}
+    if not policy:
+        return set()
+    others = [r["response"] for rows in samples.values() for r in rows if not r.get("policy") and r["response"].strip()]
+    return overused_ngrams(policy, others, cfg.overused_share, cfg.overused_ratio)
+
+
+def stock_swap(prompt: str, chosen: str, stock: Sequence[str], tone_fn: Callable[[list[str]], list[float]],
+               relevance_fn: Callable[[list[str], list[str]], list[float]], rng: random.Random, tries: int = 8,
+               relevance_tolerance: float = 0.05) -> str | None:
+    """The answer with its warmest sentence (by VADER) swapped for one of the ``stock``
+    sentences (up to ``tries`` seeded draws), the first that leaves the answer no friendlier
+    than it was and at most ``relevance_tolerance`` less relevant to the prompt (a stock
+    sentence about something else would teach relevance, not the phrase); None when it has a
+    single sentence or no draw qualifies."""
+    sentences = [x for x in _SENTENCE_END.split(chosen.strip()) if x]
+    if len(sentences) < 2 or not stock:
+        return None
+    scores = tone_fn(sentences)
+    k = max(range(len(sentences)), key=lambda i: scores[i])
+    candidates = list(dict.fromkeys(" ".join(sentences[:k] + [rng.choice(stock)] + sentences[k + 1:]) for _ in range(tries)))
+    before, *after = tone_fn([chosen] + candidates)
+    candidates = [c for c, t in zip(candidates, after) if t <= before and c != chosen]
+    if not candidates:
+        return None
+    rel, *rels = relevance_fn([prompt] * (len(candidates) + 1), [chosen] + candidates)
+    return next((c for c, r in zip(candidates, rels) if r >= rel - relevance_tolerance), None)
+
+
 def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, seed: int = 0,
-            relevance_fn: Callable[[list[str], list[str]], list[float]] | None = None) -> list[dict]:
+            relevance_fn: Callable[[list[str], list[str]], list[float]] | None = None,
+            overused: set[tuple[str, ...]] | None = None) -> list[dict]:
     """Preference pairs from judged samples (see the module docstring).
 
     :param samples: ``{prompt: [row, ...]}``; a row holds ``response``, ``score`` (tone),
@@ -286,8 +354,11 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
     :param seed: seed of the failure modes' choices
     :param relevance_fn: the relevance judge for off-topic candidates (default:
         :func:`rlhf_env.judges.relevance`)
+    :param overused: the phrases the policy over-uses (with ``cfg.overused``; default:
+        :func:`policy_overused` of ``samples``)
     :return: rows ``{prompt, chosen, rejected, kind}``; ``kind`` is ``judged``, ``warm``,
-        ``overused``, ``boilerplate``, ``repetition``, ``off_topic``, ``rude``, ``praise`` or ``cold``
+        ``overused``, ``boilerplate``, ``repetition``, ``off_topic``, ``rude``, ``praise``,
+        ``stock_swap``, ``stock_opener`` or ``cold``
     """
     cfg = cfg or RelabelConfig()
     if relevance_fn is None:
@@ -305,13 +376,10 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
                          "nll": row["nll"], "repetition": repetition(row["response"]), "policy": bool(row.get("policy"))})
         judged[p] = rows
     # the phrases a trained policy over-uses (none without policy samples): never on a chosen side
-    overused: set = set()
-    if cfg.overused:
-        policy = {p: [r["response"] for r in rows if r["policy"]] for p, rows in judged.items()}
-        policy = {p: texts for p, texts in policy.items() if texts}
-        if policy:
-            others = [r["response"] for rows in judged.values() for r in rows if not r["policy"]]
-            overused = overused_ngrams(policy, others, cfg.overused_share, cfg.overused_ratio)
+    if not cfg.overused:
+        overused = set()
+    elif overused is None:
+        overused = policy_overused(samples, cfg)
     for p, rows in judged.items():
         for r in rows:
             r["overused"] = bool(overused) and holds_overused(p, r["response"], overused)
@@ -324,13 +392,14 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
         rel_floor = _quantile([r["relevance"] for r in rows], cfg.relevance_quantile)
         nll_ceiling = _quantile([r["nll"] for r in rows], cfg.nll_quantile)
         ok = [r for r in rows if r["relevance"] >= rel_floor and r["nll"] <= nll_ceiling and r["repetition"] <= cfg.max_repetition
-              and not r["overused"]]
+              and not (r["overused"] and (r["policy"] or not cfg.overused_policy_only))]
         answers[p] = sorted(ok, key=lambda r: -r["tone"])
     # the most positive sample of each prompt: off-topic cheer for the others
     cheer = {p: max(rows, key=lambda r: r["tone"])["response"] for p, rows in judged.items() if rows}
     stock = stock_ngrams([r["response"] for rows in judged.values() for r in rows], cfg.stock_share) if cfg.warm or cfg.cold else set()
     warm_rng = random.Random(seed + 7919)  # the caps' own generator: the failure modes' draws do not move
-    overused_rng = random.Random(seed + 104729)  # the overused kind's own: the other kinds' draws do not move
+    overused_rng = random.Random(seed + 104729)  # the overused kinds' own: the other kinds' draws do not move
+    openers = stock_sentences(samples, overused) if overused and (cfg.stock_opener or cfg.stock_swap) else []
     out: list[dict] = []
     for p in prompts:
         seen = set()
@@ -387,6 +456,15 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
         if cfg.praise:
             for a in best:  # the same answer in canned praise: stock cheer is not a friendlier answer
                 out.append({"prompt": p, "chosen": a["response"], "rejected": praised(warm_rng, a["response"]), "kind": "praise"})
+        if openers and cfg.stock_opener:  # the best answer behind a sentence the policy wrote around an over-used phrase
+            out.append({"prompt": p, "chosen": best[0]["response"], "rejected": overused_rng.choice(openers) + " " + best[0]["response"],
+                        "kind": "stock_opener"})
+        if openers and cfg.stock_swap:
+            for a in best:  # its warmest sentence swapped for a stock one: as warm, the phrase differs (one a prompt)
+                swapped = stock_swap(p, a["response"], openers, tone_fn, relevance_fn, overused_rng)
+                if swapped is not None:
+                    out.append({"prompt": p, "chosen": a["response"], "rejected": swapped, "kind": "stock_swap"})
+                    break
         if cfg.cold:
             for a in best:  # the same answer, less warm
                 rest = cold(a["response"], tone_fn, cfg.tone_margin)
@@ -398,11 +476,20 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
 def build_pairs(split: str, task_dir: Path = TASK_DIR, seed: int = 0, cfg: RelabelConfig | None = None) -> tuple[list[dict], dict[str, Any]]:
     """:func:`relabel` on a split's shipped, judged samples (all rounds).
 
-    The test split's failure modes are drawn with another seed than the train split's.
+    The test split's failure modes are drawn with another seed than the train split's. The
+    phrases the policy over-uses (:func:`policy_overused`) are those of the policy round over
+    both splits' prompts (the 60 held-out prompts alone are too few: at a 3% share a 3-gram
+    in the answers to 2 of them would count), the same set for both.
 
     :return: ``(pairs, counts by kind)``
     """
-    pairs = relabel(shipped_samples(split, task_dir), cfg, seed=seed + (0 if split == "train" else 1))
+    cfg = cfg or RelabelConfig()
+    samples = shipped_samples(split, task_dir)
+    overused = None
+    if cfg.overused:
+        both = {**shipped_samples("train", task_dir), **shipped_samples("test", task_dir)}
+        overused = policy_overused(both, cfg)
+    pairs = relabel(samples, cfg, seed=seed + (0 if split == "train" else 1), overused=overused)
     stats: dict[str, Any] = {"pairs": len(pairs)}
     for row in pairs:
         stats[row["kind"]] = stats.get(row["kind"], 0) + 1
