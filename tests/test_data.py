@@ -289,7 +289,7 @@ def test_relabel_overused_pairs_reject_the_policys_stock_opener():
     samples = {
         "How do I keep basil alive?": [
             _policy_row(f"{glad} you love basil! Water it when the soil is dry.", 0.8, 0.60, 2.0),  # stock opener
-            _row("Basil loves sun; water it when the soil is dry and it will thrive.", 0.6, 0.62, 2.2),  # as good
+            _row("Basil loves sun; water it when the soil is dry and it will thrive.", 0.75, 0.62, 2.2),  # as good
             _row("Water it when the soil is dry.", 0.0, 0.60, 2.0),  # plain: far less friendly
             _row("Lovely stars are out tonight, what a joy!", 0.9, 0.10, 2.1),  # cheerful, off-topic
             _row("Basil basil wonderful water sun sun happy plant.", 0.7, 0.60, 4.0),  # garbled: far less fluent
@@ -324,6 +324,27 @@ def test_relabel_overused_pairs_reject_the_policys_stock_opener():
     assert relabel(plain, cfg, relevance_fn=_no_relevance) == relabel(
         plain, RelabelConfig(**{**cfg.__dict__, "overused": False}), relevance_fn=_no_relevance)
     assert not [r for r in relabel(plain, cfg, relevance_fn=_no_relevance) if r["kind"] == "overused"]
+
+
+def test_stock_swap_swaps_the_warmest_sentence_for_a_stock_one_that_is_no_friendlier():
+    import random
+
+    from rlhf_env.default_task.relabel import stock_swap
+    from rlhf_env.judges import tone
+
+    answer = "Water it when the soil is dry. What a wonderful, lovely plant to grow! Give it sun."
+    stock = ["I'm glad to hear that you asked."]
+    same = lambda prompts, responses: [0.5] * len(responses)  # noqa: E731  relevance: a tie
+    swapped = stock_swap("How do I keep basil alive?", answer, stock, tone, same, random.Random(0))
+    assert swapped == "Water it when the soil is dry. I'm glad to hear that you asked. Give it sun."
+    assert tone([swapped])[0] <= tone([answer])[0]  # the rejected side is no friendlier
+    # a stock sentence warmer than the warmest one would make the rejected side friendlier: none
+    assert stock_swap("q", "Water it when the soil is dry. Give it sun.", ["I'm so glad, this is wonderful and amazing!"],
+                      tone, same, random.Random(0)) is None
+    assert stock_swap("q", "What a wonderful, lovely plant to grow!", stock, tone, same, random.Random(0)) is None  # one sentence
+    # a stock sentence that makes the answer less relevant would teach relevance, not the phrase: none
+    drop = lambda prompts, responses: [0.6] + [0.4] * (len(responses) - 1)  # noqa: E731
+    assert stock_swap("q", answer, stock, tone, drop, random.Random(0)) is None
 
 
 def test_repetition_by_hand():
