@@ -305,7 +305,8 @@ def test_relabel_overused_pairs_reject_the_policys_stock_opener():
         ],
     }
     # every sample answers its prompt (no quantile floor): the judges alone decide
-    cfg = RelabelConfig(relevance_quantile=0.0, nll_quantile=1.0, overused_share=0.5, overused_ratio=3.0, stock_share=1.0)
+    cfg = RelabelConfig(relevance_quantile=0.0, nll_quantile=1.0, overused_share=0.5, overused_ratio=3.0, stock_share=1.0,
+                        policy_samples=True)
     pairs = relabel(samples, cfg, relevance_fn=_no_relevance)
     overused = {(r["chosen"][:12], r["rejected"][:12]) for r in pairs if r["kind"] == "overused"}
     # "i'm glad to" / "glad to hear" / "to hear that" open the policy's answers to 3 of 3 prompts and
@@ -315,10 +316,13 @@ def test_relabel_overused_pairs_reject_the_policys_stock_opener():
     # an answer built on the opener is never a chosen side, of any kind
     assert pairs and not [r for r in pairs if r["chosen"].startswith(glad)]
     # at most overused_per_prompt per prompt
-    lenient = RelabelConfig(relevance_quantile=0.0, nll_quantile=1.0, overused_share=0.5, stock_share=1.0,
+    lenient = RelabelConfig(relevance_quantile=0.0, nll_quantile=1.0, overused_share=0.5, stock_share=1.0, policy_samples=True,
                             overused_tone_tolerance=1.0, relevance_tolerance=1.0, nll_tolerance=5.0, overused_per_prompt=1)
     per_prompt = [r["prompt"] for r in relabel(samples, lenient, relevance_fn=_no_relevance) if r["kind"] == "overused"]
     assert sorted(per_prompt) == sorted(samples)
+    # policy_samples=False (the default): the policy's answers are left out, none is over-used
+    off = relabel(samples, RelabelConfig(**{**cfg.__dict__, "policy_samples": False}), relevance_fn=_no_relevance)
+    assert off and not [r for r in off if r["kind"] == "overused" or r["rejected"].startswith(glad) or r["chosen"].startswith("A warm soup")]
     # without policy samples (no row records a policy) nothing is over-used: the pairs of overused=False
     plain = {p: [{k: v for k, v in r.items() if k != "policy"} for r in rows] for p, rows in samples.items()}
     assert relabel(plain, cfg, relevance_fn=_no_relevance) == relabel(
@@ -356,8 +360,7 @@ def test_repetition_by_hand():
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_shipped_pairs_follow_the_judges(split):
-    from rlhf_env.default_task.relabel import (RelabelConfig, adds_stock, agree, friendlier, holds_overused, policy_overused,
-                                               repetition, stock_ngrams)
+    from rlhf_env.default_task.relabel import RelabelConfig, adds_stock, agree, friendlier, repetition, stock_ngrams
 
     rows = [json.loads(line) for line in (TASK_DIR / f"pairs_{split}.jsonl").read_text(encoding="utf-8").split("\n") if line]
     prompts = set((ASSETS / f"prompts_{split}.txt").read_text(encoding="utf-8").splitlines())
@@ -369,21 +372,16 @@ def test_shipped_pairs_follow_the_judges(split):
     judged = {(p, r["response"]): {"tone": r["score"], "relevance": r["relevance"], "nll": r["nll"],
                                    "repetition": repetition(r["response"])} for p, rs in samples.items() for r in rs}
     kinds = {r["kind"] for r in rows}
-    assert kinds == {"judged", "warm", "boilerplate", "repetition", "off_topic", "rude", "praise", "cold", "overused", "stock_opener"}
+    # the default rule leaves the policy round out: default-v6's pairs
+    assert kinds == {"judged", "warm", "boilerplate", "repetition", "off_topic", "rude", "praise", "cold"}
     assert len(rows) >= (1000 if split == "train" else 200) and all(r["prompt"] in prompts for r in rows)
     cfg = RelabelConfig()
-    stock = stock_ngrams([r["response"] for rs in samples.values() for r in rs], cfg.stock_share)
-    overused = policy_overused({**shipped_samples("train"), **shipped_samples("test")}, cfg)
-    assert {("i'm", "glad", "to"), ("here's", "a", "simple")} <= overused
+    stock = stock_ngrams([r["response"] for rs in samples.values() for r in rs if not r.get("policy")], cfg.stock_share)
     policy = {(p, r["response"]) for p, rs in samples.items() for r in rs if r.get("policy")}
     per_prompt = {}
     for r in rows:
         assert (r["prompt"], r["chosen"]) in judged  # the chosen side is always a real answer
-        assert not holds_overused(r["prompt"], r["chosen"], overused)  # ... without a phrase the policy over-uses
-        if r["kind"] == "overused":
-            assert (r["prompt"], r["rejected"]) in policy and holds_overused(r["prompt"], r["rejected"], overused)
-        if r["kind"] == "stock_opener":
-            assert r["rejected"].endswith(" " + r["chosen"]) and holds_overused(r["prompt"], r["rejected"], overused)
+        assert (r["prompt"], r["chosen"]) not in policy and (r["prompt"], r["rejected"]) not in policy
         if r["kind"] == "judged":
             assert agree(judged[(r["prompt"], r["chosen"])], judged[(r["prompt"], r["rejected"])], cfg)
             per_prompt[r["prompt"]] = per_prompt.get(r["prompt"], 0) + 1
@@ -394,6 +392,27 @@ def test_shipped_pairs_follow_the_judges(split):
         if r["kind"] in ("rude", "praise"):
             assert r["chosen"] in r["rejected"]  # the same answer, only its wrapping differs
     assert max(per_prompt.values()) <= cfg.judged_per_prompt
+
+
+def test_policy_round_pairs_reject_the_phrases_the_policy_over_uses():
+    """The default-v7 candidate's rule (policy_samples=True) on the held-out split's samples."""
+    from rlhf_env.default_task.relabel import RelabelConfig, build_pairs, holds_overused, policy_overused
+
+    cfg = RelabelConfig(policy_samples=True)
+    overused = policy_overused({**shipped_samples("train"), **shipped_samples("test")}, cfg)
+    # the stock openers of the two RLOO policies on default-v6 ("i'm glad to", "here's a simple", ...)
+    assert {("i'm", "glad", "to"), ("glad", "to", "hear"), ("here's", "a", "simple"), ("a", "simple", "way")} <= overused
+    pairs, stats = build_pairs("test", cfg=cfg)
+    assert stats["overused"] >= 10 and stats["stock_swap"] >= 10
+    samples = shipped_samples("test")
+    policy = {(p, r["response"]) for p, rs in samples.items() for r in rs if r.get("policy")}
+    answers = {(p, r["response"]) for p, rs in samples.items() for r in rs}
+    for r in pairs:
+        assert (r["prompt"], r["chosen"]) in answers and not holds_overused(r["prompt"], r["chosen"], overused)
+        if r["kind"] == "overused":
+            assert (r["prompt"], r["rejected"]) in policy and holds_overused(r["prompt"], r["rejected"], overused)
+        if r["kind"] == "stock_swap":
+            assert holds_overused(r["prompt"], r["rejected"], overused) and r["rejected"] != r["chosen"]
 
 
 def test_shipped_pairs_are_rebuilt_from_shipped_samples():

@@ -10,7 +10,8 @@ Files under ``rlhf_env/assets``:
   0 and 1 in the env's context; 2 per prompt in round 2 under a friendly system message,
   recorded in each row's ``system``) and, in round 3, from two policies that RLOO trained
   against ``default-v6`` (1 per prompt each, in the env's context, each row recording its
-  ``policy``: an online round), each with its independent judges' scores: ``score`` (tone,
+  ``policy``: an online round; the shipped pairs leave it out, the ``default-v7``
+  candidate's pairs use it), each with its independent judges' scores: ``score`` (tone,
   VADER), ``relevance`` (MiniLM prompt-response cosine) and ``nll`` (the starting model's
   NLL per token, in the env's context).
 * ``task/pairs_{split}.jsonl``: the preference pairs (:mod:`.relabel`): pairs of samples

@@ -14,7 +14,8 @@ Three steps, each reproducible (fixed seeds, no network):
    shipped round 3 is an online round, 1 answer per prompt from each of two RLOO policies
    trained against ``default-v6`` (``rlhf_env.demo.run_demo(DemoConfig(method="rloo",
    learning_rate=1e-4, seed=S, threads=1))``, S = 0, 1), whose stock openers the
-   ``overused`` pairs of :mod:`.relabel` reject::
+   ``overused`` and ``stock_swap`` pairs of :mod:`.relabel` reject (with
+   ``--policy-samples``; the shipped pairs leave the policy round out)::
 
        python -m rlhf_env.default_task --round 3 --round-size 1 --policy RUN0/policy \
            --policy RUN1/policy --policy-note "..." --batch-size 32 --threads 1
@@ -25,7 +26,8 @@ Three steps, each reproducible (fixed seeds, no network):
    system message, whatever message the sample was drawn under). About 13 minutes on one
    CPU thread for the shipped 3,420 samples, written into the samples files so that step 3 is instant.
 3. **relabel** (the default): ``pairs_{split}.jsonl`` from the judged samples
-   (:func:`rlhf_env.default_task.relabel.build_pairs`).
+   (:func:`rlhf_env.default_task.relabel.build_pairs`), without the policy rounds' samples
+   unless ``--policy-samples``.
 
 ``--prompts-only`` rewrites only the prompt files.
 """
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                              "answers from each; each row records the policy's provenance (rlhf_env_training.json) in 'policy'. "
                              "The judges stay those of --model, the starting model")
     parser.add_argument("--policy-note", default=None, help="appended to each row's 'policy' (e.g. how the policy was trained)")
+    parser.add_argument("--policy-samples", action="store_true",
+                        help="relabel with the policy rounds' samples too (the over-used-phrase pair kinds; the default-v7 "
+                             "candidate's pairs, docs/benchmarks.md); default: without them, the pairs default-v6 trains on")
     parser.add_argument("--judge", action="store_true", help="re-judge every sample (relevance, nll), even those judged")
     parser.add_argument("--model", default="smollm2-135m", help="starting model: sampler (unless --policy) and fluency judge "
                         "(default: smollm2-135m)")
@@ -206,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     judged = judge_samples(args.out_dir, args.model, args.device, args.batch_size, force=args.judge)
     if judged:
         print(f"judged {judged} in {time.time() - t0:.0f}s", flush=True)
-    from rlhf_env.default_task.relabel import build_pairs
+    from rlhf_env.default_task.relabel import RelabelConfig, build_pairs
 
     for split in ("train", "test"):
-        pairs, stats = build_pairs(split, args.out_dir, seed=args.seed)
+        pairs, stats = build_pairs(split, args.out_dir, seed=args.seed, cfg=RelabelConfig(policy_samples=args.policy_samples))
         write_jsonl(args.out_dir / f"pairs_{split}.jsonl", pairs)
         print(f"{split}: {json.dumps(stats)}", flush=True)
     return 0

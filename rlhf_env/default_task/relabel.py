@@ -29,16 +29,20 @@ three independent judges (:mod:`rlhf_env.judges`) must agree:
   rejected). Judged pairs are capped per prompt, and a phrase found in many samples
   (``stock_share``) is never what makes the warm side of a pair warm: a policy rewarded
   for a stock phrase writes it everywhere.
-* **over-used phrases** (``default-v7``, an online round): RLOO on ``default-v6`` found
-  stock openers that v6 pays for ("I'm glad to hear that...", "Here's a simple way to..."),
-  wrote them across prompts and lost distinct-2; the stock filter above could not see them
-  because the starting model rarely writes them. Samples of the trained policy (a round
-  whose rows record their ``policy``) show them: a word 3-gram the policy writes for many
-  prompts (not copied from the prompt) far more often than the starting model does
-  (:func:`overused_ngrams`) makes an answer that holds it never a chosen side, and
-  ``overused`` pairs reject such a policy answer for a same-prompt answer without one
-  that is about as warm, relevant and fluent (Bai et al. 2022's iterated online RLHF, on
-  the policy's own samples).
+* **over-used phrases** (an online round, ``RelabelConfig(policy_samples=True)``; off by
+  default): RLOO on ``default-v6`` found stock openers that v6 pays for ("I'm glad to hear
+  that...", "Here's a simple way to..."), wrote them across prompts and lost distinct-2; the
+  stock filter above could not see them because the starting model rarely writes them.
+  Samples of the trained policy (a round whose rows record their ``policy``) show them: a
+  word 3-gram the policy writes for many prompts (not copied from the prompt) far more
+  often than the starting model does (:func:`overused_ngrams`) makes an answer that holds
+  it never a chosen side; ``overused`` pairs reject such a policy answer for a same-prompt
+  answer without one that is about as warm, relevant and fluent, and ``stock_swap`` pairs
+  reject the best answer with its warmest sentence swapped for a stock one (Bai et al.
+  2022's iterated online RLHF, on the policy's own samples). One round did not move the
+  demo's tone-for-diversity frontier: the policy found neighbouring phrases, and the reward
+  model missed the hand-written target (docs/benchmarks.md, "An online round of policy
+  samples").
 
 :func:`relabel` is the rule on samples in memory; :func:`build_pairs` applies it to a
 split's shipped samples.
@@ -119,6 +123,10 @@ class RelabelConfig:
         a stock phrase that its rejected one lacks: a word 3-gram found in more than this share of
         the split's samples (e.g. "i'm happy to"). A policy rewarded for a stock phrase
         puts it in every answer
+    :param policy_samples: use the samples of trained policies (rows with a ``policy``: the
+        online round r3); ``False`` (the default) leaves them out, and the pairs are those
+        ``default-v6`` trains on. ``True`` builds the ``default-v7`` candidates'
+        pairs (docs/benchmarks.md): the over-used-phrase kinds below need them
     :param overused: with policy samples among the samples (rows with a ``policy``), find
         the phrases the policy over-uses (:func:`overused_ngrams`: ``overused_share``,
         ``overused_ratio``), keep every answer that holds one off the chosen side of all
@@ -144,7 +152,7 @@ class RelabelConfig:
         off the chosen side (the starting model's then follow ``stock_share`` alone)
     :param stock_opener: add ``stock_opener`` pairs instead: the best answer against itself
         opened with such a sentence. The rejected side is then always the warmer one, and
-        the reward model learned "a warm sentence costs" (docs/benchmarks.md, ``default-v7``)
+        the reward model learned "a warm sentence costs" (docs/benchmarks.md, candidate v7a)
     """
 
     tone_margin: float = 0.3
@@ -162,6 +170,7 @@ class RelabelConfig:
     judged_per_prompt: int | None = 4
     praise: bool = True
     stock_share: float = 0.02
+    policy_samples: bool = False
     overused: bool = True
     overused_share: float = 0.03
     overused_ratio: float = 5.0
@@ -370,13 +379,13 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
     for p in prompts:
         rows = []
         for row in samples[p]:
-            if not row["response"].strip() or row.get("nll") is None:
+            if not row["response"].strip() or row.get("nll") is None or (row.get("policy") and not cfg.policy_samples):
                 continue
             rows.append({"response": row["response"], "tone": row["score"], "relevance": row["relevance"],
                          "nll": row["nll"], "repetition": repetition(row["response"]), "policy": bool(row.get("policy"))})
         judged[p] = rows
     # the phrases a trained policy over-uses (none without policy samples): never on a chosen side
-    if not cfg.overused:
+    if not (cfg.overused and cfg.policy_samples):
         overused = set()
     elif overused is None:
         overused = policy_overused(samples, cfg)
@@ -486,7 +495,7 @@ def build_pairs(split: str, task_dir: Path = TASK_DIR, seed: int = 0, cfg: Relab
     cfg = cfg or RelabelConfig()
     samples = shipped_samples(split, task_dir)
     overused = None
-    if cfg.overused:
+    if cfg.overused and cfg.policy_samples:
         both = {**shipped_samples("train", task_dir), **shipped_samples("test", task_dir)}
         overused = policy_overused(both, cfg)
     pairs = relabel(samples, cfg, seed=seed + (0 if split == "train" else 1), overused=overused)
