@@ -141,13 +141,13 @@ class RelabelConfig:
     :param overused_per_prompt: at most this many ``overused`` pairs per prompt (a seeded draw;
         ``None``: all)
     :param stock_swap: with over-used phrases found, add a ``stock_swap`` pair per prompt: the
-        first of its best answers (``failure_chosen``) that has one, against itself with its warmest sentence
-        swapped for a sentence the policy wrote around an over-used phrase
+        first of its best answers (``failure_chosen``) that has one, against itself with its
+        warmest sentence swapped for a sentence the policy wrote around an over-used phrase
         (:func:`stock_sentences`, a seeded draw among those that leave the swapped answer no
         friendlier by VADER and about as relevant: :func:`stock_swap`): the content, the tone
-        and the relevance stay, the stock phrase is what differs. Natural answers as good as the policy's are few (its answers are warmer
-        and, to the starting model, more likely), so ``overused`` pairs alone are a small
-        share of the pairs
+        and the relevance stay, the stock phrase is what differs. Natural answers as good as
+        the policy's are few (its answers are warmer and, to the starting model, more
+        likely), so ``overused`` pairs alone are a small share of the pairs
     :param overused_policy_only: keep only the policy's answers that hold an over-used phrase
         off the chosen side (the starting model's then follow ``stock_share`` alone)
     :param stock_opener: add ``stock_opener`` pairs instead: the best answer against itself
