@@ -17,8 +17,9 @@ Files under ``rlhf_env/assets``:
 * ``task/pairs_{split}.jsonl``: the preference pairs (:mod:`.relabel`): pairs of samples
   that the judges agree on, pairs that tone alone decides among equally good answers, and
   the failure modes (boilerplate, repeated phrases, off-topic cheer, rudeness, canned
-  praise, phrases the trained policy over-uses) as rejected responses. The default reward model trains on
-  ``pairs_train.jsonl`` and is evaluated on ``pairs_test.jsonl``.
+  praise) as rejected responses; with ``--policy-samples`` (the ``default-v7`` candidate's
+  pairs, not the shipped ones) also the phrases a trained policy over-uses. The default
+  reward model trains on ``pairs_train.jsonl`` and is evaluated on ``pairs_test.jsonl``.
 * ``task/handwritten.jsonl``: hand-written pairs on new prompts, each tagged with what it
   tests (``tone``, ``relevance``, ``correctness``): a check no builder rule produced.
 """
