@@ -254,6 +254,12 @@ def stock_sentences(samples: dict[str, list[dict]], overused: set[tuple[str, ...
     return list(out)
 
 
+def _capped(pairs: list[tuple[str, str]], cap: int | None, rng: random.Random) -> list[tuple[str, str]]:
+    """The distinct ``pairs`` in order, or ``cap`` of them drawn with ``rng`` when there are more."""
+    pairs = list(dict.fromkeys(pairs))
+    return rng.sample(pairs, cap) if cap is not None and len(pairs) > cap else pairs
+
+
 def adds_stock(chosen: str, rejected: str, stock: set[tuple[str, ...]], n: int = 3) -> bool:
     """Whether ``chosen`` holds a stock ``n``-gram (:func:`stock_ngrams`) that ``rejected`` lacks."""
     return bool((set(ngrams(words(chosen), n)) & stock) - set(ngrams(words(rejected), n)))
@@ -410,39 +416,35 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
     overused_rng = random.Random(seed + 104729)  # the overused kinds' own: the other kinds' draws do not move
     openers = stock_sentences(samples, overused) if overused and (cfg.stock_opener or cfg.stock_swap) else []
     out: list[dict] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(prompt: str, kind: str, pairs: list[tuple[str, str]]) -> None:
+        for chosen, rejected in pairs:
+            seen.add((chosen, rejected))
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "kind": kind})
+
     for p in prompts:
-        seen = set()
+        seen.clear()
         agreed = []
         for a in answers[p]:
             for b in judged[p]:
                 if a["response"] != b["response"] and (a["response"], b["response"]) not in seen and agree(a, b, cfg):
                     seen.add((a["response"], b["response"]))
                     agreed.append((a["response"], b["response"]))
-        if cfg.judged_per_prompt is not None and len(agreed) > cfg.judged_per_prompt:
-            agreed = warm_rng.sample(agreed, cfg.judged_per_prompt)
-        out.extend({"prompt": p, "chosen": a, "rejected": b, "kind": "judged"} for a, b in agreed)
+        add(p, "judged", _capped(agreed, cfg.judged_per_prompt, warm_rng))
         if cfg.warm:
-            warm = [(a["response"], b["response"]) for a in answers[p] for b in judged[p]
-                    if a["response"] != b["response"] and (a["response"], b["response"]) not in seen and friendlier(a, b, cfg)
-                    and not adds_stock(a["response"], b["response"], stock)]
-            warm = list(dict.fromkeys(warm))
-            if cfg.warm_per_prompt is not None and len(warm) > cfg.warm_per_prompt:
-                warm = warm_rng.sample(warm, cfg.warm_per_prompt)
-            for chosen, rejected in warm:
-                seen.add((chosen, rejected))
-                out.append({"prompt": p, "chosen": chosen, "rejected": rejected, "kind": "warm"})
+            add(p, "warm", _capped([(a["response"], b["response"]) for a in answers[p] for b in judged[p]
+                                    if a["response"] != b["response"] and (a["response"], b["response"]) not in seen
+                                    and friendlier(a, b, cfg) and not adds_stock(a["response"], b["response"], stock)],
+                                   cfg.warm_per_prompt, warm_rng))
         if overused:
             # a policy answer built on an over-used phrase against one as good without it
-            stale = [(a["response"], b["response"]) for b in judged[p] if b["policy"] and b["overused"] for a in answers[p]
-                     if (a["response"], b["response"]) not in seen and a["tone"] >= b["tone"] - cfg.overused_tone_tolerance
-                     and a["relevance"] >= b["relevance"] - cfg.relevance_tolerance and a["nll"] <= b["nll"] + cfg.nll_tolerance
-                     and a["repetition"] <= max(b["repetition"], cfg.max_repetition)]
-            stale = list(dict.fromkeys(stale))
-            if cfg.overused_per_prompt is not None and len(stale) > cfg.overused_per_prompt:
-                stale = overused_rng.sample(stale, cfg.overused_per_prompt)
-            for chosen, rejected in stale:
-                seen.add((chosen, rejected))
-                out.append({"prompt": p, "chosen": chosen, "rejected": rejected, "kind": "overused"})
+            add(p, "overused", _capped(
+                [(a["response"], b["response"]) for b in judged[p] if b["policy"] and b["overused"] for a in answers[p]
+                 if (a["response"], b["response"]) not in seen and a["tone"] >= b["tone"] - cfg.overused_tone_tolerance
+                 and a["relevance"] >= b["relevance"] - cfg.relevance_tolerance and a["nll"] <= b["nll"] + cfg.nll_tolerance
+                 and a["repetition"] <= max(b["repetition"], cfg.max_repetition)],
+                cfg.overused_per_prompt, overused_rng))
         # one response per failure mode and prompt, paired with each of the best answers
         best = answers[p][: cfg.failure_chosen]
         if not best:
