@@ -286,12 +286,10 @@ def evaluate(
     texts, ids, pol_lp = sample(model, tokenizer, "policy")
     same = model is ref[0]  # the reference judged against itself (e.g. before training): sample once, KL 0
     ref_texts, ref_ids, ref_nll = None, None, None
-    if baseline is not None:
-        pass
-    elif same:
+    if baseline is None and same:
         ref_texts, ref_ids, ref_nll = texts, ids, nll_of(pol_lp)
         steps.update(1)
-    else:
+    elif baseline is None:
         ref_texts, ref_ids, ref_own_lp = sample(*ref, "reference")
         ref_nll = nll_of(ref_own_lp)
     steps.set_postfix_str("KL")
