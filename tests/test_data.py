@@ -532,3 +532,16 @@ def test_a_json_array_file_reads_like_json_lines(tmp_path):
     (tmp_path / "lists.jsonl").write_text('[1, 2]\n[3]\n')
     with pytest.raises(ValueError, match=r"lists.jsonl:1"):
         load_rows(tmp_path / "lists.jsonl")
+
+
+def test_builder_refuses_a_policy_round_it_cannot_sample(tmp_path, capsys):
+    """``python -m rlhf_env.default_task --policy DIR`` says in one line what is wrong
+    (no --round; a folder that does not exist) before it writes anything."""
+    from rlhf_env.default_task.build import main
+
+    for argv, message in ((["--policy", str(tmp_path)], "give --round R too"),
+                          (["--round", "9", "--policy", str(tmp_path / "missing")], "no such directory")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv + ["--out-dir", str(tmp_path / "out")])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

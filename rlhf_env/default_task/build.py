@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is fastest on a shared machine)")
     parser.add_argument("--out-dir", type=Path, default=TASK_DIR, help=f"the task folder (default: {TASK_DIR})")
     args = parser.parse_args(argv)
+    if args.policy and args.round is None:
+        parser.error("--policy samples a round from the policy: give --round R too")
+    for path in args.policy or []:
+        if not Path(path).is_dir():
+            parser.error(f"--policy {path}: no such directory (a trained policy's Hugging Face folder, e.g. the demo's DIR/policy)")
     write_prompts()
     if args.threads:
         import torch
