@@ -27,6 +27,8 @@ BENCHMARKS = {
                         "its own most fluent responses (plain vs fluent-only distinct-2)"),
     "friendly_mode": ("benchmarks.friendly_mode", "the starting model under a friendly system message, judged against "
                       "itself as the demo judges: tone without RL"),
+    "best_of_n": ("benchmarks.best_of_n", "best-of-n of the starting model under a reward model, judged as the demo judges: "
+                  "what that reward model gives at little KL"),
 }
 
 

@@ -1,0 +1,105 @@
+"""What a reward model can give at little KL: best-of-n of the starting model, judged as the demo judges.
+
+Best-of-n sampling (draw n answers, keep the one the reward model scores highest) is the
+KL-efficient reference point of RLHF (Gao et al., 2022; Beirami et al., 2024): its KL to
+the starting model is at most ``log n - (n - 1) / n`` nats, and it changes nothing but which
+of the model's own answers are kept. Where best-of-n under a reward model does not meet
+the demo's targets, no policy trained on that reward model at that KL can be expected to.
+
+For each sampling seed the script draws ``--n`` answers per held-out prompt and per slot
+(the demo's two slots, length and temperature), scores them with the reward model, and
+judges the best of the first 1, 2, 4, ... of each slot against the demo's reference column
+(the starting model sampled with the demo's seed) with :func:`rlhf_env.evaluate.compare`:
+tone, relevance, fluency, distinct-2 (plain and fluent-only), the most common 3-gram, and
+the pass rule of :class:`rlhf_env.evaluate.Targets`. ``n = 1`` is another draw of the
+starting model itself: the judges' sampling noise.
+
+``--tone-weight`` adds selections by ``z(score) + w * z(VADER)`` (both standardised over
+all the answers drawn for a prompt): what a reward model that weighed tone ``w`` times as much as its own
+score's spread would select. It uses the tone judge, so it is a diagnosis of the reward
+model, never a policy to report as trained.
+
+    python -m benchmarks.best_of_n [--n 8] [--seeds 1] [--tone-weight 0,0.5] [--reward default] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    """``x`` (prompts x slots x n) standardised over each prompt's answers."""
+    return (x - x.mean((1, 2), keepdims=True)) / (x.std((1, 2), keepdims=True) + 1e-8)
+
+
+def main() -> None:
+    from benchmarks.tone_noise import starting_model_and_prompts
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=8, help="answers drawn per prompt and slot (best of 1, 2, 4, ... up to it)")
+    parser.add_argument("--seeds", default="1", help="comma-separated sampling seeds of the drawn answers")
+    parser.add_argument("--tone-weight", default="0", help="comma-separated weights w of z(VADER) in the selection (0: the reward model alone)")
+    parser.add_argument("--reward", default="default", help="the reward model that selects (a name or folder)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args()
+    if args.n < 1:
+        parser.error(f"--n must be at least 1, got {args.n}")
+    from rlhf_env import judges
+    from rlhf_env.best_of_n import best_of_n, kl_bound, select
+    from rlhf_env.evaluate import check_targets, compare
+    from rlhf_env.generation import generate
+    from rlhf_env.rewards import resolve_reward
+
+    cfg, model, tok, prompts = starting_model_and_prompts(args)
+    reward = resolve_reward(args.reward)
+    slots, n_max = cfg.eval_samples, args.n
+    weights = [float(w) for w in args.tone_weight.split(",")]
+    flat = [p for p in prompts for _ in range(slots)]
+    print(f"{args.model}, {len(prompts)} held-out prompts x {slots}, temperature {cfg.temperature}, {cfg.max_new_tokens} "
+          f"new tokens, reward {args.reward}, {args.threads} thread(s); reference: the demo's column (seed {cfg.seed})")
+
+    def nll_of(c):  # the starting model's own log-probs: it is the reference
+        return [float(-np.mean(x)) if x else float("nan") for g in c.logprobs for x in g]
+
+    ref = generate(model, tok, prompts, num_samples=slots, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                   seed=cfg.seed, progress="sampling the reference", logprobs=True)
+    ref_texts, ref_ids, ref_nll = ref.flat(), [x for g in ref.token_ids for x in g], nll_of(ref)
+    keys = ("tone", "relevance", "distinct_2", "distinct_2_fluent")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        drawn = best_of_n((model, tok), prompts, reward, n=n_max, num_samples=slots, temperature=cfg.temperature,
+                          max_new_tokens=cfg.max_new_tokens, seed=seed, logprobs=True)
+        cands = drawn.candidates
+        scores = np.asarray(drawn.candidate_scores, dtype=np.float64)  # prompts x slots x n_max
+        tones = np.asarray(judges.tone(cands.flat())).reshape(scores.shape)
+        z_scores, z_tones = _standardised(scores), _standardised(tones)
+        n = 1
+        while n <= n_max:
+            for w in weights if n > 1 else [0.0]:
+                key = z_scores + w * z_tones
+                key[..., n:] = -np.inf  # the best of the first n of each slot
+                kept = select(cands, key.reshape(len(prompts), -1).tolist(), n_max)
+                kl = kl_bound(n)
+                report = compare(flat, kept.flat(), ref_texts, reward, reference=(model, tok),
+                                 response_ids=[x for g in kept.token_ids for x in g], reference_ids=ref_ids,
+                                 kls=[kl] * len(flat), response_nll=nll_of(kept), reference_nll=ref_nll, n_show=2)
+                verdict = check_targets(report)
+                pol, ref_col = report["policy"], report["reference"]
+                row = {"seed": seed, "n": n, "tone_weight": w, "kl_at_most": round(kl, 3),
+                       **{f"{k}_change": round(pol[k] - ref_col[k], 4) for k in keys},
+                       "top_3gram_share": round(pol["top_3gram_share"], 3), "top_3gram": pol["top_3gram"],
+                       "fluent_share": round(pol["fluent_share"], 3), "win_rate": round(report["win_rate"], 3),
+                       "passed": verdict["passed"], "failed": [c for c, v in verdict["checks"].items() if not v["ok"]]}
+                print(json.dumps(row), flush=True)
+                if n == n_max:
+                    for s in report["samples"]:
+                        print(json.dumps({"prompt": s["prompt"][:60], "reference": s["reference"], "best_of_n": s["policy"]}))
+            n *= 2
+    print(f"reference column: tone {np.mean(judges.tone(ref_texts)):.3f}, distinct-2 {judges.distinct_n(ref_texts, 2):.3f}")
+
+
+if __name__ == "__main__":
+    main()
