@@ -16,10 +16,12 @@ starting model itself: the judges' sampling noise.
 
 ``--tone-weight`` adds selections by ``z(score) + w * z(VADER)`` (both standardised over
 all the answers drawn for a prompt): what a reward model that weighed tone ``w`` times as much as its own
-score's spread would select. It uses the tone judge, so it is a diagnosis of the reward
-model, never a policy to report as trained.
+score's spread would select. ``--by-judge`` adds selections by each judge alone (tone,
+relevance, fluency): how much distinct-2 any selection costs, whatever it selects for. Both
+use the judges, so they are diagnoses of the reward model, never policies to report as
+trained.
 
-    python -m benchmarks.best_of_n [--n 8] [--seeds 1] [--tone-weight 0,0.5] [--reward default] [--threads 1]
+    python -m benchmarks.best_of_n [--n 8] [--seeds 1] [--tone-weight 0,0.5] [--by-judge] [--reward default] [--threads 1]
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="answers drawn per prompt and slot (best of 1, 2, 4, ... up to it)")
     parser.add_argument("--seeds", default="1", help="comma-separated sampling seeds of the drawn answers")
     parser.add_argument("--tone-weight", default="0", help="comma-separated weights w of z(VADER) in the selection (0: the reward model alone)")
+    parser.add_argument("--by-judge", action="store_true", help="also select by tone, relevance and fluency alone")
     parser.add_argument("--reward", default="default", help="the reward model that selects (a name or folder)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -76,10 +79,16 @@ def main() -> None:
         scores = np.asarray(drawn.candidate_scores, dtype=np.float64)  # prompts x slots x n_max
         tones = np.asarray(judges.tone(cands.flat())).reshape(scores.shape)
         z_scores, z_tones = _standardised(scores), _standardised(tones)
+        selectors = {"reward" if w == 0 else f"reward+{w:g}*tone": z_scores + w * z_tones for w in weights}
+        if args.by_judge:
+            pool = [p for p in prompts for _ in range(slots * n_max)]
+            selectors["tone"] = tones
+            selectors["relevance"] = np.asarray(judges.relevance(pool, cands.flat())).reshape(scores.shape)
+            selectors["fluency"] = -np.asarray(nll_of(cands)).reshape(scores.shape)
         n = 1
         while n <= n_max:
-            for w in weights if n > 1 else [0.0]:
-                key = z_scores + w * z_tones
+            for name, key in selectors.items() if n > 1 else [("none", z_scores)]:
+                key = key.copy()
                 key[..., n:] = -np.inf  # the best of the first n of each slot
                 kept = select(cands, key.reshape(len(prompts), -1).tolist(), n_max)
                 kl = kl_bound(n)
@@ -88,13 +97,13 @@ def main() -> None:
                                  kls=[kl] * len(flat), response_nll=nll_of(kept), reference_nll=ref_nll, n_show=2)
                 verdict = check_targets(report)
                 pol, ref_col = report["policy"], report["reference"]
-                row = {"seed": seed, "n": n, "tone_weight": w, "kl_at_most": round(kl, 3),
+                row = {"seed": seed, "n": n, "select": name, "kl_at_most": round(kl, 3),
                        **{f"{k}_change": round(pol[k] - ref_col[k], 4) for k in keys},
                        "top_3gram_share": round(pol["top_3gram_share"], 3), "top_3gram": pol["top_3gram"],
                        "fluent_share": round(pol["fluent_share"], 3), "win_rate": round(report["win_rate"], 3),
                        "passed": verdict["passed"], "failed": [c for c, v in verdict["checks"].items() if not v["ok"]]}
                 print(json.dumps(row), flush=True)
-                if n == n_max:
+                if n == n_max and name in ("reward", "tone"):
                     for s in report["samples"]:
                         print(json.dumps({"prompt": s["prompt"][:60], "reference": s["reference"], "best_of_n": s["policy"]}))
             n *= 2
