@@ -15,8 +15,8 @@ the pass rule of :class:`rlhf_env.evaluate.Targets`. ``n = 1`` is another draw o
 starting model itself: the judges' sampling noise.
 
 ``--tone-weight`` adds selections by ``z(score) + w * z(VADER)`` (both standardised over
-all the answers drawn for a prompt): what a reward model that weighed tone ``w`` times as much as its own
-score's spread would select. ``--by-judge`` adds selections by each judge alone (tone,
+all the answers drawn for a prompt): what a reward model that weighed tone ``w`` times as
+much as its own score would select. ``--by-judge`` adds selections by each judge alone (tone,
 relevance, fluency): how much distinct-2 any selection costs, whatever it selects for. Both
 use the judges, so they are diagnoses of the reward model, never policies to report as
 trained.

@@ -2,13 +2,14 @@
 
 For each prompt, draw ``n`` answers from the policy and keep the one the reward scores
 highest. The kept answers come from a distribution whose KL to the policy's is at most
-``log n - (n - 1) / n`` nats (:func:`kl_bound`; Beirami et al., 2024), and for a given KL it
-is the most reward-efficient of the usual methods (Gao et al., 2022, "Scaling laws for
-reward model overoptimization", compare it with RL at the same KL). That makes it two
-things: a way to align at inference time at ``n`` times the sampling cost, and the
-yardstick of what a reward model can give at little KL (``python -m benchmarks.best_of_n``):
-where best-of-n under a reward model does not improve what the judges measure, a policy
-trained on that reward model at that KL is not expected to either.
+``log n - (n - 1) / n`` nats (:func:`kl_bound`; Beirami et al., 2024), and at a given KL it
+raises the reward about as much as the KL-regularised optimum that RLHF's objective defines
+(Gao et al., 2022, "Scaling laws for reward model overoptimization", measure both; Yang et
+al., 2024, "Asymptotics of language model alignment"). That makes it two things: a way to
+align at inference time at ``n`` times the sampling cost, and the yardstick of what a
+reward model can give at little KL (``python -m benchmarks.best_of_n``): where best-of-n
+under a reward model does not improve what the judges measure, a policy trained on that
+reward model at that KL is not expected to either.
 
     from rlhf_env.best_of_n import best_of_n
     out = best_of_n("smollm2-135m", ["How do I keep basil alive?"], reward="default", n=8, max_new_tokens=48)
@@ -139,4 +140,3 @@ def best_of_n(
     kept = [[max(row[j : j + n]) for j in range(0, len(row), n)] for row in per_prompt]
     slots = [[row[j : j + n] for j in range(0, len(row), n)] for row in per_prompt]
     return BestOfN(chosen, kept, drawn, slots, n)
-
