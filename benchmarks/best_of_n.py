@@ -37,6 +37,20 @@ def _standardised(x: np.ndarray) -> np.ndarray:
     return (x - x.mean((1, 2), keepdims=True)) / (x.std((1, 2), keepdims=True) + 1e-8)
 
 
+def best_of_first(candidates, key: np.ndarray, n: int):
+    """The answers with the highest ``key`` among the first ``n`` of each slot.
+
+    :param candidates: :class:`rlhf_env.generation.Completions`, slots of ``key.shape[2]``
+        consecutive answers per prompt
+    :param key: prompts x slots x answers per slot
+    """
+    from rlhf_env.best_of_n import select
+
+    key = key.astype(np.float64)  # a copy: the caller's key is not changed
+    key[..., n:] = -np.inf
+    return select(candidates, key.reshape(key.shape[0], -1).tolist(), key.shape[2])
+
+
 def main() -> None:
     from benchmarks.tone_noise import starting_model_and_prompts
 
@@ -52,7 +66,7 @@ def main() -> None:
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")
     from rlhf_env import judges
-    from rlhf_env.best_of_n import best_of_n, kl_bound, select
+    from rlhf_env.best_of_n import best_of_n, kl_bound
     from rlhf_env.evaluate import check_targets, compare
     from rlhf_env.generation import generate
     from rlhf_env.rewards import resolve_reward
@@ -88,9 +102,7 @@ def main() -> None:
         n = 1
         while n <= n_max:
             for name, key in selectors.items() if n > 1 else [("none", z_scores)]:
-                key = key.copy()
-                key[..., n:] = -np.inf  # the best of the first n of each slot
-                kept = select(cands, key.reshape(len(prompts), -1).tolist(), n_max)
+                kept = best_of_first(cands, key, n)
                 kl = kl_bound(n)
                 report = compare(flat, kept.flat(), ref_texts, reward, reference=(model, tok),
                                  response_ids=[x for g in kept.token_ids for x in g], reference_ids=ref_ids,

@@ -74,3 +74,18 @@ def test_best_of_n_bad_arguments(lm):
         best_of_n(lm, ["hi"], n_vowels, n=0)
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         best_of_n(lm, ["hi"], n_vowels, num_samples=0)
+
+
+def test_benchmark_keeps_the_best_of_the_first_n_of_each_slot():
+    """benchmarks/best_of_n.py judges best-of-1, 2, 4 ... from one pool: the first n of each slot."""
+    import numpy as np
+
+    from benchmarks.best_of_n import best_of_first
+
+    c = Completions(texts=[["a", "b", "c", "d", "e", "f"]], num_tokens=[[1] * 6], finished=[[True] * 6],
+                    token_ids=[[[k] for k in range(6)]])
+    key = np.array([[[0.0, 1.0, 9.0], [5.0, 2.0, 7.0]]])  # 1 prompt, 2 slots of 3
+    assert best_of_first(c, key, 1).texts == [["a", "d"]]
+    assert best_of_first(c, key, 2).texts == [["b", "d"]]
+    assert best_of_first(c, key, 3).texts == [["c", "f"]]
+    assert key[0, 0, 2] == 9.0  # the key is left as it was
