@@ -21,7 +21,10 @@ relevance, fluency): how much distinct-2 any selection costs, whatever it select
 use the judges, so they are diagnoses of the reward model, never policies to report as
 trained.
 
-    python -m benchmarks.best_of_n [--n 8] [--seeds 1] [--tone-weight 0,0.5] [--by-judge] [--reward default] [--threads 1]
+``--top-k 50`` samples without the garbled tail of the model's full distribution at
+temperature 1: what the selections cost distinct-2 among fluent answers.
+
+    python -m benchmarks.best_of_n [--n 8] [--seeds 1] [--tone-weight 0,0.5] [--by-judge] [--top-k 0] [--reward default] [--threads 1]
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="1", help="comma-separated sampling seeds of the drawn answers")
     parser.add_argument("--tone-weight", default="0", help="comma-separated weights w of z(VADER) in the selection (0: the reward model alone)")
     parser.add_argument("--by-judge", action="store_true", help="also select by tone, relevance and fluency alone")
+    parser.add_argument("--top-k", type=int, default=0, help="sample the reference and the draws from the top k tokens "
+                        "(0: all, the demo's distribution); log-probs and fluency are then the top-k distribution's")
     parser.add_argument("--reward", default="default", help="the reward model that selects (a name or folder)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -76,19 +81,19 @@ def main() -> None:
     slots, n_max = cfg.eval_samples, args.n
     weights = [float(w) for w in args.tone_weight.split(",")]
     flat = [p for p in prompts for _ in range(slots)]
-    print(f"{args.model}, {len(prompts)} held-out prompts x {slots}, temperature {cfg.temperature}, {cfg.max_new_tokens} "
-          f"new tokens, reward {args.reward}, {args.threads} thread(s); reference: the demo's column (seed {cfg.seed})")
+    print(f"{args.model}, {len(prompts)} held-out prompts x {slots}, temperature {cfg.temperature}, top-k {args.top_k}, "
+          f"{cfg.max_new_tokens} new tokens, reward {args.reward}, {args.threads} thread(s); reference: the demo's column (seed {cfg.seed})")
 
     def nll_of(c):  # the starting model's own log-probs: it is the reference
         return [float(-np.mean(x)) if x else float("nan") for g in c.logprobs for x in g]
 
     ref = generate(model, tok, prompts, num_samples=slots, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                   seed=cfg.seed, progress="sampling the reference", logprobs=True)
+                   top_k=args.top_k, seed=cfg.seed, progress="sampling the reference", logprobs=True)
     ref_texts, ref_ids, ref_nll = ref.flat(), [x for g in ref.token_ids for x in g], nll_of(ref)
     keys = ("tone", "relevance", "distinct_2", "distinct_2_fluent")
     for seed in (int(s) for s in args.seeds.split(",")):
         drawn = best_of_n((model, tok), prompts, reward, n=n_max, num_samples=slots, temperature=cfg.temperature,
-                          max_new_tokens=cfg.max_new_tokens, seed=seed, logprobs=True)
+                          top_k=args.top_k, max_new_tokens=cfg.max_new_tokens, seed=seed, logprobs=True)
         cands = drawn.candidates
         scores = np.asarray(drawn.candidate_scores, dtype=np.float64)  # prompts x slots x n_max
         tones = np.asarray(judges.tone(cands.flat())).reshape(scores.shape)
