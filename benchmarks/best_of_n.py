@@ -9,9 +9,9 @@ the demo's targets, no policy trained on that reward model at that KL can be exp
 For each sampling seed the script draws ``--n`` answers per held-out prompt and per slot
 (the demo's two slots, length and temperature), scores them with the reward model, and
 judges the best of the first 1, 2, 4, ... of each slot against the demo's reference column
-(the starting model sampled with the demo's seed) with :func:`rlhf_env.evaluate.compare`:
-tone, relevance, fluency, distinct-2 (plain and fluent-only), the most common 3-gram, and
-the pass rule of :class:`rlhf_env.evaluate.Targets`. ``n = 1`` is another draw of the
+(the starting model sampled with the demo's evaluation seed, ``--ref-seed``) with
+:func:`rlhf_env.evaluate.compare`: tone, relevance, fluency, distinct-2 (plain and
+fluent-only), the most common 3-gram, and the pass rule of :class:`rlhf_env.evaluate.Targets`. ``n = 1`` is another draw of the
 starting model itself: the judges' sampling noise.
 
 ``--tone-weight`` adds selections by ``z(score) + w * z(VADER)`` (both standardised over
@@ -24,7 +24,7 @@ trained.
 ``--top-k 50`` samples without the garbled tail of the model's full distribution at
 temperature 1: what the selections cost distinct-2 among fluent answers.
 
-    python -m benchmarks.best_of_n [--n 8] [--seeds 1] [--tone-weight 0,0.5] [--by-judge] [--top-k 0] [--reward default] [--threads 1]
+    python -m benchmarks.best_of_n [--n 8] [--seeds 1] [--ref-seed 12345] [--tone-weight 0,0.5] [--by-judge] [--top-k 0] [--reward default] [--threads 1]
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=8, help="answers drawn per prompt and slot (best of 1, 2, 4, ... up to it)")
     parser.add_argument("--seeds", default="1", help="comma-separated sampling seeds of the drawn answers")
+    parser.add_argument("--ref-seed", type=int, default=12345, help="sampling seed of the reference column "
+                        "(12345: the demo's evaluation seed at its seed 0)")
     parser.add_argument("--tone-weight", default="0", help="comma-separated weights w of z(VADER) in the selection (0: the reward model alone)")
     parser.add_argument("--by-judge", action="store_true", help="also select by tone, relevance and fluency alone")
     parser.add_argument("--top-k", type=int, default=0, help="sample the reference and the draws from the top k tokens "
@@ -82,13 +84,13 @@ def main() -> None:
     weights = [float(w) for w in args.tone_weight.split(",")]
     flat = [p for p in prompts for _ in range(slots)]
     print(f"{args.model}, {len(prompts)} held-out prompts x {slots}, temperature {cfg.temperature}, top-k {args.top_k}, "
-          f"{cfg.max_new_tokens} new tokens, reward {args.reward}, {args.threads} thread(s); reference: the demo's column (seed {cfg.seed})")
+          f"{cfg.max_new_tokens} new tokens, reward {args.reward}, {args.threads} thread(s); reference column: seed {args.ref_seed}")
 
     def nll_of(c):  # the starting model's own log-probs: it is the reference
         return [float(-np.mean(x)) if x else float("nan") for g in c.logprobs for x in g]
 
     ref = generate(model, tok, prompts, num_samples=slots, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                   top_k=args.top_k, seed=cfg.seed, progress="sampling the reference", logprobs=True)
+                   top_k=args.top_k, seed=args.ref_seed, progress="sampling the reference", logprobs=True)
     ref_texts, ref_ids, ref_nll = ref.flat(), [x for g in ref.token_ids for x in g], nll_of(ref)
     keys = ("tone", "relevance", "distinct_2", "distinct_2_fluent")
     for seed in (int(s) for s in args.seeds.split(",")):
