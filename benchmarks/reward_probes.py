@@ -134,6 +134,7 @@ def main() -> None:
                         "(default: the default reward model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from rlhf_env.best_of_n import kl_bound
     from rlhf_env.default_task import handwritten_pairs, task_pairs
 
     rm = load_reward_model(args.reward_model)
@@ -163,8 +164,7 @@ def main() -> None:
         print(f"{label} ({len(flat)}, {len(rows)} prompts): within-prompt correlation of the score with "
               + ", ".join(f"{j} {c:+.2f}" for j, c in corr.items()))
         for n, judges in best_of_n(scores, rows).items():
-            kl = math.log(n) - (n - 1) / n
-            print(f"  best of {n} (KL <= {kl:.2f} nats): " + ", ".join(f"{j} {v:.3f}" for j, v in judges.items()))
+            print(f"  best of {n} (KL <= {kl_bound(n):.2f} nats): " + ", ".join(f"{j} {v:.3f}" for j, v in judges.items()))
 
 
 if __name__ == "__main__":

@@ -136,7 +136,5 @@ def best_of_n(
     texts = [prompt_text(p) for p in prompts]
     flat = torch.as_tensor(reward_fn([t for t in texts for _ in range(num_samples * n)], drawn.flat())).float().cpu()
     per_prompt = flat.reshape(len(prompts), num_samples * n).tolist()
-    chosen = select(drawn, per_prompt, n)
-    kept = [[max(row[j : j + n]) for j in range(0, len(row), n)] for row in per_prompt]
     slots = [[row[j : j + n] for j in range(0, len(row), n)] for row in per_prompt]
-    return BestOfN(chosen, kept, drawn, slots, n)
+    return BestOfN(select(drawn, per_prompt, n), [[max(slot) for slot in row] for row in slots], drawn, slots, n)
