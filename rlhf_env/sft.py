@@ -101,9 +101,7 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int, add_e
 
     p = encode_prompt(tokenizer, prompt)
     r = encode_response(tokenizer, response) + ([tokenizer.eos_token_id] if add_eos else [])
-    r = r[: max_length - 1]
-    p = p[-(max_length - len(r)) :]
-    return p + r, len(p)
+    return trim_tokens(p, r, max_length)
 
 
 def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -158,8 +156,6 @@ def train_sft(
     :return: ``(model, tokenizer)``, the model in eval mode; ``model.sft_metrics`` holds the
         mean loss of the last epoch (``train/loss``)
     """
-    from tqdm.auto import tqdm
-
     cfg = config or SFTConfig()
     check_config(cfg)
     examples = _as_examples(examples)
@@ -168,16 +164,68 @@ def train_sft(
     base_model = base_model_name(model)
     model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
     encoded = [encode_example(tokenizer, p, r, cfg.max_length, cfg.add_eos) for p, r in examples]
+    return _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, summary_writer(log_dir, run_name)
+                if distributed.is_main_process() else None, 0, progress, checkpoint_dir, checkpoint_every, resume_from,
+                on_nonfinite)
+
+
+def trim_tokens(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], int]:
+    """``prompt_ids + response_ids`` cut to ``max_length`` tokens as :func:`encode_example`
+    cuts (the response kept, the prompt's beginning dropped first, at least one prompt token
+    left), and the number of prompt tokens kept."""
+    r = list(response_ids)[: max_length - 1]
+    p = list(prompt_ids)[-(max_length - len(r)) :]
+    return p + r, len(p)
+
+
+def train_sft_tokens(
+    sequences: list[tuple[list[int], int]],
+    model,
+    tokenizer,
+    config: Optional[SFTConfig] = None,
+    *,
+    writer=None,
+    first_step: int = 0,
+    progress: bool = True,
+    desc: str = "sft",
+):
+    """SFT of a loaded model on sequences already tokenised: ``(ids, prompt_length)`` pairs,
+    the loss on ``ids[prompt_length:]``. For answers the model itself sampled (expert
+    iteration), so it learns exactly the tokens drawn, EOS only where one was drawn, with
+    no decode-and-retokenise round trip. ``config.add_eos`` and ``max_length`` do not apply
+    (the sequences are final; :func:`trim_tokens` cuts them).
+
+    :param writer: a TensorBoard ``SummaryWriter`` that gets ``train/loss`` (left open)
+    :param first_step: the step of this call's first update in ``writer`` (rounds of one run
+        continue one curve)
+    :return: ``(model, tokenizer)`` in eval mode, ``model.sft_metrics`` as :func:`train_sft`'s
+    """
+    cfg = config or SFTConfig()
+    check_config(cfg)
+    if not sequences:
+        raise ValueError("no sequences to train on")
+    for ids, n_prompt in sequences:
+        if not 1 <= n_prompt < len(ids):
+            raise ValueError(f"a sequence needs at least one prompt token and one response token, got "
+                             f"prompt length {n_prompt} of {len(ids)} tokens")
+    return _fit(list(sequences), model, tokenizer, cfg, seed_everything(cfg.seed), None, None, writer, first_step,
+                progress, None, None, None, "raise", desc=desc, close_writer=False)
+
+
+def _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, writer, first_step, progress, checkpoint_dir,
+         checkpoint_every, resume_from, on_nonfinite, desc="sft", close_writer=True):
+    """The SFT loop over ``(ids, prompt_length)`` sequences (see :func:`train_sft`)."""
+    from tqdm.auto import tqdm
+
     optimizer = adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
     loop = TrainLoop("sft", model, optimizer, [len(e[0]) for e in encoded], cfg.batch_size, cfg.epochs, gen, None,
                      checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
     total = loop.total_steps
     main = distributed.is_main_process()  # rank 0 logs and saves
-    writer = summary_writer(log_dir, run_name) if main else None
     pad_id = tokenizer.pad_token_id
     step = loop.step_count
     model.train()
-    bar = tqdm(total=total, initial=step, desc="sft", disable=not progress or not main)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not progress or not main)
     epoch_losses: list[float] = []
     for epoch in loop.epochs():
         epoch_losses = []
@@ -198,12 +246,12 @@ def train_sft(
             loop.step(loss, float(loss_mask[:, 1:].sum()))
             step = loop.step_count
             if writer is not None:
-                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/loss", loss.item(), first_step + step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             epoch_losses.append(loss.item())
     bar.close()
-    if writer is not None:
+    if writer is not None and close_writer:
         writer.close()
     model.eval()
     model.sft_metrics = {"train/loss": sum(epoch_losses) / len(epoch_losses)} if epoch_losses else {}
