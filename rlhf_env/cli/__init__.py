@@ -13,7 +13,7 @@ import os
 import sys
 
 # subcommand modules, in the order --help lists them
-COMMAND_MODULES = ["train", "plot", "train_rm", "sft", "dpo", "demo", "eval", "compare", "bench"]
+COMMAND_MODULES = ["train", "plot", "train_rm", "sft", "dpo", "expert_iteration", "demo", "eval", "compare", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

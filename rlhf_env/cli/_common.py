@@ -105,9 +105,10 @@ def block_count(minimum: int = 1):
     return parse
 
 
-def add_training_flags(p: argparse.ArgumentParser, defaults, run_name: str) -> None:
+def add_training_flags(p: argparse.ArgumentParser, defaults, run_name: str, resumable: bool = True) -> None:
     """--learning-rate, --batch-size, --epochs, --max-length, --seed, --device, --dtype,
-    --log-dir, --run-name, --threads, --no-progress, with the config dataclass's defaults."""
+    --log-dir, --run-name, --threads, --no-progress, with the config dataclass's defaults;
+    with ``resumable``, the checkpoint flags and --on-nonfinite too."""
     p.add_argument("--learning-rate", "--lr", type=float, default=defaults.learning_rate, help=f"AdamW learning rate (default: {defaults.learning_rate})")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"examples (pairs) per optimiser step (default: {defaults.batch_size})")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help=f"passes over the training data (default: {defaults.epochs})")
@@ -120,6 +121,8 @@ def add_training_flags(p: argparse.ArgumentParser, defaults, run_name: str) -> N
     p.add_argument("--run-name", default=run_name, help=f"TensorBoard run name (default: {run_name})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    if not resumable:
+        return
     p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints (model, optimizer, data position, RNG) here; "
                    "Ctrl-C or SIGTERM then writes a final one and exits cleanly")
     p.add_argument("--checkpoint-every", type=int, default=None, help="optimiser steps between checkpoints (default: at the end and on interrupt)")

@@ -121,7 +121,7 @@ def default_reward(policy: str, info: dict) -> tuple[str, str]:
     from rlhf_env.rewards import REWARD_NAMES
 
     env = info.get("env") or {}
-    recorded = env.get("reward_model")
+    recorded = env.get("reward_model", info.get("reward_model"))  # an agent's env, or an offline trainer's record
     if isinstance(recorded, str) and (recorded.lower() in REWARD_NAMES or os.path.isdir(recorded)):
         return recorded, f"recorded in {policy}"
     if recorded:
@@ -179,7 +179,7 @@ def run(args) -> int:
             reward, source = default_reward(args.policy, info)
             print(f"reward (--reward): {reward} ({source})")
         kwargs = {}
-        recorded_length = (info.get("env") or {}).get("max_new_tokens")
+        recorded_length = (info.get("env") or {}).get("max_new_tokens", info.get("max_new_tokens"))
         if args.max_new_tokens is not None or recorded_length:
             kwargs["max_new_tokens"] = args.max_new_tokens or int(recorded_length)
         report = evaluate(policy, prompts=prompts, reference=reference, reward=reward, seed=args.seed, device=args.device,
