@@ -59,6 +59,10 @@ class ExpertIterationConfig:
     :param weight_decay: AdamW weight decay
     :param seed: seed of the draws (round ``r`` samples with ``seed + r``) and of the data order
     :param sample_batch_size: sequences per ``generate`` call while drawing
+    :param min_reward: keep a best answer only if it scores at least this (None: keep every
+        one). With a verifier as the reward, 1.0 keeps the correct answers only
+        (rejection-sampling fine-tuning); a prompt none of whose ``n`` answers is good
+        enough then teaches nothing that round
     """
 
     n: int = 8
@@ -74,6 +78,7 @@ class ExpertIterationConfig:
     weight_decay: float = 0.0
     seed: int = 0
     sample_batch_size: int = 32
+    min_reward: Optional[float] = None
 
     def check(self) -> None:
         """Refuse a setting that cannot run, before any model is loaded."""
@@ -119,6 +124,7 @@ def train_expert_iteration(
     system_prompt: Any = TEMPLATE_DEFAULT,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    record: Optional[dict] = None,
 ):
     """Train ``model`` by expert iteration on ``prompts`` (see the module docstring).
 
@@ -137,6 +143,8 @@ def train_expert_iteration(
     :param system_prompt: as :func:`rlhf_env.generation.generate`'s
     :param progress: progress bars (sampling and fine-tuning)
     :param log: where the one line per round goes (``None``: nowhere)
+    :param record: more fields for the output folder's ``rlhf_env_training.json`` (the CLI
+        records ``--task`` there)
     :return: ``(model, tokenizer)`` in eval mode; ``model.expert_iteration_metrics`` holds one
         dict per round (the rewards above, the KL bound of the kept answers, ``train/loss``)
     """
@@ -161,9 +169,15 @@ def train_expert_iteration(
                               tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               top_k=cfg.top_k, system_prompt=system_prompt, seed=cfg.seed + r,
                               batch_size=cfg.sample_batch_size, device=model.device, progress=progress)
-            sequences = kept_sequences(tokenizer, prompts, drawn.chosen.token_ids, cfg.max_length, system_prompt)
+            kept = drawn.chosen.token_ids
+            if cfg.min_reward is not None:
+                kept = [[ids for ids, score in zip(row, scores) if score >= cfg.min_reward]
+                        for row, scores in zip(kept, drawn.scores)]
+            sequences = kept_sequences(tokenizer, prompts, kept, cfg.max_length, system_prompt)
             if not sequences:
-                raise RuntimeError(f"round {r + 1}: every kept answer is empty; raise max_new_tokens or check the model")
+                why = (f"no best-of-{cfg.n} answer scored at least min_reward={cfg.min_reward}; lower it or raise n"
+                       if cfg.min_reward is not None else "every kept answer is empty; raise max_new_tokens")
+                raise RuntimeError(f"round {r + 1}: nothing to fine-tune on: {why}")
             model, tokenizer = train_sft_tokens(sequences, model, tokenizer, cfg.sft(), writer=writer, first_step=step,
                                                 progress=progress, desc=f"round {r + 1}/{cfg.rounds}: sft")
             step += -(-len(sequences) // cfg.batch_size) * cfg.epochs  # TrainLoop's step count
@@ -172,7 +186,7 @@ def train_expert_iteration(
                        "rollout/best_of_n_reward_mean": float(np.mean(drawn.scores)),
                        "rollout/finished_share": float(np.mean(drawn.chosen.finished)),
                        "kl_bound": kl_bound(cfg.n), "train/loss": model.sft_metrics.get("train/loss", float("nan")),
-                       "sequences": len(sequences)}
+                       "sequences": len(sequences), "kept_share": len(sequences) / (len(prompts) * cfg.samples_per_prompt)}
             history.append(metrics)
             if writer is not None:
                 for key in ("rollout/reward_mean", "rollout/best_of_n_reward_mean", "rollout/finished_share"):
@@ -180,7 +194,8 @@ def train_expert_iteration(
             if log is not None:
                 log(f"[expert iteration] round {r + 1}/{cfg.rounds}: reward of the draws {metrics['rollout/reward_mean']:+.3f}, "
                     f"of the best of {cfg.n} {metrics['rollout/best_of_n_reward_mean']:+.3f}; "
-                    f"fine-tuned on {len(sequences)} answers, loss {metrics['train/loss']:.3f}")
+                    f"fine-tuned on {len(sequences)} answers ({metrics['kept_share']:.0%} of the prompts' slots), "
+                    f"loss {metrics['train/loss']:.3f}")
     finally:
         if writer is not None:
             writer.close()
@@ -192,5 +207,5 @@ def train_expert_iteration(
         save_lm(model, tokenizer, output_dir, {
             "algorithm": "expert iteration (best-of-n SFT)", "base_model": base_model,
             "reward_model": recorded if isinstance(recorded, str) else type(reward).__name__,
-            "max_new_tokens": cfg.max_new_tokens, "hyperparameters": asdict(cfg), "rounds": history})
+            "max_new_tokens": cfg.max_new_tokens, "hyperparameters": asdict(cfg), "rounds": history, **(record or {})})
     return model, tokenizer

@@ -131,3 +131,55 @@ def test_cli_trains_and_eval_judges_with_the_recorded_reward_and_length(tiny_lm_
     with pytest.raises(SystemExit):
         main(["expert-iteration", "--rouns", "2", "--output", str(tmp_path / "x")])
     assert "--rounds" in capsys.readouterr().err
+
+
+def test_min_reward_keeps_only_the_answers_that_reach_it(tiny_lm_dir, monkeypatch):
+    import rlhf_env.expert_iteration as ei
+
+    seen = []
+    real = ei.train_sft_tokens
+    monkeypatch.setattr(ei, "train_sft_tokens", lambda seqs, *a, **k: seen.append(seqs) or real(seqs, *a, **k))
+    model, tok = load_lm(tiny_lm_dir)
+    drawn = best_of_n(model, TRAIN, vowel_share, tokenizer=tok, n=2, max_new_tokens=8, seed=5, progress=False)
+    cut = float(np.median([s[0] for s in drawn.scores]))
+    keep = [ids if s[0] >= cut else [] for ids, s in zip(drawn.chosen.token_ids, drawn.scores)]
+    cfg = ExpertIterationConfig(n=2, max_new_tokens=8, seed=5, min_reward=cut)
+    trained, _ = train_expert_iteration(TRAIN, str(tiny_lm_dir), reward=vowel_share, config=cfg, progress=False, log=None)
+    assert seen == [kept_sequences(tok, TRAIN, keep, cfg.max_length)] and 0 < len(seen[0]) < len(TRAIN)
+    assert trained.expert_iteration_metrics[0]["kept_share"] == len(seen[0]) / len(TRAIN)
+    with pytest.raises(RuntimeError, match="no best-of-2 answer scored at least min_reward=2.0"):
+        train_expert_iteration(TRAIN, str(tiny_lm_dir), reward=vowel_share, progress=False, log=None,
+                               config=ExpertIterationConfig(n=2, max_new_tokens=8, min_reward=2.0))
+
+
+def test_a_tasks_prompt_reward_is_its_verifier_by_question():
+    from rlhf_env.envs.prompt import prompt_text
+    from rlhf_env.tasks import make_task
+
+    task = make_task("chain_sum")
+    rows = task.rows("train")[:3]
+    reward = task.prompt_reward("train")
+    questions = [prompt_text(r["prompt"]) for r in rows]
+    assert questions == [r["entry"]["question"] for r in rows]
+    right = [f"The answer is {r['answer']}" for r in rows]
+    wrong = [f"The answer is {int(r['answer']) + 1}" for r in rows]
+    assert reward(questions, right) == [1.0] * 3 and reward(questions, wrong) == [0.0] * 3
+    with pytest.raises(ValueError, match="is not a question of task 'chain_sum'"):
+        reward(["What is 2 + 2?"], ["4"])
+
+
+def test_cli_on_a_task_keeps_correct_answers_only(tiny_lm_dir, tmp_path, capsys):
+    """--task: the task's questions and verifier; the random tiny model answers none right,
+    so with the default min_reward of 1 there is nothing to learn, said in one line."""
+    from rlhf_env.cli import main
+
+    assert main(["expert-iteration", "--task", "chain_sum", "--limit", "4", "--model", str(tiny_lm_dir), "--n", "2",
+                 "--output", str(tmp_path / "x"), "--no-progress"]) == 1
+    assert "no best-of-2 answer scored at least min_reward=1.0" in capsys.readouterr().err
+    assert main(["expert-iteration", "--task", "chain_sum", "--limit", "4", "--model", str(tiny_lm_dir), "--n", "2",
+                 "--min-reward", "0", "--max-new-tokens", "4", "--output", str(tmp_path / "ei"), "--no-progress"]) == 0
+    assert f"rlhf-env eval {tmp_path / 'ei'} --task chain_sum" in capsys.readouterr().out
+    info = json.loads((tmp_path / "ei" / "rlhf_env_training.json").read_text())
+    assert info["task"] == "chain_sum" and info["hyperparameters"]["min_reward"] == 0.0 and info["max_new_tokens"] == 4
+    assert main(["expert-iteration", "--task", "chain_sum", "--reward", "tiny", "--output", str(tmp_path / "x")]) == 1
+    assert "--task brings its own prompts and verifier" in capsys.readouterr().err

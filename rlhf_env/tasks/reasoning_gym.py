@@ -232,6 +232,23 @@ class ReasoningGymTask:
         """Correctness in [0, 1] of each completion against its row."""
         return Correctness(self._train, self.answer_format)(None, completions, entry=[r["entry"] for r in rows])
 
+    def prompt_reward(self, split: str = "train"):
+        """Correctness as a ``(prompts, responses) -> scores`` callable, the reward-model
+        interface, for what scores answers by their prompt alone (best-of-n, expert
+        iteration): a prompt is its row's question text (a row's last user message).
+
+        :raises ValueError: when called with a prompt that is not a question of ``split``
+        """
+        by_question = {r["entry"]["question"]: r for r in self.rows(split)}
+
+        def correctness(prompts: list, responses: list) -> list[float]:
+            missing = next((p for p in prompts if p not in by_question), None)
+            if missing is not None:
+                raise ValueError(f"{str(missing)[:80]!r} is not a question of task {self.name!r}'s {split} split")
+            return self.score(list(responses), [by_question[p] for p in prompts])
+
+        return correctness
+
 
 def make_task(task: "str | ReasoningGymTask" = DEFAULT_TASK, task_config: dict | None = None, **kwargs: Any) -> ReasoningGymTask:
     """A :class:`ReasoningGymTask` from a name (a task object passes through unchanged)."""
