@@ -63,6 +63,10 @@ class ExpertIterationConfig:
         one). With a verifier as the reward, 1.0 keeps the correct answers only
         (rejection-sampling fine-tuning); a prompt none of whose ``n`` answers is good
         enough then teaches nothing that round
+    :param finished_only: keep a best answer only if the policy ended it (EOS), not one
+        ``max_new_tokens`` cut (DAPO's overlong filtering; the env's
+        ``mask_truncated_completions``): a verifier reads a cut answer's last number, which
+        is right now and then by luck, and learning those teaches rambling
     """
 
     n: int = 8
@@ -79,6 +83,7 @@ class ExpertIterationConfig:
     seed: int = 0
     sample_batch_size: int = 32
     min_reward: Optional[float] = None
+    finished_only: bool = False
 
     def check(self) -> None:
         """Refuse a setting that cannot run, before any model is loaded."""
@@ -169,14 +174,15 @@ def train_expert_iteration(
                               tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                               top_k=cfg.top_k, system_prompt=system_prompt, seed=cfg.seed + r,
                               batch_size=cfg.sample_batch_size, device=model.device, progress=progress)
-            kept = drawn.chosen.token_ids
-            if cfg.min_reward is not None:
-                kept = [[ids for ids, score in zip(row, scores) if score >= cfg.min_reward]
-                        for row, scores in zip(kept, drawn.scores)]
+            kept = [[ids for ids, score, done in zip(*slot) if (cfg.min_reward is None or score >= cfg.min_reward)
+                     and (done or not cfg.finished_only)]
+                    for slot in zip(drawn.chosen.token_ids, drawn.scores, drawn.chosen.finished)]
             sequences = kept_sequences(tokenizer, prompts, kept, cfg.max_length, system_prompt)
             if not sequences:
-                why = (f"no best-of-{cfg.n} answer scored at least min_reward={cfg.min_reward}; lower it or raise n"
-                       if cfg.min_reward is not None else "every kept answer is empty; raise max_new_tokens")
+                rules = [f"scored at least min_reward={cfg.min_reward}"] if cfg.min_reward is not None else []
+                rules += ["ended before max_new_tokens (finished_only)"] if cfg.finished_only else []
+                why = (f"no best-of-{cfg.n} answer {' and '.join(rules)}; relax that or raise n" if rules
+                       else "every kept answer is empty; raise max_new_tokens")
                 raise RuntimeError(f"round {r + 1}: nothing to fine-tune on: {why}")
             model, tokenizer = train_sft_tokens(sequences, model, tokenizer, cfg.sft(), writer=writer, first_step=step,
                                                 progress=progress, desc=f"round {r + 1}/{cfg.rounds}: sft")

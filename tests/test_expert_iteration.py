@@ -175,11 +175,35 @@ def test_cli_on_a_task_keeps_correct_answers_only(tiny_lm_dir, tmp_path, capsys)
 
     assert main(["expert-iteration", "--task", "chain_sum", "--limit", "4", "--model", str(tiny_lm_dir), "--n", "2",
                  "--output", str(tmp_path / "x"), "--no-progress"]) == 1
-    assert "no best-of-2 answer scored at least min_reward=1.0" in capsys.readouterr().err
+    assert "no best-of-2 answer scored at least min_reward=1.0 and ended before max_new_tokens" in capsys.readouterr().err
     assert main(["expert-iteration", "--task", "chain_sum", "--limit", "4", "--model", str(tiny_lm_dir), "--n", "2",
-                 "--min-reward", "0", "--max-new-tokens", "4", "--output", str(tmp_path / "ei"), "--no-progress"]) == 0
+                 "--min-reward", "0", "--no-finished-only", "--max-new-tokens", "4", "--output", str(tmp_path / "ei"), "--no-progress"]) == 0
     assert f"rlhf-env eval {tmp_path / 'ei'} --task chain_sum" in capsys.readouterr().out
     info = json.loads((tmp_path / "ei" / "rlhf_env_training.json").read_text())
-    assert info["task"] == "chain_sum" and info["hyperparameters"]["min_reward"] == 0.0 and info["max_new_tokens"] == 4
+    hp = info["hyperparameters"]
+    assert info["task"] == "chain_sum" and hp["min_reward"] == 0.0 and hp["finished_only"] is False and info["max_new_tokens"] == 4
     assert main(["expert-iteration", "--task", "chain_sum", "--reward", "tiny", "--output", str(tmp_path / "x")]) == 1
     assert "--task brings its own prompts and verifier" in capsys.readouterr().err
+
+
+def test_finished_only_drops_the_answers_the_length_limit_cut(tiny_lm_dir, monkeypatch):
+    import rlhf_env.expert_iteration as ei
+    from rlhf_env.best_of_n import BestOfN
+    from rlhf_env.generation import Completions
+
+    model, tok = load_lm(tiny_lm_dir)
+    eos = tok.eos_token_id
+    chosen = Completions(texts=[["a"], ["b"], ["c"]], num_tokens=[[3], [2], [3]], finished=[[True], [False], [True]],
+                         token_ids=[[[5, 6, eos]], [[7, 8]], [[9, 10, eos]]])
+    drawn = BestOfN(chosen, [[1.0], [1.0], [0.0]], chosen, [[[1.0]], [[1.0]], [[0.0]]], n=1)
+    monkeypatch.setattr(ei, "best_of_n", lambda *a, **k: drawn)
+    seen = []
+    monkeypatch.setattr(ei, "train_sft_tokens", lambda seqs, model, tok, *a, **k: seen.append(seqs) or (model, tok))
+    model.sft_metrics = {}
+    prompts = ["hi", "yo", "hey"]
+    for cfg, rows in ((ExpertIterationConfig(n=1, finished_only=True), [0, 2]),
+                      (ExpertIterationConfig(n=1, finished_only=True, min_reward=1.0), [0]),
+                      (ExpertIterationConfig(n=1), [0, 1, 2])):
+        seen.clear()
+        train_expert_iteration(prompts, model, tokenizer=tok, reward=vowel_share, config=cfg, progress=False, log=None)
+        assert seen == [kept_sequences(tok, [prompts[i] for i in rows], [chosen.token_ids[i] for i in rows], cfg.max_length)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from rlhf_env.cli._common import HelpFormatter, add_training_flags, apply_threads, config_from_args, resolve_dtype
 
 
@@ -31,6 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--n", type=int, default=d.n, help="answers drawn per kept answer; the reward's best is learned")
     p.add_argument("--rounds", type=int, default=d.rounds, help="sample-select-fine-tune rounds")
     p.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt, help="kept answers per prompt per round")
+    p.add_argument("--finished-only", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only best answers the model ended itself, not ones --max-new-tokens cut (default: on with --task, else off)")
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"length limit of a drawn answer (default: the task's with --task, else {d.max_new_tokens})")
     p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature of the draws")
     p.add_argument("--top-k", type=int, default=d.top_k, help="top-k of the draws (0: off)")
@@ -51,7 +55,7 @@ def run(args) -> int:
             raise ValueError("--task-config and --limit need --task")
         reward = args.reward or "default"
         length = args.max_new_tokens or ExpertIterationConfig.max_new_tokens
-        min_reward = args.min_reward
+        min_reward, finished_only = args.min_reward, bool(args.finished_only)
     else:
         if args.prompts is not None or args.reward is not None:
             raise ValueError("--task brings its own prompts and verifier: drop --prompts and --reward, or drop --task")
@@ -64,7 +68,8 @@ def run(args) -> int:
         reward, record = task.prompt_reward("train"), {"task": task.name, "task_config": task.config}
         length = args.max_new_tokens or task.max_new_tokens
         min_reward = 1.0 if args.min_reward is None else args.min_reward
-    cfg = config_from_args(ExpertIterationConfig, args, max_new_tokens=length, min_reward=min_reward)
+        finished_only = args.finished_only is not False
+    cfg = config_from_args(ExpertIterationConfig, args, max_new_tokens=length, min_reward=min_reward, finished_only=finished_only)
     cfg.check()  # before any model loads
     if args.task is None:
         prompts = load_prompts(args.prompts)  # a missing or malformed file fails here too
