@@ -34,6 +34,27 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+
+def describe_reward(named, actual) -> str:
+    """How an export records its reward, so that ``rlhf-env eval`` can load it again: a name as
+    given (``"default"``), a reward-model folder or a ``FILE.py:NAME`` by absolute path, else
+    a reward object's own ``reward_name``, else ``"callable NAME"`` (which cannot be loaded).
+
+    :param named: the reward as the user named it (a string or path), or None
+    :param actual: the reward callable in use
+    """
+    if isinstance(named, (str, os.PathLike)):
+        text = os.path.expanduser(os.fspath(named))
+        if os.path.isdir(text):
+            return os.path.abspath(text)
+        where, sep, name = text.rpartition(":")
+        if sep and where.endswith(".py") and os.path.isfile(where):
+            return f"{os.path.abspath(where)}:{name}"
+        return str(named)
+    if isinstance(getattr(actual, "reward_name", None), str):  # a reward object that says how to load it again
+        return actual.reward_name
+    return f"callable {getattr(actual, '__name__', type(actual).__name__)}"
+
 def env_description(env: Any) -> dict[str, Any] | None:
     """What an exported policy was trained on, for ``rlhf_env_training.json`` (and an agent
     zip's header): the env id; its reward model as the user named it (a name, or a folder by
@@ -54,14 +75,7 @@ def env_description(env: Any) -> dict[str, Any] | None:
             break
     named = (spec.kwargs or {}).get("reward_model") if spec is not None else None
     actual = getattr(text_env, "reward_model", None)
-    if actual is None:
-        reward = None
-    elif isinstance(named, (str, os.PathLike)):
-        reward = os.path.abspath(os.path.expanduser(named)) if os.path.isdir(os.path.expanduser(named)) else str(named)
-    elif isinstance(getattr(actual, "reward_name", None), str):  # a reward object that says how to load it again
-        reward = actual.reward_name
-    else:
-        reward = f"callable {getattr(actual, '__name__', type(actual).__name__)}"
+    reward = None if actual is None else describe_reward(named, actual)
     task = getattr(text_env, "task", None)
     system = getattr(task, "system_prompt", None)
     return {

@@ -208,10 +208,11 @@ def train_expert_iteration(
     model.eval()
     model.expert_iteration_metrics = history
     if output_dir is not None:
+        from rlhf_env.agents.export import describe_reward
+
         # reward_model and max_new_tokens: what `rlhf-env eval DIR` judges with by default
-        recorded = os.path.abspath(reward) if isinstance(reward, (str, os.PathLike)) and os.path.isdir(reward) else reward
         save_lm(model, tokenizer, output_dir, {
             "algorithm": "expert iteration (best-of-n SFT)", "base_model": base_model,
-            "reward_model": recorded if isinstance(recorded, str) else type(reward).__name__,
+            "reward_model": describe_reward(reward if isinstance(reward, (str, os.PathLike)) else None, reward_fn),
             "max_new_tokens": cfg.max_new_tokens, "hyperparameters": asdict(cfg), "rounds": history, **(record or {})})
     return model, tokenizer

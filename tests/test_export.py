@@ -244,7 +244,10 @@ def test_cli_eval_judges_an_export_with_the_reward_it_was_trained_on(tmp_path, m
     seen = []
     monkeypatch.setattr(rlhf_env.evaluate, "evaluate", lambda policy, reference, reward, **kw: seen.append((reward, kw.get("max_new_tokens"))) or {})
     monkeypatch.setattr(rlhf_env.evaluate, "format_table", lambda report: "")
-    cases = (("named", "sentiment"), ("folder", str(tmp_path)), ("callable", "callable my_reward"), ("funcs", None), ("old", None))
+    (tmp_path / "my_rewards.py").write_text("def kind(prompts, responses):\n    return [0.0 for _ in responses]\n")
+    function = f"{tmp_path / 'my_rewards.py'}:kind"
+    cases = (("named", "sentiment"), ("folder", str(tmp_path)), ("callable", "callable my_reward"), ("funcs", None), ("old", None),
+             ("function", function), ("gone", f"{tmp_path / 'gone.py'}:kind"))
     for name, reward in cases:
         (tmp_path / name).mkdir()
         env = {"env": {"reward_model": reward, "max_new_tokens": 12}} if name != "old" else {}
@@ -252,7 +255,8 @@ def test_cli_eval_judges_an_export_with_the_reward_it_was_trained_on(tmp_path, m
     for name, _ in cases:
         assert main(["eval", str(tmp_path / name)]) == 0
     assert main(["eval", str(tmp_path / "named"), "--reward", "tiny", "--max-new-tokens", "5"]) == 0
-    assert seen == [("sentiment", 12), (str(tmp_path), 12), ("default", 12), ("default", 12), ("default", None), ("tiny", 5)]
+    assert seen == [("sentiment", 12), (str(tmp_path), 12), ("default", 12), ("default", 12), ("default", None),
+                    (function, 12), ("default", 12), ("tiny", 5)]
     import agents.export
 
     reads = []
@@ -328,3 +332,16 @@ def test_the_export_records_the_reward_so_that_it_loads_again(tmp_path):
         assert record["id"] == "TextRLHF-tiny-v0" and record["max_new_tokens"] == 2
         if expected is not None and not expected.startswith("callable"):
             assert callable(resolve_reward(expected))  # what rlhf-env eval does with it
+
+
+def test_describe_reward_makes_a_reward_file_absolute(tmp_path, monkeypatch):
+    """A FILE.py:NAME reward named relative to the training folder is recorded by absolute
+    path (so `rlhf-env eval DIR` finds it from anywhere); a missing file stays as named."""
+    from agents.export import describe_reward
+
+    (tmp_path / "mine.py").write_text("def kind(prompts, responses):\n    return [0.0] * len(responses)\n")
+    monkeypatch.chdir(tmp_path)
+    assert describe_reward("mine.py:kind", None) == f"{tmp_path / 'mine.py'}:kind"
+    assert describe_reward("gone.py:kind", None) == "gone.py:kind"
+    assert describe_reward(".", None) == str(tmp_path)
+    assert describe_reward(None, len) == "callable len"
