@@ -27,6 +27,7 @@ _LAZY = {
     "encode_prompt": "rlhf_env.models",
     "train_sft": "rlhf_env.sft",
     "train_dpo": "rlhf_env.dpo",
+    "train_expert_iteration": "rlhf_env.expert_iteration",
 }
 
 __all__ = ["__version__", "TEXT_ENV_IDS", "register_envs", *_LAZY]
