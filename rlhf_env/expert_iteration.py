@@ -52,7 +52,7 @@ class ExpertIterationConfig:
     :param top_k: top-k of the draws (0: off)
     :param learning_rate: AdamW learning rate of each round's fine-tune. Small: the targets
         are the policy's own answers, and one round at 3e-5 on SmolLM2-135M moved it about
-        1.4 nats per 24-token answer (docs/benchmarks.md)
+        1.6 nats per 24-token answer (docs/benchmarks.md)
     :param batch_size: kept answers per optimiser step
     :param epochs: passes over a round's kept answers
     :param max_length: longest training sequence in tokens (the prompt's start is cut first)

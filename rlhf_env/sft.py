@@ -164,9 +164,8 @@ def train_sft(
     base_model = base_model_name(model)
     model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
     encoded = [encode_example(tokenizer, p, r, cfg.max_length, cfg.add_eos) for p, r in examples]
-    return _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, summary_writer(log_dir, run_name)
-                if distributed.is_main_process() else None, 0, progress, checkpoint_dir, checkpoint_every, resume_from,
-                on_nonfinite)
+    return _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, None, (log_dir, run_name), 0, progress,
+                checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
 
 
 def trim_tokens(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], int]:
@@ -208,13 +207,14 @@ def train_sft_tokens(
         if not 1 <= n_prompt < len(ids):
             raise ValueError(f"a sequence needs at least one prompt token and one response token, got "
                              f"prompt length {n_prompt} of {len(ids)} tokens")
-    return _fit(list(sequences), model, tokenizer, cfg, seed_everything(cfg.seed), None, None, writer, first_step,
-                progress, None, None, None, "raise", desc=desc, close_writer=False)
+    return _fit(list(sequences), model, tokenizer, cfg, seed_everything(cfg.seed), None, None, writer, None, first_step,
+                progress, None, None, None, "raise", desc=desc)
 
 
-def _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, writer, first_step, progress, checkpoint_dir,
-         checkpoint_every, resume_from, on_nonfinite, desc="sft", close_writer=True):
-    """The SFT loop over ``(ids, prompt_length)`` sequences (see :func:`train_sft`)."""
+def _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, writer, log_to, first_step, progress, checkpoint_dir,
+         checkpoint_every, resume_from, on_nonfinite, desc="sft"):
+    """The SFT loop over ``(ids, prompt_length)`` sequences (see :func:`train_sft`): logs to
+    ``writer`` (left open), or to a writer of its own in ``log_to = (log_dir, run_name)``."""
     from tqdm.auto import tqdm
 
     optimizer = adamw(model.parameters(), cfg.learning_rate, cfg.weight_decay)
@@ -222,6 +222,9 @@ def _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, writer, fi
                      checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
     total = loop.total_steps
     main = distributed.is_main_process()  # rank 0 logs and saves
+    own_writer = writer is None and log_to is not None and main
+    if own_writer:
+        writer = summary_writer(*log_to)
     pad_id = tokenizer.pad_token_id
     step = loop.step_count
     model.train()
@@ -251,7 +254,7 @@ def _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, writer, fi
             bar.set_postfix(loss=f"{loss.item():.3f}")
             epoch_losses.append(loss.item())
     bar.close()
-    if writer is not None and close_writer:
+    if own_writer and writer is not None:
         writer.close()
     model.eval()
     model.sft_metrics = {"train/loss": sum(epoch_losses) / len(epoch_losses)} if epoch_losses else {}

@@ -81,5 +81,6 @@ def run(args) -> int:
     last = model.expert_iteration_metrics[-1]
     print(f"reward_mean={last['rollout/reward_mean']:.4f} best_of_n_reward_mean={last['rollout/best_of_n_reward_mean']:.4f} "
           f"train/loss={last['train/loss']:.4f} saved={args.output}")
-    print(f"judge it on held-out prompts: rlhf-env eval {args.output}" + (f" --task {args.task}" if args.task else ""))
+    task_flags = f" --task {args.task}" + (f" --task-config '{args.task_config}'" if args.task_config else "") if args.task else ""
+    print(f"judge it on held-out prompts: rlhf-env eval {args.output}{task_flags}")
     return 0
