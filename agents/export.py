@@ -34,7 +34,6 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
-
 def describe_reward(named, actual) -> str:
     """How an export records its reward, so that ``rlhf-env eval`` can load it again: a name as
     given (``"default"``), a reward-model folder or a ``FILE.py:NAME`` by absolute path, else
@@ -54,6 +53,7 @@ def describe_reward(named, actual) -> str:
     if isinstance(getattr(actual, "reward_name", None), str):  # a reward object that says how to load it again
         return actual.reward_name
     return f"callable {getattr(actual, '__name__', type(actual).__name__)}"
+
 
 def env_description(env: Any) -> dict[str, Any] | None:
     """What an exported policy was trained on, for ``rlhf_env_training.json`` (and an agent
