@@ -84,6 +84,34 @@ def test_demo_says_when_the_total_budget_cuts_the_training(tmp_path):
     assert len(note) == 1 and "--seconds 1000" in note[0], lines
 
 
+@pytest.mark.parametrize("missed, explained", [({"tone_gain", "distinct_2_change"}, True), ({"tone_gain", "kl"}, False)])
+def test_demo_fail_on_the_default_reward_model_says_what_limits_it(tmp_path, monkeypatch, missed, explained):
+    """A FAIL on the default reward model that misses only the tone and distinct-2 bounds
+    points to the measured limit of that reward model; any other miss is reported plainly."""
+    import rlhf_env.demo
+    import rlhf_env.evaluate
+    from rlhf_env.demo import quick_config, run_demo
+    from rlhf_env.rewards import TinyReward
+
+    real = rlhf_env.evaluate.check_targets
+
+    def verdict(report, targets=None):
+        out = real(report, targets)
+        for name, check in out["checks"].items():
+            check["ok"] = name not in missed
+        out["passed"] = False
+        return out
+
+    monkeypatch.setattr(rlhf_env.evaluate, "check_targets", verdict)
+    monkeypatch.setattr(rlhf_env.demo, "_resolve_demo_reward", lambda *a: (TinyReward(), "default reward model (stand-in)"))
+    cfg = quick_config()
+    cfg.max_iterations = 1
+    lines: list[str] = []
+    run_demo(tmp_path / "demo", config=cfg, log=lines.append)
+    assert "FAIL (see the judges table" in lines[-1]
+    assert ("its own best-of-n misses these bounds together" in lines[-1]) == explained, lines[-1]
+
+
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_demo_trains_with_a_group_method_and_judges_it_like_ppo(tmp_path, capsys, method):
     from rlhf_env.cli import main
