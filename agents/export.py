@@ -34,6 +34,12 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def reward_file(spec: Any) -> str | None:
+    """The file of a ``FILE.py:NAME`` reward spec when that file exists, else None."""
+    where, sep, _ = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
+    return where if sep and where.endswith(".py") and os.path.isfile(where) else None
+
+
 def describe_reward(named, actual) -> str:
     """How an export records its reward, so that ``rlhf-env eval`` can load it again: a name as
     given (``"default"``), a reward-model folder or a ``FILE.py:NAME`` by absolute path, else
@@ -46,9 +52,9 @@ def describe_reward(named, actual) -> str:
         text = os.path.expanduser(os.fspath(named))
         if os.path.isdir(text):
             return os.path.abspath(text)
-        where, sep, name = text.rpartition(":")
-        if sep and where.endswith(".py") and os.path.isfile(where):
-            return f"{os.path.abspath(where)}:{name}"
+        where = reward_file(text)
+        if where is not None:
+            return f"{os.path.abspath(where)}:{text.rpartition(':')[2]}"
         return str(named)
     if isinstance(getattr(actual, "reward_name", None), str):  # a reward object that says how to load it again
         return actual.reward_name

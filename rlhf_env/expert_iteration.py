@@ -34,6 +34,7 @@ import numpy as np
 from rlhf_env.best_of_n import best_of_n, kl_bound
 from rlhf_env.envs.prompt import TEMPLATE_DEFAULT
 from rlhf_env.generation import prompt_ids
+from rlhf_env.loop import check_config
 from rlhf_env.sft import SFTConfig, train_sft_tokens, trim_tokens
 from rlhf_env.training import base_model_name, resolve_lm, save_lm, summary_writer
 
@@ -87,10 +88,7 @@ class ExpertIterationConfig:
 
     def check(self) -> None:
         """Refuse a setting that cannot run, before any model is loaded."""
-        for name in ("n", "rounds", "samples_per_prompt", "max_new_tokens", "batch_size", "epochs", "sample_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r} (in ExpertIterationConfig)")
+        check_config(self, counts=("n", "rounds", "samples_per_prompt", "max_new_tokens", "sample_batch_size"))
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r} (in ExpertIterationConfig)")
         if self.max_length < 2:

@@ -267,10 +267,11 @@ def setup_distributed(device: Union[str, torch.device]) -> torch.device:
     return distributed.local_device(device)
 
 
-def check_config(cfg: Any) -> None:
+def check_config(cfg: Any, counts: tuple[str, ...] = ()) -> None:
     """Refuse a trainer config whose batch size or epoch count (or LoRA rank, where it has one
-    and it is set) is not a positive integer, before any model is loaded."""
-    names = ["batch_size", "epochs"] + (["lora_rank"] if getattr(cfg, "lora_rank", None) is not None else [])
+    and it is set, or any field named in ``counts``) is not a positive integer, before any
+    model is loaded."""
+    names = ["batch_size", "epochs", *counts] + (["lora_rank"] if getattr(cfg, "lora_rank", None) is not None else [])
     for name in names:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

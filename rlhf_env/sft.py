@@ -164,8 +164,9 @@ def train_sft(
     base_model = base_model_name(model)
     model, tokenizer = resolve_lm(model, tokenizer, device, dtype)
     encoded = [encode_example(tokenizer, p, r, cfg.max_length, cfg.add_eos) for p, r in examples]
-    return _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, None, (log_dir, run_name), 0, progress,
-                checkpoint_dir, checkpoint_every, resume_from, on_nonfinite)
+    return _fit(encoded, model, tokenizer, cfg, gen, progress=progress, base_model=base_model, output_dir=output_dir,
+                log_to=(log_dir, run_name), checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                resume_from=resume_from, on_nonfinite=on_nonfinite)
 
 
 def trim_tokens(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], int]:
@@ -207,12 +208,12 @@ def train_sft_tokens(
         if not 1 <= n_prompt < len(ids):
             raise ValueError(f"a sequence needs at least one prompt token and one response token, got "
                              f"prompt length {n_prompt} of {len(ids)} tokens")
-    return _fit(list(sequences), model, tokenizer, cfg, seed_everything(cfg.seed), None, None, writer, None, first_step,
-                progress, None, None, None, "raise", desc=desc)
+    return _fit(list(sequences), model, tokenizer, cfg, seed_everything(cfg.seed), progress=progress, writer=writer,
+                first_step=first_step, desc=desc)
 
 
-def _fit(encoded, model, tokenizer, cfg, gen, base_model, output_dir, writer, log_to, first_step, progress, checkpoint_dir,
-         checkpoint_every, resume_from, on_nonfinite, desc="sft"):
+def _fit(encoded, model, tokenizer, cfg, gen, *, progress, base_model=None, output_dir=None, writer=None, log_to=None,
+         first_step=0, checkpoint_dir=None, checkpoint_every=None, resume_from=None, on_nonfinite="raise", desc="sft"):
     """The SFT loop over ``(ids, prompt_length)`` sequences (see :func:`train_sft`): logs to
     ``writer`` (left open), or to a writer of its own in ``log_to = (log_dir, run_name)``."""
     from tqdm.auto import tqdm

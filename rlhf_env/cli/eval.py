@@ -118,13 +118,13 @@ def default_reward(policy: str, info: dict) -> tuple[str, str]:
     can be loaded by name or folder, else ``"default"``."""
     import os
 
+    from rlhf_env.agents.export import reward_file
     from rlhf_env.rewards import REWARD_NAMES
 
     env = info.get("env") or {}
     recorded = env.get("reward_model", info.get("reward_model"))  # an agent's env, or an offline trainer's record
-    where, sep, _ = (recorded or "").rpartition(":") if isinstance(recorded, str) else ("", "", "")
     if isinstance(recorded, str) and (recorded.lower() in REWARD_NAMES or os.path.isdir(recorded)
-                                      or (sep and where.endswith(".py") and os.path.isfile(where))):
+                                      or reward_file(recorded) is not None):
         return recorded, f"recorded in {policy}"
     if recorded:
         return "default", f"the export was trained with {recorded}, which cannot be loaded by name"
