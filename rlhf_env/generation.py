@@ -4,7 +4,11 @@
 prompt) into completions, greedy or sampled (``temperature``, ``top_k``), ``num_samples``
 per prompt, in left-padded batches through Hugging Face ``generate`` with its KV cache,
 with a tqdm progress bar. Evaluation, the demos and the benchmarks all sample through it,
-so "what the model writes" means the same thing everywhere.
+so "what the model writes" means the same thing everywhere. With several samples per prompt
+each prompt is prefilled once and its KV cache repeated for its samples (Hugging Face's
+``num_return_sequences`` prefills every copy): the saving grows with the number of samples
+and the prompt's length, and shrinks as the answers grow longer. A model whose cache cannot
+be repeated takes Hugging Face's path.
 
 :func:`resolve_policy` turns what a user holds (a model name or directory, a
 ``(model, tokenizer)`` pair, or a trained agent whose policy is a language model) into the
@@ -109,6 +113,29 @@ def _seeded(seed: int, device: torch.device):
         yield
 
 
+def prompt_cache(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, copies: int):
+    """The KV cache of left-padded prompts without their last token, each row repeated
+    ``copies`` times (rows ``i * copies ... (i + 1) * copies - 1`` are prompt ``i``'s), for
+    ``model.generate`` to continue from: the prompts' shared prefix is computed once instead
+    of once per sample.
+
+    Positions follow the attention mask as ``generate``'s own are (real tokens count from 0
+    after the padding), so the cached keys are the ones ``generate``'s prefill would write.
+    :return: the cache, or None when the model's cache has no ``batch_repeat_interleave``
+        (not a transformers ``DynamicCache``): the caller then lets ``generate`` prefill.
+    """
+    from rlhf_env.envs.kv_cache import output_cache
+
+    head, head_mask = input_ids[:, :-1], mask[:, :-1]
+    out = model(input_ids=head, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    cache = output_cache(out)
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(copies)
+    return cache
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -126,6 +153,7 @@ def generate(
     device: str | torch.device | None = None,
     progress: bool | str = True,
     logprobs: bool = False,
+    share_prompt_cache: bool = True,
 ) -> Completions:
     """Completions of ``model`` for every prompt, batched, with a KV cache.
 
@@ -154,6 +182,10 @@ def generate(
         float rounding (the KV-cached, left-padded decoding pass against one full forward),
         without that forward. Keeps ``batch_size x max_new_tokens`` vocabulary-sized logit
         rows per batch while it runs.
+    :param share_prompt_cache: with ``num_samples > 1``, prefill each prompt once and repeat
+        its KV cache for its samples (:func:`prompt_cache`); ``False``, or a model whose cache
+        cannot be repeated, prefills every copy (``num_return_sequences``). Both draw the same
+        completions up to float rounding.
     :return: :class:`Completions`, one list of ``num_samples`` entries per prompt.
     """
     from tqdm.auto import tqdm
@@ -200,12 +232,18 @@ def generate(
             width = max(len(encoded[i]) for i in rows)
             input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in rows], device=device)
             mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows], device=device)
+            copies: dict[str, Any] = dict(num_return_sequences=num_samples)
+            if share_prompt_cache and num_samples > 1 and width > 1:
+                cache = prompt_cache(model, input_ids, mask, num_samples)
+                if cache is not None:  # generate runs only the last prompt token, on the repeated cache
+                    input_ids, mask = input_ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
+                    copies = dict(cache=cache)
             with _seeded(seed * 1_000_003 + b, device):
                 gen = model.generate(
                     input_ids=input_ids,
                     attention_mask=mask,
                     max_new_tokens=int(max_new_tokens),
-                    num_return_sequences=num_samples,
+                    **copies,
                     pad_token_id=pad_id,
                     eos_token_id=sorted(eos_ids),
                     **options,

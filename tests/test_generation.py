@@ -138,3 +138,48 @@ def test_a_prompt_of_the_wrong_type_is_a_clear_error(lm):
     model, tokenizer = lm
     with pytest.raises(TypeError, match="must be a string or a list of chat messages"):
         generate(model, tokenizer, [3], progress=False)
+
+
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_sharing_the_prompt_cache_draws_what_prefilling_every_copy_draws(lm, tiny_prompts, logprobs):
+    """Prefilling each prompt once and repeating its cache for its samples (the default) gives
+    the completions that Hugging Face's num_return_sequences gives with every copy prefilled:
+    same seed, same tokens, log-probabilities equal up to float rounding."""
+    model, tokenizer = lm
+    prompts = tiny_prompts + ["a much longer prompt than the others, so that the batch is left-padded"]
+    kw = dict(num_samples=3, max_new_tokens=7, seed=3, temperature=0.9, batch_size=6, logprobs=logprobs, progress=False)
+    shared = generate(model, tokenizer, prompts, **kw)
+    each = generate(model, tokenizer, prompts, share_prompt_cache=False, **kw)
+    assert shared.token_ids == each.token_ids and shared.texts == each.texts and shared.finished == each.finished
+    if logprobs:
+        for a, b in zip(shared.logprobs, each.logprobs):
+            for x, y in zip(a, b):
+                assert x == pytest.approx(y, abs=1e-5)
+
+
+def test_prompt_cache_holds_the_prompts_without_their_last_token_repeated(lm):
+    from rlhf_env.generation import prompt_cache
+
+    model, tokenizer = lm
+    seqs = [encode_prompt(tokenizer, p) for p in ("hi", "a longer prompt here")]
+    width = max(map(len, seqs))
+    ids = torch.tensor([[0] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    cache = prompt_cache(model, ids, mask, 2)
+    assert cache.get_seq_length() == width - 1
+    keys = cache.layers[0].keys
+    assert keys.shape[0] == 4 and torch.equal(keys[0], keys[1]) and torch.equal(keys[2], keys[3])
+
+
+def test_a_cache_that_cannot_be_repeated_falls_back_to_prefilling_every_copy(lm, tiny_prompts, monkeypatch):
+    import envs.kv_cache
+
+    from rlhf_env.generation import prompt_cache
+
+    model, tokenizer = lm
+    kw = dict(num_samples=2, max_new_tokens=5, seed=1, progress=False)
+    want = generate(model, tokenizer, tiny_prompts, share_prompt_cache=False, **kw)
+    monkeypatch.setattr(envs.kv_cache, "output_cache", lambda out: object())  # no batch_repeat_interleave
+    ids = torch.tensor([encode_prompt(tokenizer, "hello")])
+    assert prompt_cache(model, ids, torch.ones_like(ids), 2) is None
+    assert generate(model, tokenizer, tiny_prompts, **kw) == want
