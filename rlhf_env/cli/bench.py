@@ -29,6 +29,8 @@ BENCHMARKS = {
                       "itself as the demo judges: tone without RL"),
     "best_of_n": ("benchmarks.best_of_n", "best-of-n of the starting model under a reward model, judged as the demo judges: "
                   "what that reward model gives at little KL"),
+    "sampling": ("benchmarks.sampling", "n answers per prompt: our sampler (one prefill per prompt) vs Hugging Face "
+                 "generate(num_return_sequences=n)"),
 }
 
 
