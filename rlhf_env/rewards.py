@@ -109,6 +109,7 @@ def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> Callable:
     """
     if callable(spec):
         return spec
+    check_reward(spec)
     if isinstance(spec, str) and spec.lower() in REWARD_NAMES:
         name = spec.lower()
         if name in ("sentiment", "vader"):
@@ -124,12 +125,29 @@ def resolve_reward(spec: Any, device: str | torch.device = "cpu") -> Callable:
 
         check_device(device)
         return RewardModel.load(pathlib.Path(spec).expanduser(), device=device)
-    if isinstance(spec, str) and ":" in spec:  # FILE.py:NAME or MODULE:NAME (--env-kwargs, YAML)
-        return load_function(spec, "reward_model")
+    return load_function(spec, "reward_model")  # FILE.py:NAME or MODULE:NAME (--env-kwargs, YAML)
+
+
+def check_reward(spec: Any, what: str = "reward_model") -> None:
+    """Refuse, before anything loads, a reward specification :func:`resolve_reward` cannot
+    take: one line naming ``what`` (the env's ``reward_model`` or a command's ``--reward``),
+    with the closest name when it looks misspelled. A ``FILE.py:NAME`` is left to
+    :func:`load_function`, whose errors name the file and its functions.
+
+    :raises ValueError: for anything that is not a callable, a reward name, an existing
+        directory or a ``FILE.py:NAME`` / ``MODULE:NAME`` string.
+    """
+    import difflib
+
+    if callable(spec) or (isinstance(spec, str) and (spec.lower() in REWARD_NAMES or ":" in spec)):
+        return
+    if isinstance(spec, (str, os.PathLike)) and pathlib.Path(spec).expanduser().is_dir():
+        return
+    close = difflib.get_close_matches(str(spec).lower(), REWARD_NAMES, n=1) if isinstance(spec, str) else []
     raise ValueError(
-        f"unknown reward_model {spec!r}: use one of {', '.join(repr(n) for n in REWARD_NAMES)}, "
-        "a directory written by RewardModel.save, a callable (prompts, responses) -> scores, "
-        "or where one lives: 'FILE.py:NAME'"
+        f"unknown {what} {spec!r}{f' (did you mean {close[0]!r}?)' if close else ''}: use one of "
+        f"{', '.join(repr(n) for n in REWARD_NAMES)}, a directory written by RewardModel.save, a callable "
+        "(prompts, responses) -> scores, or where one lives: 'FILE.py:NAME'"
     )
 
 

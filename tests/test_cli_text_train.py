@@ -210,3 +210,39 @@ def test_a_text_env_without_a_shipped_entry_says_the_defaults_are_for_mlps(capsy
     out = capsys.readouterr().out
     assert "no shipped a2c hyperparameters for TextRLHF-v0: using the algorithm's defaults (made for small MLPs" in out
     assert "TextRLHF-tiny-v0 entry of" in out and out.rstrip().endswith("a2c.yml)")
+
+
+def test_train_takes_a_model_a_reward_and_prompts_without_env(tmp_path, monkeypatch, capsys):
+    """A new user's first command: --model, --prompts and --reward FILE.py:NAME pick the text env
+    themselves (TextRLHF-tiny-v0 for --model tiny), the reward sees only the user's prompts, and
+    the export records the reward by its absolute path (what rlhf-env eval then judges with)."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.py").write_text("def kind(prompts, responses):\n"
+                                      "    open('seen.txt', 'a').write('\\n'.join(prompts) + '\\n')\n"
+                                      "    return [float('kind' in r) for r in responses]\n")
+    (tmp_path / "mine.txt").write_text("Describe your favourite season.\nGive one tip for a job interview.\n")
+    assert main(["train", "--algo", "grpo", "--model", "tiny", "--prompts", "mine.txt", "--reward", "mine.py:kind",
+                 "--timesteps", "64", "--n-envs", "4", "--verbose", "0", "--env-kwargs", '{"max_new_tokens": 4}',
+                 "--export", "out"]) == 0
+    assert set((tmp_path / "seen.txt").read_text().split("\n")) - {""} == {"Describe your favourite season.",
+                                                                         "Give one tip for a job interview."}
+    env = json.loads((tmp_path / "out" / "rlhf_env_training.json").read_text())["env"]
+    assert env["id"] == "TextRLHF-tiny-v0" and env["reward_model"] == f"{tmp_path / 'mine.py'}:kind"
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--model", "tiny", "--reward", "tiny", "--reward-funcs", "my_rewards.py:length"], r"--reward and --reward-funcs both give the reward"),
+    (["--task", "chain_sum", "--reward", "tiny"], r"--reward and --task both give the reward: pass one of them \(the task's verifier"),
+    (["--env", "CartPole-v1", "--model", "tiny"], r"--model, --reward, .* need a text env .*not CartPole-v1"),
+    (["--reward", "defualt"], r"unknown --reward 'defualt' \(did you mean 'default'\?\): use one of"),
+])
+def test_model_and_reward_flag_mistakes_are_one_line(flags, match, tmp_path, capsys, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(REWARDS_PY)
+    assert main(["train", "--algo", "grpo", "--timesteps", "8", *flags]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(match, err[0]), err

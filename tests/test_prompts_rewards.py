@@ -188,3 +188,14 @@ def test_resolve_reward(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"unknown reward_model .*'sentiment', 'vader', 'tiny', 'default'"):
             resolve_reward(bad)
     assert REWARD_NAMES == ("sentiment", "vader", "tiny", "default")
+
+
+def test_check_reward_names_the_flag_and_the_closest_name_without_loading(tmp_path):
+    from rlhf_env.rewards import check_reward
+
+    for fine in ("default", "VADER", "my.py:kind", "pkg.mod:f", str(tmp_path), len):
+        check_reward(fine)  # nothing loads: a FILE.py:NAME is checked when it is loaded
+    with pytest.raises(ValueError, match=r"^unknown --reward 'sentimnet' \(did you mean 'sentiment'\?\): use one of 'sentiment'"):
+        check_reward("sentimnet", "--reward")
+    with pytest.raises(ValueError, match=r"^unknown reward_model 'happiness': use one of"):
+        check_reward("happiness")

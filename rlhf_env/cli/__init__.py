@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             from rlhf_env.envs.device import check_device
 
             check_device(args.device)
+        if getattr(args, "reward", None) is not None:  # a misspelled --reward: one line before any model loads
+            from rlhf_env.rewards import check_reward
+
+            check_reward(args.reward, "--reward")
         result = args.func(args)
     except KeyboardInterrupt as exc:
         # agents.guards.TrainingInterrupted carries the final checkpoint it wrote

@@ -24,7 +24,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--algo", required=True, type=str.lower, choices=sorted(ALGOS), help="agent to train (any case: ppo or PPO)")
     p.add_argument("--env", default=None,
                    help="Gymnasium environment id, e.g. CartPole-v1, TextRLHF-tiny-v0, ReasoningGym-v0 (default with --task: "
-                   "ReasoningGym-v0; required otherwise)")
+                   "ReasoningGym-v0; with --model, --reward, --prompts, --dataset or --reward-funcs: TextRLHF-v0, "
+                   "TextRLHF-tiny-v0 for --model tiny; required otherwise)")
+    p.add_argument("--model", default=None,
+                   help="language model of a text env, the env's model=: smollm2-135m, tiny, a local Hugging Face model "
+                   "folder (e.g. an exported policy) or a hub id (default: the env's)")
+    p.add_argument("--reward", default=None,
+                   help="reward of a text env, the env's reward_model=: default, sentiment, tiny, a reward-model folder, or "
+                   "FILE.py:NAME, a function (prompts, responses) -> one score per response (default: the env's; "
+                   "--reward-funcs for TRL-style functions)")
     p.add_argument("--task", default=None,
                    help="verifiable task for ReasoningGym-v0: a curated name (chain_sum, chain_sum_2digit, letter_counting) or any "
                    "reasoning-gym name; its held-out accuracy is reported at the end")
@@ -109,11 +117,18 @@ def is_text_env(env_id: str) -> bool:
 
 
 def env_kwargs_of(args) -> dict:
-    """The env's constructor arguments from --env-kwargs, --task, --task-config, --dataset,
-    --prompts, --reward-funcs and --reward-weights."""
+    """The env's constructor arguments from --env-kwargs, --model, --reward, --task,
+    --task-config, --dataset, --prompts, --reward-funcs and --reward-weights."""
     from rlhf_env.cli._common import json_object
 
     env_kwargs = json_object(args.env_kwargs, "--env-kwargs", '{"max_new_tokens": 16}') if args.env_kwargs else {}
+    if args.model is not None:
+        env_kwargs["model"] = args.model
+    if args.reward is not None:
+        if args.task is not None or args.reward_funcs is not None:
+            raise ValueError(f"--reward and {'--task' if args.task is not None else '--reward-funcs'} both give the reward: "
+                             "pass one of them" + (" (the task's verifier scores its answers)" if args.task is not None else ""))
+        env_kwargs["reward_model"] = args.reward
     if args.task is not None:
         env_kwargs["task"] = args.task
     if args.task_config is not None:
@@ -146,16 +161,22 @@ def run(args) -> int:
 
     from rlhf_env.agents import ALGOS, evaluate_policy
 
+    text_flags = (args.model, args.reward, args.prompts, args.dataset, args.reward_funcs)
     if args.env is None:
-        if args.task is None:
-            raise ValueError("--env is required (or --task, which trains on ReasoningGym-v0)")
-        args.env = "ReasoningGym-v0"
+        if args.task is not None:
+            args.env = "ReasoningGym-v0"
+        elif any(flag is not None for flag in text_flags):
+            args.env = "TextRLHF-tiny-v0" if args.model == "tiny" else "TextRLHF-v0"
+        else:
+            raise ValueError("--env is required (or --task, which trains on ReasoningGym-v0, or --model / --prompts / "
+                             "--reward, which train on TextRLHF-v0)")
     if args.save_only_model and not (args.save or args.checkpoint_dir or args.checkpoint_freq):
         raise ValueError("--save-only-model applies to --save and checkpoints: pass --save PATH.zip or --checkpoint-dir DIR too")
     text = is_text_env(args.env)
     env_kwargs = env_kwargs_of(args)
-    if env_kwargs and not text and args.vec_env is None and (args.task or args.dataset or args.prompts or args.reward_funcs):
-        raise ValueError(f"--task, --dataset, --prompts and --reward-funcs need a text env (TextRLHF-v0, ReasoningGym-v0), not {args.env}")
+    if env_kwargs and not text and args.vec_env is None and (args.task or any(flag is not None for flag in text_flags)):
+        raise ValueError(f"--model, --reward, --task, --dataset, --prompts and --reward-funcs need a text env (TextRLHF-v0, "
+                         f"ReasoningGym-v0), not {args.env}")
     threads = args.threads
     if threads is None:
         threads = 0 if text else 1
