@@ -34,7 +34,7 @@ import numpy as np
 from rlhf_env.best_of_n import best_of_n, kl_bound
 from rlhf_env.envs.prompt import TEMPLATE_DEFAULT
 from rlhf_env.generation import prompt_ids
-from rlhf_env.loop import check_config
+from rlhf_env.loop import TrainLoop, check_config
 from rlhf_env.sft import SFTConfig, train_sft_tokens, trim_tokens
 from rlhf_env.training import base_model_name, resolve_lm, save_lm, summary_writer
 
@@ -184,7 +184,7 @@ def train_expert_iteration(
                 raise RuntimeError(f"round {r + 1}: nothing to fine-tune on: {why}")
             model, tokenizer = train_sft_tokens(sequences, model, tokenizer, cfg.sft(), writer=writer, first_step=step,
                                                 progress=progress, desc=f"round {r + 1}/{cfg.rounds}: sft")
-            step += -(-len(sequences) // cfg.batch_size) * cfg.epochs  # TrainLoop's step count
+            step += TrainLoop.count_steps(len(sequences), cfg.batch_size, cfg.epochs)  # the next round's first TensorBoard step
             every = np.asarray(drawn.candidate_scores, dtype=float)
             metrics = {"round": r + 1, "rollout/reward_mean": float(every.mean()),
                        "rollout/best_of_n_reward_mean": float(np.mean(drawn.scores)),

@@ -114,13 +114,19 @@ class TrainLoop:
         self.epoch = 0
         self.next_batch = 0  # index, within the epoch, of the next batch to run
         self.last_checkpoint: Optional[str] = None
-        self.total_steps = -(-len(self.lengths) // batch_size) * epochs
+        self.total_steps = self.count_steps(len(self.lengths), batch_size, epochs)
         self._epoch_generator_state = generator.get_state()
         self._resumed_generator_state = None
         self._stop_state = {"requested": False, "signal": None}
         distributed.broadcast_parameters(model)  # every rank starts from rank 0's weights
         if resume_from is not None:
             self._resume(latest_checkpoint(resume_from))
+
+    @staticmethod
+    def count_steps(examples: int, batch_size: int, epochs: int) -> int:
+        """Updates a loop over ``examples`` makes: ``ceil(examples / batch_size)`` an epoch
+        (the last batch may be short)."""
+        return -(-examples // batch_size) * epochs
 
     # --- data ------------------------------------------------------------------------
     def epochs(self) -> Iterator[int]:
