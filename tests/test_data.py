@@ -545,3 +545,76 @@ def test_builder_refuses_a_policy_round_it_cannot_sample(tmp_path, capsys):
             main(argv + ["--out-dir", str(tmp_path / "out")])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_ranked_pairs_follow_the_combined_z_score_on_a_hand_made_set():
+    """ranked_pairs: z(rm) + w z(tone) over a prompt's samples; each of the 2 best against every
+    sample lower by the gap; never a repetitive chosen side or one holding an avoided phrase."""
+    import random
+
+    from rlhf_env.default_task.relabel import RelabelConfig, ranked_pairs, repetition
+
+    def row(text, rm, tone, policy=False):
+        return {"response": text, "rm": rm, "tone": tone, "repetition": repetition(text), "policy": policy}
+
+    # z(rm) over the five starting-model rows (mean 0.2, std 0.748) + z(tone) (mean 0.36, std 0.525)
+    rows = [row("A warm and useful answer about basil care.", 1.0, 0.9),     # 1.069 + 1.029 = 2.098 (best)
+            row("A plain useful answer about basil.", 1.0, 0.0),             # 1.069 - 0.686 = 0.383
+            row("An answer of middling use.", 0.0, 0.45),                    # -0.267 + 0.171 = -0.096
+            row("A cold, useless answer.", -1.0, -0.45),                     # -1.604 - 1.543 = -3.147
+            row("I'm glad to say nothing much.", 0.0, 0.9),                  # -0.267 + 1.029 = 0.762 (second)
+            row("A policy answer, left out.", 5.0, 1.0, policy=True)]
+    cfg = RelabelConfig(ranked_gap=1.5, ranked_per_prompt=10)
+    got = set(ranked_pairs("basil?", rows, cfg, set(), set(), random.Random(0)))
+    best, second = rows[0]["response"], rows[4]["response"]
+    # best beats plain, middling and cold by >= 1.5; the second beats only cold (middling is 0.86 below it)
+    assert got == {(best, rows[1]["response"]), (best, rows[2]["response"]), (best, rows[3]["response"]), (second, rows[3]["response"])}
+    # an avoided phrase keeps "I'm glad to ..." off the chosen side; the cap draws from the candidates
+    avoided = set(ranked_pairs("basil?", rows, cfg, set(), {("i'm", "glad", "to")}, random.Random(0)))
+    assert avoided == got - {(second, rows[3]["response"])}
+    capped = ranked_pairs("basil?", rows, RelabelConfig(ranked_gap=1.5, ranked_per_prompt=2), set(), set(), random.Random(0))
+    assert len(capped) == 2 and set(capped) <= got
+    # tone weighed 0: the reward model's order alone (plain ties the warm answer; only cold is 1.5 below them)
+    plain = set(ranked_pairs("basil?", rows, RelabelConfig(ranked_tone_weight=0.0, ranked_gap=1.5, ranked_per_prompt=10),
+                             set(), set(), random.Random(0)))
+    assert plain == {(best, rows[3]["response"]), (rows[1]["response"], rows[3]["response"])}
+    # a sample without its reward-model score: no ranked pairs for the prompt
+    assert ranked_pairs("basil?", rows[:4] + [{**rows[4], "rm": None}], cfg, set(), set(), random.Random(0)) == []
+
+
+def test_shipped_ranked_pairs_are_rebuilt_from_the_shipped_scores():
+    """The shipped samples carry default-v6's score (rm): the ranked pairs come from them, the
+    other kinds stay exactly the shipped pairs, and no chosen side holds the online round's
+    over-used phrases."""
+    from rlhf_env.default_task.relabel import RelabelConfig, build_pairs, holds_overused, policy_overused
+
+    samples = shipped_samples("test")
+    assert all(isinstance(r.get("rm"), float) for rs in samples.values() for r in rs if not r.get("policy"))
+    pairs, stats = build_pairs("test", cfg=RelabelConfig(ranked=True))
+    shipped = [json.loads(line) for line in (TASK_DIR / "pairs_test.jsonl").read_text(encoding="utf-8").split("\n") if line]
+    assert [r for r in pairs if r["kind"] != "ranked"] == shipped and stats["ranked"] >= 150
+    overused = policy_overused({**shipped_samples("train"), **samples}, RelabelConfig())
+    assert not any(holds_overused(r["prompt"], r["chosen"], overused) for r in pairs if r["kind"] == "ranked")
+
+
+def test_rank_samples_scores_the_starting_models_rows_once(tmp_path, monkeypatch):
+    import torch
+
+    from rlhf_env.default_task import build
+
+    rows = [{"prompt": "p", "response": "one two", "score": 0.1}, {"prompt": "p", "response": "three", "score": 0.2},
+            {"prompt": "p", "response": "policy", "score": 0.3, "policy": "rloo"}]
+    build.write_jsonl(tmp_path / "samples_train.jsonl", rows)
+    build.write_jsonl(tmp_path / "samples_test.jsonl", rows[:1])
+    calls = []
+
+    class Words:
+        def score(self, prompts, responses):
+            calls.append(len(responses))
+            return torch.tensor([float(len(r.split())) for r in responses])
+
+    monkeypatch.setattr(build, "ranking_model", lambda task_dir, device: Words())
+    assert build.rank_samples(tmp_path) == {"samples_train.jsonl": 2, "samples_test.jsonl": 1}
+    got = build.read_jsonl(tmp_path / "samples_train.jsonl")
+    assert [r.get("rm") for r in got] == [2.0, 1.0, None] and got[2]["policy"] == "rloo"
+    assert build.rank_samples(tmp_path) == {} and calls == [2, 1]  # scored rows are not scored again

@@ -1,6 +1,6 @@
 """Offline builder of the default task's files: ``python -m rlhf_env.default_task``.
 
-Three steps, each reproducible (fixed seeds, no network):
+Four steps, each reproducible (fixed seeds, no network):
 
 1. **sample** (``--round R``): 4 responses per prompt (``--round-size``) from the
    starting model (SmolLM2-135M-Instruct, temperature 1, 48 new tokens) into
@@ -24,10 +24,14 @@ Three steps, each reproducible (fixed seeds, no network):
    ``relevance`` (MiniLM prompt-response cosine) and ``nll`` (the starting model's
    negative log-likelihood per token, always in the env's context: the chat template's
    system message, whatever message the sample was drawn under). About 13 minutes on one
-   CPU thread for the shipped 3,420 samples, written into the samples files so that step 3 is instant.
-3. **relabel** (the default): ``pairs_{split}.jsonl`` from the judged samples
+   CPU thread for the shipped 3,420 samples, written into the samples files so that step 4 is instant.
+3. **rank** (with ``--ranked``): each starting-model sample not yet scored gets ``rm``, the
+   score of the reward model trained on every pair kind but ``ranked`` (``default-v6``,
+   :func:`ranking_model`), for the ``ranked`` pairs (a minute with ``default-v6`` cached;
+   about 4 more to train it). The shipped samples carry it.
+4. **relabel** (the default): ``pairs_{split}.jsonl`` from the judged samples
    (:func:`rlhf_env.default_task.relabel.build_pairs`), without the policy rounds' samples
-   unless ``--policy-samples``.
+   unless ``--policy-samples``, and with the ``ranked`` pairs only with ``--ranked``.
 
 ``--prompts-only`` rewrites only the prompt files.
 """
@@ -165,6 +169,59 @@ def judge_samples(task_dir: Path = TASK_DIR, model_name: str = "smollm2-135m", d
     return done
 
 
+# the reward model whose scores rank the samples for the ranked pairs: the one trained on every other kind
+RANKING_MODEL = "default-v6"
+
+
+def ranking_model(task_dir: Path = TASK_DIR, device: str = "cpu"):
+    """The reward model that scores the samples for the ``ranked`` pairs: the one trained on
+    the pairs of every other kind (``RelabelConfig(ranked=False)``: ``default-v6``'s pairs)
+    with the default reward model's settings; the cache's ``default-v6`` when it is there
+    (the model those settings and pairs give), else trained now and cached under that name."""
+    from rlhf_env.default_reward_model import default_config
+    from rlhf_env.default_task.relabel import RelabelConfig, build_pairs
+    from rlhf_env.data import as_pairs
+    from rlhf_env.models import cache_dir
+    from rlhf_env.reward_model import _CONFIG_FILE, RewardModel
+    from rlhf_env.reward_trainer import train_reward_model
+
+    folder = Path(cache_dir()) / "reward_models" / RANKING_MODEL
+    if (folder / _CONFIG_FILE).is_file():
+        return RewardModel.load(folder, device=device)
+    cfg = RelabelConfig(ranked=False)
+    strip = lambda rows: as_pairs([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])  # noqa: E731
+    train, test = (strip(build_pairs(split, task_dir, cfg=cfg)[0]) for split in ("train", "test"))
+    print(f"training {RANKING_MODEL} on the pairs of every kind but ranked ({len(train)}), to rank the samples", flush=True)
+    model = train_reward_model(train, eval_pairs=test, config=default_config(), device=device)
+    model.save(folder)
+    return model
+
+
+def rank_samples(task_dir: Path = TASK_DIR, device: str = "cpu", force: bool = False) -> dict:
+    """Add ``rm``, the :func:`ranking_model`'s score in the env's context, to every
+    starting-model row (not a policy round's) of every samples file under ``task_dir`` that
+    lacks it (all with ``force``), for the ``ranked`` pairs of :mod:`.relabel`.
+
+    :return: ``{file name: rows scored}``
+    """
+    files = [f for split in ("train", "test") for f in sample_files(split, task_dir)]
+    todo = {f: read_jsonl(f) for f in files}
+    todo = {f: rows for f, rows in todo.items()
+            if any(not r.get("policy") and (force or "rm" not in r) for r in rows)}
+    if not todo:
+        return {}
+    model = ranking_model(task_dir, device)
+    done = {}
+    for path, rows in todo.items():
+        mine = [r for r in rows if not r.get("policy")]
+        scores = model.score([r["prompt"] for r in mine], [r["response"] for r in mine]).tolist()
+        for row, score in zip(mine, scores):
+            row["rm"] = round(float(score), 6)
+        write_jsonl(path, rows)
+        done[path.name] = len(mine)
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rlhf_env.default_task",
@@ -187,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="relabel with the policy rounds' samples too (the over-used-phrase pair kinds; the default-v7 "
                              "candidate's pairs, docs/benchmarks.md); default: without them, the pairs default-v6 trains on")
     parser.add_argument("--judge", action="store_true", help="re-judge every sample (relevance, nll), even those judged")
+    parser.add_argument("--ranked", action="store_true",
+                        help=f"relabel with the ranked pairs too (RelabelConfig(ranked=True)), after scoring the "
+                             f"starting-model samples not yet scored with {RANKING_MODEL} (rm); default: without them, "
+                             "the pairs default-v6 trains on")
     parser.add_argument("--model", default="smollm2-135m", help="starting model: sampler (unless --policy) and fluency judge "
                         "(default: smollm2-135m)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sampled response at most (default: 48)")
@@ -216,10 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     judged = judge_samples(args.out_dir, args.model, args.device, args.batch_size, force=args.judge)
     if judged:
         print(f"judged {judged} in {time.time() - t0:.0f}s", flush=True)
+    if args.ranked:
+        t0 = time.time()
+        scored = rank_samples(args.out_dir, args.device)
+        if scored:
+            print(f"scored {scored} with {RANKING_MODEL} in {time.time() - t0:.0f}s", flush=True)
     from rlhf_env.default_task.relabel import RelabelConfig, build_pairs
 
     for split in ("train", "test"):
-        pairs, stats = build_pairs(split, args.out_dir, seed=args.seed, cfg=RelabelConfig(policy_samples=args.policy_samples))
+        pairs, stats = build_pairs(split, args.out_dir, seed=args.seed,
+                                   cfg=RelabelConfig(policy_samples=args.policy_samples, ranked=args.ranked))
         write_jsonl(args.out_dir / f"pairs_{split}.jsonl", pairs)
         print(f"{split}: {json.dumps(stats)}", flush=True)
     return 0

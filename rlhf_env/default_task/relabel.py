@@ -43,6 +43,19 @@ three independent judges (:mod:`rlhf_env.judges`) must agree:
   demo's tone-for-diversity frontier: the policy found neighbouring phrases, and the reward
   model missed the hand-written target (docs/benchmarks.md, "An online round of policy
   samples").
+* **ranked pairs** (``RelabelConfig(ranked=True)``; off by default): the kinds above still leave tone a small share of
+  what the reward model learns (``default-v6``'s score correlates 0.21 with tone and 0.79
+  with relevance among a prompt's answers), and its best-of-n does not reach the demo's
+  tone target without losing diversity, while selecting by ``z(v6 score) + z(VADER)`` does
+  (docs/alignment.md, best-of-n). ``ranked`` pairs teach that ranking: among a prompt's
+  starting-model samples, each scored by the reward model trained on the pairs above (the
+  sample's ``rm``, written by ``python -m rlhf_env.default_task --rank``), one of the two
+  best under ``z(rm) + ranked_tone_weight * z(tone)`` against one lower by at least
+  ``ranked_gap``; never a chosen side that is repetitive, that holds a stock phrase its
+  rejected side lacks, or (:func:`build_pairs`) that holds a phrase the RLOO policies
+  over-used (the online round's: "i'm glad to", ...). The reward model trained with them
+  raised the demo's tone past its target on three seeds but lost more distinct-2, and on
+  one seed wrote "happy to help" in 14% of answers (docs/benchmarks.md, "Ranked pairs").
 
 :func:`relabel` is the rule on samples in memory; :func:`build_pairs` applies it to a
 split's shipped samples.
@@ -153,6 +166,12 @@ class RelabelConfig:
     :param stock_opener: add ``stock_opener`` pairs instead: the best answer against itself
         opened with such a sentence. The rejected side is then always the warmer one, and
         the reward model learned "a warm sentence costs" (docs/benchmarks.md, candidate v7a)
+    :param ranked: add ``ranked`` pairs (:func:`ranked_pairs`; the samples need their ``rm``
+        score: ``python -m rlhf_env.default_task --ranked``), after all the others
+    :param ranked_tone_weight: the weight of tone's z-score against the reward model's
+    :param ranked_gap: the least difference of the combined z-scores in a ranked pair
+    :param ranked_chosen: chosen sides are among the prompt's this many best
+    :param ranked_per_prompt: at most this many ``ranked`` pairs per prompt (a seeded draw)
     """
 
     tone_margin: float = 0.3
@@ -179,6 +198,11 @@ class RelabelConfig:
     stock_swap: bool = True
     overused_policy_only: bool = False
     stock_opener: bool = False
+    ranked: bool = False
+    ranked_tone_weight: float = 1.0
+    ranked_gap: float = 1.5
+    ranked_chosen: int = 2
+    ranked_per_prompt: int = 4
 
 
 def repetition(text: str, n: int = 3) -> float:
@@ -358,9 +382,42 @@ def stock_swap(prompt: str, chosen: str, stock: Sequence[str], tone_fn: Callable
     return next((c for c, r in zip(candidates, rels) if r >= rel - relevance_tolerance), None)
 
 
+def ranked_pairs(prompt: str, rows: Sequence[dict], cfg: RelabelConfig, stock: set[tuple[str, ...]],
+                 avoid: set[tuple[str, ...]], rng: random.Random) -> list[tuple[str, str]]:
+    """A prompt's ``ranked`` pairs (see the module docstring): among its starting-model
+    samples (``rows`` as :func:`relabel` judges them, each with ``rm``, the reward model's
+    score, and ``tone``), each of the ``ranked_chosen`` best under ``z(rm) +
+    ranked_tone_weight * z(tone)`` (z-scores over the prompt's samples) against every sample
+    lower by at least ``ranked_gap``, at most ``ranked_per_prompt`` of them (a seeded draw).
+    A chosen side is never repetitive (``max_repetition``), never holds a phrase of ``avoid``
+    (outside the prompt's words) and never a stock phrase its rejected side lacks.
+
+    :return: ``[(chosen, rejected), ...]``; none for a prompt with fewer than 3 samples or a
+        sample without ``rm``
+    """
+    import numpy as np
+
+    rows = [r for r in rows if not r["policy"]]
+    if len(rows) < 3 or any(r.get("rm") is None for r in rows):
+        return []
+    rm = np.array([r["rm"] for r in rows], dtype=float)
+    tone = np.array([r["tone"] for r in rows], dtype=float)
+    z = (rm - rm.mean()) / (rm.std() + 1e-8) + cfg.ranked_tone_weight * (tone - tone.mean()) / (tone.std() + 1e-8)
+    order = np.argsort(-z)
+    pairs = []
+    for i in order[: cfg.ranked_chosen]:
+        chosen = rows[i]["response"]
+        if rows[i]["repetition"] > cfg.max_repetition or (avoid and holds_overused(prompt, chosen, avoid)):
+            continue
+        pairs += [(chosen, rows[j]["response"]) for j in order[::-1]
+                  if z[i] - z[j] >= cfg.ranked_gap and not adds_stock(chosen, rows[j]["response"], stock)]
+    rng.shuffle(pairs)
+    return pairs[: cfg.ranked_per_prompt]
+
+
 def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, seed: int = 0,
             relevance_fn: Callable[[list[str], list[str]], list[float]] | None = None,
-            overused: set[tuple[str, ...]] | None = None) -> list[dict]:
+            overused: set[tuple[str, ...]] | None = None, avoid: set[tuple[str, ...]] | None = None) -> list[dict]:
     """Preference pairs from judged samples (see the module docstring).
 
     :param samples: ``{prompt: [row, ...]}``; a row holds ``response``, ``score`` (tone),
@@ -371,9 +428,11 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
         :func:`rlhf_env.judges.relevance`)
     :param overused: the phrases the policy over-uses (with ``cfg.overused``; default:
         :func:`policy_overused` of ``samples``)
+    :param avoid: phrases never on the chosen side of a ``ranked`` pair (default: none;
+        :func:`build_pairs` passes the online round's over-used phrases)
     :return: rows ``{prompt, chosen, rejected, kind}``; ``kind`` is ``judged``, ``warm``,
         ``overused``, ``boilerplate``, ``repetition``, ``off_topic``, ``rude``, ``praise``,
-        ``stock_swap``, ``stock_opener`` or ``cold``
+        ``stock_swap``, ``stock_opener``, ``cold`` or ``ranked`` (all ``ranked`` pairs last)
     """
     cfg = cfg or RelabelConfig()
     if relevance_fn is None:
@@ -388,7 +447,8 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
             if not row["response"].strip() or row.get("nll") is None or (row.get("policy") and not cfg.policy_samples):
                 continue
             rows.append({"response": row["response"], "tone": row["score"], "relevance": row["relevance"],
-                         "nll": row["nll"], "repetition": repetition(row["response"]), "policy": bool(row.get("policy"))})
+                         "nll": row["nll"], "repetition": repetition(row["response"]), "policy": bool(row.get("policy")),
+                         "rm": row.get("rm")})
         judged[p] = rows
     # the phrases a trained policy over-uses (none without policy samples): never on a chosen side
     if not (cfg.overused and cfg.policy_samples):
@@ -481,6 +541,11 @@ def relabel(samples: dict[str, list[dict]], cfg: RelabelConfig | None = None, se
                 rest = cold(a["response"], tone_fn, cfg.tone_margin)
                 if rest is not None and not adds_stock(a["response"], rest, stock):  # not warmth by a stock phrase
                     out.append({"prompt": p, "chosen": a["response"], "rejected": rest, "kind": "cold"})
+    if cfg.ranked:  # after all the other kinds, with a generator of their own: the kinds above stay as they were
+        ranked_rng = random.Random(seed)
+        for p in prompts:
+            out += [{"prompt": p, "chosen": c, "rejected": r, "kind": "ranked"}
+                    for c, r in ranked_pairs(p, judged[p], cfg, stock, avoid or set(), ranked_rng)]
     return out
 
 
@@ -496,11 +561,16 @@ def build_pairs(split: str, task_dir: Path = TASK_DIR, seed: int = 0, cfg: Relab
     """
     cfg = cfg or RelabelConfig()
     samples = shipped_samples(split, task_dir)
-    overused = None
-    if cfg.overused and cfg.policy_samples:
+    if cfg.ranked and not any(row.get("rm") is not None for rows in samples.values() for row in rows):
+        raise ValueError(f"the {split} samples have no reward-model score ('rm') for the ranked pairs: run "
+                         "python -m rlhf_env.default_task --rank first, or relabel with RelabelConfig(ranked=False)")
+    overused = avoid = None
+    if (cfg.overused and cfg.policy_samples) or cfg.ranked:
         both = {**shipped_samples("train", task_dir), **shipped_samples("test", task_dir)}
-        overused = policy_overused(both, cfg)
-    pairs = relabel(samples, cfg, seed=seed + (0 if split == "train" else 1), overused=overused)
+        found = policy_overused(both, cfg)
+        overused = found if cfg.overused and cfg.policy_samples else None
+        avoid = found if cfg.ranked else None
+    pairs = relabel(samples, cfg, seed=seed + (0 if split == "train" else 1), overused=overused, avoid=avoid)
     stats: dict[str, Any] = {"pairs": len(pairs)}
     for row in pairs:
         stats[row["kind"]] = stats.get(row["kind"], 0) + 1
