@@ -65,7 +65,7 @@ class DemoConfig:
         ``n_epochs``, ``batch_size``, ``gae_lambda``, ``kl_coef``, ``target_kl``,
         ``kl_horizon`` and ``score_norm`` are PPO's). The judges and the pass rule are the
         same for every method. RLOO: on the default reward model ``default-v6``, three seeds
-        judged on all 60 held-out prompts, tone +0.09 to +0.13 at 0.6-0.7 nats, relevance up,
+        judged on all 60 held-out prompts, tone +0.09 to +0.14 at 0.6-1.1 nats, relevance up,
         no phrase over 10%, the answers the starting model's with the garble taken out;
         PPO's policies drifted 3-4 nats and left tone where it was (docs/benchmarks.md).
     :param model: the policy's starting model (a shipped name or a directory).
