@@ -65,7 +65,7 @@ class DemoConfig:
         ``n_epochs``, ``batch_size``, ``gae_lambda``, ``kl_coef``, ``target_kl``,
         ``kl_horizon`` and ``score_norm`` are PPO's). The judges and the pass rule are the
         same for every method. RLOO: on the default reward model ``default-v6``, three seeds
-        judged on all 60 held-out prompts, tone +0.09 to +0.14 at 0.6-1.1 nats, relevance up,
+        judged on all 60 held-out prompts, tone +0.09 to +0.13 at 0.6-0.7 nats, relevance up,
         no phrase over 10%, the answers the starting model's with the garble taken out;
         PPO's policies drifted 3-4 nats and left tone where it was (docs/benchmarks.md).
     :param model: the policy's starting model (a shipped name or a directory).
@@ -101,12 +101,12 @@ class DemoConfig:
         and the default reward model, which eats into the training time). 500 s: a fresh
         machine's ``make demo`` is the install (65-100 s) plus about this, within 10 minutes
         (measured: 560 s gave 10 min 28 s; 500 s gave 8 min 35 s and 9 min 29 s, docs/benchmarks.md).
-    :param max_iterations: hard cap on training iterations (rollout + update). 80 is what RLOO
-        reaches on a 2-core CPU within ``train_seconds`` with the reward model cached: a faster
-        machine (a GPU) trains the same 80 updates and stops sooner instead of walking the
-        policy further from the starting model (from 51 to 80-82 iterations the demo's RLOO
-        gained tone +0.003 / +0.050 and lost distinct-2 0.017 / 0.010 more, at 1.1 nats instead
-        of 0.6-0.7; docs/benchmarks.md).
+    :param max_iterations: hard cap on training iterations (rollout + update). 60 is about what
+        RLOO reaches on a busy 2-core CPU within ``train_seconds`` (51-56 in the runs the docs
+        report on three seeds): a faster machine (a GPU) trains those updates and stops sooner
+        instead of walking the policy further from the starting model (at 80-82 iterations the
+        demo's RLOO gained tone +0.003 / +0.050 and lost distinct-2 0.017 / 0.010 more, fluent-only
+        0.013 / 0.007, at 1.1 nats instead of 0.6-0.7; docs/benchmarks.md).
     :param eval_prompts: held-out prompts judged before and after (None: all 60; N: the first
         N). All 60: the untrained model's tone varies over sampling seeds by a standard
         deviation of 0.033 on 60 prompts x 2 against 0.057 on the first 32, which is what
@@ -143,7 +143,7 @@ class DemoConfig:
     score_norm: bool = True
     train_seconds: float = 420.0
     total_seconds: float = 500.0
-    max_iterations: int = 80
+    max_iterations: int = 60
     eval_prompts: int | None = None
     eval_samples: int = 2
     n_show: int = 4

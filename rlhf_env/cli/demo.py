@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, ...)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
-    parser.add_argument("--iterations", type=int, default=None, help="stop after this many training iterations (default: 80 for the RLHF demo, so a fast machine trains what a 2-core CPU does in the budget; 1000 for --task, whose budget is CPU seconds)")
+    parser.add_argument("--iterations", type=int, default=None, help="stop after this many training iterations (default: 60 for the RLHF demo, so a fast machine trains what a 2-core CPU does in the budget; 1000 for --task, whose budget is CPU seconds)")
     parser.add_argument("--task", default=None,
                         help="the verifiable-reward demo instead: train the default method (RLOO) on this task (chain_sum, "
                         "chain_sum_2digit, letter_counting or any reasoning-gym name) and print held-out accuracy before "
