@@ -613,8 +613,9 @@ def test_rank_samples_scores_the_starting_models_rows_once(tmp_path, monkeypatch
             calls.append(len(responses))
             return torch.tensor([float(len(r.split())) for r in responses])
 
-    monkeypatch.setattr(build, "ranking_model", lambda task_dir, device: Words())
+    monkeypatch.setattr(build, "ranking_model", lambda device: Words())
     assert build.rank_samples(tmp_path) == {"samples_train.jsonl": 2, "samples_test.jsonl": 1}
     got = build.read_jsonl(tmp_path / "samples_train.jsonl")
     assert [r.get("rm") for r in got] == [2.0, 1.0, None] and got[2]["policy"] == "rloo"
     assert build.rank_samples(tmp_path) == {} and calls == [2, 1]  # scored rows are not scored again
+    assert build.rank_samples(tmp_path, force=True) == {"samples_train.jsonl": 2, "samples_test.jsonl": 1}

@@ -26,9 +26,9 @@ Four steps, each reproducible (fixed seeds, no network):
    system message, whatever message the sample was drawn under). About 13 minutes on one
    CPU thread for the shipped 3,420 samples, written into the samples files so that step 4 is instant.
 3. **rank** (with ``--ranked``): each starting-model sample not yet scored gets ``rm``, the
-   score of the reward model trained on every pair kind but ``ranked`` (``default-v6``,
-   :func:`ranking_model`), for the ``ranked`` pairs (a minute with ``default-v6`` cached;
-   about 4 more to train it). The shipped samples carry it.
+   score of the reward model trained on every pair kind but ``ranked`` (``default-v6``, the
+   default reward model: :func:`ranking_model`), for the ``ranked`` pairs (a minute with it
+   cached; about 4 more to train it). The shipped samples carry it.
 4. **relabel** (the default): ``pairs_{split}.jsonl`` from the judged samples
    (:func:`rlhf_env.default_task.relabel.build_pairs`), without the policy rounds' samples
    unless ``--policy-samples``, and with the ``ranked`` pairs only with ``--ranked``.
@@ -173,34 +173,23 @@ def judge_samples(task_dir: Path = TASK_DIR, model_name: str = "smollm2-135m", d
 RANKING_MODEL = "default-v6"
 
 
-def ranking_model(task_dir: Path = TASK_DIR, device: str = "cpu"):
+def ranking_model(device: str = "cpu"):
     """The reward model that scores the samples for the ``ranked`` pairs: the one trained on
-    the pairs of every other kind (``RelabelConfig(ranked=False)``: ``default-v6``'s pairs)
-    with the default reward model's settings; the cache's ``default-v6`` when it is there
-    (the model those settings and pairs give), else trained now and cached under that name."""
-    from rlhf_env.default_reward_model import default_config
-    from rlhf_env.default_task.relabel import RelabelConfig, build_pairs
-    from rlhf_env.data import as_pairs
-    from rlhf_env.models import cache_dir
-    from rlhf_env.reward_model import _CONFIG_FILE, RewardModel
-    from rlhf_env.reward_trainer import train_reward_model
+    the pairs of every other kind, which are the shipped pairs (``RelabelConfig(ranked=False)``):
+    ``RewardModel.default()``, ``default-v6``, trained on first use and cached."""
+    from rlhf_env.default_reward_model import DEFAULT_CACHE_NAME
+    from rlhf_env.reward_model import RewardModel
 
-    folder = Path(cache_dir()) / "reward_models" / RANKING_MODEL
-    if (folder / _CONFIG_FILE).is_file():
-        return RewardModel.load(folder, device=device)
-    cfg = RelabelConfig(ranked=False)
-    strip = lambda rows: as_pairs([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])  # noqa: E731
-    train, test = (strip(build_pairs(split, task_dir, cfg=cfg)[0]) for split in ("train", "test"))
-    print(f"training {RANKING_MODEL} on the pairs of every kind but ranked ({len(train)}), to rank the samples", flush=True)
-    model = train_reward_model(train, eval_pairs=test, config=default_config(), device=device)
-    model.save(folder)
-    return model
+    if DEFAULT_CACHE_NAME != RANKING_MODEL:
+        raise RuntimeError(f"the default reward model is {DEFAULT_CACHE_NAME}, not {RANKING_MODEL}: the ranked pairs rank "
+                           f"by {RANKING_MODEL}, the model of the pairs without them; train it from RelabelConfig(ranked=False)'s pairs")
+    return RewardModel.default(device=device)
 
 
 def rank_samples(task_dir: Path = TASK_DIR, device: str = "cpu", force: bool = False) -> dict:
     """Add ``rm``, the :func:`ranking_model`'s score in the env's context, to every
     starting-model row (not a policy round's) of every samples file under ``task_dir`` that
-    lacks it (all with ``force``), for the ``ranked`` pairs of :mod:`.relabel`.
+    lacks it (every row with ``force``), for the ``ranked`` pairs of :mod:`.relabel`.
 
     :return: ``{file name: rows scored}``
     """
@@ -210,7 +199,7 @@ def rank_samples(task_dir: Path = TASK_DIR, device: str = "cpu", force: bool = F
             if any(not r.get("policy") and (force or "rm" not in r) for r in rows)}
     if not todo:
         return {}
-    model = ranking_model(task_dir, device)
+    model = ranking_model(device)
     done = {}
     for path, rows in todo.items():
         mine = [r for r in rows if not r.get("policy")]

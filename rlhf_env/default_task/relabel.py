@@ -43,13 +43,14 @@ three independent judges (:mod:`rlhf_env.judges`) must agree:
   demo's tone-for-diversity frontier: the policy found neighbouring phrases, and the reward
   model missed the hand-written target (docs/benchmarks.md, "An online round of policy
   samples").
-* **ranked pairs** (``RelabelConfig(ranked=True)``; off by default): the kinds above still leave tone a small share of
-  what the reward model learns (``default-v6``'s score correlates 0.21 with tone and 0.79
-  with relevance among a prompt's answers), and its best-of-n does not reach the demo's
-  tone target without losing diversity, while selecting by ``z(v6 score) + z(VADER)`` does
-  (docs/alignment.md, best-of-n). ``ranked`` pairs teach that ranking: among a prompt's
-  starting-model samples, each scored by the reward model trained on the pairs above (the
-  sample's ``rm``, written by ``python -m rlhf_env.default_task --rank``), one of the two
+* **ranked pairs** (``RelabelConfig(ranked=True)``; off by default): the kinds above still
+  leave tone a small share of what the reward model learns (``default-v6``'s score
+  correlates 0.21 with tone and 0.79 with relevance among a prompt's answers), and its
+  best-of-n does not reach the demo's tone target without losing diversity, while selecting
+  by ``z(v6 score) + z(VADER)`` does (docs/alignment.md, best-of-n). ``ranked`` pairs teach
+  that ranking: among a prompt's starting-model samples, each scored by the reward model
+  trained on the pairs above (the sample's ``rm``, written by ``python -m
+  rlhf_env.default_task --ranked``), one of the two
   best under ``z(rm) + ranked_tone_weight * z(tone)`` against one lower by at least
   ``ranked_gap``; never a chosen side that is repetitive, that holds a stock phrase its
   rejected side lacks, or (:func:`build_pairs`) that holds a phrase the RLOO policies
@@ -563,7 +564,7 @@ def build_pairs(split: str, task_dir: Path = TASK_DIR, seed: int = 0, cfg: Relab
     samples = shipped_samples(split, task_dir)
     if cfg.ranked and not any(row.get("rm") is not None for rows in samples.values() for row in rows):
         raise ValueError(f"the {split} samples have no reward-model score ('rm') for the ranked pairs: run "
-                         "python -m rlhf_env.default_task --rank first, or relabel with RelabelConfig(ranked=False)")
+                         "python -m rlhf_env.default_task --ranked, or relabel with RelabelConfig(ranked=False)")
     overused = avoid = None
     if (cfg.overused and cfg.policy_samples) or cfg.ranked:
         both = {**shipped_samples("train", task_dir), **shipped_samples("test", task_dir)}
