@@ -113,6 +113,7 @@ def _seeded(seed: int, device: torch.device):
         yield
 
 
+@torch.no_grad()
 def prompt_cache(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, copies: int):
     """The KV cache of left-padded prompts without their last token, each row repeated
     ``copies`` times (rows ``i * copies ... (i + 1) * copies - 1`` are prompt ``i``'s), for

@@ -619,3 +619,8 @@ def test_rank_samples_scores_the_starting_models_rows_once(tmp_path, monkeypatch
     assert [r.get("rm") for r in got] == [2.0, 1.0, None] and got[2]["policy"] == "rloo"
     assert build.rank_samples(tmp_path) == {} and calls == [2, 1]  # scored rows are not scored again
     assert build.rank_samples(tmp_path, force=True) == {"samples_train.jsonl": 2, "samples_test.jsonl": 1}
+    partly = build.read_jsonl(tmp_path / "samples_train.jsonl")
+    del partly[1]["rm"]
+    build.write_jsonl(tmp_path / "samples_train.jsonl", partly)
+    assert build.rank_samples(tmp_path) == {"samples_train.jsonl": 1} and calls[-1] == 1  # only the row without one
+    assert [r.get("rm") for r in build.read_jsonl(tmp_path / "samples_train.jsonl")] == [2.0, 1.0, None]

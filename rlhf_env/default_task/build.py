@@ -194,19 +194,18 @@ def rank_samples(task_dir: Path = TASK_DIR, device: str = "cpu", force: bool = F
     :return: ``{file name: rows scored}``
     """
     files = [f for split in ("train", "test") for f in sample_files(split, task_dir)]
-    todo = {f: read_jsonl(f) for f in files}
-    todo = {f: rows for f, rows in todo.items()
-            if any(not r.get("policy") and (force or "rm" not in r) for r in rows)}
+    rows_of = {f: read_jsonl(f) for f in files}
+    todo = {f: [r for r in rows if not r.get("policy") and (force or "rm" not in r)] for f, rows in rows_of.items()}
+    todo = {f: mine for f, mine in todo.items() if mine}
     if not todo:
         return {}
     model = ranking_model(device)
     done = {}
-    for path, rows in todo.items():
-        mine = [r for r in rows if not r.get("policy")]
+    for path, mine in todo.items():  # the rows to score are the file's own dicts: writing the file keeps the rest
         scores = model.score([r["prompt"] for r in mine], [r["response"] for r in mine]).tolist()
         for row, score in zip(mine, scores):
             row["rm"] = round(float(score), 6)
-        write_jsonl(path, rows)
+        write_jsonl(path, rows_of[path])
         done[path.name] = len(mine)
     return done
 
